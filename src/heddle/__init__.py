@@ -1,0 +1,102 @@
+"""Heddle: a Celery-style task queue on NATS JetStream for multi-LLM workflows.
+
+Example:
+    >>> import heddle
+    >>> app = heddle.Heddle("shop")
+    >>> @app.task(retries=3, retry_backoff=True, timeout=30)
+    ... def add(x: int, y: int) -> int:
+    ...     return x + y
+    >>> # add.delay(2, 3).get(timeout=10) == 5, with a worker running:
+    >>> # heddle-worker -A shop.tasks
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine
+from typing import Any, overload
+
+from heddle.app import Heddle, _apps, _shared_tasks
+from heddle.canvas import Signature
+from heddle.errors import (
+    BackendError,
+    BackendUnavailable,
+    BrokerError,
+    BrokerUnavailable,
+    ConfigError,
+    DecodeError,
+    DuplicateTaskError,
+    EncodeError,
+    HeddleError,
+    ResultTimeout,
+    ServerStartError,
+    TaskError,
+    TaskOptionError,
+    TaskRevoked,
+    TaskTimeout,
+)
+from heddle.messages import FAILURE, PENDING, RETRY, REVOKED, STARTED, SUCCESS
+from heddle.results import AsyncResult
+from heddle.settings import Settings
+from heddle.task import P, R, Task, TaskOptions
+from heddle.worker import Worker
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FAILURE",
+    "PENDING",
+    "RETRY",
+    "REVOKED",
+    "STARTED",
+    "SUCCESS",
+    "AsyncResult",
+    "BackendError",
+    "BackendUnavailable",
+    "BrokerError",
+    "BrokerUnavailable",
+    "ConfigError",
+    "DecodeError",
+    "DuplicateTaskError",
+    "EncodeError",
+    "Heddle",
+    "HeddleError",
+    "ResultTimeout",
+    "ServerStartError",
+    "Settings",
+    "Signature",
+    "Task",
+    "TaskError",
+    "TaskOptionError",
+    "TaskOptions",
+    "TaskRevoked",
+    "TaskTimeout",
+    "Worker",
+    "__version__",
+    "task",
+]
+
+
+@overload
+def task(fn: Callable[P, Coroutine[Any, Any, R]], /) -> Task[P, R]: ...
+@overload
+def task(fn: Callable[P, R], /) -> Task[P, R]: ...
+@overload
+def task(**options: Any) -> Callable[[Callable[P, Any]], Task[P, Any]]: ...
+
+
+def task(fn: Any = None, /, **options: Any) -> Any:
+    """Declare a shared task, not tied to one app.
+
+    Every :class:`Heddle` app adopts shared tasks (those declared before it and
+    after it); calls go through the app that adopted the task last, so a
+    module of shared tasks works with whichever app the worker loads.
+    """
+
+    def decorate(f: Any) -> Any:
+        t: Task[Any, Any] = Task(f, app=None, **options)
+        _shared_tasks.append(t)
+        for app in list(_apps):
+            app._adopt(t)
+        return t
+
+    return decorate(fn) if fn is not None else decorate

@@ -1,0 +1,352 @@
+"""The application object: settings, the task registry, and connections per event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import threading
+import time
+import uuid
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, TypeVar, overload
+
+from heddle import names
+from heddle.broker import Broker
+from heddle.errors import DuplicateTaskError, HeddleError
+from heddle.messages import REVOKED, ResultRecord, RevokeNotice, encoder
+from heddle.results import AsyncResult, ResultBackend, StoreRequest, encode_record
+from heddle.settings import Settings, check_name
+
+if TYPE_CHECKING:
+    from heddle.task import P, R, Task
+
+T = TypeVar("T")
+
+# Tasks declared with module-level ``@heddle.task``; every app adopts them.
+_shared_tasks: list[Task[Any, Any]] = []
+_apps: weakref.WeakSet[Heddle] = weakref.WeakSet()
+
+# Result-notice subscriptions made at send time and never waited on are dropped
+# beyond this many per connection, oldest first, so a fire-and-forget producer
+# does not grow without bound.
+_MAX_WATCHES = 50_000
+
+
+def _client_name(app_name: str) -> str:
+    return f"heddle-{app_name}@{socket.gethostname()}:{os.getpid()}"
+
+
+class Connections:
+    """One NATS connection and one Valkey pool, bound to one event loop."""
+
+    def __init__(self, settings: Settings, name: str) -> None:
+        self.broker = Broker(settings, name)
+        self.backend = ResultBackend(settings)
+        self._streams_ready = False
+        self._watches: OrderedDict[str, Any] = OrderedDict()
+
+    async def start(self) -> None:
+        """Connect both; close what was opened if either fails."""
+        await self.broker.connect()
+        try:
+            await self.backend.connect()
+        except BaseException:
+            await self.broker.close()
+            raise
+
+    async def ensure_streams(self) -> None:
+        """Create the streams once per connection."""
+        if not self._streams_ready:
+            await self.broker.ensure_streams()
+            self._streams_ready = True
+
+    async def watch(self, task_id: str) -> asyncio.Future[Any]:
+        """Subscribe to a task's result notice before its message is published."""
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        sub = await self.broker.subscribe(names.result_subject(task_id), future=fut)
+        self._watches[task_id] = sub
+        while len(self._watches) > _MAX_WATCHES:
+            _, old = self._watches.popitem(last=False)
+            with contextlib.suppress(Exception):
+                await old.unsubscribe()
+        return fut
+
+    def release_watch(self, task_id: str) -> None:
+        """Drop the notice subscription of a task whose result has been read."""
+        sub = self._watches.pop(task_id, None)
+        if sub is not None and self.broker.nc is not None and not self.broker.nc.is_closed:
+            asyncio.ensure_future(_unsub(sub))
+
+    async def close(self) -> None:
+        """Close both connections."""
+        self._watches.clear()
+        await self.backend.close()
+        await self.broker.close()
+
+
+async def _unsub(sub: Any) -> None:
+    with contextlib.suppress(Exception):
+        await sub.unsubscribe()
+
+
+class _Portal:
+    """A background event loop thread that runs client coroutines for sync callers."""
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def _ensure(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None or not self._thread or not self._thread.is_alive():
+                loop = asyncio.new_event_loop()
+                ready = threading.Event()
+
+                def run() -> None:
+                    asyncio.set_event_loop(loop)
+                    loop.call_soon(ready.set)
+                    loop.run_forever()
+
+                self._thread = threading.Thread(target=run, name="heddle-portal", daemon=True)
+                self._thread.start()
+                ready.wait()
+                self._loop = loop
+            return self._loop
+
+    def in_portal(self) -> bool:
+        return self._thread is not None and threading.current_thread() is self._thread
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout_s: float | None = None) -> T:
+        """Run ``coro`` on the portal loop and block until it finishes."""
+        loop = self._ensure()
+        fut = asyncio.run_coroutine_threadsafe(coro, loop)
+        return fut.result(timeout_s)
+
+    def stop(self) -> None:
+        with self._lock:
+            loop, thread = self._loop, self._thread
+            self._loop = self._thread = None
+        if loop is not None and thread is not None:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(5)
+            if not thread.is_alive():
+                loop.close()
+
+
+class Heddle:
+    """A Heddle application: a named set of tasks plus the settings to reach the servers.
+
+    Tasks of an app are consumed by workers of worker type ``name`` on
+    ``heddle.tasks.{name}.{tier}``.
+
+    Args:
+        name: App name; also the worker type its tasks are routed to.
+        nats_url: NATS URL; default ``$NATS_URL`` or ``nats://127.0.0.1:4222``.
+        valkey_url: Valkey URL; default ``$VALKEY_URL`` or ``valkey://127.0.0.1:6379/0``.
+        settings: A full :class:`~heddle.settings.Settings` (overrides the two URLs).
+        **overrides: Individual settings, e.g. ``result_ttl_s=3600``.
+
+    Example:
+        >>> app = Heddle("shop")
+        >>> @app.task(retries=3)
+        ... def add(x: int, y: int) -> int:
+        ...     return x + y
+    """
+
+    def __init__(
+        self,
+        name: str = "heddle",
+        *,
+        nats_url: str | None = None,
+        valkey_url: str | None = None,
+        settings: Settings | None = None,
+        **overrides: Any,
+    ) -> None:
+        self.name = check_name("app name", name)
+        if settings is None:
+            settings = Settings.load(nats_url=nats_url, valkey_url=valkey_url, **overrides)
+        elif overrides or nats_url or valkey_url:
+            settings = settings.with_(
+                **{k: v for k, v in dict(nats_url=nats_url, valkey_url=valkey_url).items() if v},
+                **overrides,
+            )
+        self.settings = settings
+        self.tasks: dict[str, Task[Any, Any]] = {}
+        # Plain dict: uvloop loops cannot be weakly referenced. Closed loops are pruned.
+        self._conns: dict[asyncio.AbstractEventLoop, asyncio.Future[Connections]] = {}
+        self._portal = _Portal()
+        self._pending_sends: set[asyncio.Task[Any]] = set()
+        for t in _shared_tasks:
+            self._adopt(t)
+        _apps.add(self)
+
+    def __repr__(self) -> str:
+        return f"<Heddle {self.name!r} nats={self.settings.nats_url} tasks={len(self.tasks)}>"
+
+    @property
+    def worker_type(self) -> str:
+        """The worker type (routing key) of this app's Python tasks."""
+        return self.name
+
+    # -- declaring tasks -----------------------------------------------------------
+
+    @overload
+    def task(self, fn: Callable[P, Coroutine[Any, Any, R]], /) -> Task[P, R]: ...
+    @overload
+    def task(self, fn: Callable[P, R], /) -> Task[P, R]: ...
+    @overload
+    def task(self, /, **options: Any) -> Callable[[Callable[P, Any]], Task[P, Any]]: ...
+
+    def task(self, fn: Any = None, /, **options: Any) -> Any:
+        """Declare a task; use bare (``@app.task``) or with options (``@app.task(retries=3)``).
+
+        Options: ``name``, ``retries``, ``retry_backoff``, ``retry_backoff_max``,
+        ``retry_jitter``, ``retry_delay``, ``autoretry_for``, ``timeout``, ``tier``.
+        """
+        from heddle.task import Task
+
+        def decorate(f: Any) -> Any:
+            t = Task(f, app=self, **options)
+            self.register(t)
+            return t
+
+        return decorate(fn) if fn is not None else decorate
+
+    def register(self, task: Task[Any, Any]) -> None:
+        """Add a task to this app's registry; a different task with the same name is an error."""
+        existing = self.tasks.get(task.name)
+        if existing is not None and existing is not task:
+            raise DuplicateTaskError(
+                f"task name {task.name!r} is already used by {existing.fn.__module__}."
+                f"{existing.fn.__qualname__} in app {self.name!r}; give one of them "
+                f"another name with @task(name='...')"
+            )
+        self.tasks[task.name] = task
+
+    def _adopt(self, task: Task[Any, Any]) -> None:
+        self.register(task)
+        task._bind_shared(self)
+
+    # -- connections ---------------------------------------------------------------
+
+    async def _connections(self) -> Connections:
+        """The connections bound to the running loop, connecting on first use."""
+        loop = asyncio.get_running_loop()
+        fut = self._conns.get(loop)
+        if fut is None:
+            for old in [lp for lp in self._conns if lp.is_closed()]:
+                del self._conns[old]
+        if fut is None or (fut.done() and (fut.cancelled() or fut.exception() is not None)):
+            fut = loop.create_task(self._open())
+            self._conns[loop] = fut
+        return await asyncio.shield(fut)
+
+    async def _open(self) -> Connections:
+        conns = Connections(self.settings, _client_name(self.name))
+        await conns.start()
+        return conns
+
+    def _adopt_connections(self, conns: Connections) -> None:
+        """Use an already open Connections (a worker's) for this loop."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Connections] = loop.create_future()
+        fut.set_result(conns)
+        self._conns[loop] = fut
+
+    async def connect(self) -> None:
+        """Open connections on the running loop now (otherwise done on first use)."""
+        conns = await self._connections()
+        await conns.ensure_streams()
+
+    async def aclose(self) -> None:
+        """Wait for pending sends and close this loop's connections."""
+        if self._pending_sends:
+            await asyncio.gather(*list(self._pending_sends), return_exceptions=True)
+        loop = asyncio.get_running_loop()
+        fut = self._conns.pop(loop, None)
+        if fut is not None and fut.done() and not fut.cancelled() and fut.exception() is None:
+            await fut.result().close()
+
+    def close(self) -> None:
+        """Close the connections used by sync callers and stop their thread."""
+        if self._portal._loop is not None:
+            with contextlib.suppress(Exception):
+                self._portal.call(self.aclose(), 10)
+        self._portal.stop()
+
+    def _refuse_blocking_in_loop(self, what: str, instead: str) -> None:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        if not self._portal.in_portal():
+            raise HeddleError(
+                f"{what} blocks and would stall the running event loop; use `{instead}` "
+                f"in async code"
+            )
+
+    # -- sending -------------------------------------------------------------------
+
+    def _dispatch(self, result: AsyncResult[Any], send: Callable[[], Coroutine[Any, Any, Any]]) -> None:
+        """Run a send: on the caller's loop (not awaited) or, for sync callers, via the portal."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is not None and not self._portal.in_portal():
+            task = loop.create_task(send())
+            self._pending_sends.add(task)
+            task.add_done_callback(self._pending_sends.discard)
+            result._sent = task
+            return
+        self._portal.call(send(), self.settings.connect_timeout_s * 3 + 10)
+
+    async def _send(
+        self,
+        result: AsyncResult[Any],
+        subject: str,
+        payload: bytes,
+        headers: dict[str, str],
+    ) -> None:
+        conns = await self._connections()
+        await conns.ensure_streams()
+        result._notice = await conns.watch(result.id)
+        result._loop = asyncio.get_running_loop()
+        await conns.broker.publish(subject, payload, headers)
+
+    def AsyncResult(self, task_id: str, task_name: str = "") -> AsyncResult[Any]:  # noqa: N802
+        """A handle on an existing task by id."""
+        return AsyncResult(task_id, self, task_name)
+
+    def send_task(
+        self,
+        name: str,
+        args: tuple[Any, ...] | list[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> AsyncResult[Any]:
+        """Send a task by name, without importing its code (see ``Task.apply_async``)."""
+        from heddle.task import send_by_name
+
+        return send_by_name(self, name, args, kwargs, **options)
+
+    async def _revoke(self, task_id: str, task_name: str) -> None:
+        conns = await self._connections()
+        now = time.time()
+        record = ResultRecord(id=task_id, state=REVOKED, task=task_name, finished_at=now)
+        data = encode_record(record)
+        stored = await conns.backend.store(StoreRequest(task_id, REVOKED, data))
+        if stored:
+            await conns.broker.publish_core(names.result_subject(task_id), data)
+        await conns.broker.publish_core(names.REVOKE_SUBJECT, encoder.encode(RevokeNotice(id=task_id)))
+        await conns.broker.flush()
+
+
+def new_task_id() -> str:
+    """A fresh task id."""
+    return uuid.uuid4().hex

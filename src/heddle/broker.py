@@ -1,0 +1,267 @@
+"""The one seam around nats-py: connections, streams, consumers, publishing.
+
+nats-py exceptions are translated to :mod:`heddle.errors` here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext, api
+
+from heddle import names
+from heddle.errors import BrokerError, BrokerUnavailable
+from heddle.settings import Settings
+
+log = logging.getLogger("heddle.broker")
+
+# Publish-ack waits are pipelined; this bounds how many are in flight per connection.
+_MAX_PENDING_PUBLISHES = 8192
+
+
+def translate(exc: BaseException, url: str, doing: str) -> BrokerError:
+    """Map a nats-py exception to a Heddle error that names the server and the fix."""
+    if isinstance(exc, nats.errors.NoServersError | OSError | nats.errors.ConnectionClosedError):
+        return BrokerUnavailable(
+            f"cannot reach nats-server at {url} while {doing}: {exc!r}. "
+            f"Start it (`heddle dev` runs an embedded one) or set NATS_URL."
+        )
+    if isinstance(exc, nats.js.errors.NoStreamResponseError | nats.errors.NoRespondersError):
+        return BrokerError(
+            f"JetStream at {url} did not answer while {doing}; is nats-server running with "
+            f"JetStream enabled (`nats-server --jetstream`)?"
+        )
+    if isinstance(exc, nats.errors.TimeoutError | asyncio.TimeoutError):
+        return BrokerError(f"timed out talking to nats-server at {url} while {doing}")
+    return BrokerError(f"nats-server at {url} failed while {doing}: {exc!r}")
+
+
+class Broker:
+    """A NATS connection with Heddle's streams and consumers on it.
+
+    Args:
+        settings: Connection and delivery settings.
+        name: Connection name shown by the server (``heddle-worker@host``).
+    """
+
+    def __init__(self, settings: Settings, name: str = "heddle") -> None:
+        self.settings = settings
+        self.name = name
+        self.nc: NATS | None = None
+        self.js: JetStreamContext | None = None
+        self._reconnected_cbs: list[Callable[[], Awaitable[None]]] = []
+        self.disconnected_at: float | None = None
+
+    @property
+    def url(self) -> str:
+        return self.settings.nats_url
+
+    @property
+    def connected(self) -> bool:
+        return self.nc is not None and self.nc.is_connected
+
+    def on_reconnect(self, cb: Callable[[], Awaitable[None]]) -> None:
+        """Run ``cb`` after every reconnection (used to re-bind pull consumers)."""
+        self._reconnected_cbs.append(cb)
+
+    async def connect(self) -> None:
+        """Connect, retrying forever on later disconnects; fail fast on the first."""
+
+        async def disconnected() -> None:
+            self.disconnected_at = time.monotonic()
+            log.warning("disconnected from nats-server at %s", self.url)
+
+        async def reconnected() -> None:
+            self.disconnected_at = None
+            log.warning("reconnected to nats-server at %s", self.url)
+            for cb in self._reconnected_cbs:
+                try:
+                    await cb()
+                except Exception:
+                    log.exception("reconnect handler failed")
+
+        async def error(exc: Exception) -> None:
+            log.debug("nats error: %r", exc)
+
+        try:
+            self.nc = await nats.connect(
+                self.url,
+                name=self.name,
+                connect_timeout=self.settings.connect_timeout_s,
+                allow_reconnect=True,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.25,
+                ping_interval=5,
+                max_outstanding_pings=3,
+                disconnected_cb=disconnected,
+                reconnected_cb=reconnected,
+                error_cb=error,
+            )
+        except Exception as exc:
+            raise translate(exc, self.url, "connecting") from exc
+        self.js = self.nc.jetstream(
+            timeout=self.settings.connect_timeout_s,
+            publish_async_max_pending=_MAX_PENDING_PUBLISHES,
+        )
+
+    async def close(self) -> None:
+        """Flush pending publishes and close the connection."""
+        nc, self.nc = self.nc, None
+        if nc is None or nc.is_closed:
+            return
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(nc.flush(), 2)
+        with contextlib.suppress(Exception):
+            await nc.close()
+
+    def _js(self) -> JetStreamContext:
+        if self.js is None:
+            raise BrokerError("broker is not connected; call connect() first")
+        return self.js
+
+    async def ensure_streams(self) -> None:
+        """Create or update the task and dead-letter streams (idempotent)."""
+        s = self.settings
+        tasks = api.StreamConfig(
+            name=names.TASKS_STREAM,
+            subjects=[names.INCOMING_SUBJECT, names.ROUTED_SUBJECTS],
+            retention=api.RetentionPolicy.WORK_QUEUE,
+            storage=api.StorageType.FILE,
+            duplicate_window=s.dedup_window_s,
+        )
+        dlq = api.StreamConfig(
+            name=names.DLQ_STREAM,
+            subjects=[names.DEAD_LETTER_SUBJECT],
+            retention=api.RetentionPolicy.LIMITS,
+            storage=api.StorageType.FILE,
+            max_msgs=s.dlq_max_msgs,
+            max_age=s.dlq_max_age_s,
+            duplicate_window=s.dedup_window_s,
+        )
+        for cfg in (tasks, dlq):
+            await self._add_or_update_stream(cfg)
+
+    async def _add_or_update_stream(self, cfg: api.StreamConfig) -> None:
+        js = self._js()
+        try:
+            await js.add_stream(cfg)
+        except nats.js.errors.BadRequestError as exc:
+            # 10058: stream name already in use with a different configuration.
+            if exc.err_code != 10058:
+                raise translate(exc, self.url, f"creating stream {cfg.name}") from exc
+            try:
+                await js.update_stream(cfg)
+            except Exception as exc2:
+                raise translate(exc2, self.url, f"updating stream {cfg.name}") from exc2
+        except Exception as exc:
+            raise translate(exc, self.url, f"creating stream {cfg.name}") from exc
+
+    async def ensure_consumer(self, worker_type: str, filter_subject: str | None = None) -> str:
+        """Create or update the durable pull consumer shared by all replicas of a worker type."""
+        s = self.settings
+        durable = names.consumer_name(worker_type)
+        cfg = api.ConsumerConfig(
+            durable_name=durable,
+            filter_subject=filter_subject or names.worker_filter(worker_type),
+            ack_policy=api.AckPolicy.EXPLICIT,
+            deliver_policy=api.DeliverPolicy.ALL,
+            ack_wait=s.ack_wait_s,
+            max_deliver=s.max_deliver,
+            max_ack_pending=s.max_ack_pending,
+            max_waiting=512,
+        )
+        try:
+            # CONSUMER.DURABLE.CREATE on an existing durable updates its editable fields.
+            await self._js().add_consumer(names.TASKS_STREAM, cfg)
+        except Exception as exc:
+            raise translate(exc, self.url, f"creating consumer {durable}") from exc
+        return durable
+
+    async def pull_subscribe(self, durable: str) -> JetStreamContext.PullSubscription:
+        """Bind a pull subscription to an existing durable consumer."""
+        try:
+            return await self._js().pull_subscribe_bind(durable=durable, stream=names.TASKS_STREAM)
+        except Exception as exc:
+            raise translate(exc, self.url, f"binding to consumer {durable}") from exc
+
+    async def publish(
+        self, subject: str, payload: bytes, headers: dict[str, str], timeout_s: float = 5.0
+    ) -> api.PubAck:
+        """Publish to JetStream and wait for the stream's ack (pipelined with other publishes)."""
+        js = self._js()
+        try:
+            fut = await js.publish_async(subject, payload, headers=headers, wait_stall=timeout_s)
+            return await asyncio.wait_for(fut, timeout_s)
+        except Exception as exc:
+            raise translate(exc, self.url, f"publishing to {subject}") from exc
+
+    async def publish_core(self, subject: str, payload: bytes) -> None:
+        """Fire-and-forget publish on core NATS (notices, control, events)."""
+        if self.nc is None:
+            raise BrokerError("broker is not connected")
+        try:
+            await self.nc.publish(subject, payload)
+        except Exception as exc:
+            raise translate(exc, self.url, f"publishing to {subject}") from exc
+
+    async def subscribe(
+        self,
+        subject: str,
+        cb: Callable[[Msg], Awaitable[None]] | None = None,
+        future: asyncio.Future[Any] | None = None,
+    ) -> Any:
+        """Core NATS subscription; thin wrapper so callers never import nats-py."""
+        if self.nc is None:
+            raise BrokerError("broker is not connected")
+        try:
+            return await self.nc.subscribe(subject, cb=cb, future=future)
+        except Exception as exc:
+            raise translate(exc, self.url, f"subscribing to {subject}") from exc
+
+    async def flush(self, timeout_s: float = 5.0) -> None:
+        """Round-trip to the server so that earlier subscriptions are registered."""
+        if self.nc is None:
+            raise BrokerError("broker is not connected")
+        try:
+            await self.nc.flush(timeout=int(max(1, timeout_s)))
+        except Exception as exc:
+            raise translate(exc, self.url, "flushing") from exc
+
+    async def dead_letter(
+        self, payload: bytes, reason: str, *, task_id: str, subject: str, dedup_key: str
+    ) -> None:
+        """Copy a message to the dead-letter stream with the reason in its headers."""
+        headers = {
+            names.HDR_REASON: reason[:1000].replace("\r", " ").replace("\n", " "),
+            names.HDR_TASK_ID: task_id,
+            names.HDR_ORIGINAL_SUBJECT: subject,
+            names.HDR_FAILED_AT: f"{time.time():.3f}",
+            names.HDR_MSG_ID: f"dlq:{dedup_key}",
+        }
+        await self.publish(names.DEAD_LETTER_SUBJECT, payload, headers)
+
+    async def get_stream_msg(self, stream: str, seq: int) -> api.RawStreamMsg:
+        """Fetch one stored message by sequence number."""
+        try:
+            return await self._js().get_msg(stream, seq)
+        except Exception as exc:
+            raise translate(exc, self.url, f"reading {stream} #{seq}") from exc
+
+    async def delete_stream_msg(self, stream: str, seq: int) -> None:
+        """Delete one message from a stream; a missing message is not an error."""
+        try:
+            await self._js().delete_msg(stream, seq)
+        except nats.js.errors.NotFoundError:
+            return
+        except Exception as exc:
+            raise translate(exc, self.url, f"deleting {stream} #{seq}") from exc

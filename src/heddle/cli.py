@@ -1,0 +1,203 @@
+"""Command line: ``heddle worker``, ``heddle dev`` and the ``heddle-worker`` shortcut."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import logging
+import os
+import shlex
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from heddle import names
+from heddle.app import Heddle
+from heddle.errors import ConfigError, HeddleError
+
+console = Console(stderr=True)
+
+
+def load_app(spec: str) -> Heddle:
+    """Import ``module[:attribute]`` and return its :class:`Heddle` app."""
+    module_name, _, attr = spec.partition(":")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise ConfigError(
+            f"cannot import {module_name!r} given to -A: {exc}. Run from the directory that "
+            f"contains it, or add that directory to PYTHONPATH"
+        ) from exc
+    if attr:
+        obj = getattr(module, attr, None)
+        if not isinstance(obj, Heddle):
+            raise ConfigError(f"{module_name}:{attr} is {type(obj).__name__}, not a heddle.Heddle app")
+        return obj
+    apps = {k: v for k, v in vars(module).items() if isinstance(v, Heddle)}
+    if "app" in apps:
+        return apps["app"]
+    if len(apps) == 1:
+        return next(iter(apps.values()))
+    if not apps:
+        raise ConfigError(
+            f"module {module_name!r} defines no heddle.Heddle app; add `app = heddle.Heddle('name')` "
+            f"or point -A at module:attribute"
+        )
+    raise ConfigError(
+        f"module {module_name!r} defines several apps ({', '.join(sorted(apps))}); "
+        f"choose one with -A {module_name}:NAME"
+    )
+
+
+def banner(app: Heddle, concurrency: int, extra: dict[str, str] | None = None) -> None:
+    """Print the start-up banner: where we connect, what we run, on which subjects."""
+    console.print(f"[bold]heddle worker[/] [cyan]{app.name}[/]  concurrency={concurrency}")
+    console.print(f"  nats   {app.settings.nats_url}")
+    console.print(f"  valkey {app.settings.valkey_url}")
+    for k, v in (extra or {}).items():
+        console.print(f"  {k:<6} {v}")
+    table = Table(title=f"tasks ({len(app.tasks)})", show_lines=False)
+    table.add_column("task")
+    table.add_column("kind")
+    table.add_column("retries")
+    table.add_column("timeout")
+    table.add_column("subject")
+    for name, t in sorted(app.tasks.items()):
+        tier = t.options.tier or app.settings.default_tier
+        table.add_row(
+            name,
+            "async" if t.is_async else "sync",
+            str(t.options.retries),
+            f"{t.options.timeout:g}s" if t.options.timeout else "-",
+            names.task_subject(app.worker_type, tier),
+        )
+    console.print(table)
+    console.print(f"  consuming {names.worker_filter(app.worker_type)} "
+                  f"(durable {names.consumer_name(app.worker_type)})")
+
+
+def _install_loop_policy() -> None:
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+async def serve(app: Heddle, concurrency: int, grace_s: float) -> None:
+    """Run a worker until SIGTERM/SIGINT, then drain."""
+    from heddle.worker import Worker
+
+    worker = Worker(app, concurrency=concurrency, grace_s=grace_s)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.request_stop)
+    await worker.run()
+
+
+def _worker_parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Run a Heddle worker for an app's tasks.")
+    _add_worker_args(p)
+    return p
+
+
+def _add_worker_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-A", "--app", required=True, help="module[:attribute] holding the heddle.Heddle app")
+    p.add_argument("-c", "--concurrency", type=int, default=16, help="most tasks in flight (default 16)")
+    p.add_argument("--grace", type=float, default=30.0, help="seconds in-flight tasks get on shutdown")
+    p.add_argument("--reload", action="store_true", help="restart when .py files change (development)")
+    p.add_argument("--loglevel", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    p.add_argument("--quiet", action="store_true", help="no start-up banner")
+
+
+def _run_worker(args: argparse.Namespace, argv_for_reload: Sequence[str]) -> int:
+    logging.basicConfig(level=args.loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.reload:
+        import watchfiles
+
+        cmd = [sys.executable, "-m", "heddle", "worker", *[a for a in argv_for_reload if a != "--reload"]]
+        console.print(f"[yellow]reloading on changes under {os.getcwd()}[/]")
+        watchfiles.run_process(
+            os.getcwd(),
+            target=shlex.join(cmd),
+            target_type="command",
+            watch_filter=watchfiles.PythonFilter(),
+        )
+        return 0
+    app = load_app(args.app)
+    if not args.quiet:
+        banner(app, args.concurrency)
+    _install_loop_policy()
+    asyncio.run(serve(app, args.concurrency, args.grace))
+    return 0
+
+
+def _run_dev(args: argparse.Namespace) -> int:
+    from heddle.testing.servers import EmbeddedServers
+
+    logging.basicConfig(level=args.loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    with EmbeddedServers() as servers:
+        os.environ["NATS_URL"] = servers.nats_url
+        os.environ["VALKEY_URL"] = servers.valkey_url
+        console.print("[bold green]heddle dev[/]: embedded servers running")
+        console.print(f"  NATS_URL={servers.nats_url}")
+        console.print(f"  VALKEY_URL={servers.valkey_url}")
+        console.print("  export these in another shell to send tasks; Ctrl-C stops everything")
+        app = load_app(args.app)
+        app.settings = app.settings.with_(nats_url=servers.nats_url, valkey_url=servers.valkey_url)
+        if not args.quiet:
+            banner(app, args.concurrency)
+        _install_loop_policy()
+        asyncio.run(serve(app, args.concurrency, args.grace))
+    console.print("heddle dev: stopped")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``heddle`` command."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="heddle", description="Heddle task queue.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    w = sub.add_parser("worker", help="run a worker for an app's tasks")
+    _add_worker_args(w)
+    d = sub.add_parser("dev", help="embedded nats-server + valkey-server + a worker, one command")
+    d.add_argument("-A", "--app", required=True, help="module[:attribute] holding the heddle.Heddle app")
+    d.add_argument("-c", "--concurrency", type=int, default=16)
+    d.add_argument("--grace", type=float, default=10.0)
+    d.add_argument("--loglevel", default="INFO")
+    d.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    return _dispatch(args, argv[1:])
+
+
+def worker_main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``heddle-worker`` command (same as ``heddle worker``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _worker_parser("heddle-worker").parse_args(argv)
+    args.command = "worker"
+    return _dispatch(args, argv)
+
+
+def _dispatch(args: Any, rest: Sequence[str]) -> int:
+    try:
+        if args.command == "worker":
+            return _run_worker(args, rest)
+        if args.command == "dev":
+            return _run_dev(args)
+    except HeddleError as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Every subject, stream, consumer and key name Heddle uses, in one place."""
+
+from __future__ import annotations
+
+# JetStream streams. HEDDLE_TASKS holds ``heddle.tasks.incoming`` (router input)
+# and the routed ``heddle.tasks.{worker_type}.{tier}`` subjects; the dead-letter
+# subject has a single token after ``heddle.tasks`` so it never overlaps them.
+TASKS_STREAM = "HEDDLE_TASKS"
+DLQ_STREAM = "HEDDLE_DLQ"
+
+TASK_SUBJECT_PREFIX = "heddle.tasks."
+INCOMING_SUBJECT = "heddle.tasks.incoming"
+ROUTED_SUBJECTS = "heddle.tasks.*.*"
+DEAD_LETTER_SUBJECT = "heddle.tasks.dead_letter"
+
+# Core NATS (not persisted): result notices, control broadcasts, events.
+RESULT_SUBJECT_PREFIX = "heddle.results."
+REVOKE_SUBJECT = "heddle.control.revoke"
+EVENTS_PREFIX = "heddle.events."
+
+MAX_DELIVERIES_ADVISORY = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.{consumer}"
+
+# Valkey keys.
+RESULT_KEY_PREFIX = "heddle:result:"
+
+# Message headers.
+HDR_MSG_ID = "Nats-Msg-Id"
+HDR_TASK = "Heddle-Task"
+HDR_WORKER_TYPE = "Heddle-Worker-Type"
+HDR_TIER = "Heddle-Tier"
+HDR_REASON = "Heddle-Reason"
+HDR_ORIGINAL_SUBJECT = "Heddle-Original-Subject"
+HDR_TASK_ID = "Heddle-Task-Id"
+HDR_FAILED_AT = "Heddle-Failed-At"
+
+TIERS = ("local", "standard", "frontier")
+
+
+def task_subject(worker_type: str, tier: str) -> str:
+    """Subject a routed task for ``worker_type`` at ``tier`` is published on."""
+    return f"{TASK_SUBJECT_PREFIX}{worker_type}.{tier}"
+
+
+def worker_filter(worker_type: str) -> str:
+    """Filter subject covering every tier of one worker type."""
+    return f"{TASK_SUBJECT_PREFIX}{worker_type}.*"
+
+
+def consumer_name(worker_type: str) -> str:
+    """Durable consumer shared by every replica of one worker type."""
+    return f"heddle-{worker_type}"
+
+
+def result_key(task_id: str) -> str:
+    """Valkey hash holding one task's state and result record."""
+    return f"{RESULT_KEY_PREFIX}{task_id}"
+
+
+def result_subject(task_id: str) -> str:
+    """Core NATS subject a task's final result notice is published on."""
+    return f"{RESULT_SUBJECT_PREFIX}{task_id}"

@@ -1,0 +1,416 @@
+"""Results in Valkey: the one seam around the valkey client, and ``AsyncResult``.
+
+Each task has one hash, ``heddle:result:{id}``, with fields ``state``,
+``record`` (a msgpack :class:`~heddle.messages.ResultRecord`, for final and
+RETRY states), ``retries`` (retries already scheduled), ``started_at`` and
+``worker``. Two Lua scripts keep the state machine atomic:
+
+* ``claim``: a worker about to run a task marks it STARTED, unless a final
+  state is stored, in which case it gets that state back and acks without
+  running the task again.
+* ``store``: write a state and record unless a final one is already there, so a
+  late finisher (a worker that was frozen past AckWait) never overwrites the
+  result of the worker that finished first, and a revoked task stays revoked.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+import msgspec
+import valkey.asyncio as valkey_async
+import valkey.exceptions as vexc
+
+from heddle import names
+from heddle.errors import (
+    BackendError,
+    BackendUnavailable,
+    DecodeError,
+    ResultTimeout,
+    TaskError,
+    TaskRevoked,
+)
+from heddle.messages import (
+    FAILURE,
+    PENDING,
+    READY_STATES,
+    REVOKED,
+    SUCCESS,
+    ResultRecord,
+    encoder,
+    record_decoder,
+)
+from heddle.settings import Settings
+
+if TYPE_CHECKING:
+    from heddle.app import Heddle
+
+R = TypeVar("R")
+
+_FINAL = "st == 'SUCCESS' or st == 'FAILURE' or st == 'REVOKED'"
+
+CLAIM_LUA = f"""
+local st = redis.call('HGET', KEYS[1], 'state')
+if {_FINAL} then
+  return {{st, redis.call('HGET', KEYS[1], 'record') or '', 0}}
+end
+local retries = tonumber(redis.call('HGET', KEYS[1], 'retries') or '0')
+redis.call('HSET', KEYS[1], 'state', 'STARTED', 'started_at', ARGV[1], 'worker', ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return {{st or '', '', retries}}
+"""
+
+STORE_LUA = f"""
+local st = redis.call('HGET', KEYS[1], 'state')
+if {_FINAL} then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'state', ARGV[1], 'record', ARGV[2])
+if ARGV[4] ~= '' then
+  redis.call('HSET', KEYS[1], 'retries', ARGV[4])
+end
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+
+
+class Claim(msgspec.Struct, frozen=True):
+    """What ``claim`` found: the previous state, a final record if any, retries so far."""
+
+    previous_state: str
+    final_record: bytes
+    retries: int
+
+
+class StoreRequest(msgspec.Struct, frozen=True):
+    """One state write for :meth:`ResultBackend.store_many`."""
+
+    task_id: str
+    state: str
+    record: bytes
+    retries: int | None = None
+
+
+def _translate(exc: BaseException, url: str, doing: str) -> BackendError:
+    if isinstance(exc, vexc.ConnectionError | vexc.TimeoutError | OSError):
+        return BackendUnavailable(
+            f"cannot reach valkey-server at {url} while {doing}: {exc}. "
+            f"Start it (`heddle dev` runs an embedded one) or set VALKEY_URL."
+        )
+    return BackendError(f"valkey-server at {url} failed while {doing}: {exc!r}")
+
+
+class ResultBackend:
+    """Async Valkey access for task states and results.
+
+    Args:
+        settings: Provides ``valkey_url`` and ``result_ttl_s``.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.client: valkey_async.Valkey | None = None
+        self._ttl = str(int(settings.result_ttl_s))
+        self._claim_sha = ""
+        self._store_sha = ""
+
+    @property
+    def url(self) -> str:
+        return self.settings.valkey_url
+
+    async def connect(self) -> None:
+        """Connect and load the Lua scripts; raise BackendUnavailable if unreachable."""
+        self.client = valkey_async.Valkey.from_url(
+            self.url,
+            socket_connect_timeout=self.settings.connect_timeout_s,
+            socket_timeout=max(10.0, self.settings.connect_timeout_s),
+            health_check_interval=10,
+        )
+        try:
+            await self.client.ping()
+            await self._load_scripts()
+        except Exception as exc:
+            raise _translate(exc, self.url, "connecting") from exc
+
+    async def _load_scripts(self) -> None:
+        assert self.client is not None
+        self._claim_sha = await self.client.script_load(CLAIM_LUA)
+        self._store_sha = await self.client.script_load(STORE_LUA)
+
+    async def close(self) -> None:
+        """Close the connection pool."""
+        client, self.client = self.client, None
+        if client is not None:
+            await client.aclose()
+
+    def _c(self) -> valkey_async.Valkey:
+        if self.client is None:
+            raise BackendError("result backend is not connected; call connect() first")
+        return self.client
+
+    async def _evalsha_many(self, sha_of: str, calls: Sequence[tuple[str, Sequence[Any]]]) -> list[Any]:
+        """Run one script for many keys in a single pipelined round trip."""
+        client = self._c()
+        for attempt in range(2):
+            sha = self._claim_sha if sha_of == "claim" else self._store_sha
+            pipe = client.pipeline(transaction=False)
+            for key, args in calls:
+                pipe.evalsha(sha, 1, key, *args)
+            try:
+                out = await pipe.execute(raise_on_error=False)
+            except Exception as exc:
+                raise _translate(exc, self.url, f"running {sha_of}") from exc
+            if attempt == 0 and any(isinstance(r, vexc.NoScriptError) for r in out):
+                # A restarted valkey-server forgets loaded scripts.
+                try:
+                    await self._load_scripts()
+                except Exception as exc:
+                    raise _translate(exc, self.url, "loading scripts") from exc
+                continue
+            for r in out:
+                if isinstance(r, Exception):
+                    raise _translate(r, self.url, f"running {sha_of}")
+            return list(out)
+        raise BackendError("unreachable")  # pragma: no cover
+
+    async def claim_many(self, task_ids: Sequence[str], worker: str) -> list[Claim]:
+        """Mark tasks STARTED unless final; one round trip for the batch."""
+        now = f"{time.time():.6f}"
+        calls = [(names.result_key(t), (now, worker, self._ttl)) for t in task_ids]
+        out = await self._evalsha_many("claim", calls)
+        return [Claim(r[0].decode() if r[0] else "", bytes(r[1]), int(r[2])) for r in out]
+
+    async def store_many(self, requests: Sequence[StoreRequest]) -> list[bool]:
+        """Write states unless a final one is stored; True where the write happened."""
+        calls = [
+            (
+                names.result_key(r.task_id),
+                (r.state, r.record, self._ttl, "" if r.retries is None else str(r.retries)),
+            )
+            for r in requests
+        ]
+        out = await self._evalsha_many("store", calls)
+        return [bool(x) for x in out]
+
+    async def store(self, request: StoreRequest) -> bool:
+        """Write one state unless a final one is stored."""
+        return (await self.store_many([request]))[0]
+
+    async def read(self, task_id: str) -> tuple[str, ResultRecord | None]:
+        """Return ``(state, record)``; state PENDING and no record when nothing is stored."""
+        try:
+            state, record = await self._c().hmget(names.result_key(task_id), ["state", "record"])
+        except Exception as exc:
+            raise _translate(exc, self.url, f"reading result {task_id}") from exc
+        if state is None:
+            return PENDING, None
+        rec = decode_record(record) if record else None
+        return state.decode(), rec
+
+    async def ping(self) -> None:
+        """Round trip to the server."""
+        try:
+            await self._c().ping()
+        except Exception as exc:
+            raise _translate(exc, self.url, "pinging") from exc
+
+
+def decode_record(data: bytes) -> ResultRecord:
+    """Decode a stored or notified result record."""
+    try:
+        return record_decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        raise DecodeError(f"stored result record is not valid: {exc}") from exc
+
+
+def encode_record(record: ResultRecord) -> bytes:
+    """Encode a result record (results must be msgpack-encodable)."""
+    return encoder.encode(record)
+
+
+class AsyncResult(Generic[R]):
+    """A handle on a task's state and result, like Celery's ``AsyncResult``.
+
+    Sync code calls :meth:`get`, :meth:`revoke` and the properties; async code
+    awaits :meth:`aget`, :meth:`arevoke` and :meth:`astate`.
+
+    Args:
+        task_id: The task id.
+        app: The app whose connections are used.
+        task_name: Name of the task, when known.
+    """
+
+    def __init__(self, task_id: str, app: Heddle, task_name: str = "") -> None:
+        self.id = task_id
+        self.app = app
+        self.task_name = task_name
+        # Set by apply_async from async code: the publish runs as a task on the
+        # caller's loop, and waiting on the result first waits for the publish.
+        self._sent: Any = None
+        # A result-notice future subscribed *before* the task was published, on
+        # the loop that published it; no notice can be missed.
+        self._notice: Any = None
+        self._loop: Any = None
+        self._record: ResultRecord | None = None
+
+    def __repr__(self) -> str:
+        return f"<AsyncResult {self.task_name or 'task'}[{self.id}]>"
+
+    # -- async API -----------------------------------------------------------------
+
+    async def sent(self) -> None:
+        """Wait until the task message is stored by JetStream (raises if publishing failed)."""
+        if self._sent is not None:
+            await self._sent
+
+    async def _fetch(self) -> tuple[str, ResultRecord | None]:
+        if self._record is not None:
+            return self._record.state, self._record
+        conns = await self.app._connections()
+        state, record = await conns.backend.read(self.id)
+        if record is not None and state in READY_STATES:
+            self._record = record
+        return state, record
+
+    async def astate(self) -> str:
+        """The task's current state: PENDING, STARTED, RETRY, SUCCESS, FAILURE or REVOKED."""
+        return (await self._fetch())[0]
+
+    async def aget(self, timeout: float | None = None, propagate: bool = True) -> R:
+        """Wait for the task's result without polling.
+
+        Args:
+            timeout: Seconds to wait; None waits forever.
+            propagate: Raise :class:`TaskError` / :class:`TaskRevoked` for failed or
+                revoked tasks (otherwise return the error object).
+
+        Raises:
+            ResultTimeout: The result did not arrive in time.
+            TaskError: The task raised (remote type, message and traceback attached).
+            TaskRevoked: The task was revoked.
+        """
+        import asyncio
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        await self.sent()
+        record = await self._wait(asyncio.get_running_loop(), deadline, timeout)
+        return self._outcome(record, propagate)
+
+    async def _wait(self, loop: Any, deadline: float | None, timeout: float | None) -> ResultRecord:
+        import asyncio
+
+        if self._record is not None:
+            return self._record
+        conns = await self.app._connections()
+        notice = self._notice if self._loop is loop else None
+        sub = None
+        try:
+            if notice is None:
+                # Subscribe, make sure the server has the subscription, then read:
+                # a result stored before the read is seen by the read, one stored
+                # after it is announced to the subscription.
+                notice = loop.create_future()
+                sub = await conns.broker.subscribe(names.result_subject(self.id), future=notice)
+                await conns.broker.flush()
+            state, record = await conns.backend.read(self.id)
+            if record is not None and state in READY_STATES:
+                self._record = record
+                return record
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                msg = await asyncio.wait_for(asyncio.shield(notice), remaining)
+            except TimeoutError:
+                raise ResultTimeout(
+                    f"no result for task {self.id} within {timeout}s (state {state}); "
+                    f"is a worker running for it (`heddle-worker -A yourmodule`)?"
+                ) from None
+            self._record = decode_record(msg.data)
+            return self._record
+        finally:
+            if sub is not None:
+                await _quiet_unsubscribe(sub)
+            elif self._notice is not None and self._record is not None:
+                conns.release_watch(self.id)
+
+    def _outcome(self, record: ResultRecord, propagate: bool) -> Any:
+        if record.state == SUCCESS:
+            return record.result
+        err = self._error(record)
+        if propagate:
+            raise err
+        return err
+
+    def _error(self, record: ResultRecord) -> Exception:
+        if record.state == REVOKED:
+            return TaskRevoked(f"task {self.id} was revoked")
+        info = record.error
+        if info is None:
+            return TaskError(self.id, "heddle.UnknownError", f"task ended in {record.state}")
+        return TaskError(self.id, info.type, info.message, info.traceback)
+
+    async def arevoke(self) -> None:
+        """Revoke: a pending or delayed task never runs; a running one is cancelled."""
+        await self.app._revoke(self.id, self.task_name)
+
+    # -- sync API ------------------------------------------------------------------
+
+    def get(self, timeout: float | None = None, propagate: bool = True) -> R:
+        """Block until the result is ready and return it (see :meth:`aget`)."""
+        self.app._refuse_blocking_in_loop("result.get()", "await result.aget()")
+        return self.app._portal.call(self.aget(timeout, propagate), self._portal_timeout(timeout))
+
+    def _portal_timeout(self, timeout: float | None) -> float | None:
+        return None if timeout is None else timeout + 30.0
+
+    def revoke(self) -> None:
+        """Revoke the task (see :meth:`arevoke`)."""
+        self.app._portal.call(self.arevoke(), 30.0)
+
+    @property
+    def state(self) -> str:
+        """Current state, read from Valkey."""
+        return self.app._portal.call(self.astate(), 30.0)
+
+    status = state
+
+    def ready(self) -> bool:
+        """True if the task has finished (SUCCESS, FAILURE or REVOKED)."""
+        return self.state in READY_STATES
+
+    def successful(self) -> bool:
+        """True if the task finished with SUCCESS."""
+        return self.state == SUCCESS
+
+    def failed(self) -> bool:
+        """True if the task finished with FAILURE."""
+        return self.state == FAILURE
+
+    @property
+    def record(self) -> ResultRecord | None:
+        """The stored result record (state, result, error, timings, metadata) or None."""
+        return self.app._portal.call(self._fetch(), 30.0)[1]
+
+    @property
+    def result(self) -> Any:
+        """The return value if SUCCESS, the error if FAILURE/REVOKED, else None."""
+        state, record = self.app._portal.call(self._fetch(), 30.0)
+        if record is None or state not in READY_STATES:
+            return None
+        return self._outcome(record, propagate=False)
+
+    @property
+    def traceback(self) -> str | None:
+        """The remote traceback text of a failed task, else None."""
+        record = self.record
+        if record is None or record.error is None:
+            return None
+        return record.error.traceback
+
+
+async def _quiet_unsubscribe(sub: Any) -> None:
+    try:
+        await sub.unsubscribe()
+    except Exception:  # connection closed or already unsubscribed: nothing to undo
+        pass

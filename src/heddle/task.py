@@ -1,0 +1,358 @@
+"""Tasks: a Python function plus options, callable remotely with ``delay``/``apply_async``."""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import random
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
+
+import msgspec
+
+from heddle import names
+from heddle.errors import EncodeError, HeddleError, TaskOptionError
+from heddle.messages import TaskMessage, encoder
+from heddle.results import AsyncResult
+
+if TYPE_CHECKING:
+    from heddle.app import Heddle
+    from heddle.canvas import Signature
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+TASK_OPTIONS = frozenset(
+    {
+        "name",
+        "retries",
+        "retry_backoff",
+        "retry_backoff_max",
+        "retry_jitter",
+        "retry_delay",
+        "autoretry_for",
+        "timeout",
+        "tier",
+    }
+)
+_APPLY_OPTIONS = frozenset({"countdown", "eta", "task_id", "headers", "tier"})
+# Deliveries kept in reserve above a task's retries for crash redeliveries and
+# countdown deferrals, so that retries never run into JetStream's MaxDeliver.
+_DELIVERY_RESERVE = 4
+
+
+def _unknown(kind: str, given: set[str], known: frozenset[str], where: str) -> TaskOptionError:
+    parts = []
+    for opt in sorted(given):
+        close = difflib.get_close_matches(opt, known, n=1)
+        parts.append(f"{opt!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return TaskOptionError(
+        f"unknown {kind} {', '.join(parts)} for {where}; known {kind}s: {', '.join(sorted(known))}"
+    )
+
+
+class TaskOptions(msgspec.Struct, frozen=True, kw_only=True):
+    """Validated options of one task.
+
+    Attributes:
+        retries: Retries after the first attempt (0 = none).
+        retry_backoff: False for a fixed ``retry_delay``; True (1 s base) or a
+            number of seconds for exponential backoff.
+        retry_backoff_max: Cap on one backoff delay, in seconds.
+        retry_jitter: Randomise backoff delays (between half and all of the delay).
+        retry_delay: Fixed delay between retries when ``retry_backoff`` is off.
+        autoretry_for: Exception types that trigger a retry (default: any Exception).
+        timeout: Hard time limit in seconds; the task is cancelled and fails with TaskTimeout.
+        tier: Model tier requested for this task (``local``, ``standard``, ``frontier``).
+    """
+
+    retries: int = 0
+    retry_backoff: bool | float = False
+    retry_backoff_max: float = 600.0
+    retry_jitter: bool = True
+    retry_delay: float = 1.0
+    autoretry_for: tuple[type[BaseException], ...] = (Exception,)
+    timeout: float | None = None
+    tier: str | None = None
+
+    def backoff_s(self, retry_number: int) -> float:
+        """Delay before retry ``retry_number`` (0 for the first retry)."""
+        if self.retry_backoff is False:
+            return self.retry_delay
+        base = 1.0 if self.retry_backoff is True else float(self.retry_backoff)
+        delay = min(self.retry_backoff_max, base * (2**retry_number))
+        if self.retry_jitter:
+            delay = delay / 2 + random.uniform(0, delay / 2)
+        return delay
+
+
+def _validate_options(where: str, options: dict[str, Any], max_deliver: int | None) -> TaskOptions:
+    unknown = set(options) - TASK_OPTIONS
+    if unknown:
+        raise _unknown("option", unknown, TASK_OPTIONS, where)
+    opts = {k: v for k, v in options.items() if k != "name"}
+    retries = opts.get("retries", 0)
+    if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
+        raise TaskOptionError(f"retries for {where} must be an int >= 0, got {retries!r}")
+    if max_deliver is not None and retries + _DELIVERY_RESERVE > max_deliver:
+        raise TaskOptionError(
+            f"retries={retries} for {where} needs max_deliver >= {retries + _DELIVERY_RESERVE}; "
+            f"lower retries or create the app with Heddle(..., max_deliver={retries + _DELIVERY_RESERVE})"
+        )
+    rb = opts.get("retry_backoff", False)
+    if not isinstance(rb, bool | int | float) or (not isinstance(rb, bool) and rb <= 0):
+        raise TaskOptionError(
+            f"retry_backoff for {where} must be True/False or a positive number of seconds, got {rb!r}"
+        )
+    for key in ("retry_backoff_max", "retry_delay"):
+        v = opts.get(key)
+        if v is not None and (not isinstance(v, int | float) or isinstance(v, bool) or v < 0):
+            raise TaskOptionError(f"{key} for {where} must be seconds >= 0, got {v!r}")
+    timeout = opts.get("timeout")
+    if timeout is not None and (
+        not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout <= 0
+    ):
+        raise TaskOptionError(f"timeout for {where} must be seconds > 0, got {timeout!r}")
+    tier = opts.get("tier")
+    if tier is not None and tier not in names.TIERS:
+        raise TaskOptionError(f"tier for {where} must be one of {', '.join(names.TIERS)}, got {tier!r}")
+    art = opts.get("autoretry_for")
+    if art is not None:
+        if isinstance(art, type):
+            art = (art,)
+        if not isinstance(art, tuple | list) or not all(
+            isinstance(t, type) and issubclass(t, BaseException) for t in art
+        ):
+            raise TaskOptionError(
+                f"autoretry_for for {where} must be exception types, e.g. (ConnectionError,), got {art!r}"
+            )
+        opts["autoretry_for"] = tuple(art)
+    return TaskOptions(**opts)
+
+
+class Task(Generic[P, R]):
+    """A function that can run on a worker. Created by ``@app.task`` or ``@heddle.task``.
+
+    Calling the task object runs the function here, in this process; ``delay``
+    and ``apply_async`` send it to a worker and return an :class:`AsyncResult`.
+    """
+
+    def __init__(self, fn: Callable[P, Any], *, app: Heddle | None = None, **options: Any) -> None:
+        if not callable(fn):
+            raise TaskOptionError(f"@task must decorate a function, got {fn!r}")
+        self.fn = fn
+        name = options.get("name") or f"{fn.__module__}.{fn.__qualname__}"
+        if not isinstance(name, str):
+            raise TaskOptionError(f"task name must be a string, got {name!r}")
+        self.name: str = name
+        where = f"task {self.name!r}"
+        self.options = _validate_options(
+            where, options, app.settings.max_deliver if app is not None else None
+        )
+        self.is_async = inspect.iscoroutinefunction(fn)
+        self.signature = inspect.signature(fn)
+        self._app = app
+        self._shared = app is None
+        self.__doc__ = fn.__doc__
+        self.__name__ = getattr(fn, "__name__", self.name)
+        self.__wrapped__ = fn
+
+    def __repr__(self) -> str:
+        return f"<Task {self.name}>"
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Any:
+        """Run the function locally, in this process."""
+        return self.fn(*args, **kwargs)
+
+    @property
+    def app(self) -> Heddle:
+        """The app this task sends through (for shared tasks: the last app that adopted it)."""
+        if self._app is None:
+            raise HeddleError(
+                f"shared task {self.name!r} is not bound to an app; create one with "
+                f"heddle.Heddle('name') (it adopts every @heddle.task) before calling it"
+            )
+        return self._app
+
+    def _bind_shared(self, app: Heddle) -> None:
+        if self._shared:
+            self._app = app
+
+    # -- sending -------------------------------------------------------------------
+
+    def delay(self, *args: P.args, **kwargs: P.kwargs) -> AsyncResult[R]:
+        """Send the task with these arguments; shortcut for ``apply_async(args, kwargs)``."""
+        return self.apply_async(args, kwargs)
+
+    def apply_async(
+        self,
+        args: tuple[Any, ...] | list[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        *,
+        countdown: float | None = None,
+        eta: datetime | float | None = None,
+        task_id: str | None = None,
+        headers: dict[str, str] | None = None,
+        tier: str | None = None,
+    ) -> AsyncResult[R]:
+        """Send the task to a worker.
+
+        Args:
+            args: Positional arguments (msgspec-encodable).
+            kwargs: Keyword arguments (msgspec-encodable).
+            countdown: Run no earlier than this many seconds from now.
+            eta: Run no earlier than this time (aware datetime or epoch seconds).
+            task_id: Caller-chosen id; a repeat within the dedup window is dropped
+                and a task whose result is stored never runs twice.
+            headers: Extra string headers carried with the message.
+            tier: Model tier for this call, overriding the task's option.
+
+        Returns:
+            An :class:`AsyncResult`. From sync code the message is stored by
+            JetStream before this returns; from async code the publish runs on
+            the caller's loop and ``await result.aget()`` (or ``result.sent()``)
+            waits for it.
+
+        Raises:
+            TypeError: The arguments do not fit the function's signature.
+            EncodeError: An argument cannot be encoded; the message names it.
+        """
+        kwargs = dict(kwargs or {})
+        args = tuple(args)
+        try:
+            self.signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"bad arguments for task {self.name!r}{self.signature}: {exc}") from None
+        return send(
+            self.app,
+            self.name,
+            args,
+            kwargs,
+            countdown=countdown,
+            eta=eta,
+            task_id=task_id,
+            headers=headers,
+            tier=tier or self.options.tier,
+        )
+
+    async def aapply_async(self, *a: Any, **kw: Any) -> AsyncResult[R]:
+        """Like :meth:`apply_async`, but returns once JetStream has stored the message."""
+        result = self.apply_async(*a, **kw)
+        await result.sent()
+        return result
+
+    def s(self, *args: Any, **kwargs: Any) -> Signature:
+        """A signature: this task with (partial) arguments, for later or for task graphs."""
+        from heddle.canvas import Signature
+
+        return Signature(task=self.name, args=tuple(args), kwargs=kwargs, app=self.app)
+
+    def si(self, *args: Any, **kwargs: Any) -> Signature:
+        """An immutable signature: in a chain it ignores the previous task's result."""
+        from heddle.canvas import Signature
+
+        return Signature(task=self.name, args=tuple(args), kwargs=kwargs, immutable=True, app=self.app)
+
+
+def _encode_args(task: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
+    """Check encodability and name the first argument that fails."""
+    for i, a in enumerate(args):
+        try:
+            encoder.encode(a)
+        except (TypeError, msgspec.EncodeError, OverflowError) as exc:
+            raise EncodeError(
+                f"argument {i} of task {task!r} ({type(a).__name__}) cannot be sent: {exc}. "
+                f"Pass plain data (str, int, float, bool, None, list, dict, datetime, "
+                f"msgspec.Struct, dataclass); never objects that need pickle"
+            ) from None
+    for k, v in kwargs.items():
+        try:
+            encoder.encode(v)
+        except (TypeError, msgspec.EncodeError, OverflowError) as exc:
+            raise EncodeError(
+                f"argument {k!r} of task {task!r} ({type(v).__name__}) cannot be sent: {exc}. "
+                f"Pass plain data (str, int, float, bool, None, list, dict, datetime, "
+                f"msgspec.Struct, dataclass); never objects that need pickle"
+            ) from None
+    return list(args), kwargs
+
+
+def _eta_epoch(countdown: float | None, eta: datetime | float | None) -> float | None:
+    if countdown is not None and eta is not None:
+        raise TypeError("pass countdown= or eta=, not both")
+    if countdown is not None:
+        if not isinstance(countdown, int | float) or countdown < 0:
+            raise TypeError(f"countdown must be seconds >= 0, got {countdown!r}")
+        return time.time() + float(countdown)
+    if isinstance(eta, datetime):
+        if eta.tzinfo is None:
+            raise TypeError("eta must be timezone-aware, e.g. datetime.now(timezone.utc) + delta")
+        return eta.astimezone(timezone.utc).timestamp()
+    if eta is not None:
+        return float(eta)
+    return None
+
+
+def send(
+    app: Heddle,
+    name: str,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    *,
+    countdown: float | None = None,
+    eta: datetime | float | None = None,
+    task_id: str | None = None,
+    headers: dict[str, str] | None = None,
+    tier: str | None = None,
+) -> AsyncResult[Any]:
+    """Encode and send one task message; the single path every caller goes through."""
+    from heddle.app import new_task_id
+
+    if tier is not None and tier not in names.TIERS:
+        raise TypeError(f"tier must be one of {', '.join(names.TIERS)}, got {tier!r}")
+    if task_id is not None and (not isinstance(task_id, str) or not task_id or len(task_id) > 200):
+        raise TypeError(f"task_id must be a non-empty string of at most 200 characters, got {task_id!r}")
+    hdrs = dict(headers or {})
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in hdrs.items()):
+        raise TypeError("headers must map str to str")
+    enc_args, enc_kwargs = _encode_args(name, args, kwargs)
+    tid = task_id or new_task_id()
+    resolved_tier = tier or app.settings.default_tier
+    msg = TaskMessage(
+        id=tid,
+        task=name,
+        args=enc_args,
+        kwargs=enc_kwargs,
+        eta=_eta_epoch(countdown, eta),
+        tier=tier,
+        headers=hdrs,
+        submitted_at=time.time(),
+    )
+    payload = encoder.encode(msg)
+    wire_headers = {
+        names.HDR_MSG_ID: tid,
+        names.HDR_TASK: name,
+        names.HDR_WORKER_TYPE: app.worker_type,
+        names.HDR_TIER: resolved_tier,
+    }
+    subject = names.task_subject(app.worker_type, resolved_tier)
+    result: AsyncResult[Any] = AsyncResult(tid, app, name)
+    app._dispatch(result, lambda: app._send(result, subject, payload, wire_headers))
+    return result
+
+
+def send_by_name(
+    app: Heddle,
+    name: str,
+    args: tuple[Any, ...] | list[Any] = (),
+    kwargs: dict[str, Any] | None = None,
+    **options: Any,
+) -> AsyncResult[Any]:
+    """``app.send_task``: send by name without the task's code."""
+    unknown = set(options) - _APPLY_OPTIONS
+    if unknown:
+        raise _unknown("option", unknown, _APPLY_OPTIONS, f"send_task({name!r})")
+    return send(app, name, tuple(args), dict(kwargs or {}), **options)
+

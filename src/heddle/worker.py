@@ -1,0 +1,578 @@
+"""The worker: consume a worker type's tasks from JetStream, run them, store results.
+
+Per fetched batch the hot path is: decode every message, one pipelined Valkey
+round trip to claim them (skipping tasks whose final result is already stored),
+run them (async tasks on the loop, sync tasks in a thread pool), then one
+pipelined round trip to store the outcomes, a core-NATS result notice each, and
+the acks. A message is acked only after its final state is stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import nats.errors
+
+from heddle import names
+from heddle.errors import BackendError, BrokerError, EncodeError, HeddleError, TaskTimeout
+from heddle.messages import (
+    FAILURE,
+    READY_STATES,
+    RETRY,
+    SUCCESS,
+    WIRE_VERSION,
+    ErrorInfo,
+    ResultRecord,
+    TaskMessage,
+    encoder,
+    revoke_decoder,
+    task_decoder,
+)
+from heddle.results import StoreRequest, encode_record
+
+if TYPE_CHECKING:
+    from nats.aio.msg import Msg
+
+    from heddle.app import Connections, Heddle
+    from heddle.task import Task
+
+log = logging.getLogger("heddle.worker")
+
+_MAX_BATCH = 256
+_FETCH_TIMEOUT_S = 1.0
+_BACKOFF_S = 0.5
+# A countdown that is this close is run now rather than deferred again.
+_ETA_SLACK_S = 0.01
+
+
+@dataclass(eq=False)
+class Job:
+    """One task message in flight on this worker."""
+
+    msg: Msg
+    message: TaskMessage
+    task: Task[Any, Any]
+    retries: int
+    started_at: float
+    runner: asyncio.Future[Any] | None = None
+    revoked: bool = False
+    abandoned: bool = False
+    done: bool = False
+
+
+@dataclass(eq=False)
+class Outcome:
+    """What running a job produced, waiting to be stored and acked."""
+
+    job: Job
+    state: str
+    result: Any = None
+    error: ErrorInfo | None = None
+    exc: BaseException | None = None
+    finished_at: float = field(default_factory=time.time)
+
+
+def _error_info(exc: BaseException) -> ErrorInfo:
+    t = type(exc)
+    return ErrorInfo(
+        type=f"{t.__module__}.{t.__qualname__}",
+        message=str(exc),
+        traceback="".join(traceback.format_exception(exc)),
+    )
+
+
+class Worker:
+    """Runs one app's tasks.
+
+    Args:
+        app: The app whose tasks to run; it consumes ``heddle.tasks.{app.name}.*``.
+        concurrency: Most tasks in flight at once (async on the loop, sync in threads).
+        grace_s: On shutdown, how long in-flight tasks may take to finish before
+            they are cancelled and nak'd for prompt redelivery.
+        name: Worker identity recorded in results (default ``host:pid``).
+    """
+
+    def __init__(
+        self,
+        app: Heddle,
+        *,
+        concurrency: int = 16,
+        grace_s: float = 30.0,
+        name: str | None = None,
+    ) -> None:
+        if concurrency < 1:
+            raise HeddleError(f"concurrency must be >= 1, got {concurrency}")
+        self.app = app
+        self.settings = app.settings
+        self.concurrency = concurrency
+        self.grace_s = grace_s
+        self.name = name or f"{socket.gethostname()}:{os.getpid()}"
+        self.worker_type = app.worker_type
+        self.inflight: dict[str, Job] = {}
+        self.conns: Connections | None = None
+        self.ready = asyncio.Event()
+        self.stats = {"received": 0, "succeeded": 0, "failed": 0, "retried": 0, "dead_lettered": 0}
+        self._stop = asyncio.Event()
+        self._slot_freed = asyncio.Event()
+        self._outcomes: list[Outcome] = []
+        self._outcome_ready = asyncio.Event()
+        self._rebind = False
+        self._psub: Any = None
+        self._durable = ""
+        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="heddle-task")
+        self._bg: list[asyncio.Task[Any]] = []
+        self._subs: list[Any] = []
+        self._last_tick = time.monotonic()
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Stop fetching and drain (safe to call from a signal handler)."""
+        self._stop.set()
+        self._slot_freed.set()
+
+    @property
+    def last_tick(self) -> float:
+        """Monotonic time the fetch loop last went round (for liveness probes)."""
+        return self._last_tick
+
+    async def run(self) -> None:
+        """Connect, consume until :meth:`request_stop`, then drain and disconnect."""
+        conns = await self.app._connections()
+        self.conns = conns
+        broker = conns.broker
+        await conns.ensure_streams()
+        self._durable = await broker.ensure_consumer(self.worker_type)
+        self._psub = await broker.pull_subscribe(self._durable)
+        broker.on_reconnect(self._on_reconnect)
+        self._subs.append(await broker.subscribe(names.REVOKE_SUBJECT, cb=self._on_revoke))
+        advisory = names.MAX_DELIVERIES_ADVISORY.format(
+            stream=names.TASKS_STREAM, consumer=self._durable
+        )
+        self._subs.append(await broker.subscribe(advisory, cb=self._on_max_deliveries))
+        await broker.flush()
+        loop = asyncio.get_running_loop()
+        self._bg = [
+            loop.create_task(self._flush_loop(), name="heddle-flush"),
+            loop.create_task(self._progress_loop(), name="heddle-progress"),
+        ]
+        self.ready.set()
+        log.info("worker %s consuming %s", self.name, names.worker_filter(self.worker_type))
+        try:
+            await self._fetch_loop()
+        finally:
+            await self._drain()
+
+    async def _on_reconnect(self) -> None:
+        # Pull requests in flight when the connection dropped are gone, and a
+        # restarted server may have lost a memory-backed consumer: re-create the
+        # consumer and re-bind before the next fetch instead of trusting the old one.
+        self._rebind = True
+
+    async def _rebind_consumer(self) -> None:
+        assert self.conns is not None
+        self._rebind = False
+        old, self._psub = self._psub, None
+        with contextlib.suppress(Exception):
+            await old.unsubscribe()
+        self.conns._streams_ready = False
+        await self.conns.ensure_streams()
+        self._durable = await self.conns.broker.ensure_consumer(self.worker_type)
+        self._psub = await self.conns.broker.pull_subscribe(self._durable)
+        log.warning("re-bound pull consumer %s after reconnect", self._durable)
+
+    # -- fetching ------------------------------------------------------------------
+
+    async def _fetch_loop(self) -> None:
+        while not self._stop.is_set():
+            self._last_tick = time.monotonic()
+            free = self.concurrency - len(self.inflight)
+            if free <= 0:
+                self._slot_freed.clear()
+                await self._slot_freed.wait()
+                continue
+            try:
+                if self._rebind or self._psub is None:
+                    await self._rebind_consumer()
+                msgs = await self._psub.fetch(batch=min(free, _MAX_BATCH), timeout=_FETCH_TIMEOUT_S)
+            except nats.errors.TimeoutError:
+                continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("fetch failed (%r); retrying in %.1fs", exc, _BACKOFF_S)
+                self._rebind = True
+                await self._sleep_unless_stopped(_BACKOFF_S)
+                continue
+            try:
+                await self._accept(msgs)
+            except Exception:
+                # Never let one batch stop the loop; unacked messages come back after AckWait.
+                log.exception("failed to accept a batch of %d messages", len(msgs))
+
+    async def _sleep_unless_stopped(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), seconds)
+
+    async def _accept(self, msgs: list[Msg]) -> None:
+        assert self.conns is not None
+        now = time.time()
+        batch: list[tuple[Msg, TaskMessage, Task[Any, Any]]] = []
+        tasks = self.app.tasks
+        for msg in msgs:
+            self.stats["received"] += 1
+            try:
+                tm = task_decoder.decode(msg.data)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                await self._reject(msg, f"undecodable task message: {exc}")
+                continue
+            if tm.v > WIRE_VERSION:
+                await self._reject(
+                    msg, f"unsupported message version {tm.v} (this worker reads <= {WIRE_VERSION})", tm
+                )
+                continue
+            task = tasks.get(tm.task)
+            if task is None:
+                await self._reject(
+                    msg,
+                    f"unknown task {tm.task!r} for worker type {self.worker_type!r}; import the "
+                    f"module that defines it in the worker (-A) or fix the name",
+                    tm,
+                )
+                continue
+            if tm.eta is not None and tm.eta - now > _ETA_SLACK_S:
+                # A delayed task goes back to the stream until its time; it holds no slot.
+                await msg.nak(delay=tm.eta - now)
+                continue
+            batch.append((msg, tm, task))
+        if not batch:
+            return
+        try:
+            claims = await self.conns.backend.claim_many([tm.id for _, tm, _ in batch], self.name)
+        except BackendError as exc:
+            log.warning("cannot claim %d tasks (%s); naking for redelivery", len(batch), exc)
+            for msg, _, _ in batch:
+                with contextlib.suppress(Exception):
+                    await msg.nak(delay=_BACKOFF_S * 2)
+            await self._sleep_unless_stopped(_BACKOFF_S)
+            return
+        loop = asyncio.get_running_loop()
+        for (msg, tm, task), claim in zip(batch, claims, strict=True):
+            if claim.previous_state in READY_STATES:
+                # Final result already stored (a duplicate, a redelivery after a
+                # crash between store and ack, or a revoked task): do not run again.
+                await msg.ack()
+                continue
+            if tm.id in self.inflight:
+                # The same task redelivered while still running here (AckWait passed):
+                # keep the running copy, let this delivery go.
+                await msg.ack()
+                continue
+            job = Job(msg, tm, task, claim.retries, time.time())
+            self.inflight[tm.id] = job
+            job.runner = loop.create_task(self._execute(job))
+
+    async def _reject(self, msg: Msg, reason: str, tm: TaskMessage | None = None) -> None:
+        """Dead-letter a message that can never run, fail its result, and ack it."""
+        assert self.conns is not None
+        headers = msg.headers or {}
+        task_id = tm.id if tm else headers.get(names.HDR_MSG_ID, "")
+        task_name = tm.task if tm else headers.get(names.HDR_TASK, "")
+        meta = msg.metadata
+        log.warning("dead-lettering message %s: %s", task_id or meta.sequence.stream, reason)
+        try:
+            await self.conns.broker.dead_letter(
+                msg.data,
+                reason,
+                task_id=task_id,
+                subject=msg.subject,
+                dedup_key=f"{names.TASKS_STREAM}:{meta.sequence.stream}",
+            )
+            if task_id:
+                await self._fail_record(task_id, task_name, "heddle.DeadLettered", reason)
+            await msg.ack()
+            self.stats["dead_lettered"] += 1
+        except HeddleError as exc:
+            log.warning("could not dead-letter (%s); leaving it for redelivery", exc)
+
+    async def _fail_record(self, task_id: str, task_name: str, err_type: str, reason: str) -> None:
+        assert self.conns is not None
+        record = ResultRecord(
+            id=task_id,
+            state=FAILURE,
+            task=task_name,
+            error=ErrorInfo(type=err_type, message=reason),
+            worker=self.name,
+            finished_at=time.time(),
+        )
+        data = encode_record(record)
+        if await self.conns.backend.store(StoreRequest(task_id, FAILURE, data)):
+            await self.conns.broker.publish_core(names.result_subject(task_id), data)
+
+    # -- running -------------------------------------------------------------------
+
+    async def _execute(self, job: Job) -> None:
+        task = job.task
+        tm = job.message
+        timeout = task.options.timeout
+        outcome: Outcome
+        try:
+            if task.is_async:
+                coro = task.fn(*tm.args, **tm.kwargs)
+                result = await (asyncio.wait_for(coro, timeout) if timeout else coro)
+            else:
+                loop = asyncio.get_running_loop()
+                fut = loop.run_in_executor(self._pool, _call, task.fn, tm.args, tm.kwargs)
+                result = await (asyncio.wait_for(fut, timeout) if timeout else fut)
+            outcome = Outcome(job, SUCCESS, result=result)
+        except asyncio.CancelledError:
+            if not (job.revoked or job.abandoned):
+                raise
+            # Revoked: REVOKED is already stored; shutdown: the message is nak'd.
+            outcome = Outcome(job, "CANCELLED")
+        except TimeoutError:
+            exc = TaskTimeout(f"task {task.name}[{tm.id}] exceeded its timeout of {timeout}s and was cancelled")
+            outcome = Outcome(job, FAILURE, error=_error_info(exc), exc=exc)
+        except Exception as exc:
+            outcome = Outcome(job, FAILURE, error=_error_info(exc), exc=exc)
+        job.done = True
+        if job.revoked and outcome.state != "CANCELLED":
+            outcome = Outcome(job, "CANCELLED")
+        self._outcomes.append(outcome)
+        self._outcome_ready.set()
+
+    # -- storing and acking --------------------------------------------------------
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await self._outcome_ready.wait()
+            self._outcome_ready.clear()
+            await self._flush()
+
+    async def _flush(self) -> None:
+        """Store every finished outcome, then notify and ack; retried on Valkey errors."""
+        assert self.conns is not None
+        while self._outcomes:
+            outcomes, self._outcomes = self._outcomes, []
+            try:
+                await self._settle(outcomes)
+            except (BackendError, BrokerError) as exc:
+                # Keep the outcomes (the in-progress loop keeps their messages alive)
+                # and try again; the tasks are not run twice.
+                log.warning("cannot store %d results (%s); retrying", len(outcomes), exc)
+                self._outcomes[:0] = outcomes
+                await asyncio.sleep(_BACKOFF_S)
+
+    async def _settle(self, outcomes: list[Outcome]) -> None:
+        assert self.conns is not None
+        backend, broker = self.conns.backend, self.conns.broker
+        max_deliver = self.settings.max_deliver
+        requests: list[StoreRequest] = []
+        plans: list[tuple[Outcome, str, bytes, float]] = []  # outcome, action, record, delay
+        for o in outcomes:
+            job = o.job
+            if o.state == "CANCELLED":
+                plans.append((o, "ack" if job.revoked else "nak", b"", 0.0))
+                continue
+            tm = job.message
+            retries = job.retries
+            if o.state == FAILURE:
+                opts = job.task.options
+                delivered = job.msg.metadata.num_delivered or 1
+                can_retry = (
+                    retries < opts.retries
+                    and o.exc is not None
+                    and isinstance(o.exc, opts.autoretry_for)
+                    and delivered < max_deliver
+                )
+                if can_retry:
+                    delay = opts.backoff_s(retries)
+                    rec = self._record(o, RETRY, retries + 1)
+                    requests.append(StoreRequest(tm.id, RETRY, rec, retries + 1))
+                    plans.append((o, "retry", rec, delay))
+                    continue
+            rec = self._record(o, o.state, retries)  # may turn an unencodable SUCCESS into FAILURE
+            requests.append(StoreRequest(tm.id, o.state, rec))
+            plans.append((o, "final", rec, 0.0))
+        stored = await backend.store_many(requests) if requests else []
+        it = iter(stored)
+        for o, action, rec, delay in plans:
+            job = o.job
+            msg = job.msg
+            if action == "nak":
+                await _quiet(msg.nak())
+            elif action == "ack":
+                await _quiet(msg.ack())
+            elif action == "retry":
+                next(it)
+                self.stats["retried"] += 1
+                await _quiet(msg.nak(delay=delay))
+            else:
+                wrote = next(it)
+                if wrote:
+                    await broker.publish_core(names.result_subject(job.message.id), rec)
+                    if o.state == FAILURE:
+                        self.stats["failed"] += 1
+                        reason = f"{o.error.type}: {o.error.message}" if o.error else "failed"
+                        await broker.dead_letter(
+                            msg.data,
+                            f"failed after {job.retries + 1} attempt(s): {reason}",
+                            task_id=job.message.id,
+                            subject=msg.subject,
+                            dedup_key=f"{names.TASKS_STREAM}:{msg.metadata.sequence.stream}",
+                        )
+                    else:
+                        self.stats["succeeded"] += 1
+                await _quiet(msg.ack())
+            self._finish(job)
+
+    def _record(self, o: Outcome, state: str, retries: int) -> bytes:
+        job = o.job
+        tm = job.message
+        record = ResultRecord(
+            id=tm.id,
+            state=state,
+            task=tm.task,
+            result=o.result if state == SUCCESS else None,
+            error=o.error,
+            retries=retries,
+            worker=self.name,
+            tier=tm.tier or (job.msg.headers or {}).get(names.HDR_TIER, ""),
+            started_at=job.started_at,
+            finished_at=o.finished_at,
+        )
+        try:
+            return encode_record(record)
+        except (TypeError, msgspec.EncodeError, OverflowError) as exc:
+            err = EncodeError(
+                f"result of task {tm.task} ({type(o.result).__name__}) cannot be encoded: {exc}; "
+                f"return plain data (str, int, float, list, dict, msgspec.Struct, dataclass)"
+            )
+            o.state, o.result, o.error, o.exc = FAILURE, None, _error_info(err), err
+            return encode_record(msgspec.structs.replace(record, state=FAILURE, result=None, error=o.error))
+
+    def _finish(self, job: Job) -> None:
+        if self.inflight.get(job.message.id) is job:
+            del self.inflight[job.message.id]
+        self._slot_freed.set()
+
+    async def _progress_loop(self) -> None:
+        """Tell JetStream that running tasks are alive, so AckWait can stay short."""
+        interval = max(0.2, self.settings.ack_wait_s / 3)
+        while True:
+            await asyncio.sleep(interval)
+            for job in list(self.inflight.values()):
+                await _quiet(job.msg.in_progress())
+
+    # -- control -------------------------------------------------------------------
+
+    async def _on_revoke(self, msg: Msg) -> None:
+        try:
+            notice = revoke_decoder.decode(msg.data)
+        except msgspec.DecodeError:
+            return
+        job = self.inflight.get(notice.id)
+        if job is None or job.done:
+            return
+        job.revoked = True
+        if job.task.is_async and job.runner is not None:
+            job.runner.cancel()
+        # A sync task cannot be interrupted: it is marked, and its result discarded.
+
+    async def _on_max_deliveries(self, msg: Msg) -> None:
+        """Dead-letter a message JetStream gave up on (it stays in a work-queue stream otherwise)."""
+        assert self.conns is not None
+        try:
+            adv = json.loads(msg.data)
+            seq = int(adv["stream_seq"])
+            deliveries = int(adv.get("deliveries", self.settings.max_deliver))
+        except (ValueError, KeyError, TypeError):
+            log.warning("ignoring malformed max-deliveries advisory: %r", msg.data[:200])
+            return
+        broker = self.conns.broker
+        try:
+            stored = await broker.get_stream_msg(names.TASKS_STREAM, seq)
+        except HeddleError:
+            return  # already handled by another worker
+        reason = (
+            f"delivered {deliveries} times without being acknowledged (MaxDeliver); the task "
+            f"probably crashes or hangs its worker"
+        )
+        data = stored.data or b""
+        headers = stored.headers or {}
+        task_id = headers.get(names.HDR_MSG_ID, "")
+        task_name = headers.get(names.HDR_TASK, "")
+        try:
+            tm = task_decoder.decode(data)
+            task_id, task_name = tm.id, tm.task
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            pass
+        try:
+            await broker.dead_letter(
+                data, reason, task_id=task_id, subject=stored.subject or "", dedup_key=f"{names.TASKS_STREAM}:{seq}"
+            )
+            if task_id:
+                await self._fail_record(task_id, task_name, "heddle.MaxDeliveriesExceeded", reason)
+            await broker.delete_stream_msg(names.TASKS_STREAM, seq)
+            self.stats["dead_lettered"] += 1
+        except HeddleError as exc:
+            log.warning("could not dead-letter message #%d: %s", seq, exc)
+
+    # -- shutdown ------------------------------------------------------------------
+
+    async def _drain(self) -> None:
+        """Finish in-flight work within the grace period, nak the rest, then disconnect."""
+        deadline = time.monotonic() + self.grace_s
+        while self.inflight and time.monotonic() < deadline:
+            self._slot_freed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._slot_freed.wait(), max(0.0, deadline - time.monotonic()))
+        for job in list(self.inflight.values()):
+            if not job.done:
+                job.abandoned = True
+                if job.runner is not None and job.task.is_async:
+                    job.runner.cancel()
+                else:
+                    # A sync task still running in its thread: hand its message back now.
+                    await _quiet(job.msg.nak())
+                    self._finish(job)
+        # Let cancelled runners record their outcome, then settle everything.
+        runners = [j.runner for j in self.inflight.values() if j.runner is not None]
+        if runners:
+            await asyncio.wait(runners, timeout=5)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._flush(), 10)
+        for t in self._bg:
+            t.cancel()
+        await asyncio.gather(*self._bg, return_exceptions=True)
+        # Unsubscribe the pull subscription before closing: drain can hang after a
+        # timed-out fetch otherwise (nats-py 2.16).
+        for sub in [self._psub, *self._subs]:
+            if sub is not None:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        log.info("worker %s stopped: %s", self.name, self.stats)
+
+
+def _call(fn: Any, args: list[Any], kwargs: dict[str, Any]) -> Any:
+    return fn(*args, **kwargs)
+
+
+async def _quiet(coro: Any) -> None:
+    """Ack/nak/in-progress: a closed connection or an already-acked message is not an error."""
+    try:
+        await coro
+    except Exception as exc:
+        log.debug("ack operation failed: %r", exc)
