@@ -188,6 +188,21 @@ class Heddle:
     def __repr__(self) -> str:
         return f"<Heddle {self.name!r} nats={self.settings.nats_url} tasks={len(self.tasks)}>"
 
+    def configure(self, **overrides: Any) -> None:
+        """Change settings (e.g. ``nats_url``) before the app connects.
+
+        Raises:
+            HeddleError: The app already has open connections; call ``close()`` first.
+        """
+        if self._conns:
+            open_loops = [lp for lp in self._conns if not lp.is_closed()]
+            if open_loops and self.settings.with_(**overrides) != self.settings:
+                raise HeddleError(
+                    f"app {self.name!r} is already connected; call app.close() / await "
+                    f"app.aclose() before configure()"
+                )
+        self.settings = self.settings.with_(**overrides)
+
     @property
     def worker_type(self) -> str:
         """The worker type (routing key) of this app's Python tasks."""

@@ -151,7 +151,7 @@ def _run_dev(args: argparse.Namespace) -> int:
         console.print(f"  VALKEY_URL={servers.valkey_url}")
         console.print("  export these in another shell to send tasks; Ctrl-C stops everything")
         app = load_app(args.app)
-        app.settings = app.settings.with_(nats_url=servers.nats_url, valkey_url=servers.valkey_url)
+        app.configure(nats_url=servers.nats_url, valkey_url=servers.valkey_url)
         if not args.quiet:
             banner(app, args.concurrency)
         _install_loop_policy()

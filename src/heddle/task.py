@@ -96,10 +96,13 @@ def _validate_options(where: str, options: dict[str, Any], max_deliver: int | No
     retries = opts.get("retries", 0)
     if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
         raise TaskOptionError(f"retries for {where} must be an int >= 0, got {retries!r}")
-    if max_deliver is not None and retries + _DELIVERY_RESERVE > max_deliver:
+    if max_deliver is not None and retries >= max_deliver:
+        # Every attempt is one JetStream delivery; keep a few spare for crash
+        # redeliveries and countdown deferrals.
+        need = retries + _DELIVERY_RESERVE
         raise TaskOptionError(
-            f"retries={retries} for {where} needs max_deliver >= {retries + _DELIVERY_RESERVE}; "
-            f"lower retries or create the app with Heddle(..., max_deliver={retries + _DELIVERY_RESERVE})"
+            f"retries={retries} for {where} needs more deliveries than max_deliver={max_deliver}; "
+            f"lower retries or create the app with Heddle(..., max_deliver={need})"
         )
     rb = opts.get("retry_backoff", False)
     if not isinstance(rb, bool | int | float) or (not isinstance(rb, bool) and rb <= 0):

@@ -1,0 +1,1 @@
+"""Task modules that tests run in separate worker processes."""

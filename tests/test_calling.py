@@ -1,0 +1,190 @@
+"""Calling tasks end to end against real servers: delay, apply_async, get, states."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+import heddle
+from heddle.testing import running_worker
+
+
+def test_delay_and_get_return_the_result_from_a_sync_caller(heddle_app, heddle_worker):
+    @heddle_app.task
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    r = add.delay(2, 3)
+    assert r.get(timeout=10) == 5
+    assert r.state == heddle.SUCCESS
+    assert r.ready() and r.successful() and not r.failed()
+    assert r.result == 5
+    assert r.traceback is None
+
+
+async def test_apply_async_and_aget_work_from_an_async_caller(heddle_app, heddle_worker):
+    @heddle_app.task
+    async def mul(x: int, y: int) -> int:
+        await asyncio.sleep(0)
+        return x * y
+
+    r = mul.apply_async((6, 7))
+    assert await r.aget(timeout=10) == 42
+    assert await r.astate() == heddle.SUCCESS
+    await heddle_app.aclose()
+
+
+def test_a_result_handle_made_from_an_id_sees_the_result(heddle_app, heddle_worker):
+    @heddle_app.task
+    def double(x: int) -> int:
+        return 2 * x
+
+    r = double.delay(21)
+    assert r.get(timeout=10) == 42
+    again = heddle_app.AsyncResult(r.id)
+    assert again.get(timeout=5) == 42
+    assert again.record.worker == heddle_worker.name
+
+
+def test_an_unknown_id_is_pending(heddle_app, heddle_servers):
+    r = heddle_app.AsyncResult("no-such-task")
+    assert r.state == heddle.PENDING
+    assert not r.ready()
+    with pytest.raises(heddle.ResultTimeout, match="no-such-task"):
+        r.get(timeout=0.3)
+
+
+def test_a_remote_exception_comes_back_as_task_error_with_type_message_and_traceback(
+    heddle_app, heddle_worker
+):
+    @heddle_app.task
+    def boom(x: int) -> int:
+        raise ValueError(f"bad value {x}")
+
+    r = boom.delay(7)
+    with pytest.raises(heddle.TaskError) as info:
+        r.get(timeout=10)
+    err = info.value
+    assert err.type_name == "builtins.ValueError"
+    assert err.remote_message == "bad value 7"
+    assert "raise ValueError" in err.remote_traceback
+    assert r.state == heddle.FAILURE
+    assert isinstance(r.result, heddle.TaskError)
+    assert "bad value 7" in r.traceback
+    assert isinstance(r.get(timeout=1, propagate=False), heddle.TaskError)
+
+
+def test_a_state_is_started_while_the_task_runs(heddle_app, heddle_worker):
+    release = threading.Event()
+    running = threading.Event()
+
+    @heddle_app.task
+    def gated() -> str:
+        running.set()
+        release.wait(10)
+        return "done"
+
+    r = gated.delay()
+    assert running.wait(10)
+    assert r.state == heddle.STARTED
+    release.set()
+    assert r.get(timeout=10) == "done"
+
+
+def test_countdown_delays_the_start(heddle_app, heddle_worker):
+    @heddle_app.task
+    def stamp() -> float:
+        return time.time()
+
+    sent = time.time()
+    r = stamp.apply_async(countdown=1.0)
+    assert r.get(timeout=15) >= sent + 1.0
+
+
+def test_eta_accepts_an_aware_datetime(heddle_app, heddle_worker):
+    @heddle_app.task
+    def stamp() -> float:
+        return time.time()
+
+    eta = datetime.now(timezone.utc) + timedelta(seconds=0.5)
+    r = stamp.apply_async(eta=eta)
+    assert r.get(timeout=15) >= eta.timestamp()
+    with pytest.raises(TypeError, match="timezone-aware"):
+        stamp.apply_async(eta=datetime.now())
+
+
+def test_a_delayed_task_does_not_hold_a_worker_slot(heddle_app, heddle_servers):
+    @heddle_app.task
+    def stamp(label: str) -> float:
+        return time.time()
+
+    with running_worker(heddle_app, concurrency=1):
+        later = stamp.apply_async(("later",), countdown=2.0)
+        now = stamp.delay("now")
+        t_now = now.get(timeout=10)
+        t_later = later.get(timeout=15)
+    # With the only slot held by the waiting task, "now" could not finish first.
+    assert t_now < t_later
+    assert t_later - t_now > 1.0
+
+
+def test_a_200_task_burst_completes_with_every_result_retrievable(heddle_app, heddle_worker):
+    @heddle_app.task
+    def square(x: int) -> int:
+        return x * x
+
+    results = [square.delay(i) for i in range(200)]
+    assert [r.get(timeout=30) for r in results] == [i * i for i in range(200)]
+    assert all(heddle_app.AsyncResult(r.id).state == heddle.SUCCESS for r in results)
+
+
+def test_the_worker_never_runs_more_than_its_concurrency(heddle_app, heddle_servers):
+    lock = threading.Lock()
+    active = [0]
+    peak = [0]
+
+    @heddle_app.task
+    def busy() -> None:
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.05)
+        with lock:
+            active[0] -= 1
+
+    @heddle_app.task
+    async def abusy() -> None:
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        await asyncio.sleep(0.05)
+        with lock:
+            active[0] -= 1
+
+    with running_worker(heddle_app, concurrency=3):
+        rs = [busy.delay() for _ in range(15)] + [abusy.delay() for _ in range(15)]
+        for r in rs:
+            r.get(timeout=30)
+    assert peak[0] == 3
+
+
+def test_results_expire_after_the_configured_ttl(heddle_app, heddle_servers):
+    import valkey
+
+    heddle_app.configure(result_ttl_s=120)
+
+    @heddle_app.task
+    def one() -> int:
+        return 1
+
+    with running_worker(heddle_app):
+        r = one.delay()
+        assert r.get(timeout=10) == 1
+    client = valkey.Valkey.from_url(heddle_servers.valkey_url)
+    ttl = client.ttl(f"heddle:result:{r.id}")
+    client.close()
+    assert 0 < ttl <= 120
