@@ -122,3 +122,37 @@ def executions(env: dict[str, str]) -> list[tuple[int, str, str]]:
         pid, kind, value = line.split(" ", 2)
         out.append((int(pid), kind, value))
     return out
+
+
+async def dead_letters(nats_url: str) -> list[tuple[dict[str, str], bytes]]:
+    """Every message in the dead-letter stream, oldest first: (headers, payload)."""
+    import nats
+    import nats.js.errors
+
+    from heddle import names
+
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        info = await js.stream_info(names.DLQ_STREAM)
+        out = []
+        for seq in range(info.state.first_seq, info.state.last_seq + 1):
+            try:
+                m = await js.get_msg(names.DLQ_STREAM, seq)
+            except nats.js.errors.NotFoundError:
+                continue
+            out.append((dict(m.headers or {}), m.data or b""))
+        return out
+    finally:
+        await nc.close()
+
+
+async def publish_raw(nats_url: str, subject: str, payload: bytes, headers: dict[str, str]) -> None:
+    """Publish bytes straight to JetStream, bypassing Heddle's client."""
+    import nats
+
+    nc = await nats.connect(nats_url)
+    try:
+        await nc.jetstream().publish(subject, payload, headers=headers)
+    finally:
+        await nc.close()

@@ -37,7 +37,7 @@ from heddle.errors import (
 from heddle.messages import FAILURE, PENDING, RETRY, REVOKED, STARTED, SUCCESS
 from heddle.results import AsyncResult
 from heddle.settings import Settings
-from heddle.task import P, R, Task, TaskOptions
+from heddle.task import P, R, Task, TaskDecorator, TaskOptions
 from heddle.worker import Worker
 
 __version__ = "0.1.0"
@@ -81,7 +81,7 @@ def task(fn: Callable[P, Coroutine[Any, Any, R]], /) -> Task[P, R]: ...
 @overload
 def task(fn: Callable[P, R], /) -> Task[P, R]: ...
 @overload
-def task(**options: Any) -> Callable[[Callable[P, Any]], Task[P, Any]]: ...
+def task(**options: Any) -> TaskDecorator: ...
 
 
 def task(fn: Any = None, /, **options: Any) -> Any:

@@ -22,7 +22,7 @@ from heddle.results import AsyncResult, ResultBackend, StoreRequest, encode_reco
 from heddle.settings import Settings, check_name
 
 if TYPE_CHECKING:
-    from heddle.task import P, R, Task
+    from heddle.task import P, R, Task, TaskDecorator
 
 T = TypeVar("T")
 
@@ -215,7 +215,7 @@ class Heddle:
     @overload
     def task(self, fn: Callable[P, R], /) -> Task[P, R]: ...
     @overload
-    def task(self, /, **options: Any) -> Callable[[Callable[P, Any]], Task[P, Any]]: ...
+    def task(self, /, **options: Any) -> TaskDecorator: ...
 
     def task(self, fn: Any = None, /, **options: Any) -> Any:
         """Declare a task; use bare (``@app.task``) or with options (``@app.task(retries=3)``).

@@ -8,7 +8,8 @@ import random
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar, overload
 
 import msgspec
 
@@ -23,6 +24,16 @@ if TYPE_CHECKING:
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+class TaskDecorator(Protocol):
+    """What ``@app.task(...)`` with options returns: turns a function into a typed Task."""
+
+    @overload
+    def __call__(self, fn: Callable[P, Coroutine[Any, Any, R]], /) -> Task[P, R]: ...
+    @overload
+    def __call__(self, fn: Callable[P, R], /) -> Task[P, R]: ...
+    def __call__(self, fn: Any, /) -> Any: ...
+
 
 TASK_OPTIONS = frozenset(
     {
@@ -155,7 +166,10 @@ class Task(Generic[P, R]):
             where, options, app.settings.max_deliver if app is not None else None
         )
         self.is_async = inspect.iscoroutinefunction(fn)
-        self.signature = inspect.signature(fn)
+        try:
+            self.signature = inspect.signature(fn, eval_str=True)
+        except Exception:  # annotations naming things not importable here: keep them as text
+            self.signature = inspect.signature(fn)
         self._app = app
         self._shared = app is None
         self.__doc__ = fn.__doc__
@@ -227,7 +241,9 @@ class Task(Generic[P, R]):
         try:
             self.signature.bind(*args, **kwargs)
         except TypeError as exc:
-            raise TypeError(f"bad arguments for task {self.name!r}{self.signature}: {exc}") from None
+            raise TypeError(
+                f"bad arguments for task {self.name!r} with signature {self.signature}: {exc}"
+            ) from None
         return send(
             self.app,
             self.name,
