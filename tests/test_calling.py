@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -110,7 +110,7 @@ def test_eta_accepts_an_aware_datetime(heddle_app, heddle_worker):
     def stamp() -> float:
         return time.time()
 
-    eta = datetime.now(timezone.utc) + timedelta(seconds=0.5)
+    eta = datetime.now(UTC) + timedelta(seconds=0.5)
     r = stamp.apply_async(eta=eta)
     assert r.get(timeout=15) >= eta.timestamp()
     with pytest.raises(TypeError, match="timezone-aware"):

@@ -48,6 +48,7 @@ class Connections:
         self.backend = ResultBackend(settings)
         self._streams_ready = False
         self._watches: OrderedDict[str, Any] = OrderedDict()
+        self._unsubs: set[asyncio.Future[None]] = set()
 
     async def start(self) -> None:
         """Connect both; close what was opened if either fails."""
@@ -79,7 +80,9 @@ class Connections:
         """Drop the notice subscription of a task whose result has been read."""
         sub = self._watches.pop(task_id, None)
         if sub is not None and self.broker.nc is not None and not self.broker.nc.is_closed:
-            asyncio.ensure_future(_unsub(sub))
+            task = asyncio.ensure_future(_unsub(sub))
+            self._unsubs.add(task)
+            task.add_done_callback(self._unsubs.discard)
 
     async def close(self) -> None:
         """Close both connections."""
@@ -334,7 +337,7 @@ class Heddle:
         result._loop = asyncio.get_running_loop()
         await conns.broker.publish(subject, payload, headers)
 
-    def AsyncResult(self, task_id: str, task_name: str = "") -> AsyncResult[Any]:  # noqa: N802
+    def AsyncResult(self, task_id: str, task_name: str = "") -> AsyncResult[Any]:
         """A handle on an existing task by id."""
         return AsyncResult(task_id, self, task_name)
 

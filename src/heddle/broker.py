@@ -61,6 +61,7 @@ class Broker:
         self.js: JetStreamContext | None = None
         self._reconnected_cbs: list[Callable[[], Awaitable[None]]] = []
         self.disconnected_at: float | None = None
+        self._closing = False
 
     @property
     def url(self) -> str:
@@ -79,7 +80,8 @@ class Broker:
 
         async def disconnected() -> None:
             self.disconnected_at = time.monotonic()
-            log.warning("disconnected from nats-server at %s", self.url)
+            if not self._closing:
+                log.warning("disconnected from nats-server at %s", self.url)
 
         async def reconnected() -> None:
             self.disconnected_at = None
@@ -117,6 +119,7 @@ class Broker:
     async def close(self) -> None:
         """Flush pending publishes and close the connection."""
         nc, self.nc = self.nc, None
+        self._closing = True
         if nc is None or nc.is_closed:
             return
         with contextlib.suppress(Exception):

@@ -15,6 +15,7 @@ RETRY states), ``retries`` (retries already scheduled), ``started_at`` and
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -410,7 +411,6 @@ class AsyncResult(Generic[R]):
 
 
 async def _quiet_unsubscribe(sub: Any) -> None:
-    try:
+    # A closed connection or an already removed subscription: nothing to undo.
+    with contextlib.suppress(Exception):
         await sub.unsubscribe()
-    except Exception:  # connection closed or already unsubscribed: nothing to undo
-        pass

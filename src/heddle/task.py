@@ -6,9 +6,8 @@ import difflib
 import inspect
 import random
 import time
-from collections.abc import Callable
-from datetime import datetime, timezone
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar, overload
 
 import msgspec
@@ -308,7 +307,7 @@ def _eta_epoch(countdown: float | None, eta: datetime | float | None) -> float |
     if isinstance(eta, datetime):
         if eta.tzinfo is None:
             raise TypeError("eta must be timezone-aware, e.g. datetime.now(timezone.utc) + delta")
-        return eta.astimezone(timezone.utc).timestamp()
+        return eta.astimezone(UTC).timestamp()
     if eta is not None:
         return float(eta)
     return None
