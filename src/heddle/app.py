@@ -18,7 +18,8 @@ from heddle import names
 from heddle.broker import Broker
 from heddle.errors import DuplicateTaskError, HeddleError
 from heddle.messages import REVOKED, ResultRecord, RevokeNotice, encoder
-from heddle.results import AsyncResult, ResultBackend, StoreRequest, encode_record
+from heddle.results import AsyncResult as _AsyncResult
+from heddle.results import ResultBackend, StoreRequest, encode_record
 from heddle.settings import Settings, check_name
 
 if TYPE_CHECKING:
@@ -229,7 +230,7 @@ class Heddle:
         from heddle.task import Task
 
         def decorate(f: Any) -> Any:
-            t = Task(f, app=self, **options)
+            t: Task[Any, Any] = Task(f, app=self, **options)
             self.register(t)
             return t
 
@@ -310,7 +311,7 @@ class Heddle:
 
     # -- sending -------------------------------------------------------------------
 
-    def _dispatch(self, result: AsyncResult[Any], send: Callable[[], Coroutine[Any, Any, Any]]) -> None:
+    def _dispatch(self, result: _AsyncResult[Any], send: Callable[[], Coroutine[Any, Any, Any]]) -> None:
         """Run a send: on the caller's loop (not awaited) or, for sync callers, via the portal."""
         try:
             loop = asyncio.get_running_loop()
@@ -326,7 +327,7 @@ class Heddle:
 
     async def _send(
         self,
-        result: AsyncResult[Any],
+        result: _AsyncResult[Any],
         subject: str,
         payload: bytes,
         headers: dict[str, str],
@@ -337,9 +338,9 @@ class Heddle:
         result._loop = asyncio.get_running_loop()
         await conns.broker.publish(subject, payload, headers)
 
-    def AsyncResult(self, task_id: str, task_name: str = "") -> AsyncResult[Any]:
+    def AsyncResult(self, task_id: str, task_name: str = "") -> _AsyncResult[Any]:
         """A handle on an existing task by id."""
-        return AsyncResult(task_id, self, task_name)
+        return _AsyncResult(task_id, self, task_name)
 
     def send_task(
         self,
@@ -347,7 +348,7 @@ class Heddle:
         args: tuple[Any, ...] | list[Any] = (),
         kwargs: dict[str, Any] | None = None,
         **options: Any,
-    ) -> AsyncResult[Any]:
+    ) -> _AsyncResult[Any]:
         """Send a task by name, without importing its code (see ``Task.apply_async``)."""
         from heddle.task import send_by_name
 

@@ -101,7 +101,9 @@ class Broker:
                 name=self.name,
                 connect_timeout=self.settings.connect_timeout_s,
                 allow_reconnect=True,
-                max_reconnect_attempts=-1,
+                # A few attempts for the first connection so a wrong URL fails fast;
+                # raised to "forever" below once connected.
+                max_reconnect_attempts=2,
                 reconnect_time_wait=0.25,
                 ping_interval=5,
                 max_outstanding_pings=3,
@@ -111,6 +113,9 @@ class Broker:
             )
         except Exception as exc:
             raise translate(exc, self.url, "connecting") from exc
+        # Once connected, reconnect forever: a restarted nats-server must never
+        # leave a worker silently disconnected.
+        self.nc.options["max_reconnect_attempts"] = -1
         self.js = self.nc.jetstream(
             timeout=self.settings.connect_timeout_s,
             publish_async_max_pending=_MAX_PENDING_PUBLISHES,

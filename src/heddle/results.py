@@ -202,7 +202,8 @@ class ResultBackend:
     async def read(self, task_id: str) -> tuple[str, ResultRecord | None]:
         """Return ``(state, record)``; state PENDING and no record when nothing is stored."""
         try:
-            state, record = await self._c().hmget(names.result_key(task_id), ["state", "record"])
+            pending: Any = self._c().hmget(names.result_key(task_id), ["state", "record"])
+            state, record = await pending
         except Exception as exc:
             raise _translate(exc, self.url, f"reading result {task_id}") from exc
         if state is None:

@@ -1,0 +1,104 @@
+"""The NATS and Valkey seams: streams and consumers, and error translation."""
+
+from __future__ import annotations
+
+import pytest
+
+import heddle
+from heddle import names
+from heddle.app import Connections
+from heddle.broker import Broker
+from heddle.results import ResultBackend
+from heddle.settings import Settings
+from heddle.testing import free_port
+
+
+async def test_streams_and_consumers_are_created_idempotently_with_explicit_limits(heddle_servers):
+    settings = Settings(
+        nats_url=heddle_servers.nats_url, valkey_url=heddle_servers.valkey_url, max_deliver=7, ack_wait_s=4
+    )
+    broker = Broker(settings)
+    await broker.connect()
+    try:
+        await broker.ensure_streams()
+        await broker.ensure_streams()  # a second call (another replica) changes nothing
+        durable = await broker.ensure_consumer("idem")
+        assert durable == await broker.ensure_consumer("idem")
+        info = await broker.js.consumer_info(names.TASKS_STREAM, durable)
+        assert info.config.max_deliver == 7
+        assert info.config.ack_wait == 4
+        assert info.config.filter_subject == "heddle.tasks.idem.*"
+        assert info.config.max_ack_pending == settings.max_ack_pending
+
+        # A changed setting updates the existing durable consumer in place.
+        broker.settings = settings.with_(max_deliver=9)
+        await broker.ensure_consumer("idem")
+        info = await broker.js.consumer_info(names.TASKS_STREAM, durable)
+        assert info.config.max_deliver == 9
+
+        tasks = await broker.js.stream_info(names.TASKS_STREAM)
+        assert tasks.config.retention == "workqueue"
+        assert set(tasks.config.subjects) == {"heddle.tasks.incoming", "heddle.tasks.*.*"}
+        dlq = await broker.js.stream_info(names.DLQ_STREAM)
+        assert dlq.config.subjects == ["heddle.tasks.dead_letter"]
+        assert dlq.config.max_msgs == settings.dlq_max_msgs
+        assert dlq.config.max_age == settings.dlq_max_age_s
+    finally:
+        await broker.close()
+
+
+async def test_an_unreachable_nats_server_is_a_broker_unavailable_error_naming_the_url():
+    url = f"nats://127.0.0.1:{free_port()}"
+    broker = Broker(Settings(nats_url=url, connect_timeout_s=0.5))
+    with pytest.raises(heddle.BrokerUnavailable, match=rf"cannot reach nats-server at {url}.*NATS_URL"):
+        await broker.connect()
+
+
+async def test_an_unreachable_valkey_server_is_a_backend_unavailable_error_naming_the_url():
+    url = f"valkey://127.0.0.1:{free_port()}/0"
+    backend = ResultBackend(Settings(valkey_url=url, connect_timeout_s=0.5))
+    with pytest.raises(heddle.BackendUnavailable, match=rf"cannot reach valkey-server at {url}.*VALKEY_URL"):
+        await backend.connect()
+
+
+def test_sending_without_a_server_fails_at_the_call_site_with_a_clear_error():
+    app = heddle.Heddle("offline", nats_url=f"nats://127.0.0.1:{free_port()}", connect_timeout_s=0.5)
+
+    @app.task
+    def f() -> None: ...
+
+    with pytest.raises(heddle.BrokerUnavailable, match="cannot reach nats-server"):
+        f.delay()
+    app.close()
+
+
+async def test_a_result_store_never_overwrites_a_final_state(heddle_servers):
+    from heddle.messages import FAILURE, SUCCESS, ResultRecord
+    from heddle.results import StoreRequest, encode_record
+
+    conns = Connections(Settings(nats_url=heddle_servers.nats_url, valkey_url=heddle_servers.valkey_url), "t")
+    await conns.start()
+    try:
+        first = encode_record(ResultRecord(id="late-1", state=SUCCESS, result=1))
+        late = encode_record(ResultRecord(id="late-1", state=FAILURE))
+        assert await conns.backend.store(StoreRequest("late-1", SUCCESS, first)) is True
+        assert await conns.backend.store(StoreRequest("late-1", FAILURE, late)) is False
+        state, record = await conns.backend.read("late-1")
+        assert state == SUCCESS and record.result == 1
+        claims = await conns.backend.claim_many(["late-1", "fresh-1"], "w")
+        assert claims[0].previous_state == SUCCESS and claims[0].final_record
+        assert claims[1].previous_state == "" and claims[1].retries == 0
+        assert (await conns.backend.read("fresh-1"))[0] == "STARTED"
+    finally:
+        await conns.close()
+
+
+async def test_scripts_are_reloaded_after_valkey_forgets_them(heddle_servers):
+    conns = Connections(Settings(nats_url=heddle_servers.nats_url, valkey_url=heddle_servers.valkey_url), "t")
+    await conns.start()
+    try:
+        await conns.backend.client.script_flush()
+        claims = await conns.backend.claim_many(["flushed-1"], "w")
+        assert claims[0].previous_state == ""
+    finally:
+        await conns.close()

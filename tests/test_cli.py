@@ -1,0 +1,100 @@
+"""The command line: heddle-worker / heddle worker / heddle dev."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+from tests.conftest import ROOT, wait_for
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "heddle", *args],
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_a_missing_module_is_a_clear_error(tmp_path):
+    out = run_cli("worker", "-A", "no_such_module_xyz", cwd=tmp_path)
+    assert out.returncode == 2
+    assert "cannot import 'no_such_module_xyz'" in out.stderr
+    assert "PYTHONPATH" in out.stderr
+
+
+def test_a_module_without_an_app_is_a_clear_error(tmp_path):
+    (tmp_path / "plain.py").write_text("x = 1\n")
+    out = run_cli("worker", "-A", "plain", cwd=tmp_path)
+    assert out.returncode == 2
+    assert "defines no heddle.Heddle app" in out.stderr
+
+
+def test_an_unreachable_nats_server_is_a_clear_error(tmp_path):
+    from heddle.testing import free_port
+
+    (tmp_path / "mod.py").write_text("import heddle\napp = heddle.Heddle('m', connect_timeout_s=0.5)\n")
+    url = f"nats://127.0.0.1:{free_port()}"
+    out = run_cli("worker", "-A", "mod", "--quiet", env={"NATS_URL": url}, cwd=tmp_path)
+    assert out.returncode == 2
+    assert f"cannot reach nats-server at {url}" in out.stderr
+
+
+def test_heddle_worker_prints_a_banner_with_tasks_and_subjects(heddle_servers, tmp_path):
+    name = f"b{uuid.uuid4().hex[:8]}"
+    (tmp_path / "bannermod.py").write_text(
+        f"import heddle\napp = heddle.Heddle({name!r})\n\n@app.task(retries=2, timeout=5)\n"
+        "def add(x: int, y: int) -> int:\n    return x + y\n"
+    )
+    log = tmp_path / "out.log"
+    env = {**os.environ, "NATS_URL": heddle_servers.nats_url, "VALKEY_URL": heddle_servers.valkey_url,
+           "COLUMNS": "200"}
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "from heddle.cli import worker_main; worker_main()", "-A", "bannermod"],
+            cwd=tmp_path, env=env, stdout=f, stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_for(lambda: " consuming " in log.read_text(), 30, "the worker to start")
+        text = log.read_text()
+        assert f"heddle worker {name}" in text
+        assert "bannermod.add" in text
+        assert f"heddle.tasks.{name}.standard" in text
+        assert heddle_servers.nats_url in text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+
+
+def test_heddle_dev_runs_servers_and_a_worker_and_stops_on_ctrl_c(tmp_path):
+    (tmp_path / "devmod.py").write_text(
+        "import heddle\napp = heddle.Heddle('devapp')\n\n@app.task\ndef ping() -> str:\n    return 'pong'\n"
+    )
+    log = tmp_path / "dev.log"
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "heddle", "dev", "-A", "devmod", "--quiet"],
+            cwd=tmp_path, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "COLUMNS": "200"},
+        )
+    try:
+        wait_for(lambda: " consuming " in log.read_text(), 30, "heddle dev to start")
+        text = log.read_text()
+        nats_url = next(line.split("=", 1)[1].strip() for line in text.splitlines() if "NATS_URL=" in line)
+        valkey_url = next(line.split("=", 1)[1].strip() for line in text.splitlines() if "VALKEY_URL=" in line)
+        import heddle
+
+        app = heddle.Heddle("devapp", nats_url=nats_url, valkey_url=valkey_url)
+        assert app.send_task("devmod.ping").get(timeout=10) == "pong"
+        app.close()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(30)
+    assert code == 0, log.read_text()
+    assert "heddle dev: stopped" in log.read_text()
