@@ -288,3 +288,28 @@ def test_a_task_can_send_another_task(heddle_app, heddle_worker):
 
     assert outer_async.delay(1).get(timeout=20) == 2
     assert outer_sync.delay(2).get(timeout=20) == 3
+
+
+def test_a_task_longer_than_ack_wait_is_kept_alive_by_in_progress_acks(heddle_app, heddle_servers):
+    heddle_app.configure(ack_wait_s=1.0)
+    runs = []
+
+    @heddle_app.task
+    async def long_async() -> str:
+        runs.append("async")
+        await asyncio.sleep(3.5)
+        return "a"
+
+    @heddle_app.task
+    def long_sync() -> str:
+        runs.append("sync")
+        time.sleep(3.5)
+        return "s"
+
+    with running_worker(heddle_app, concurrency=4) as worker:
+        ra, rs = long_async.delay(), long_sync.delay()
+        assert ra.get(timeout=20) == "a"
+        assert rs.get(timeout=20) == "s"
+        # Without in-progress acks JetStream would have redelivered both after 1 s.
+        assert worker.stats["received"] == 2
+    assert sorted(runs) == ["async", "sync"]
