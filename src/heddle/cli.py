@@ -12,7 +12,7 @@ import shlex
 import signal
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
@@ -20,6 +20,9 @@ from rich.table import Table
 from heddle import names
 from heddle.app import Heddle
 from heddle.errors import ConfigError, HeddleError
+
+if TYPE_CHECKING:
+    from heddle.worker import Worker
 
 console = Console(stderr=True)
 
@@ -91,7 +94,7 @@ def _install_loop_policy() -> None:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-async def serve(app: Heddle, concurrency: int, grace_s: float) -> None:
+async def serve(app: Heddle, concurrency: int, grace_s: float) -> Worker:
     """Run a worker until SIGTERM/SIGINT, then drain."""
     from heddle.worker import Worker
 
@@ -99,7 +102,24 @@ async def serve(app: Heddle, concurrency: int, grace_s: float) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.request_stop)
-    await worker.run()
+    try:
+        await worker.run()
+    finally:
+        await app.aclose()
+    return worker
+
+
+def _exit_if_threads_abandoned(worker: Worker) -> None:
+    """Exit now if sync tasks outlived the grace period (their messages are already nak'd).
+
+    Their threads cannot be stopped, and a normal interpreter exit would wait for
+    them, holding the process (and a rolling update) for as long as the task runs.
+    """
+    if worker.abandoned_threads:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def _worker_parser(prog: str) -> argparse.ArgumentParser:
@@ -135,7 +155,8 @@ def _run_worker(args: argparse.Namespace, argv_for_reload: Sequence[str]) -> int
     if not args.quiet:
         banner(app, args.concurrency)
     _install_loop_policy()
-    asyncio.run(serve(app, args.concurrency, args.grace))
+    worker = asyncio.run(serve(app, args.concurrency, args.grace))
+    _exit_if_threads_abandoned(worker)
     return 0
 
 
@@ -155,8 +176,9 @@ def _run_dev(args: argparse.Namespace) -> int:
         if not args.quiet:
             banner(app, args.concurrency)
         _install_loop_policy()
-        asyncio.run(serve(app, args.concurrency, args.grace))
+        worker = asyncio.run(serve(app, args.concurrency, args.grace))
     console.print("heddle dev: stopped")
+    _exit_if_threads_abandoned(worker)
     return 0
 
 

@@ -35,7 +35,6 @@ from heddle.messages import (
     ErrorInfo,
     ResultRecord,
     TaskMessage,
-    encoder,
     revoke_decoder,
     task_decoder,
 )
@@ -134,6 +133,10 @@ class Worker:
         self._bg: list[asyncio.Task[Any]] = []
         self._subs: list[Any] = []
         self._last_tick = time.monotonic()
+        # Sync tasks still running in their threads when the grace period ended: their
+        # messages are nak'd, but a thread cannot be stopped, and the interpreter waits
+        # for it at exit unless the process exits hard (the CLI does).
+        self.abandoned_threads = 0
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -274,10 +277,13 @@ class Worker:
                 # crash between store and ack, or a revoked task): do not run again.
                 await msg.ack()
                 continue
-            if tm.id in self.inflight:
-                # The same task redelivered while still running here (AckWait passed):
-                # keep the running copy, let this delivery go.
-                await msg.ack()
+            running = self.inflight.get(tm.id)
+            if running is not None:
+                # The same message redelivered while it still runs here (AckWait
+                # passed, e.g. the loop was blocked). Acking this delivery would
+                # remove the message while the task is unfinished; instead the
+                # running job adopts the newest delivery and acks that when done.
+                running.msg = msg
                 continue
             job = Job(msg, tm, task, claim.retries, time.time())
             self.inflight[tm.id] = job
@@ -547,6 +553,7 @@ class Worker:
                     # A sync task still running in its thread: hand its message back now.
                     await _quiet(job.msg.nak())
                     self._finish(job)
+                    self.abandoned_threads += 1
         # Let cancelled runners record their outcome, then settle everything.
         runners = [j.runner for j in self.inflight.values() if j.runner is not None]
         if runners:
@@ -556,6 +563,11 @@ class Worker:
         for t in self._bg:
             t.cancel()
         await asyncio.gather(*self._bg, return_exceptions=True)
+        # nats-py buffers acks and naks; a round trip makes sure the server has them
+        # before the process exits (the CLI exits hard when threads were abandoned).
+        if self.conns is not None:
+            with contextlib.suppress(Exception):
+                await self.conns.broker.flush(timeout_s=2)
         # Unsubscribe the pull subscription before closing: drain can hang after a
         # timed-out fetch otherwise (nats-py 2.16).
         for sub in [self._psub, *self._subs]:

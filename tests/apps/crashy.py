@@ -3,6 +3,10 @@ every test gets its own worker type, consumer and subjects.
 
 Executions are recorded as lines in HEDDLE_TEST_LOG (pid, task, argument), so a
 test can count how often each task ran across worker processes.
+
+HEDDLE_TEST_SLEEP, set in one worker's environment, makes the sleeping tasks
+sleep that long there whatever they were sent with: a slow first worker and a
+fast second one run the same messages.
 """
 
 import asyncio
@@ -19,6 +23,10 @@ app = heddle.Heddle(
 )
 
 
+def _seconds(sent: float) -> float:
+    return float(os.environ.get("HEDDLE_TEST_SLEEP", sent))
+
+
 def _record(kind: str, value: object) -> None:
     path = os.environ.get("HEDDLE_TEST_LOG")
     if path:
@@ -29,7 +37,7 @@ def _record(kind: str, value: object) -> None:
 @app.task
 async def sleepy(n: int, seconds: float) -> int:
     _record("start", n)
-    await asyncio.sleep(seconds)
+    await asyncio.sleep(_seconds(seconds))
     _record("done", n)
     return n
 
@@ -37,7 +45,7 @@ async def sleepy(n: int, seconds: float) -> int:
 @app.task
 def sync_sleepy(n: int, seconds: float) -> int:
     _record("start", n)
-    time.sleep(seconds)
+    time.sleep(_seconds(seconds))
     _record("done", n)
     return n
 
