@@ -68,6 +68,7 @@ def test_heddle_worker_prints_a_banner_with_tasks_and_subjects(heddle_servers, t
         assert "bannermod.add" in text
         assert f"heddle.tasks.{name}.standard" in text
         assert heddle_servers.nats_url in text
+        assert "durable consumer heddle-" in text
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0

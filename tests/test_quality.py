@@ -9,8 +9,9 @@ from tests.conftest import ROOT
 
 
 def test_ruff_finds_nothing():
+    dirs = [d for d in ("src", "tests", "examples", "benchmarks") if (ROOT / d).is_dir()]
     out = subprocess.run(
-        [sys.executable, "-m", "ruff", "check", "src", "tests", "examples", "benchmarks"],
+        [sys.executable, "-m", "ruff", "check", *dirs],
         cwd=ROOT,
         capture_output=True,
         text=True,

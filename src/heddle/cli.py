@@ -83,8 +83,10 @@ def banner(app: Heddle, concurrency: int, extra: dict[str, str] | None = None) -
             names.task_subject(app.worker_type, tier),
         )
     console.print(table)
-    console.print(f"  consuming {names.worker_filter(app.worker_type)} "
-                  f"(durable {names.consumer_name(app.worker_type)})")
+    console.print(
+        f"  subjects {names.worker_filter(app.worker_type)} "
+        f"(durable consumer {names.consumer_name(app.worker_type)})"
+    )
 
 
 def _install_loop_policy() -> None:
