@@ -188,3 +188,62 @@ def test_results_expire_after_the_configured_ttl(heddle_app, heddle_servers):
     ttl = client.ttl(f"heddle:result:{r.id}")
     client.close()
     assert 0 < ttl <= 120
+
+
+def test_a_task_sees_its_context_and_adds_metadata_to_its_result(heddle_app, heddle_worker):
+    @heddle_app.task(tier="local")
+    async def introspect() -> str:
+        ctx = heddle.current_task()
+        ctx.meta["tokens"] = {"input": 3, "output": 5}
+        return f"{ctx.name}|{ctx.tier}|{ctx.headers.get('trace')}|{ctx.retries}"
+
+    @heddle_app.task
+    def sync_introspect() -> str:
+        ctx = heddle.current_task()
+        ctx.meta["seen"] = True
+        return ctx.id
+
+    r = introspect.apply_async(headers={"trace": "t-1"})
+    assert r.get(timeout=10) == f"{introspect.name}|local|t-1|0"
+    assert r.record.meta == {"tokens": {"input": 3, "output": 5}}
+    assert r.record.tier == "local"
+    s = sync_introspect.delay()
+    assert s.get(timeout=10) == s.id
+    assert s.record.meta == {"seen": True}
+    with pytest.raises(heddle.HeddleError, match="only available inside a task"):
+        heddle.current_task()
+
+
+def test_send_task_by_a_bare_name_goes_to_that_worker_type(heddle_app, heddle_servers):
+    other = heddle.Heddle(
+        f"{heddle_app.name}x", nats_url=heddle_servers.nats_url, valkey_url=heddle_servers.valkey_url
+    )
+
+    @other.task(name="summarizer")
+    def summarize(text: str) -> str:
+        return text[:3]
+
+    with running_worker(other, concurrency=2):
+        r = heddle_app.send_task("summarizer", ("abcdef",), worker_type=other.name)
+        assert r.get(timeout=10) == "abc"
+    other.close()
+
+
+async def test_a_per_tier_worker_takes_only_its_tier(heddle_app, heddle_servers):
+    from heddle.testing import aworker
+    from heddle.worker import Worker
+
+    @heddle_app.task
+    def where() -> str:
+        return heddle.current_task().tier
+
+    async with aworker(heddle_app, tier="local"):
+        local = where.apply_async(tier="local")
+        standard = where.apply_async(tier="standard")
+        assert await local.aget(timeout=10) == "local"
+        with pytest.raises(heddle.ResultTimeout):
+            await standard.aget(timeout=1.0)
+    # The worker type is now served per tier: an all-tier worker is refused.
+    with pytest.raises(heddle.HeddleError, match="not both"):
+        await Worker(heddle_app).run()
+    await heddle_app.aclose()

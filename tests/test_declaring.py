@@ -191,6 +191,7 @@ def test_the_public_api_is_curated():
         "HeddleError", "PENDING", "RETRY", "REVOKED", "ResultTimeout", "STARTED", "SUCCESS",
         "ServerStartError", "Settings", "Signature", "Task", "TaskError", "TaskOptionError",
         "TaskOptions", "TaskRevoked", "TaskTimeout", "Worker", "__version__", "task",
+        "TaskContext", "current_task",
     }
     assert set(heddle.__all__) == expected
     for name in heddle.__all__:

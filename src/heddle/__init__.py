@@ -17,6 +17,7 @@ from typing import Any, overload
 
 from heddle.app import Heddle, _apps, _shared_tasks
 from heddle.canvas import Signature
+from heddle.context import TaskContext, current_task
 from heddle.errors import (
     BackendError,
     BackendUnavailable,
@@ -65,6 +66,7 @@ __all__ = [
     "Settings",
     "Signature",
     "Task",
+    "TaskContext",
     "TaskError",
     "TaskOptionError",
     "TaskOptions",
@@ -72,6 +74,7 @@ __all__ = [
     "TaskTimeout",
     "Worker",
     "__version__",
+    "current_task",
     "task",
 ]
 

@@ -174,13 +174,17 @@ class Broker:
         except Exception as exc:
             raise translate(exc, self.url, f"creating stream {cfg.name}") from exc
 
-    async def ensure_consumer(self, worker_type: str, filter_subject: str | None = None) -> str:
-        """Create or update the durable pull consumer shared by all replicas of a worker type."""
+    async def ensure_consumer(self, worker_type: str, tier: str | None = None) -> str:
+        """Create or update the durable pull consumer shared by all replicas of a worker type.
+
+        With ``tier`` the consumer takes only that tier's subject (LLM workers run
+        one tier each); without it, every tier.
+        """
         s = self.settings
-        durable = names.consumer_name(worker_type)
+        durable = names.consumer_name(worker_type, tier)
         cfg = api.ConsumerConfig(
             durable_name=durable,
-            filter_subject=filter_subject or names.worker_filter(worker_type),
+            filter_subject=names.worker_filter(worker_type, tier),
             ack_policy=api.AckPolicy.EXPLICIT,
             deliver_policy=api.DeliverPolicy.ALL,
             ack_wait=s.ack_wait_s,
@@ -191,6 +195,14 @@ class Broker:
         try:
             # CONSUMER.DURABLE.CREATE on an existing durable updates its editable fields.
             await self._js().add_consumer(names.TASKS_STREAM, cfg)
+        except nats.js.errors.BadRequestError as exc:
+            if exc.err_code == 10100:  # filtered consumer not unique on a work-queue stream
+                raise BrokerError(
+                    f"another consumer already takes {cfg.filter_subject} from {names.TASKS_STREAM}: "
+                    f"a worker type is served either by all-tier workers or by per-tier workers "
+                    f"(--tier), not both; stop the others or use another worker type name"
+                ) from exc
+            raise translate(exc, self.url, f"creating consumer {durable}") from exc
         except Exception as exc:
             raise translate(exc, self.url, f"creating consumer {durable}") from exc
         return durable

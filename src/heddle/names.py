@@ -41,14 +41,14 @@ def task_subject(worker_type: str, tier: str) -> str:
     return f"{TASK_SUBJECT_PREFIX}{worker_type}.{tier}"
 
 
-def worker_filter(worker_type: str) -> str:
-    """Filter subject covering every tier of one worker type."""
-    return f"{TASK_SUBJECT_PREFIX}{worker_type}.*"
+def worker_filter(worker_type: str, tier: str | None = None) -> str:
+    """Filter subject of one worker type: every tier, or only ``tier``."""
+    return f"{TASK_SUBJECT_PREFIX}{worker_type}.{tier or '*'}"
 
 
-def consumer_name(worker_type: str) -> str:
-    """Durable consumer shared by every replica of one worker type."""
-    return f"heddle-{worker_type}"
+def consumer_name(worker_type: str, tier: str | None = None) -> str:
+    """Durable consumer shared by every replica of a worker type (and tier, if pinned)."""
+    return f"heddle-{worker_type}" + (f"-{tier}" if tier else "")
 
 
 def result_key(task_id: str) -> str:

@@ -16,6 +16,7 @@ from heddle import names
 from heddle.errors import EncodeError, HeddleError, TaskOptionError
 from heddle.messages import TaskMessage, encoder
 from heddle.results import AsyncResult
+from heddle.settings import check_name
 
 if TYPE_CHECKING:
     from heddle.app import Heddle
@@ -47,7 +48,7 @@ TASK_OPTIONS = frozenset(
         "tier",
     }
 )
-_APPLY_OPTIONS = frozenset({"countdown", "eta", "task_id", "headers", "tier"})
+_APPLY_OPTIONS = frozenset({"countdown", "eta", "task_id", "headers", "tier", "worker_type"})
 # Deliveries kept in reserve above a task's retries for crash redeliveries and
 # countdown deferrals, so that retries never run into JetStream's MaxDeliver.
 _DELIVERY_RESERVE = 4
@@ -324,6 +325,7 @@ def send(
     task_id: str | None = None,
     headers: dict[str, str] | None = None,
     tier: str | None = None,
+    worker_type: str | None = None,
 ) -> AsyncResult[Any]:
     """Encode and send one task message; the single path every caller goes through."""
     from heddle.app import new_task_id
@@ -355,7 +357,9 @@ def send(
         names.HDR_WORKER_TYPE: app.worker_type,
         names.HDR_TIER: resolved_tier,
     }
-    subject = names.task_subject(app.worker_type, resolved_tier)
+    wtype = check_name("worker_type", worker_type) if worker_type else app.worker_type
+    wire_headers[names.HDR_WORKER_TYPE] = wtype
+    subject = names.task_subject(wtype, resolved_tier)
     result: AsyncResult[Any] = AsyncResult(tid, app, name)
     app._dispatch(result, lambda: app._send(result, subject, payload, wire_headers))
     return result
@@ -372,5 +376,9 @@ def send_by_name(
     unknown = set(options) - _APPLY_OPTIONS
     if unknown:
         raise _unknown("option", unknown, _APPLY_OPTIONS, f"send_task({name!r})")
+    if "worker_type" not in options and name not in app.tasks and "." not in name:
+        # A bare name that is not one of this app's tasks names a worker type of its
+        # own, such as a YAML LLM worker (``send_task("summarizer", ...)``).
+        options["worker_type"] = name
     return send(app, name, tuple(args), dict(kwargs or {}), **options)
 

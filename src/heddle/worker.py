@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import logging
 import os
@@ -25,6 +26,8 @@ import msgspec
 import nats.errors
 
 from heddle import names
+from heddle.context import TaskContext
+from heddle.context import _current as _current_task
 from heddle.errors import BackendError, BrokerError, EncodeError, HeddleError, TaskTimeout
 from heddle.messages import (
     FAILURE,
@@ -68,6 +71,7 @@ class Job:
     revoked: bool = False
     abandoned: bool = False
     done: bool = False
+    context: TaskContext | None = None
 
 
 @dataclass(eq=False)
@@ -109,6 +113,7 @@ class Worker:
         concurrency: int = 16,
         grace_s: float = 30.0,
         name: str | None = None,
+        tier: str | None = None,
     ) -> None:
         if concurrency < 1:
             raise HeddleError(f"concurrency must be >= 1, got {concurrency}")
@@ -118,6 +123,10 @@ class Worker:
         self.grace_s = grace_s
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self.worker_type = app.worker_type
+        if tier is not None and tier not in names.TIERS:
+            raise HeddleError(f"tier must be one of {', '.join(names.TIERS)}, got {tier!r}")
+        # None: consume every tier of the worker type; a tier: only that one.
+        self.tier = tier
         self.inflight: dict[str, Job] = {}
         self.conns: Connections | None = None
         self.ready = asyncio.Event()
@@ -156,7 +165,7 @@ class Worker:
         self.conns = conns
         broker = conns.broker
         await conns.ensure_streams()
-        self._durable = await broker.ensure_consumer(self.worker_type)
+        self._durable = await broker.ensure_consumer(self.worker_type, self.tier)
         self._psub = await broker.pull_subscribe(self._durable)
         broker.on_reconnect(self._on_reconnect)
         self._subs.append(await broker.subscribe(names.REVOKE_SUBJECT, cb=self._on_revoke))
@@ -171,7 +180,7 @@ class Worker:
             loop.create_task(self._progress_loop(), name="heddle-progress"),
         ]
         self.ready.set()
-        log.info("worker %s consuming %s", self.name, names.worker_filter(self.worker_type))
+        log.info("worker %s consuming %s", self.name, names.worker_filter(self.worker_type, self.tier))
         try:
             await self._fetch_loop()
         finally:
@@ -191,7 +200,7 @@ class Worker:
             await old.unsubscribe()
         self.conns._streams_ready = False
         await self.conns.ensure_streams()
-        self._durable = await self.conns.broker.ensure_consumer(self.worker_type)
+        self._durable = await self.conns.broker.ensure_consumer(self.worker_type, self.tier)
         self._psub = await self.conns.broker.pull_subscribe(self._durable)
         log.warning("re-bound pull consumer %s after reconnect", self._durable)
 
@@ -333,13 +342,24 @@ class Worker:
         tm = job.message
         timeout = task.options.timeout
         outcome: Outcome
+        job.context = ctx = TaskContext(
+            id=tm.id,
+            name=tm.task,
+            tier=tm.tier or (job.msg.headers or {}).get(names.HDR_TIER, ""),
+            retries=job.retries,
+            headers=tm.headers,
+            worker=self.name,
+        )
+        # This coroutine runs in its own asyncio task, so the context var is local to it.
+        _current_task.set(ctx)
         try:
             if task.is_async:
                 coro = task.fn(*tm.args, **tm.kwargs)
                 result = await (asyncio.wait_for(coro, timeout) if timeout else coro)
             else:
                 loop = asyncio.get_running_loop()
-                fut = loop.run_in_executor(self._pool, _call, task.fn, tm.args, tm.kwargs)
+                call = contextvars.copy_context().run
+                fut = loop.run_in_executor(self._pool, call, _call, task.fn, tm.args, tm.kwargs)
                 result = await (asyncio.wait_for(fut, timeout) if timeout else fut)
             outcome = Outcome(job, SUCCESS, result=result)
         except asyncio.CancelledError:
@@ -457,16 +477,20 @@ class Worker:
             tier=tm.tier or (job.msg.headers or {}).get(names.HDR_TIER, ""),
             started_at=job.started_at,
             finished_at=o.finished_at,
+            meta=job.context.meta if job.context is not None else {},
         )
         try:
             return encode_record(record)
         except (TypeError, msgspec.EncodeError, OverflowError) as exc:
             err = EncodeError(
-                f"result of task {tm.task} ({type(o.result).__name__}) cannot be encoded: {exc}; "
-                f"return plain data (str, int, float, list, dict, msgspec.Struct, dataclass)"
+                f"result of task {tm.task} ({type(o.result).__name__}) or its current_task().meta "
+                f"cannot be encoded: {exc}; return plain data (str, int, float, list, dict, "
+                f"msgspec.Struct, dataclass)"
             )
             o.state, o.result, o.error, o.exc = FAILURE, None, _error_info(err), err
-            return encode_record(msgspec.structs.replace(record, state=FAILURE, result=None, error=o.error))
+            return encode_record(
+                msgspec.structs.replace(record, state=FAILURE, result=None, error=o.error, meta={})
+            )
 
     def _finish(self, job: Job) -> None:
         if self.inflight.get(job.message.id) is job:

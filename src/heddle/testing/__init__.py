@@ -98,11 +98,13 @@ def running_worker(
 
 
 @contextlib.asynccontextmanager
-async def aworker(app: Heddle, concurrency: int = 8, grace_s: float = 5.0) -> AsyncIterator[Worker]:
-    """Run a worker for ``app`` on the current event loop until the block exits."""
+async def aworker(
+    app: Heddle, concurrency: int = 8, grace_s: float = 5.0, tier: str | None = None
+) -> AsyncIterator[Worker]:
+    """Run a worker for ``app`` (all tiers, or only ``tier``) on the current loop until the block exits."""
     from heddle.worker import Worker
 
-    worker = Worker(app, concurrency=concurrency, grace_s=grace_s)
+    worker = Worker(app, concurrency=concurrency, grace_s=grace_s, tier=tier)
     runner = asyncio.ensure_future(worker.run())
     ready = asyncio.ensure_future(worker.ready.wait())
     await asyncio.wait({runner, ready}, return_when=asyncio.FIRST_COMPLETED)
