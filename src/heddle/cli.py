@@ -12,7 +12,7 @@ import shlex
 import signal
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from rich.console import Console
 from rich.table import Table
@@ -96,16 +96,42 @@ def _install_loop_policy() -> None:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-async def serve(app: Heddle, concurrency: int, grace_s: float) -> Worker:
-    """Run a worker until SIGTERM/SIGINT, then drain."""
+class Actor(Protocol):
+    """A loop hosted by an actor process: the worker, the router, the orchestrator."""
+
+    ready: asyncio.Event
+
+    async def run(self) -> None: ...
+
+    def request_stop(self) -> None: ...
+
+
+def hosted_actors(app: Heddle, args: argparse.Namespace) -> list[Actor]:
+    """Loops a worker process hosts next to its worker (router, orchestrator), per flags."""
+    actors: list[Actor] = []
+    return actors
+
+
+async def serve(app: Heddle, args: argparse.Namespace) -> Worker:
+    """Run a worker (and the loops it hosts) until SIGTERM/SIGINT, then drain all of them."""
     from heddle.worker import Worker
 
-    worker = Worker(app, concurrency=concurrency, grace_s=grace_s)
+    worker = Worker(app, concurrency=args.concurrency, grace_s=args.grace, tier=getattr(args, "tier", None))
+    actors: list[Actor] = [worker, *hosted_actors(app, args)]
+
+    def stop_all() -> None:
+        for actor in actors:
+            actor.request_stop()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, worker.request_stop)
+        loop.add_signal_handler(sig, stop_all)
+    runs = [asyncio.ensure_future(a.run()) for a in actors]
     try:
-        await worker.run()
+        done, _ = await asyncio.wait(runs, return_when=asyncio.FIRST_EXCEPTION)
+        if any(not t.cancelled() and t.exception() is not None for t in done):
+            stop_all()  # one loop failed (e.g. at start-up): stop and drain the others
+        await asyncio.gather(*runs)
     finally:
         await app.aclose()
     return worker
@@ -157,7 +183,7 @@ def _run_worker(args: argparse.Namespace, argv_for_reload: Sequence[str]) -> int
     if not args.quiet:
         banner(app, args.concurrency)
     _install_loop_policy()
-    worker = asyncio.run(serve(app, args.concurrency, args.grace))
+    worker = asyncio.run(serve(app, args))
     _exit_if_threads_abandoned(worker)
     return 0
 
@@ -178,7 +204,7 @@ def _run_dev(args: argparse.Namespace) -> int:
         if not args.quiet:
             banner(app, args.concurrency)
         _install_loop_policy()
-        worker = asyncio.run(serve(app, args.concurrency, args.grace))
+        worker = asyncio.run(serve(app, args))
     console.print("heddle dev: stopped")
     _exit_if_threads_abandoned(worker)
     return 0
