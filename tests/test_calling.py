@@ -205,11 +205,13 @@ def test_a_task_sees_its_context_and_adds_metadata_to_its_result(heddle_app, hed
 
     r = introspect.apply_async(headers={"trace": "t-1"})
     assert r.get(timeout=10) == f"{introspect.name}|local|t-1|0"
-    assert r.record.meta == {"tokens": {"input": 3, "output": 5}}
+    assert r.record.meta["tokens"] == {"input": 3, "output": 5}
+    assert r.record.meta["route"] == {"tier": "local", "reason": "requested by task"}
     assert r.record.tier == "local"
     s = sync_introspect.delay()
     assert s.get(timeout=10) == s.id
-    assert s.record.meta == {"seen": True}
+    assert s.record.meta["seen"] is True
+    assert s.record.meta["route"] == {"tier": "standard", "reason": "worker default"}
     with pytest.raises(heddle.HeddleError, match="only available inside a task"):
         heddle.current_task()
 

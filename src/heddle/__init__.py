@@ -39,9 +39,8 @@ from heddle.messages import FAILURE, PENDING, RETRY, REVOKED, STARTED, SUCCESS
 from heddle.results import AsyncResult
 from heddle.settings import Settings
 from heddle.task import P, R, Task, TaskDecorator, TaskOptions
+from heddle.version import __version__
 from heddle.worker import Worker
-
-__version__ = "0.1.0"
 
 __all__ = [
     "FAILURE",

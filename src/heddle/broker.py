@@ -138,7 +138,7 @@ class Broker:
         return self.js
 
     async def ensure_streams(self) -> None:
-        """Create or update the task and dead-letter streams (idempotent)."""
+        """Create or update the task, goal and dead-letter streams (idempotent)."""
         s = self.settings
         tasks = api.StreamConfig(
             name=names.TASKS_STREAM,
@@ -156,7 +156,14 @@ class Broker:
             max_age=s.dlq_max_age_s,
             duplicate_window=s.dedup_window_s,
         )
-        for cfg in (tasks, dlq):
+        goals = api.StreamConfig(
+            name=names.GOALS_STREAM,
+            subjects=[names.GOALS_SUBJECT],
+            retention=api.RetentionPolicy.WORK_QUEUE,
+            storage=api.StorageType.FILE,
+            duplicate_window=s.dedup_window_s,
+        )
+        for cfg in (tasks, dlq, goals):
             await self._add_or_update_stream(cfg)
 
     async def _add_or_update_stream(self, cfg: api.StreamConfig) -> None:
@@ -207,10 +214,33 @@ class Broker:
             raise translate(exc, self.url, f"creating consumer {durable}") from exc
         return durable
 
-    async def pull_subscribe(self, durable: str) -> JetStreamContext.PullSubscription:
+    async def ensure_named_consumer(
+        self, durable: str, filter_subject: str, *, max_deliver: int, stream: str = names.TASKS_STREAM
+    ) -> str:
+        """Create or update a durable pull consumer on one subject (the router's, the orchestrators')."""
+        s = self.settings
+        cfg = api.ConsumerConfig(
+            durable_name=durable,
+            filter_subject=filter_subject,
+            ack_policy=api.AckPolicy.EXPLICIT,
+            deliver_policy=api.DeliverPolicy.ALL,
+            ack_wait=s.ack_wait_s,
+            max_deliver=max_deliver,
+            max_ack_pending=s.max_ack_pending,
+            max_waiting=512,
+        )
+        try:
+            await self._js().add_consumer(stream, cfg)
+        except Exception as exc:
+            raise translate(exc, self.url, f"creating consumer {durable}") from exc
+        return durable
+
+    async def pull_subscribe(
+        self, durable: str, stream: str = names.TASKS_STREAM
+    ) -> JetStreamContext.PullSubscription:
         """Bind a pull subscription to an existing durable consumer."""
         try:
-            return await self._js().pull_subscribe_bind(durable=durable, stream=names.TASKS_STREAM)
+            return await self._js().pull_subscribe_bind(durable=durable, stream=stream)
         except Exception as exc:
             raise translate(exc, self.url, f"binding to consumer {durable}") from exc
 
@@ -258,10 +288,21 @@ class Broker:
             raise translate(exc, self.url, "flushing") from exc
 
     async def dead_letter(
-        self, payload: bytes, reason: str, *, task_id: str, subject: str, dedup_key: str
+        self,
+        payload: bytes,
+        reason: str,
+        *,
+        task_id: str,
+        subject: str,
+        dedup_key: str,
+        original_headers: dict[str, str] | None = None,
     ) -> None:
-        """Copy a message to the dead-letter stream with the reason in its headers."""
-        headers = {
+        """Copy a message to the dead-letter stream with the reason in its headers.
+
+        The original ``Heddle-*`` routing headers are kept so the message can be replayed.
+        """
+        headers = {k: v for k, v in (original_headers or {}).items() if k.startswith("Heddle-")}
+        headers |= {
             names.HDR_REASON: reason[:1000].replace("\r", " ").replace("\n", " "),
             names.HDR_TASK_ID: task_id,
             names.HDR_ORIGINAL_SUBJECT: subject,
@@ -285,3 +326,19 @@ class Broker:
             return
         except Exception as exc:
             raise translate(exc, self.url, f"deleting {stream} #{seq}") from exc
+
+    async def account_info(self, timeout_s: float = 2.0) -> api.AccountInfo:
+        """One JetStream API round trip (health checks): fails if JetStream does not answer."""
+        try:
+            return await asyncio.wait_for(self._js().account_info(), timeout_s)
+        except Exception as exc:
+            raise translate(exc, self.url, "asking JetStream for account info") from exc
+
+    async def consumer_info(self, stream: str, durable: str, timeout_s: float = 2.0) -> api.ConsumerInfo:
+        """A consumer's state (pending, ack-pending); BrokerError naming it if it does not exist."""
+        try:
+            return await asyncio.wait_for(self._js().consumer_info(stream, durable), timeout_s)
+        except nats.js.errors.NotFoundError as exc:
+            raise BrokerError(f"consumer {durable} does not exist on stream {stream} at {self.url}") from exc
+        except Exception as exc:
+            raise translate(exc, self.url, f"reading consumer {durable} on {stream}") from exc

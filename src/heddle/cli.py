@@ -106,9 +106,21 @@ class Actor(Protocol):
     def request_stop(self) -> None: ...
 
 
+def _make_router(app: Heddle, args: argparse.Namespace) -> Actor:
+    from heddle.router import Router
+    from heddle.rules import find_rules_path
+
+    path = find_rules_path(getattr(args, "rules", None))
+    if path is not None:
+        console.print(f"  router rules {path} (reloaded on change and on SIGHUP)")
+    return Router(app, rules_path=path)
+
+
 def hosted_actors(app: Heddle, args: argparse.Namespace) -> list[Actor]:
     """Loops a worker process hosts next to its worker (router, orchestrator), per flags."""
     actors: list[Actor] = []
+    if not getattr(args, "no_router", False):
+        actors.append(_make_router(app, args))
     return actors
 
 
@@ -163,6 +175,16 @@ def _add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reload", action="store_true", help="restart when .py files change (development)")
     p.add_argument("--loglevel", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     p.add_argument("--quiet", action="store_true", help="no start-up banner")
+    _add_router_args(p)
+
+
+def _add_router_args(p: argparse.ArgumentParser, hosted: bool = True) -> None:
+    p.add_argument(
+        "--rules",
+        help="router rules YAML (default: $HEDDLE_ROUTER_RULES, else configs/router_rules.yaml if present)",
+    )
+    if hosted:
+        p.add_argument("--no-router", action="store_true", help="do not host a router loop in this process")
 
 
 def _run_worker(args: argparse.Namespace, argv_for_reload: Sequence[str]) -> int:
@@ -210,6 +232,26 @@ def _run_dev(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_router(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = Heddle("router")
+    router = _make_router(app, args)
+    console.print(f"[bold]heddle router[/]  nats {app.settings.nats_url}  valkey {app.settings.valkey_url}")
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, router.request_stop)
+        try:
+            await router.run()
+        finally:
+            await app.aclose()
+
+    _install_loop_policy()
+    asyncio.run(run())
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``heddle`` command."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -223,6 +265,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     d.add_argument("--grace", type=float, default=10.0)
     d.add_argument("--loglevel", default="INFO")
     d.add_argument("--quiet", action="store_true")
+    _add_router_args(d)
+    r = sub.add_parser("router", help="run a router: heddle.tasks.incoming -> worker subjects")
+    _add_router_args(r, hosted=False)
+    r.add_argument("--loglevel", default="INFO")
+    dlq = sub.add_parser("dlq", help="list, show and replay dead-lettered messages")
+    dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True)
+    dl = dlq_sub.add_parser("list", help="list dead letters")
+    dl.add_argument("--limit", type=int, default=50, help="newest N (default 50)")
+    ds = dlq_sub.add_parser("show", help="show one dead letter")
+    ds.add_argument("id", type=int, help="dead-letter id (its sequence number, from `heddle dlq list`)")
+    dr = dlq_sub.add_parser("replay", help="send dead letters back to the router")
+    dr.add_argument("id", type=int, nargs="?", help="dead-letter id")
+    dr.add_argument("--all", action="store_true", help="replay every dead letter")
     args = parser.parse_args(argv)
     return _dispatch(args, argv[1:])
 
@@ -241,6 +296,12 @@ def _dispatch(args: Any, rest: Sequence[str]) -> int:
             return _run_worker(args, rest)
         if args.command == "dev":
             return _run_dev(args)
+        if args.command == "router":
+            return _run_router(args)
+        if args.command == "dlq":
+            from heddle.dlq import run_dlq_command
+
+            return run_dlq_command(args, console)
     except HeddleError as exc:
         console.print(f"[bold red]error:[/] {exc}")
         return 2

@@ -59,3 +59,39 @@ def result_key(task_id: str) -> str:
 def result_subject(task_id: str) -> str:
     """Core NATS subject a task's final result notice is published on."""
     return f"{RESULT_SUBJECT_PREFIX}{task_id}"
+
+# JetStream KV bucket of live workers (heartbeats with a TTL).
+WORKERS_BUCKET = "heddle_workers"
+
+# Router.
+ROUTER_CONSUMER = "heddle-router"
+HDR_TIER_REQUESTED = "Heddle-Tier-Requested"
+HDR_ROUTE_REASON = "Heddle-Route-Reason"
+HDR_REPLAYED_BY = "Heddle-Replayed-By"
+HDR_REPLAYED_AT = "Heddle-Replayed-At"
+RATE_KEY_PREFIX = "heddle:rate:"
+REPLAY_KEY_PREFIX = "heddle:replayed:"
+
+
+def routed_msg_id(task_id: str) -> str:
+    """Dedup id of a routed copy: it shares a stream with the incoming message."""
+    return f"{task_id}:routed"
+
+
+# Goals (task graphs) and orchestrators. HEDDLE_GOALS is a work-queue stream of
+# its own; every orchestrator shares one durable pull consumer on it.
+GOALS_STREAM = "HEDDLE_GOALS"
+GOALS_SUBJECT = "heddle.goals.incoming"
+ORCHESTRATOR_CONSUMER = "heddle-orchestrator"
+GOAL_KEY_PREFIX = "heddle:goal:"
+GOAL_EVENTS_PREFIX = "heddle.events.goals."
+
+
+def goal_key(goal_id: str) -> str:
+    """Valkey hash holding a goal's checkpoint: one field per node, plus the goal's own."""
+    return f"{GOAL_KEY_PREFIX}{goal_id}"
+
+
+def goal_event_subject(goal_id: str) -> str:
+    """Core NATS subject a goal's node transitions are announced on (live progress)."""
+    return f"{GOAL_EVENTS_PREFIX}{goal_id}"

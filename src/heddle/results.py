@@ -114,8 +114,9 @@ class ResultBackend:
         self.settings = settings
         self.client: valkey_async.Valkey | None = None
         self._ttl = str(int(settings.result_ttl_s))
-        self._claim_sha = ""
-        self._store_sha = ""
+        # Lua scripts by name: source and SHA once loaded. Other modules add
+        # theirs (rate limits) through register_script, so Valkey stays behind this seam.
+        self._scripts: dict[str, tuple[str, str]] = {"claim": (CLAIM_LUA, ""), "store": (STORE_LUA, "")}
 
     @property
     def url(self) -> str:
@@ -135,10 +136,15 @@ class ResultBackend:
         except Exception as exc:
             raise _translate(exc, self.url, "connecting") from exc
 
+    def register_script(self, name: str, lua: str) -> None:
+        """Make a Lua script callable with :meth:`run_script_many` (loaded lazily)."""
+        if name not in self._scripts:
+            self._scripts[name] = (lua, "")
+
     async def _load_scripts(self) -> None:
         assert self.client is not None
-        self._claim_sha = await self.client.script_load(CLAIM_LUA)
-        self._store_sha = await self.client.script_load(STORE_LUA)
+        for name, (lua, _) in list(self._scripts.items()):
+            self._scripts[name] = (lua, await self.client.script_load(lua))
 
     async def close(self) -> None:
         """Close the connection pool."""
@@ -151,48 +157,51 @@ class ResultBackend:
             raise BackendError("result backend is not connected; call connect() first")
         return self.client
 
-    async def _evalsha_many(self, sha_of: str, calls: Sequence[tuple[str, Sequence[Any]]]) -> list[Any]:
-        """Run one script for many keys in a single pipelined round trip."""
+    async def run_script_many(self, name: str, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]) -> list[Any]:
+        """Run one script for many (keys, args) in a single pipelined round trip."""
         client = self._c()
         for attempt in range(2):
-            sha = self._claim_sha if sha_of == "claim" else self._store_sha
-            pipe = client.pipeline(transaction=False)
-            for key, args in calls:
-                pipe.evalsha(sha, 1, key, *args)
-            try:
-                out = await pipe.execute(raise_on_error=False)
-            except Exception as exc:
-                raise _translate(exc, self.url, f"running {sha_of}") from exc
-            if attempt == 0 and any(isinstance(r, vexc.NoScriptError) for r in out):
-                # A restarted valkey-server forgets loaded scripts.
+            sha = self._scripts[name][1]
+            if not sha:
                 try:
                     await self._load_scripts()
                 except Exception as exc:
                     raise _translate(exc, self.url, "loading scripts") from exc
+                sha = self._scripts[name][1]
+            pipe = client.pipeline(transaction=False)
+            for keys, args in calls:
+                pipe.evalsha(sha, len(keys), *keys, *args)
+            try:
+                out = await pipe.execute(raise_on_error=False)
+            except Exception as exc:
+                raise _translate(exc, self.url, f"running {name}") from exc
+            if attempt == 0 and any(isinstance(r, vexc.NoScriptError) for r in out):
+                # A restarted valkey-server forgets loaded scripts.
+                self._scripts = {n: (lua, "") for n, (lua, _) in self._scripts.items()}
                 continue
             for r in out:
                 if isinstance(r, Exception):
-                    raise _translate(r, self.url, f"running {sha_of}")
+                    raise _translate(r, self.url, f"running {name}")
             return list(out)
         raise BackendError("unreachable")  # pragma: no cover
 
     async def claim_many(self, task_ids: Sequence[str], worker: str) -> list[Claim]:
         """Mark tasks STARTED unless final; one round trip for the batch."""
         now = f"{time.time():.6f}"
-        calls = [(names.result_key(t), (now, worker, self._ttl)) for t in task_ids]
-        out = await self._evalsha_many("claim", calls)
+        calls = [((names.result_key(t),), (now, worker, self._ttl)) for t in task_ids]
+        out = await self.run_script_many("claim", calls)
         return [Claim(r[0].decode() if r[0] else "", bytes(r[1]), int(r[2])) for r in out]
 
     async def store_many(self, requests: Sequence[StoreRequest]) -> list[bool]:
         """Write states unless a final one is stored; True where the write happened."""
         calls = [
             (
-                names.result_key(r.task_id),
+                (names.result_key(r.task_id),),
                 (r.state, r.record, self._ttl, "" if r.retries is None else str(r.retries)),
             )
             for r in requests
         ]
-        out = await self._evalsha_many("store", calls)
+        out = await self.run_script_many("store", calls)
         return [bool(x) for x in out]
 
     async def store(self, request: StoreRequest) -> bool:
@@ -210,6 +219,28 @@ class ResultBackend:
             return PENDING, None
         rec = decode_record(record) if record else None
         return state.decode(), rec
+
+    async def forget(self, task_id: str) -> None:
+        """Delete a task's stored state (before a dead letter is replayed)."""
+        try:
+            await self._c().delete(names.result_key(task_id))
+        except Exception as exc:
+            raise _translate(exc, self.url, f"deleting result {task_id}") from exc
+
+    async def set_once(self, key: str, value: str, ttl_s: float) -> bool:
+        """SET NX with a TTL: True if this call set it."""
+        try:
+            return bool(await self._c().set(key, value, nx=True, ex=max(1, int(ttl_s))))
+        except Exception as exc:
+            raise _translate(exc, self.url, f"setting {key}") from exc
+
+    async def get_text(self, key: str) -> str | None:
+        """GET a string value."""
+        try:
+            raw = await self._c().get(key)
+        except Exception as exc:
+            raise _translate(exc, self.url, f"reading {key}") from exc
+        return raw.decode() if raw is not None else None
 
     async def ping(self) -> None:
         """Round trip to the server."""

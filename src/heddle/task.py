@@ -339,7 +339,6 @@ def send(
         raise TypeError("headers must map str to str")
     enc_args, enc_kwargs = _encode_args(name, args, kwargs)
     tid = task_id or new_task_id()
-    resolved_tier = tier or app.settings.default_tier
     msg = TaskMessage(
         id=tid,
         task=name,
@@ -351,15 +350,15 @@ def send(
         submitted_at=time.time(),
     )
     payload = encoder.encode(msg)
+    # The router reads only these headers; the payload goes through it untouched.
     wire_headers = {
         names.HDR_MSG_ID: tid,
         names.HDR_TASK: name,
-        names.HDR_WORKER_TYPE: app.worker_type,
-        names.HDR_TIER: resolved_tier,
+        names.HDR_WORKER_TYPE: check_name("worker_type", worker_type) if worker_type else app.worker_type,
     }
-    wtype = check_name("worker_type", worker_type) if worker_type else app.worker_type
-    wire_headers[names.HDR_WORKER_TYPE] = wtype
-    subject = names.task_subject(wtype, resolved_tier)
+    if tier:
+        wire_headers[names.HDR_TIER_REQUESTED] = tier
+    subject = names.INCOMING_SUBJECT
     result: AsyncResult[Any] = AsyncResult(tid, app, name)
     app._dispatch(result, lambda: app._send(result, subject, payload, wire_headers))
     return result

@@ -41,7 +41,9 @@ from heddle.messages import (
     revoke_decoder,
     task_decoder,
 )
+from heddle.registry import Heartbeat, WorkerInfo, worker_id
 from heddle.results import StoreRequest, encode_record
+from heddle.version import __version__
 
 if TYPE_CHECKING:
     from nats.aio.msg import Msg
@@ -114,6 +116,7 @@ class Worker:
         grace_s: float = 30.0,
         name: str | None = None,
         tier: str | None = None,
+        default_tier: str | None = None,
     ) -> None:
         if concurrency < 1:
             raise HeddleError(f"concurrency must be >= 1, got {concurrency}")
@@ -127,6 +130,9 @@ class Worker:
             raise HeddleError(f"tier must be one of {', '.join(names.TIERS)}, got {tier!r}")
         # None: consume every tier of the worker type; a tier: only that one.
         self.tier = tier
+        # The tier routers pick when neither a rule nor the task names one.
+        self.default_tier = default_tier or tier or app.settings.default_tier
+        self._heartbeat: Heartbeat | None = None
         self.inflight: dict[str, Job] = {}
         self.conns: Connections | None = None
         self.ready = asyncio.Event()
@@ -174,6 +180,23 @@ class Worker:
         )
         self._subs.append(await broker.subscribe(advisory, cb=self._on_max_deliveries))
         await broker.flush()
+        # Announce this worker before reporting ready, so routers route to it.
+        self._heartbeat = Heartbeat(
+            broker,
+            WorkerInfo(
+                id=worker_id(),
+                worker_type=self.worker_type,
+                tiers=[self.tier] if self.tier else ["*"],
+                default_tier=self.default_tier,
+                concurrency=self.concurrency,
+                host=socket.gethostname(),
+                pid=os.getpid(),
+                version=__version__,
+                started_at=time.time(),
+                tasks=sorted(self.app.tasks),
+            ),
+        )
+        await self._heartbeat.start()
         loop = asyncio.get_running_loop()
         self._bg = [
             loop.create_task(self._flush_loop(), name="heddle-flush"),
@@ -313,6 +336,7 @@ class Worker:
                 task_id=task_id,
                 subject=msg.subject,
                 dedup_key=f"{names.TASKS_STREAM}:{meta.sequence.stream}",
+                original_headers=headers,
             )
             if task_id:
                 await self._fail_record(task_id, task_name, "heddle.DeadLettered", reason)
@@ -345,7 +369,7 @@ class Worker:
         job.context = ctx = TaskContext(
             id=tm.id,
             name=tm.task,
-            tier=tm.tier or (job.msg.headers or {}).get(names.HDR_TIER, ""),
+            tier=(job.msg.headers or {}).get(names.HDR_TIER) or tm.tier or "",
             retries=job.retries,
             headers=tm.headers,
             worker=self.name,
@@ -457,6 +481,7 @@ class Worker:
                             task_id=job.message.id,
                             subject=msg.subject,
                             dedup_key=f"{names.TASKS_STREAM}:{msg.metadata.sequence.stream}",
+                            original_headers=msg.headers,
                         )
                     else:
                         self.stats["succeeded"] += 1
@@ -474,10 +499,10 @@ class Worker:
             error=o.error,
             retries=retries,
             worker=self.name,
-            tier=tm.tier or (job.msg.headers or {}).get(names.HDR_TIER, ""),
+            tier=(job.msg.headers or {}).get(names.HDR_TIER) or tm.tier or "",
             started_at=job.started_at,
             finished_at=o.finished_at,
-            meta=job.context.meta if job.context is not None else {},
+            meta=self._meta(job),
         )
         try:
             return encode_record(record)
@@ -491,6 +516,14 @@ class Worker:
             return encode_record(
                 msgspec.structs.replace(record, state=FAILURE, result=None, error=o.error, meta={})
             )
+
+    def _meta(self, job: Job) -> dict[str, Any]:
+        meta = dict(job.context.meta) if job.context is not None else {}
+        headers = job.msg.headers or {}
+        reason = headers.get(names.HDR_ROUTE_REASON)
+        if reason:
+            meta["route"] = {"tier": headers.get(names.HDR_TIER, ""), "reason": reason}
+        return meta
 
     def _finish(self, job: Job) -> None:
         if self.inflight.get(job.message.id) is job:
@@ -550,7 +583,12 @@ class Worker:
             pass
         try:
             await broker.dead_letter(
-                data, reason, task_id=task_id, subject=stored.subject or "", dedup_key=f"{names.TASKS_STREAM}:{seq}"
+                data,
+                reason,
+                task_id=task_id,
+                subject=stored.subject or "",
+                dedup_key=f"{names.TASKS_STREAM}:{seq}",
+                original_headers=headers,
             )
             if task_id:
                 await self._fail_record(task_id, task_name, "heddle.MaxDeliveriesExceeded", reason)
@@ -587,6 +625,8 @@ class Worker:
         for t in self._bg:
             t.cancel()
         await asyncio.gather(*self._bg, return_exceptions=True)
+        if self._heartbeat is not None:
+            await self._heartbeat.stop()
         # nats-py buffers acks and naks; a round trip makes sure the server has them
         # before the process exits (the CLI exits hard when threads were abandoned).
         if self.conns is not None:

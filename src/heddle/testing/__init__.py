@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import threading
 from collections.abc import AsyncIterator, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from heddle.testing.servers import (
     EmbeddedNats,
@@ -40,17 +40,50 @@ __all__ = [
 ]
 
 
-@contextlib.contextmanager
-def running_worker(
-    app: Heddle, concurrency: int = 8, grace_s: float = 5.0, start_timeout_s: float = 20.0
-) -> Iterator[Worker]:
-    """Run a worker for ``app`` in a background thread until the block exits.
+async def _start_actors(actors: list[Any]) -> list[asyncio.Future[Any]]:
+    """Start actors; return their run futures once all are ready (or one failed)."""
+    runners = [asyncio.ensure_future(a.run()) for a in actors]
+    waits = [asyncio.ensure_future(a.ready.wait()) for a in actors]
+    pending = set(runners) | set(waits)
+    while any(not w.done() for w in waits):
+        _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        if any(r.done() for r in runners):
+            break
+    for w in waits:
+        w.cancel()
+    failed = [r for r in runners if r.done()]
+    if failed:
+        for a in actors:
+            a.request_stop()
+        await asyncio.gather(*runners, return_exceptions=True)
+        failed[0].result()  # raises the start-up error
+    return runners
 
-    The worker is subscribed to its consumer before the block starts, so no
-    message sent inside the block waits for it to come up.
-    """
+
+def _actors(app: Heddle, concurrency: int, grace_s: float, tier: str | None, router: bool) -> list[Any]:
+    from heddle.router import Router
+    from heddle.rules import RouterRules
     from heddle.worker import Worker
 
+    actors: list[Any] = [Worker(app, concurrency=concurrency, grace_s=grace_s, tier=tier)]
+    if router:
+        actors.append(Router(app, rules=RouterRules(unknown_worker_grace_s=30.0)))
+    return actors
+
+
+@contextlib.contextmanager
+def running_worker(
+    app: Heddle,
+    concurrency: int = 8,
+    grace_s: float = 5.0,
+    start_timeout_s: float = 20.0,
+    router: bool = True,
+) -> Iterator[Worker]:
+    """Run a worker (and, like ``heddle worker``, a router) for ``app`` in a background thread.
+
+    The worker is subscribed to its consumer and announced to routers before
+    the block starts, so no message sent inside the block waits for it.
+    """
     started = threading.Event()
     holder: dict[str, object] = {}
 
@@ -59,16 +92,13 @@ def running_worker(
         asyncio.set_event_loop(loop)
 
         async def main() -> None:
-            worker = Worker(app, concurrency=concurrency, grace_s=grace_s)
-            holder["worker"], holder["loop"] = worker, loop
-            runner = asyncio.ensure_future(worker.run())
-            ready = asyncio.ensure_future(worker.ready.wait())
-            await asyncio.wait({runner, ready}, return_when=asyncio.FIRST_COMPLETED)
-            started.set()
+            actors = _actors(app, concurrency, grace_s, None, router)
+            holder["worker"], holder["loop"], holder["actors"] = actors[0], loop, actors
             try:
-                await runner
+                runners = await _start_actors(actors)
+                started.set()
+                await asyncio.gather(*runners)
             finally:
-                ready.cancel()
                 await app.aclose()
 
         try:
@@ -87,11 +117,13 @@ def running_worker(
         raise holder["error"]  # type: ignore[misc]
     worker: Worker = holder["worker"]  # type: ignore[assignment]
     loop: asyncio.AbstractEventLoop = holder["loop"]  # type: ignore[assignment]
+    actors: list[Any] = holder["actors"]  # type: ignore[assignment]
     try:
         yield worker
     finally:
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(worker.request_stop)
+        for actor in actors:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(actor.request_stop)
         thread.join(grace_s + 30)
         if "error" in holder:
             raise holder["error"]  # type: ignore[misc]
@@ -99,20 +131,18 @@ def running_worker(
 
 @contextlib.asynccontextmanager
 async def aworker(
-    app: Heddle, concurrency: int = 8, grace_s: float = 5.0, tier: str | None = None
+    app: Heddle,
+    concurrency: int = 8,
+    grace_s: float = 5.0,
+    tier: str | None = None,
+    router: bool = True,
 ) -> AsyncIterator[Worker]:
-    """Run a worker for ``app`` (all tiers, or only ``tier``) on the current loop until the block exits."""
-    from heddle.worker import Worker
-
-    worker = Worker(app, concurrency=concurrency, grace_s=grace_s, tier=tier)
-    runner = asyncio.ensure_future(worker.run())
-    ready = asyncio.ensure_future(worker.ready.wait())
-    await asyncio.wait({runner, ready}, return_when=asyncio.FIRST_COMPLETED)
-    if runner.done():
-        ready.cancel()
-        runner.result()  # raises the start-up error
+    """Run a worker for ``app`` (all tiers, or only ``tier``) and a router on the current loop."""
+    actors = _actors(app, concurrency, grace_s, tier, router)
+    runners = await _start_actors(actors)
     try:
-        yield worker
+        yield actors[0]
     finally:
-        worker.request_stop()
-        await runner
+        for actor in actors:
+            actor.request_stop()
+        await asyncio.gather(*runners)

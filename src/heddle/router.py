@@ -1,0 +1,379 @@
+"""The router: the one place a task's destination is decided.
+
+It consumes ``heddle.tasks.incoming`` through a durable pull consumer shared by
+every replica and republishes each message, payload bytes untouched, to
+``heddle.tasks.{worker_type}.{tier}``. Tier precedence: a ``tier_overrides``
+rule, then the tier the task asked for, then the worker type's default. If no
+live worker serves that tier, the rule's ``fallback`` tiers are tried in order.
+Rate limits are token buckets in Valkey shared by all replicas; an over-limit
+message is delayed (nak with delay), never dropped, unless its rule says
+``on_limit: dead_letter``. No LLM, no randomness: the same rules, registry and
+message give the same route.
+
+Per batch the hot path is: read three headers per message, a dictionary
+lookup for the route, one pipelined Valkey round trip for the rate limits that
+apply (none if no limit applies), pipelined publishes, then the acks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import nats.errors
+
+from heddle import names
+from heddle.errors import HeddleError
+from heddle.messages import FAILURE, ErrorInfo, ResultRecord
+from heddle.ratelimit import Ask, RateLimiter, bucket_key
+from heddle.registry import Registry
+from heddle.results import StoreRequest, encode_record
+from heddle.rules import RouterRules, RulesError, load_rules
+
+if TYPE_CHECKING:
+    from nats.aio.msg import Msg
+
+    from heddle.app import Connections, Heddle
+
+log = logging.getLogger("heddle.router")
+
+_MAX_BATCH = 256
+_FETCH_TIMEOUT_S = 1.0
+_BACKOFF_S = 0.5
+_PUBLISH_TIMEOUT_S = 10.0
+# How often a message for an unknown worker type is looked at again during the grace period.
+_UNKNOWN_RETRY_S = 0.5
+# Router deliveries include rate-limit delays; bounded, never unlimited.
+_ROUTER_MAX_DELIVER = 200
+
+
+class Route:
+    """A routing decision: the tier, or None and why not."""
+
+    __slots__ = ("reason", "subject", "tier")
+
+    def __init__(self, tier: str | None, reason: str, subject: str = "") -> None:
+        self.tier = tier
+        self.reason = reason
+        self.subject = subject
+
+
+class Router:
+    """Routes incoming tasks to worker subjects.
+
+    Args:
+        app: Any app; gives settings and connections.
+        rules: Rules to use; or
+        rules_path: a rules file, reloaded on change and on SIGHUP.
+    """
+
+    def __init__(
+        self,
+        app: Heddle,
+        *,
+        rules: RouterRules | None = None,
+        rules_path: str | Path | None = None,
+    ) -> None:
+        self.app = app
+        self.settings = app.settings
+        self.rules_path = Path(rules_path) if rules_path else None
+        if rules is None:
+            rules = load_rules(self.rules_path) if self.rules_path else RouterRules()
+        self.rules = rules
+        self.ready = asyncio.Event()
+        self.last_tick = time.monotonic()
+        self.stats = {"routed": 0, "delayed": 0, "dead_lettered": 0, "waiting": 0}
+        self.conns: Connections | None = None
+        self.registry: Registry | None = None
+        self._limiter: RateLimiter | None = None
+        self._stop = asyncio.Event()
+        self._psub: Any = None
+        self._rebind = False
+        self._cache: dict[tuple[str, str | None], Route] = {}
+        self._registry_version: Any = None
+        self._bg: list[asyncio.Task[Any]] = []
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Stop fetching; messages not yet routed stay in the stream."""
+        self._stop.set()
+
+    def reload(self) -> bool:
+        """Re-read the rules file; keep the old rules if the new ones are invalid."""
+        if self.rules_path is None:
+            return False
+        try:
+            rules = load_rules(self.rules_path)
+        except RulesError as exc:
+            log.error("keeping the current router rules: %s", exc)
+            return False
+        self.rules = rules
+        self._cache.clear()
+        log.warning("router rules reloaded from %s", self.rules_path)
+        return True
+
+    async def run(self) -> None:
+        """Consume and route until :meth:`request_stop`."""
+        conns = await self.app._connections()
+        self.conns = conns
+        await conns.ensure_streams()
+        await self._bind()
+        conns.broker.on_reconnect(self._on_reconnect)
+        self.registry = Registry(conns.broker)
+        await self.registry.start()
+        self._limiter = RateLimiter(conns.backend)
+        loop = asyncio.get_running_loop()
+        if self.rules_path is not None:
+            self._bg.append(loop.create_task(self._watch_rules()))
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(signal.SIGHUP, self.reload)
+        self.ready.set()
+        log.info("router consuming %s", names.INCOMING_SUBJECT)
+        try:
+            await self._loop()
+        finally:
+            for t in self._bg:
+                t.cancel()
+            await asyncio.gather(*self._bg, return_exceptions=True)
+            await self.registry.stop()
+            if self._psub is not None:
+                with contextlib.suppress(Exception):
+                    await self._psub.unsubscribe()
+
+    async def _bind(self) -> None:
+        assert self.conns is not None
+        broker = self.conns.broker
+        await broker.ensure_named_consumer(
+            names.ROUTER_CONSUMER, names.INCOMING_SUBJECT, max_deliver=_ROUTER_MAX_DELIVER
+        )
+        old, self._psub = self._psub, None
+        if old is not None:
+            with contextlib.suppress(Exception):
+                await old.unsubscribe()
+        self._psub = await broker.pull_subscribe(names.ROUTER_CONSUMER)
+
+    async def _on_reconnect(self) -> None:
+        self._rebind = True
+
+    async def _watch_rules(self) -> None:
+        import watchfiles
+
+        assert self.rules_path is not None
+        async for _changes in watchfiles.awatch(self.rules_path.parent, stop_event=self._stop):
+            if any(Path(p).resolve() == self.rules_path.resolve() for _, p in _changes):
+                self.reload()
+
+    async def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.last_tick = time.monotonic()
+            try:
+                if self._rebind or self._psub is None:
+                    self._rebind = False
+                    assert self.conns is not None
+                    self.conns._streams_ready = False
+                    await self.conns.ensure_streams()
+                    await self._bind()
+                msgs = await self._psub.fetch(batch=_MAX_BATCH, timeout=_FETCH_TIMEOUT_S)
+            except nats.errors.TimeoutError:
+                continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("router fetch failed (%r); retrying", exc)
+                self._rebind = True
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), _BACKOFF_S)
+                continue
+            try:
+                await self.route_batch(msgs)
+            except Exception:
+                # Never let one batch stop the loop; unacked messages come back after AckWait.
+                log.exception("failed to route a batch of %d messages", len(msgs))
+
+    # -- deciding ------------------------------------------------------------------
+
+    def resolve(self, worker_type: str, requested: str | None) -> Route:
+        """Decide the tier for a task; deterministic for given rules and live workers."""
+        assert self.registry is not None
+        if self._registry_version is not self.registry.tiers:
+            self._registry_version = self.registry.tiers
+            self._cache.clear()
+        key = (worker_type, requested)
+        route = self._cache.get(key)
+        if route is None:
+            route = self._cache[key] = self._decide(worker_type, requested)
+        return route
+
+    def _decide(self, worker_type: str, requested: str | None) -> Route:
+        assert self.registry is not None
+        rules = self.rules
+        override = rules.tier_overrides.get(worker_type)
+        if override:
+            tier, reason = override, "rule override"
+        elif requested:
+            tier, reason = requested, "requested by task"
+        else:
+            tier = self.registry.default_tier.get(worker_type) or self.settings.default_tier
+            reason = "worker default"
+        if worker_type not in self.registry.tiers:
+            return Route(None, f"unknown worker type {worker_type!r}: no worker of that type is alive")
+        if self.registry.serves(worker_type, tier):
+            return Route(tier, reason, names.task_subject(worker_type, tier))
+        tried = [tier]
+        for fb in rules.fallback.get(tier, ()):
+            tried.append(fb)
+            if self.registry.serves(worker_type, fb):
+                return Route(fb, f"{reason}: {tier}, fallback to {fb} (no {tier} worker alive)",
+                             names.task_subject(worker_type, fb))
+        return Route(None, f"no worker alive for {worker_type!r} at tier {' or '.join(tried)}")
+
+    # -- routing -------------------------------------------------------------------
+
+    async def route_batch(self, msgs: list[Msg]) -> None:
+        """Route one fetched batch."""
+        assert self.conns is not None and self._limiter is not None
+        rules = self.rules
+        tier_limits, worker_limits = rules.tier_limits, rules.worker_limits
+        go: list[tuple[Msg, Route, dict[str, str]]] = []
+        asks: list[Ask] = []
+        asked: list[int] = []  # index into go for each ask
+        for msg in msgs:
+            headers = msg.headers
+            if not headers:
+                await self._dead_letter(msg, {}, "", "malformed envelope: no headers (needs Heddle-Worker-Type)")
+                continue
+            worker_type = headers.get(names.HDR_WORKER_TYPE)
+            # A replayed dead letter carries its task id apart from its message id.
+            task_id = headers.get(names.HDR_TASK_ID) or headers.get(names.HDR_MSG_ID, "")
+            if not worker_type or not task_id:
+                missing = names.HDR_WORKER_TYPE if not worker_type else names.HDR_MSG_ID
+                await self._dead_letter(msg, headers, task_id, f"malformed envelope: no {missing} header")
+                continue
+            route = self.resolve(worker_type, headers.get(names.HDR_TIER_REQUESTED))
+            if route.tier is None:
+                await self._unroutable(msg, headers, task_id, route.reason)
+                continue
+            buckets: list[tuple[str, Any]] = []
+            lim = tier_limits.get(route.tier)
+            if lim is not None:
+                buckets.append((bucket_key("tier", route.tier), lim))
+            lim = worker_limits.get(worker_type)
+            if lim is not None:
+                buckets.append((bucket_key("worker", worker_type), lim))
+            if buckets:
+                reserve = all(b[1].on_limit == "delay" for b in buckets)
+                asks.append(Ask(headers[names.HDR_MSG_ID], tuple(buckets), reserve))
+                asked.append(len(go))
+            go.append((msg, route, headers))
+        if not go:
+            return
+        if asks:
+            try:
+                waits = await self._limiter.take(asks)
+            except HeddleError as exc:
+                log.warning("rate limits unavailable (%s); delaying %d messages", exc, len(go))
+                for msg, _, _ in go:
+                    with contextlib.suppress(Exception):
+                        await msg.nak(delay=_BACKOFF_S * 2)
+                return
+            held: set[int] = set()
+            for i, wait in zip(asked, waits, strict=True):
+                if wait == 0:
+                    continue
+                held.add(i)
+                msg, route, headers = go[i]
+                if wait < 0:
+                    await self._dead_letter(
+                        msg, headers, headers.get(names.HDR_TASK_ID) or headers[names.HDR_MSG_ID],
+                        f"rate limit exceeded for {headers[names.HDR_WORKER_TYPE]} at {route.tier} "
+                        f"(on_limit: dead_letter)",
+                    )
+                else:
+                    self.stats["delayed"] += 1
+                    with contextlib.suppress(Exception):
+                        await msg.nak(delay=wait)
+            if held:
+                go = [g for i, g in enumerate(go) if i not in held]
+        await self._forward(go)
+
+    async def _forward(self, go: list[tuple[Msg, Route, dict[str, str]]]) -> None:
+        assert self.conns is not None
+        js = self.conns.broker.js
+        assert js is not None
+        futures = []
+        for msg, route, headers in go:
+            out = dict(headers)
+            out[names.HDR_TIER] = route.tier  # type: ignore[assignment]
+            out[names.HDR_ROUTE_REASON] = route.reason
+            out[names.HDR_MSG_ID] = names.routed_msg_id(headers[names.HDR_MSG_ID])
+            try:
+                futures.append(await js.publish_async(route.subject, msg.data, headers=out))
+            except Exception as exc:
+                futures.append(_failed(exc))
+        results = await asyncio.gather(
+            *(asyncio.wait_for(f, _PUBLISH_TIMEOUT_S) for f in futures), return_exceptions=True
+        )
+        for (msg, _, _), res in zip(go, results, strict=True):
+            if isinstance(res, BaseException):
+                # Not stored downstream: leave it for another try. The routed copy's
+                # msg id makes a second publish harmless if the first did land.
+                with contextlib.suppress(Exception):
+                    await msg.nak(delay=_BACKOFF_S)
+                continue
+            self.stats["routed"] += 1
+            with contextlib.suppress(Exception):
+                await msg.ack()
+
+    async def _unroutable(self, msg: Msg, headers: dict[str, str], task_id: str, reason: str) -> None:
+        """Wait out the grace period for a worker to appear, then dead-letter."""
+        stored_at = msg.metadata.timestamp.timestamp() if msg.metadata.timestamp else time.time()
+        age = time.time() - stored_at
+        grace = self.rules.unknown_worker_grace_s
+        if age < grace:
+            self.stats["waiting"] += 1
+            with contextlib.suppress(Exception):
+                await msg.nak(delay=min(_UNKNOWN_RETRY_S, max(0.05, grace - age)))
+            return
+        await self._dead_letter(msg, headers, task_id, f"unroutable after {grace:g}s: {reason}")
+
+    async def _dead_letter(self, msg: Msg, headers: dict[str, str], task_id: str, reason: str) -> None:
+        assert self.conns is not None
+        broker, backend = self.conns.broker, self.conns.backend
+        log.warning("dead-lettering %s: %s", task_id or msg.metadata.sequence.stream, reason)
+        try:
+            await broker.dead_letter(
+                msg.data,
+                reason,
+                task_id=task_id,
+                subject=msg.subject,
+                dedup_key=f"{names.TASKS_STREAM}:{msg.metadata.sequence.stream}",
+                original_headers=headers,
+            )
+            if task_id:
+                record = ResultRecord(
+                    id=task_id,
+                    state=FAILURE,
+                    task=headers.get(names.HDR_TASK, ""),
+                    error=ErrorInfo(type="heddle.Unroutable", message=reason),
+                    worker="router",
+                    finished_at=time.time(),
+                )
+                data = encode_record(record)
+                if await backend.store(StoreRequest(task_id, FAILURE, data)):
+                    await broker.publish_core(names.result_subject(task_id), data)
+            await msg.ack()
+            self.stats["dead_lettered"] += 1
+        except HeddleError as exc:
+            log.warning("could not dead-letter (%s); leaving it for redelivery", exc)
+
+
+def _failed(exc: BaseException) -> asyncio.Future[Any]:
+    fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    fut.set_exception(exc)
+    return fut
