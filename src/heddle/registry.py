@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import socket
@@ -54,10 +55,13 @@ _info_decoder = msgspec.msgpack.Decoder(WorkerInfo)
 _encoder = msgspec.msgpack.Encoder()
 
 
+_worker_numbers = itertools.count(1)
+
+
 def worker_id() -> str:
-    """This process's worker id: ``host-pid`` (a valid KV key token)."""
+    """A new worker id, ``host-pid-n``: unique per Worker, a valid KV key token."""
     host = "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname())
-    return f"{host}-{os.getpid()}"
+    return f"{host}-{os.getpid()}-{next(_worker_numbers)}"
 
 
 async def _bucket(broker: Broker) -> Any:
