@@ -330,3 +330,10 @@ def test_the_dlq_command_lists_shows_and_replays(heddle_servers, tmp_path):
     assert f"Heddle-Task-Id: {r.id}" in shown and "sad path" in shown and "'task': 'sad'" in shown
     assert "replayed dead letter" in cli("replay", dl_id)
     assert "already replayed" in cli("replay", dl_id)
+
+
+def test_the_example_rules_file_is_valid():
+    rules = load_rules(ROOT / "configs" / "router_rules.example.yaml")
+    assert rules.tier_overrides == {"summarizer": "local"}
+    assert rules.fallback == {"local": ("standard",)}
+    assert rules.worker_limits["extractor"] == RateLimit(5.0, 5, "delay")
