@@ -192,6 +192,7 @@ def test_the_public_api_is_curated():
         "ServerStartError", "Settings", "Signature", "Task", "TaskError", "TaskOptionError",
         "TaskOptions", "TaskRevoked", "TaskTimeout", "Worker", "__version__", "task",
         "TaskContext", "current_task",
+        "GraphResult", "Pipeline", "chain", "chord", "group",
     }
     assert set(heddle.__all__) == expected
     for name in heddle.__all__:

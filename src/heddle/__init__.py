@@ -15,8 +15,9 @@ from __future__ import annotations
 from collections.abc import Callable, Coroutine
 from typing import Any, overload
 
+from heddle import llm as llm  # heddle.llm.complete, YAML LLM workers (backends load lazily)
 from heddle.app import Heddle, _apps, _shared_tasks
-from heddle.canvas import Signature
+from heddle.canvas import GraphResult, Signature, chain, chord, group
 from heddle.context import TaskContext, current_task
 from heddle.errors import (
     BackendError,
@@ -36,6 +37,7 @@ from heddle.errors import (
     TaskTimeout,
 )
 from heddle.messages import FAILURE, PENDING, RETRY, REVOKED, STARTED, SUCCESS
+from heddle.pipeline import Pipeline
 from heddle.results import AsyncResult
 from heddle.settings import Settings
 from heddle.task import P, R, Task, TaskDecorator, TaskOptions
@@ -58,8 +60,10 @@ __all__ = [
     "DecodeError",
     "DuplicateTaskError",
     "EncodeError",
+    "GraphResult",
     "Heddle",
     "HeddleError",
+    "Pipeline",
     "ResultTimeout",
     "ServerStartError",
     "Settings",
@@ -73,7 +77,10 @@ __all__ = [
     "TaskTimeout",
     "Worker",
     "__version__",
+    "chain",
+    "chord",
     "current_task",
+    "group",
     "task",
 ]
 

@@ -345,11 +345,15 @@ class Heddle:
     def send_task(
         self,
         name: str,
-        args: tuple[Any, ...] | list[Any] = (),
+        args: tuple[Any, ...] | list[Any] | dict[str, Any] = (),
         kwargs: dict[str, Any] | None = None,
         **options: Any,
     ) -> _AsyncResult[Any]:
-        """Send a task by name, without importing its code (see ``Task.apply_async``)."""
+        """Send a task by name, without importing its code (see ``Task.apply_async``).
+
+        A dict as ``args`` is one input object, as YAML LLM workers take it:
+        ``app.send_task("summarizer", {"text": ...})``.
+        """
         from heddle.task import send_by_name
 
         return send_by_name(self, name, args, kwargs, **options)

@@ -20,6 +20,7 @@ from rich.table import Table
 from heddle import names
 from heddle.app import Heddle
 from heddle.errors import ConfigError, HeddleError
+from heddle.health import start_health_server
 
 if TYPE_CHECKING:
     from heddle.worker import Worker
@@ -60,7 +61,7 @@ def load_app(spec: str) -> Heddle:
     )
 
 
-def banner(app: Heddle, concurrency: int, extra: dict[str, str] | None = None) -> None:
+def banner(app: Heddle, concurrency: int, extra: dict[str, str] | None = None, tier: str | None = None) -> None:
     """Print the start-up banner: where we connect, what we run, on which subjects."""
     console.print(f"[bold]heddle worker[/] [cyan]{app.name}[/]  concurrency={concurrency}")
     console.print(f"  nats   {app.settings.nats_url}")
@@ -84,8 +85,8 @@ def banner(app: Heddle, concurrency: int, extra: dict[str, str] | None = None) -
         )
     console.print(table)
     console.print(
-        f"  subjects {names.worker_filter(app.worker_type)} "
-        f"(durable consumer {names.consumer_name(app.worker_type)})"
+        f"  subjects {names.worker_filter(app.worker_type, tier)} "
+        f"(durable consumer {names.consumer_name(app.worker_type, tier)})"
     )
 
 
@@ -100,6 +101,11 @@ class Actor(Protocol):
     """A loop hosted by an actor process: the worker, the router, the orchestrator."""
 
     ready: asyncio.Event
+
+    @property
+    def last_tick(self) -> float:
+        """Monotonic time the actor's message loop last went round (``/healthz``)."""
+        ...
 
     async def run(self) -> None: ...
 
@@ -121,6 +127,12 @@ def hosted_actors(app: Heddle, args: argparse.Namespace) -> list[Actor]:
     actors: list[Actor] = []
     if not getattr(args, "no_router", False):
         actors.append(_make_router(app, args))
+    actors.extend(getattr(args, "llm_workers", []))  # heddle dev: the other --config workers
+    from heddle.graph_cli import make_orchestrator
+
+    orchestrator = make_orchestrator(app, args)  # unless --no-orchestrator
+    if orchestrator is not None:
+        actors.append(orchestrator)
     return actors
 
 
@@ -130,8 +142,11 @@ async def serve(app: Heddle, args: argparse.Namespace) -> Worker:
 
     worker = Worker(app, concurrency=args.concurrency, grace_s=args.grace, tier=getattr(args, "tier", None))
     actors: list[Actor] = [worker, *hosted_actors(app, args)]
+    health = await start_health_server(actors, app.settings, getattr(args, "health_port", None))
 
     def stop_all() -> None:
+        if health is not None:
+            health.mark_draining()
         for actor in actors:
             actor.request_stop()
 
@@ -145,6 +160,8 @@ async def serve(app: Heddle, args: argparse.Namespace) -> Worker:
             stop_all()  # one loop failed (e.g. at start-up): stop and drain the others
         await asyncio.gather(*runs)
     finally:
+        if health is not None:
+            await health.stop()
         await app.aclose()
     return worker
 
@@ -169,13 +186,56 @@ def _worker_parser(prog: str) -> argparse.ArgumentParser:
 
 
 def _add_worker_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-A", "--app", required=True, help="module[:attribute] holding the heddle.Heddle app")
+    from heddle.llm.commands import add_worker_source_args
+
+    p.add_argument("-A", "--app", default=None, help="module[:attribute] holding the heddle.Heddle app (or --config)")
+    add_worker_source_args(p)
     p.add_argument("-c", "--concurrency", type=int, default=16, help="most tasks in flight (default 16)")
     p.add_argument("--grace", type=float, default=30.0, help="seconds in-flight tasks get on shutdown")
     p.add_argument("--reload", action="store_true", help="restart when .py files change (development)")
     p.add_argument("--loglevel", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     p.add_argument("--quiet", action="store_true", help="no start-up banner")
     _add_router_args(p)
+    from heddle.graph_cli import add_orchestrator_args
+
+    add_orchestrator_args(p)  # --no-orchestrator, --max-concurrent-goals
+    add_actor_args(p)
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port number (0-65535), got {text!r}")
+    return int(text)
+
+
+def add_actor_args(p: argparse.ArgumentParser) -> None:
+    """Options every actor command takes: pre-flight checks and the health server's port."""
+    p.add_argument(
+        "--skip-preflight", action="store_true", help="start without first checking NATS, JetStream and Valkey"
+    )
+    p.add_argument(
+        "--health-port",
+        type=_port,
+        default=None,
+        help="serve /healthz, /readyz and /metrics on this port (default $HEDDLE_HEALTH_PORT; none if unset)",
+    )
+
+
+def preflight(args: argparse.Namespace, app: Heddle, *, valkey: bool = True) -> None:
+    """Check NATS, JetStream (and Valkey) before an actor starts, unless --skip-preflight."""
+    if getattr(args, "skip_preflight", False):
+        return
+    from rich.text import Text
+
+    from heddle.errors import PreflightError
+    from heddle.preflight import require
+
+    try:
+        require(app.settings, valkey=valkey)
+    except PreflightError as exc:
+        # Unwrapped: the report's lines are long (URLs) and must stay greppable.
+        console.print(Text.assemble(("error: ", "bold red"), str(exc)), soft_wrap=True)
+        raise SystemExit(2) from None
 
 
 def _add_router_args(p: argparse.ArgumentParser, hosted: bool = True) -> None:
@@ -201,9 +261,12 @@ def _run_worker(args: argparse.Namespace, argv_for_reload: Sequence[str]) -> int
             watch_filter=watchfiles.PythonFilter(),
         )
         return 0
-    app = load_app(args.app)
+    from heddle.llm.commands import worker_from_args
+
+    app, extra = worker_from_args(args, load_app)  # -A module, or --config / WORKER_CONFIG (LLM worker)
+    preflight(args, app)
     if not args.quiet:
-        banner(app, args.concurrency)
+        banner(app, args.concurrency, extra, tier=args.tier)
     _install_loop_policy()
     worker = asyncio.run(serve(app, args))
     _exit_if_threads_abandoned(worker)
@@ -214,17 +277,20 @@ def _run_dev(args: argparse.Namespace) -> int:
     from heddle.testing.servers import EmbeddedServers
 
     logging.basicConfig(level=args.loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    with EmbeddedServers() as servers:
+    from heddle.llm.commands import DevLLM
+
+    with EmbeddedServers() as servers, DevLLM(args, console.print) as llm:
         os.environ["NATS_URL"] = servers.nats_url
         os.environ["VALKEY_URL"] = servers.valkey_url
         console.print("[bold green]heddle dev[/]: embedded servers running")
         console.print(f"  NATS_URL={servers.nats_url}")
         console.print(f"  VALKEY_URL={servers.valkey_url}")
         console.print("  export these in another shell to send tasks; Ctrl-C stops everything")
-        app = load_app(args.app)
+        app, args.llm_workers = llm.split(args, load_app(args.app) if args.app else None)
         app.configure(nats_url=servers.nats_url, valkey_url=servers.valkey_url)
+        llm.configure(servers.nats_url, servers.valkey_url)
         if not args.quiet:
-            banner(app, args.concurrency)
+            banner(app, args.concurrency, tier=args.tier)
         _install_loop_policy()
         worker = asyncio.run(serve(app, args))
     console.print("heddle dev: stopped")
@@ -235,16 +301,26 @@ def _run_dev(args: argparse.Namespace) -> int:
 def _run_router(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = Heddle("router")
+    preflight(args, app)
     router = _make_router(app, args)
     console.print(f"[bold]heddle router[/]  nats {app.settings.nats_url}  valkey {app.settings.valkey_url}")
 
     async def run() -> None:
+        health = await start_health_server([router], app.settings, args.health_port)
+
+        def stop() -> None:
+            if health is not None:
+                health.mark_draining()
+            router.request_stop()
+
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, router.request_stop)
+            loop.add_signal_handler(sig, stop)
         try:
             await router.run()
         finally:
+            if health is not None:
+                await health.stop()
             await app.aclose()
 
     _install_loop_policy()
@@ -252,15 +328,49 @@ def _run_router(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_healthcheck(args: argparse.Namespace) -> int:
+    """Exit 0 if the local health server says live (or ready), else 1 (Docker reserves 2)."""
+    from heddle.health import probe
+    from heddle.settings import Settings
+
+    try:
+        port = args.port if args.port is not None else Settings.load().health_port
+    except ConfigError as exc:
+        print(f"unhealthy: {exc}", file=sys.stderr)
+        return 1
+    if port is None:
+        print("unhealthy: no health port; pass --port or set HEDDLE_HEALTH_PORT", file=sys.stderr)
+        return 1
+    ok, said = probe(port, ready=args.ready, host=args.host, timeout_s=args.timeout)
+    print(f"{'ok' if ok else 'unhealthy'}: {said}", file=sys.stdout if ok else sys.stderr)
+    return 0 if ok else 1
+
+
+def _run_preflight(args: argparse.Namespace) -> int:
+    """Run the pre-flight checks alone and print them; exit 1 if any fails."""
+    from heddle.preflight import RUNBOOK, report, run_checks
+    from heddle.settings import Settings
+
+    checks = asyncio.run(run_checks(Settings.load(), valkey=not args.no_valkey, timeout_s=args.timeout))
+    failed = any(not c.ok for c in checks)
+    print(f"pre-flight checks {'failed' if failed else 'passed'}:\n{report(checks)}")
+    if failed:
+        print(f"  (how to check by hand: {RUNBOOK})")
+    return 1 if failed else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``heddle`` command."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    from heddle.llm.commands import add_llm_commands, add_worker_source_args
+
     parser = argparse.ArgumentParser(prog="heddle", description="Heddle task queue.")
     sub = parser.add_subparsers(dest="command", required=True)
     w = sub.add_parser("worker", help="run a worker for an app's tasks")
     _add_worker_args(w)
     d = sub.add_parser("dev", help="embedded nats-server + valkey-server + a worker, one command")
-    d.add_argument("-A", "--app", required=True, help="module[:attribute] holding the heddle.Heddle app")
+    d.add_argument("-A", "--app", default=None, help="module[:attribute] holding the heddle.Heddle app")
+    add_worker_source_args(d, dev=True)  # --config FILE... (LLM workers), --tier, --local-model
     d.add_argument("-c", "--concurrency", type=int, default=16)
     d.add_argument("--grace", type=float, default=10.0)
     d.add_argument("--loglevel", default="INFO")
@@ -269,6 +379,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     r = sub.add_parser("router", help="run a router: heddle.tasks.incoming -> worker subjects")
     _add_router_args(r, hosted=False)
     r.add_argument("--loglevel", default="INFO")
+    add_actor_args(r)
+    hc = sub.add_parser("healthcheck", help="exit 0 if this host's actor process is live (or --ready), else 1")
+    hc.add_argument("--ready", action="store_true", help="check /readyz instead of /healthz")
+    hc.add_argument("--port", type=_port, default=None, help="health port (default $HEDDLE_HEALTH_PORT)")
+    hc.add_argument("--host", default="127.0.0.1", help="health server address (default 127.0.0.1)")
+    hc.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer (default 3)")
+    pf = sub.add_parser("preflight", help="check NATS, JetStream and Valkey from here, then exit")
+    pf.add_argument("--no-valkey", action="store_true", help="check only NATS and JetStream")
+    pf.add_argument("--timeout", type=float, default=None, help="seconds per step (default: connect_timeout_s, 5)")
     dlq = sub.add_parser("dlq", help="list, show and replay dead-lettered messages")
     dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True)
     dl = dlq_sub.add_parser("list", help="list dead letters")
@@ -278,6 +397,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     dr = dlq_sub.add_parser("replay", help="send dead letters back to the router")
     dr.add_argument("id", type=int, nargs="?", help="dead-letter id")
     dr.add_argument("--all", action="store_true", help="replay every dead letter")
+    add_llm_commands(sub)  # validate, models
+    from heddle.graph_cli import add_graph_commands
+
+    add_graph_commands(sub)  # orchestrator, submit
     args = parser.parse_args(argv)
     return _dispatch(args, argv[1:])
 
@@ -296,8 +419,20 @@ def _dispatch(args: Any, rest: Sequence[str]) -> int:
             return _run_worker(args, rest)
         if args.command == "dev":
             return _run_dev(args)
+        if args.command in ("validate", "models"):
+            from heddle.llm.commands import run_llm_command
+
+            return run_llm_command(args)
+        if args.command in ("orchestrator", "submit"):
+            from heddle.graph_cli import run_graph_command
+
+            return run_graph_command(args)
         if args.command == "router":
             return _run_router(args)
+        if args.command == "healthcheck":
+            return _run_healthcheck(args)
+        if args.command == "preflight":
+            return _run_preflight(args)
         if args.command == "dlq":
             from heddle.dlq import run_dlq_command
 

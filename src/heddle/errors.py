@@ -5,7 +5,9 @@ The tree::
     HeddleError
     ├── ConfigError              bad settings, options or YAML
     │   ├── TaskOptionError      unknown or invalid @task option
-    │   └── DuplicateTaskError   two tasks registered under one name
+    │   ├── DuplicateTaskError   two tasks registered under one name
+    │   ├── ConfigFileError      a YAML config file is invalid; lists every error with file and line
+    │   └── LLMConfigError       a model tier has no backend configured; names the variables to set
     ├── EncodeError              an argument or result msgspec cannot encode
     ├── DecodeError              bytes that are not a valid Heddle message
     ├── BrokerError              NATS / JetStream failures (translated in broker.py)
@@ -16,12 +18,21 @@ The tree::
     ├── TaskTimeout              a task ran past its ``timeout`` and was cancelled
     ├── TaskRevoked              the task was revoked before it produced a result
     ├── TaskError                the task raised; carries the remote type, message, traceback
-    └── ServerStartError         an embedded nats-server or valkey-server did not start
+    ├── ServerStartError         an embedded nats-server or valkey-server did not start
+    ├── PreflightError           NATS, JetStream or Valkey failed a check before an actor started
+    ├── HealthServerError        the health/metrics HTTP server cannot listen on its port
+    └── LLMError                 a model call or the model's output failed
+        ├── LLMBackendError      the provider failed (HTTP status, connection); names backend, URL, model
+        │   └── LLMTimeout       every attempt of a model request ran past its timeout
+        ├── LLMInputError        a task's input does not match the worker's input_schema
+        └── LLMOutputError       the output does not match output_schema, even after the repair attempt
 
-nats-py, valkey and httpx exceptions never escape the public API untranslated.
+nats-py, valkey, httpx and anthropic exceptions never escape the public API untranslated.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 __all__ = [
     "BackendError",
@@ -29,10 +40,19 @@ __all__ = [
     "BrokerError",
     "BrokerUnavailable",
     "ConfigError",
+    "ConfigFileError",
     "DecodeError",
     "DuplicateTaskError",
     "EncodeError",
+    "HealthServerError",
     "HeddleError",
+    "LLMBackendError",
+    "LLMConfigError",
+    "LLMError",
+    "LLMInputError",
+    "LLMOutputError",
+    "LLMTimeout",
+    "PreflightError",
     "ResultTimeout",
     "ServerStartError",
     "TaskError",
@@ -98,6 +118,14 @@ class ServerStartError(HeddleError):
     """Raised when an embedded nats-server or valkey-server fails to start."""
 
 
+class PreflightError(HeddleError):
+    """Raised when a pre-flight check of NATS, JetStream or Valkey fails before an actor starts."""
+
+
+class HealthServerError(HeddleError):
+    """Raised when the health and metrics HTTP server cannot listen on its host and port."""
+
+
 class TaskError(HeddleError):
     """Raised by ``AsyncResult.get()`` when the task raised an exception.
 
@@ -123,3 +151,49 @@ class TaskError(HeddleError):
         self.remote_message = remote_message
         self.remote_traceback = remote_traceback
         super().__init__(f"task {task_id} failed: {type_name}: {remote_message}")
+
+
+class ConfigFileError(ConfigError):
+    """Raised when a YAML config file is invalid; ``issues`` holds every error with file and line."""
+
+    def __init__(self, message: str, issues: list[Any] | None = None) -> None:
+        super().__init__(message)
+        self.issues = list(issues or [])
+
+
+class LLMConfigError(ConfigError):
+    """Raised when a model tier's backend is not configured; the message names the variables to set."""
+
+
+class LLMError(HeddleError):
+    """Raised when a model call or the model's output fails."""
+
+
+class LLMBackendError(LLMError):
+    """Raised when a model provider fails; the message names the backend, URL and model.
+
+    Attributes:
+        backend: ``anthropic``, ``lmstudio`` or ``ollama``.
+        url: The endpoint called.
+        model: The model requested.
+        status: HTTP status of the last failed attempt, if there was a response.
+    """
+
+    def __init__(self, message: str, *, backend: str = "", url: str = "", model: str = "", status: int | None = None):
+        super().__init__(message)
+        self.backend = backend
+        self.url = url
+        self.model = model
+        self.status = status
+
+
+class LLMTimeout(LLMBackendError):
+    """Raised when every attempt of a model request runs past its timeout."""
+
+
+class LLMInputError(LLMError):
+    """Raised when a task's input does not match the worker's ``input_schema`` (or is too long)."""
+
+
+class LLMOutputError(LLMError):
+    """Raised when the model's output is not valid for ``output_schema``, even after one repair attempt."""

@@ -95,3 +95,12 @@ def goal_key(goal_id: str) -> str:
 def goal_event_subject(goal_id: str) -> str:
     """Core NATS subject a goal's node transitions are announced on (live progress)."""
     return f"{GOAL_EVENTS_PREFIX}{goal_id}"
+
+
+# LLM workers announce every model call (usage, model, latency, cost) here.
+LLM_EVENTS_PREFIX = "heddle.events.llm."
+
+
+def llm_event_subject(worker_type: str) -> str:
+    """Core NATS subject a YAML LLM worker's model calls are announced on."""
+    return f"{LLM_EVENTS_PREFIX}{worker_type}"

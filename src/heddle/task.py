@@ -6,7 +6,7 @@ import difflib
 import inspect
 import random
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar, overload
 
@@ -20,7 +20,7 @@ from heddle.settings import check_name
 
 if TYPE_CHECKING:
     from heddle.app import Heddle
-    from heddle.canvas import Signature
+    from heddle.canvas import Signature, xmap, xstarmap
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -274,6 +274,21 @@ class Task(Generic[P, R]):
 
         return Signature(task=self.name, args=tuple(args), kwargs=kwargs, immutable=True, app=self.app)
 
+    def map(self, items: Iterable[Any] | None = None) -> xmap:
+        """A graph node calling this task once per element of ``items``, results in order.
+
+        Without ``items``, inside a chain, the elements are those of the previous result.
+        """
+        from heddle.canvas import xmap
+
+        return xmap(self.s(), items)
+
+    def starmap(self, items: Iterable[Any] | None = None) -> xstarmap:
+        """Like :meth:`map`, but each element is the list of arguments of one call."""
+        from heddle.canvas import xstarmap
+
+        return xstarmap(self.s(), items)
+
 
 def _encode_args(task: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
     """Check encodability and name the first argument that fails."""
@@ -367,7 +382,7 @@ def send(
 def send_by_name(
     app: Heddle,
     name: str,
-    args: tuple[Any, ...] | list[Any] = (),
+    args: tuple[Any, ...] | list[Any] | dict[str, Any] = (),
     kwargs: dict[str, Any] | None = None,
     **options: Any,
 ) -> AsyncResult[Any]:
@@ -379,5 +394,9 @@ def send_by_name(
         # A bare name that is not one of this app's tasks names a worker type of its
         # own, such as a YAML LLM worker (``send_task("summarizer", ...)``).
         options["worker_type"] = name
+    if isinstance(args, dict):
+        # One input object, as YAML LLM workers take it: send_task("summarizer", {"text": ...}).
+        # tuple(args) would silently send the dict's keys instead.
+        args = (args,)
     return send(app, name, tuple(args), dict(kwargs or {}), **options)
 

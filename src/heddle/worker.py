@@ -41,6 +41,7 @@ from heddle.messages import (
     revoke_decoder,
     task_decoder,
 )
+from heddle.metrics import WorkerMetrics
 from heddle.registry import Heartbeat, WorkerInfo, worker_id
 from heddle.results import StoreRequest, encode_record
 from heddle.version import __version__
@@ -137,6 +138,7 @@ class Worker:
         self.conns: Connections | None = None
         self.ready = asyncio.Event()
         self.stats = {"received": 0, "succeeded": 0, "failed": 0, "retried": 0, "dead_lettered": 0}
+        self.metrics = WorkerMetrics(self.worker_type)
         self._stop = asyncio.Event()
         self._slot_freed = asyncio.Event()
         self._outcomes: list[Outcome] = []
@@ -164,6 +166,11 @@ class Worker:
     def last_tick(self) -> float:
         """Monotonic time the fetch loop last went round (for liveness probes)."""
         return self._last_tick
+
+    @property
+    def consumers(self) -> list[tuple[str, str]]:
+        """``(stream, durable)`` of the consumer this worker takes tasks from (for readiness and metrics)."""
+        return [(names.TASKS_STREAM, self._durable)] if self._durable else []
 
     async def run(self) -> None:
         """Connect, consume until :meth:`request_stop`, then drain and disconnect."""
@@ -235,7 +242,9 @@ class Worker:
             free = self.concurrency - len(self.inflight)
             if free <= 0:
                 self._slot_freed.clear()
-                await self._slot_freed.wait()
+                # Wake now and then: a worker full of long tasks is still a live loop.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._slot_freed.wait(), _FETCH_TIMEOUT_S)
                 continue
             try:
                 if self._rebind or self._psub is None:
@@ -267,6 +276,7 @@ class Worker:
         tasks = self.app.tasks
         for msg in msgs:
             self.stats["received"] += 1
+            self.metrics.received(msg.subject, (msg.headers or {}).get(names.HDR_TASK, ""))
             try:
                 tm = task_decoder.decode(msg.data)
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -467,6 +477,7 @@ class Worker:
             elif action == "retry":
                 next(it)
                 self.stats["retried"] += 1
+                self.metrics.retried(msg.subject, job.message.task, o.finished_at - job.started_at)
                 await _quiet(msg.nak(delay=delay))
             else:
                 wrote = next(it)
@@ -474,6 +485,7 @@ class Worker:
                     await broker.publish_core(names.result_subject(job.message.id), rec)
                     if o.state == FAILURE:
                         self.stats["failed"] += 1
+                        self.metrics.failed(msg.subject, job.message.task, o.finished_at - job.started_at)
                         reason = f"{o.error.type}: {o.error.message}" if o.error else "failed"
                         await broker.dead_letter(
                             msg.data,
@@ -485,6 +497,7 @@ class Worker:
                         )
                     else:
                         self.stats["succeeded"] += 1
+                        self.metrics.succeeded(msg.subject, job.message.task, o.finished_at - job.started_at)
                 await _quiet(msg.ack())
             self._finish(job)
 

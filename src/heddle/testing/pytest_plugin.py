@@ -6,6 +6,8 @@ Fixtures:
         your own app; the default is an empty app with a unique name.
     heddle_worker: a worker running ``heddle_app``'s tasks in a background
         thread, with the app pointed at the embedded servers.
+    heddle_orchestrator: an orchestrator in a background thread, so task
+        graphs (chain, group, chord, map) and pipelines run.
 
 Example::
 
@@ -35,6 +37,7 @@ from heddle.testing import EmbeddedServers, running_worker
 
 if TYPE_CHECKING:
     from heddle.app import Heddle
+    from heddle.orchestrator import Orchestrator
     from heddle.worker import Worker
 
 
@@ -66,3 +69,13 @@ def heddle_worker(heddle_app: Heddle, heddle_servers: EmbeddedServers) -> Iterat
     with running_worker(heddle_app) as worker:
         yield worker
     heddle_app.close()
+
+
+@pytest.fixture
+def heddle_orchestrator(heddle_app: Heddle, heddle_servers: EmbeddedServers) -> Iterator[Orchestrator]:
+    """An orchestrator against the embedded servers (use with ``heddle_worker`` to run graphs)."""
+    from heddle.testing.orchestrators import running_orchestrator
+
+    heddle_app.configure(nats_url=heddle_servers.nats_url, valkey_url=heddle_servers.valkey_url)
+    with running_orchestrator(heddle_app) as orch:
+        yield orch

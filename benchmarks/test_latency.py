@@ -1,0 +1,138 @@
+"""Round-trip latency: one task at a time through the worker process, against raw nats-py.
+
+* raw nats-py: publish and wait for the stream's ack, fetch(1) from a pull
+  consumer, ack (``baseline.round_trips``);
+* heddle, sync caller: ``noop.delay().get()``, the Celery-style call (it goes
+  through the client's background event loop thread);
+* heddle, async caller: ``await noop.apply_async().aget()``.
+
+Each call waits for the previous one, so the worker is idle between tasks and
+the figure is the pure path: publish, delivery, claim, run, store, notice.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import baseline
+from harness import TARGETS, median, percentile, run_async
+from rich.table import Table
+
+_WARMUP = 50
+
+
+def _sync_round_trips(task: Any, n: int) -> tuple[list[float], dict[str, list[float]]]:
+    """Time ``delay().get()``; split each call by the worker's timestamps in its result record.
+
+    ``started_at`` is taken by the worker once the task is claimed in Valkey and
+    ``finished_at`` when the function returned, both on this machine's clock.
+    """
+    samples = []
+    phases: dict[str, list[float]] = {"to_claimed": [], "running": [], "to_caller": []}
+    for i in range(_WARMUP + n):
+        w0 = time.time()
+        t0 = time.perf_counter()
+        r = task.delay()
+        r.get(timeout=30)
+        elapsed = time.perf_counter() - t0
+        w1 = time.time()
+        if i >= _WARMUP:
+            samples.append(elapsed)
+            rec = r.record  # one more Valkey read, outside the timed part
+            phases["to_claimed"].append(rec.started_at - w0)
+            phases["running"].append(rec.finished_at - rec.started_at)
+            phases["to_caller"].append(w1 - rec.finished_at)
+    return samples, phases
+
+
+async def _async_round_trips(task: Any, n: int) -> list[float]:
+    samples = []
+    try:
+        for i in range(_WARMUP + n):
+            t0 = time.perf_counter()
+            await task.apply_async().aget(timeout=30)
+            if i >= _WARMUP:
+                samples.append(time.perf_counter() - t0)
+    finally:
+        await task.app.aclose()
+    return samples
+
+
+def _summary(rounds: list[list[float]]) -> dict[str, float]:
+    """Median over rounds of each round's p50/p99/mean, in milliseconds."""
+    return {
+        "p50_ms": median([percentile(r, 50) for r in rounds]) * 1e3,
+        "p90_ms": median([percentile(r, 90) for r in rounds]) * 1e3,
+        "p99_ms": median([percentile(r, 99) for r in rounds]) * 1e3,
+        "mean_ms": median([sum(r) / len(r) for r in rounds]) * 1e3,
+        "max_ms": median([max(r) for r in rounds]) * 1e3,
+    }
+
+
+def test_round_trip_latency_against_a_raw_nats_baseline(
+    servers: Any, worker: Any, bench_app: Any, bench_config: Any, report: Any
+) -> None:
+    cfg = bench_config
+    n = cfg.latency_n
+    raw: list[list[float]] = []
+    sync: list[list[float]] = []
+    aio: list[list[float]] = []
+    phases: dict[str, list[list[float]]] = {}
+    for i in range(cfg.rounds):
+        raw.append(run_async(lambda: baseline.round_trips(servers.nats_url, n)))
+        samples, round_phases = _sync_round_trips(bench_app.noop, n)
+        sync.append(samples)
+        for name, values in round_phases.items():
+            phases.setdefault(name, []).append(values)
+        aio.append(run_async(lambda: _async_round_trips(bench_app.noop, n)))
+        report.progress(
+            f"round {i + 1}/{cfg.rounds}: p50 raw {percentile(raw[-1], 50) * 1e3:.2f} ms, "
+            f"delay().get() {percentile(sync[-1], 50) * 1e3:.2f} ms, "
+            f"apply_async().aget() {percentile(aio[-1], 50) * 1e3:.2f} ms"
+        )
+    figures = {
+        "n": n,
+        "rounds": cfg.rounds,
+        "raw_nats_round_trip": _summary(raw),
+        "heddle_sync_delay_get": _summary(sync),
+        "heddle_async_apply_async_aget": _summary(aio),
+    }
+    figures["sync_phases_p50_ms"] = {
+        name: median([percentile(r, 50) for r in rounds]) * 1e3 for name, rounds in phases.items()
+    }
+    figures["ratio_sync_p50_to_raw_p50"] = (
+        figures["heddle_sync_delay_get"]["p50_ms"] / figures["raw_nats_round_trip"]["p50_ms"]
+    )
+    report.add("latency", figures)
+
+    t = Table(title=f"Round trip: {n} sequential calls, median of {cfg.rounds} rounds (ms)")
+    t.add_column("path")
+    for col in ("p50", "p90", "p99", "mean", "max"):
+        t.add_column(col, justify="right")
+    rows = [
+        ("raw nats-py: publish+ack, fetch(1), ack", "raw_nats_round_trip"),
+        ("heddle: noop.delay().get()", "heddle_sync_delay_get"),
+        ("heddle: await noop.apply_async().aget()", "heddle_async_apply_async_aget"),
+    ]
+    for label, key in rows:
+        f = figures[key]
+        t.add_row(label, *(f"{f[k]:.2f}" for k in ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "max_ms")))
+    report.show(
+        t,
+        note=f"target: p50 <= {TARGETS['round_trip_p50_ms']} ms; delay().get() p50 is "
+        f"{figures['ratio_sync_p50_to_raw_p50']:.1f}x the raw nats-py round trip",
+    )
+
+    p = Table(title="Where a delay().get() round trip goes (p50 of each phase, ms)")
+    p.add_column("phase")
+    p.add_column("ms", justify="right")
+    p.add_column("what happens")
+    labels = {
+        "to_claimed": "publish, JetStream store + ack, delivery to the worker, Valkey claim",
+        "running": "the no-op task runs; its outcome is queued for the store loop",
+        "to_caller": "Valkey store, result notice, ack, the caller wakes up",
+    }
+    for name, label in labels.items():
+        p.add_row(name, f"{figures['sync_phases_p50_ms'][name]:.2f}", label)
+    report.show(p)

@@ -1,0 +1,282 @@
+"""Command line for goals: ``heddle orchestrator``, ``heddle submit``, and the worker's orchestrator flags.
+
+``heddle.cli`` wires these in; they live here to keep the CLI module small.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from heddle import names
+from heddle.errors import ConfigError
+from heddle.graph import DISPATCHED, NodeState
+from heddle.messages import STARTED, SUCCESS
+from heddle.orchestrator import DEFAULT_MAX_CONCURRENT_GOALS, Orchestrator
+
+if TYPE_CHECKING:
+    from heddle.app import Heddle
+    from heddle.canvas import GraphResult
+    from heddle.pipeline import Pipeline
+
+__all__ = ["add_graph_commands", "add_orchestrator_args", "make_orchestrator", "run_graph_command"]
+
+err_console = Console(stderr=True)
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return int(text)
+
+
+def add_orchestrator_args(p: argparse.ArgumentParser) -> None:
+    """The worker command's flags for the orchestrator it hosts."""
+    p.add_argument("--no-orchestrator", action="store_true", help="do not host an orchestrator loop in this process")
+    p.add_argument(
+        "--max-concurrent-goals",
+        type=_positive_int,
+        default=DEFAULT_MAX_CONCURRENT_GOALS,
+        help=f"most goals the hosted orchestrator runs at once; the rest wait (default {DEFAULT_MAX_CONCURRENT_GOALS})",
+    )
+
+
+def make_orchestrator(app: Heddle, args: argparse.Namespace) -> Orchestrator | None:
+    """The orchestrator a worker process hosts, unless ``--no-orchestrator``."""
+    if getattr(args, "no_orchestrator", False):
+        return None
+    return Orchestrator(app, max_concurrent_goals=getattr(args, "max_concurrent_goals", DEFAULT_MAX_CONCURRENT_GOALS))
+
+
+def add_graph_commands(sub: Any) -> None:
+    """``heddle orchestrator`` and ``heddle submit``."""
+    from heddle.cli import add_actor_args
+
+    o = sub.add_parser("orchestrator", help="run an orchestrator: task graphs and pipelines from heddle.goals.incoming")
+    o.add_argument("-A", "--app", default=None,
+                   help="module[:attribute] of an app whose settings to use (default: NATS_URL, VALKEY_URL)")
+    o.add_argument("--max-concurrent-goals", type=_positive_int, default=DEFAULT_MAX_CONCURRENT_GOALS,
+                   help=f"most goals run at once; the rest wait in the stream (default {DEFAULT_MAX_CONCURRENT_GOALS})")
+    o.add_argument("--loglevel", default="INFO")
+    add_actor_args(o)
+    s = sub.add_parser("submit", help="run a pipeline file, showing live per-stage progress and a timeline")
+    s.add_argument("pipeline", help="pipeline YAML file")
+    s.add_argument("--input", default="{}", help="the goal context as a JSON object, or @FILE holding one")
+    s.add_argument("-A", "--app", default=None,
+                   help="module[:attribute] of the app whose workers run the `task:` stages")
+    s.add_argument("--timeout", type=float, default=None, help="seconds to wait for the result (default: no limit)")
+    s.add_argument("--task-id", default=None, help="the goal id (a repeat within the dedup window is dropped)")
+    s.add_argument("--json", action="store_true", help="print the outcome and timeline as JSON on stdout")
+    s.add_argument("--quiet", action="store_true", help="no live progress")
+
+
+def run_graph_command(args: argparse.Namespace) -> int:
+    """Run ``heddle orchestrator`` or ``heddle submit``."""
+    if args.command == "orchestrator":
+        return _run_orchestrator(args)
+    return _run_submit(args)
+
+
+# -- heddle orchestrator -------------------------------------------------------------------
+
+
+def _run_orchestrator(args: argparse.Namespace) -> int:
+    from heddle.app import Heddle
+    from heddle.cli import _install_loop_policy, load_app, preflight
+    from heddle.health import start_health_server
+
+    logging.basicConfig(level=args.loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = load_app(args.app) if args.app else Heddle("orchestrator")
+    preflight(args, app)
+    orch = Orchestrator(app, max_concurrent_goals=args.max_concurrent_goals)
+    err_console.print(
+        f"[bold]heddle orchestrator[/]  nats {app.settings.nats_url}  valkey {app.settings.valkey_url}  "
+        f"max_concurrent_goals={args.max_concurrent_goals}"
+    )
+
+    async def run() -> None:
+        health = await start_health_server([orch], app.settings, args.health_port)
+
+        def stop() -> None:
+            if health is not None:
+                health.mark_draining()
+            orch.request_stop()
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop)
+        try:
+            await orch.run()
+        finally:
+            if health is not None:
+                await health.stop()
+            await app.aclose()
+
+    _install_loop_policy()
+    asyncio.run(run())
+    return 0
+
+
+# -- heddle submit -------------------------------------------------------------------------
+
+
+def _parse_input(text: str) -> dict[str, Any]:
+    source = "--input"
+    if text.startswith("@"):
+        source = text[1:]
+        try:
+            text = Path(source).read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read the input file {source}: {exc.strerror}") from None
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(
+            f"{source} is not valid JSON ({exc}); pass an object such as '{{\"text\": \"...\"}}'"
+        ) from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source} must be a JSON object (it becomes goal.context), got {type(value).__name__}")
+    return value
+
+
+def _submit_app(args: argparse.Namespace, pipeline: Pipeline) -> Heddle:
+    from heddle.app import Heddle
+    from heddle.cli import load_app
+
+    if args.app:
+        return load_app(args.app)
+    dotted = [s.name for s in pipeline.node.stages if s.task is not None and "." in s.task]
+    if dotted:
+        raise ConfigError(
+            f"stage(s) {', '.join(dotted)} name Python tasks; pass -A module[:app] so heddle knows "
+            f"which app's workers run them"
+        )
+    return Heddle("submit")
+
+
+def _run_submit(args: argparse.Namespace) -> int:
+    from heddle.pipeline import load_pipeline
+
+    pipeline = load_pipeline(args.pipeline)
+    context = _parse_input(args.input)
+    app = _submit_app(args, pipeline)
+    try:
+        outcome = asyncio.run(_submit(app, pipeline, context, args))
+    finally:
+        app.close()
+    if args.json:
+        print(json.dumps(outcome, indent=2, default=str))
+    else:
+        out = Console(soft_wrap=True)
+        out.print(_timeline_table(outcome["timeline"], title=f"{pipeline.name} {outcome['goal_id']}"))
+        if outcome["state"] == SUCCESS:
+            out.print_json(json.dumps(outcome["output"], default=str))
+        else:
+            out.print(f"[bold red]{outcome['state']}[/]: {outcome['error']}")
+    return 0 if outcome["state"] == SUCCESS else 1
+
+
+async def _submit(app: Heddle, pipeline: Pipeline, context: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    result = pipeline.apply_async(context, app=app, task_id=args.task_id)
+    await result.sent()
+    if not args.quiet:
+        err_console.print(f"submitted goal [cyan]{result.id}[/] ({pipeline.name}, {len(pipeline.node.stages)} stages)")
+    waiter = asyncio.ensure_future(result.aget(timeout=args.timeout, propagate=False))
+    if not args.quiet:
+        await _show_progress(app, result, pipeline, waiter)
+    try:
+        await waiter
+    finally:
+        await app.aclose()
+    record = result._record
+    assert record is not None
+    return {
+        "goal_id": result.id,
+        "pipeline": pipeline.name,
+        "state": record.state,
+        "output": record.result,
+        "error": f"{record.error.type}: {record.error.message}" if record.error else None,
+        "started": record.started_at,
+        "ended": record.finished_at,
+        "wall_s": round(record.finished_at - record.started_at, 6),
+        "timeline": record.meta.get("timeline", []),
+    }
+
+
+async def _show_progress(app: Heddle, result: GraphResult, pipeline: Pipeline, waiter: asyncio.Future[Any]) -> None:
+    """Redraw the stage table on every node transition the orchestrator announces."""
+    conns = await app._connections()
+    changed = asyncio.Event()
+
+    async def on_event(_msg: Any) -> None:
+        changed.set()
+
+    sub = await conns.broker.subscribe(names.goal_event_subject(result.id), cb=on_event)
+    stage_names = [s.name for s in pipeline.node.stages]
+    try:
+        with Live(console=err_console, refresh_per_second=8, transient=False) as live:
+            while True:
+                states = await result.anodes()
+                running = {
+                    p for p, st in states.items()
+                    if st.state == DISPATCHED and await app.AsyncResult(st.task_id).astate() == STARTED
+                }
+                live.update(_progress_table(stage_names, states, running))
+                if waiter.done():
+                    break
+                changed.clear()
+                # Events make redraws prompt; the timeout only refreshes the elapsed column.
+                ping = asyncio.ensure_future(changed.wait())
+                await asyncio.wait({waiter, ping}, timeout=0.5, return_when=asyncio.FIRST_COMPLETED)
+                ping.cancel()
+    finally:
+        await sub.unsubscribe()
+
+
+def _progress_table(stage_names: list[str], states: dict[str, NodeState], running: set[str]) -> Table:
+    table = Table(title="stages", title_justify="left")
+    for col in ("stage", "state", "elapsed", "tier", "worker"):
+        table.add_column(col)
+    now = time.time()
+    style = {"succeeded": "green", "failed": "red", "skipped": "dim", "revoked": "yellow", "recovered": "yellow"}
+    for name in stage_names:
+        st = states.get(name)
+        if st is None:
+            table.add_row(name, "[dim]waiting[/]", "", "", "")
+            continue
+        state = "running" if name in running else ("queued" if st.state == DISPATCHED else st.state)
+        begin = st.started_at or st.sent_at
+        end = st.ended_at or now
+        elapsed = f"{end - begin:.2f}s" if begin else ""
+        colour = style.get(state, "cyan")
+        table.add_row(name, f"[{colour}]{state}[/]", elapsed, st.tier, st.worker)
+    return table
+
+
+def _clock(t: float | None) -> str:
+    if not t:
+        return "-"
+    return time.strftime("%H:%M:%S", time.localtime(t)) + f".{int((t % 1) * 1000):03d}"
+
+
+def _timeline_table(rows: list[dict[str, Any]], title: str) -> Table:
+    table = Table(title=f"timeline {title}", title_justify="left")
+    for col in ("stage", "state", "started", "ended", "wall", "tier", "worker"):
+        table.add_column(col)
+    for r in rows:
+        wall = f"{r['wall_s']:.3f}s" if r.get("wall_s") is not None else "-"
+        state = r["state"] + (f" ({r['reason']})" if r.get("reason") else "")
+        table.add_row(r["name"], state, _clock(r.get("started")), _clock(r.get("ended")), wall,
+                      r.get("tier") or "-", r.get("worker") or "-")
+    return table
+

@@ -1,0 +1,308 @@
+"""``await heddle.llm.complete(...)``: one model call, optionally with a JSON output schema.
+
+With a schema the flow is: call the tier's backend → extract the JSON from the
+reply (code fences, preamble) → validate it → if it is not valid, one repair
+call that shows the model its reply and the validation errors → fail with
+those errors if it is still invalid. YAML LLM workers run the same flow.
+
+Inside a task run by a worker, every call adds its usage to
+``current_task().meta`` (``input_tokens``, ``output_tokens``, ``model``,
+``backend``, ``tier``, ``latency_s``, ``llm_calls`` and, with a price table,
+``cost_usd``), so it is stored with the result.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from heddle.context import _current as _current_task
+from heddle.errors import ConfigError, LLMInputError, LLMOutputError
+from heddle.llm.backends import backend_for_tier
+from heddle.llm.backends.base import ChatReply, ChatRequest
+from heddle.llm.config import Price, load_prices
+from heddle.llm.extract import NoJSONFound, extract_json
+from heddle.llm.schema import Schema, SchemaViolation, check_schema
+from heddle.names import TIERS
+from heddle.settings import LLMSettings
+
+__all__ = ["Completion", "complete", "estimate_tokens"]
+
+# Characters per token for the input-size guard: a deliberate overestimate of
+# tokens for English text, so the guard trips before the provider's limit does.
+CHARS_PER_TOKEN = 4
+_MAX_ERRORS_SHOWN = 10
+
+
+@dataclass(frozen=True)
+class Completion:
+    """The result of :func:`complete`.
+
+    Attributes:
+        text: The final reply text.
+        data: The JSON value parsed from it when a schema was given (else None).
+        model: Model id the provider reported.
+        backend: ``lmstudio``, ``ollama`` or ``anthropic``.
+        tier: The tier called.
+        input_tokens: Prompt tokens, summed over the calls made.
+        output_tokens: Generated tokens, summed over the calls made.
+        latency_s: Wall time of the whole call, retries and repair included.
+        calls: Model calls made (2 when the output was repaired).
+        attempts: HTTP attempts made, retries included.
+        cost_usd: Cost from the price table, or None without a price for the model.
+    """
+
+    text: str
+    data: Any
+    model: str
+    backend: str
+    tier: str
+    input_tokens: int
+    output_tokens: int
+    latency_s: float
+    calls: int = 1
+    attempts: int = 1
+    cost_usd: float | None = None
+
+    def usage(self) -> dict[str, Any]:
+        """Usage as plain data, as stored in result metadata and events."""
+        out: dict[str, Any] = {
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "model": self.model,
+            "backend": self.backend,
+            "tier": self.tier,
+            "latency_s": round(self.latency_s, 4),
+            "llm_calls": self.calls,
+        }
+        if self.cost_usd is not None:
+            out["cost_usd"] = self.cost_usd
+        return out
+
+
+def estimate_tokens(*texts: str) -> int:
+    """Rough token count of some text (4 characters a token), for the input-size guard."""
+    return sum(-(-len(t) // CHARS_PER_TOKEN) for t in texts)
+
+
+_prices: dict[str, dict[str, Price]] = {}
+_prices_lock = threading.Lock()
+
+
+def price_for(model: str, settings: LLMSettings) -> Price | None:
+    """The price of ``model`` from the ``HEDDLE_PRICES`` table (loaded once per path)."""
+    if not settings.prices_path:
+        return None
+    with _prices_lock:
+        table = _prices.get(settings.prices_path)
+        if table is None:
+            table = _prices[settings.prices_path] = load_prices(settings.prices_path)
+    return table.get(model)
+
+
+def _messages(messages: str | Sequence[Mapping[str, str]], system: str) -> tuple[str, list[dict[str, str]]]:
+    if isinstance(messages, str):
+        return system, [{"role": "user", "content": messages}]
+    out: list[dict[str, str]] = []
+    systems = [system] if system else []
+    for i, m in enumerate(messages):
+        role, content = m.get("role"), m.get("content")
+        if not isinstance(content, str):
+            raise TypeError(f"messages[{i}]['content'] must be a string, got {content!r}")
+        if role == "system":
+            systems.append(content)
+        elif role in ("user", "assistant"):
+            out.append({"role": role, "content": content})
+        else:
+            raise TypeError(f"messages[{i}]['role'] must be 'system', 'user' or 'assistant', got {role!r}")
+    if not out or out[-1]["role"] != "user":
+        raise TypeError("messages must end with a 'user' message")
+    return "\n\n".join(systems), out
+
+
+def _schema(schema: Schema | Mapping[str, Any]) -> Schema:
+    if isinstance(schema, Schema):
+        return schema
+    problems = check_schema(schema)
+    if problems:
+        listed = "; ".join(f"{'.'.join(map(str, p)) or '(root)'}: {m}" for p, m in problems)
+        raise ConfigError(f"invalid output schema: {listed}")
+    return Schema(schema)
+
+
+def schema_instructions(schema: Mapping[str, Any]) -> str:
+    """What the system prompt says about the output format."""
+    return (
+        "Reply with only a JSON value that matches this JSON Schema, with no other text before or after it:\n"
+        + json.dumps(schema, ensure_ascii=False)
+    )
+
+
+def _problems(violations: Sequence[SchemaViolation]) -> str:
+    shown = "; ".join(map(str, violations[:_MAX_ERRORS_SHOWN]))
+    more = len(violations) - _MAX_ERRORS_SHOWN
+    return shown + (f"; and {more} more" if more > 0 else "")
+
+
+def _check(reply: ChatReply, validator: Schema) -> tuple[Any, str | None]:
+    """Parse and validate a reply; return (value, None) or (None, what is wrong)."""
+    try:
+        value = extract_json(reply.text)
+    except NoJSONFound as exc:
+        return None, f"it is not valid JSON: {exc}"
+    errors = validator.errors(value)
+    if errors:
+        return None, f"it does not match the schema: {_problems(errors)}"
+    return value, None
+
+
+def _clip(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+async def complete(
+    messages: str | Sequence[Mapping[str, str]],
+    *,
+    tier: str = "standard",
+    schema: Schema | Mapping[str, Any] | None = None,
+    system: str = "",
+    max_tokens: int = 1024,
+    temperature: float = 0.0,
+    timeout_s: float = 120.0,
+    retries: int = 2,
+    max_input_tokens: int | None = None,
+    settings: LLMSettings | None = None,
+) -> Completion:
+    """Call the model of ``tier`` and return its reply, parsed and validated when ``schema`` is given.
+
+    Args:
+        messages: A user prompt, or ``[{"role": "user", "content": ...}, ...]``
+            (``system`` entries are joined into the system prompt).
+        tier: ``local``, ``standard`` or ``frontier``; see :mod:`heddle.llm.backends`.
+        schema: JSON Schema (the subset in :mod:`heddle.llm.schema`) the reply must match.
+        system: System prompt.
+        max_tokens: Most tokens to generate per call.
+        temperature: Sampling temperature.
+        timeout_s: Time limit of one model request.
+        retries: Retries of a request on 429, 5xx, connection errors and timeouts.
+        max_input_tokens: Refuse inputs estimated above this many tokens, without a call.
+        settings: Backend settings; default: from the environment.
+
+    Returns:
+        A :class:`Completion` with the text, the parsed ``data`` and usage.
+
+    Raises:
+        LLMConfigError: The tier has no backend configured.
+        LLMBackendError: The provider failed (``LLMTimeout`` when it did not answer in time).
+        LLMInputError: The input is longer than ``max_input_tokens``.
+        LLMOutputError: The reply does not match ``schema``, even after one repair call.
+
+    Example:
+        >>> c = await heddle.llm.complete("Is 7 prime?", tier="local",
+        ...     schema={"type": "object", "required": ["prime"], "properties": {"prime": {"type": "boolean"}}})
+        >>> c.data["prime"], c.input_tokens, c.model
+    """
+    if tier not in TIERS:
+        raise ValueError(f"tier must be one of {', '.join(TIERS)}, got {tier!r}")
+    s = settings if settings is not None else LLMSettings.load()
+    backend = backend_for_tier(tier, s)
+    system, msgs = _messages(messages, system)
+    validator = _schema(schema) if schema is not None else None
+    if validator is not None:
+        system = "\n\n".join(part for part in (system, schema_instructions(validator.schema)) if part)
+    if max_input_tokens is not None:
+        estimate = estimate_tokens(system, *(m["content"] for m in msgs))
+        if estimate > max_input_tokens:
+            raise LLMInputError(
+                f"input too long: about {estimate} tokens (estimated at {CHARS_PER_TOKEN} characters a token) "
+                f"with the system prompt, more than max_input_tokens={max_input_tokens}"
+            )
+    request = ChatRequest(
+        messages=msgs,
+        system=system,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        json_schema=validator.schema if validator is not None else None,
+        timeout_s=timeout_s,
+        retries=retries,
+    )
+    started = time.monotonic()
+    replies = [await backend.chat(request)]
+    data: Any = None
+    failure: str | None = None
+
+    def summary() -> Completion:
+        last = replies[-1]
+        input_tokens = sum(r.input_tokens for r in replies)
+        output_tokens = sum(r.output_tokens for r in replies)
+        price = price_for(last.model, s) or price_for(backend.model, s)
+        return Completion(
+            text=last.text,
+            data=data,
+            model=last.model,
+            backend=backend.name,
+            tier=tier,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            latency_s=time.monotonic() - started,
+            calls=len(replies),
+            attempts=sum(r.attempts for r in replies),
+            cost_usd=price.cost_usd(input_tokens, output_tokens) if price is not None else None,
+        )
+
+    if validator is not None:
+        data, failure = _check(replies[0], validator)
+        if failure is not None:
+            repair = ChatRequest(
+                messages=[
+                    *msgs,
+                    {"role": "assistant", "content": replies[0].text},
+                    {
+                        "role": "user",
+                        "content": f"Your reply cannot be used because {failure}. Reply again with only the "
+                        f"corrected JSON, matching the schema exactly.",
+                    },
+                ],
+                system=system,
+                max_tokens=max_tokens,
+                temperature=temperature,
+                json_schema=validator.schema,
+                timeout_s=timeout_s,
+                retries=retries,
+            )
+            try:
+                replies.append(await backend.chat(repair))
+            except Exception:
+                _add_to_task_meta(summary())  # the first call was spent (and billed) all the same
+                raise
+            data, failure = _check(replies[-1], validator)
+    completion = summary()
+    _add_to_task_meta(completion)
+    if failure is not None:
+        raise LLMOutputError(
+            f"the output of {backend.name} model {completion.model} is invalid after a repair attempt: {failure}; "
+            f"last reply: {_clip(completion.text)!r}"
+        )
+    return completion
+
+
+def _add_to_task_meta(c: Completion) -> None:
+    """Add a call's usage to the running task's result metadata (summed over calls)."""
+    ctx = _current_task.get()
+    if ctx is None:
+        return
+    meta = ctx.meta
+    for key, value in (
+        ("input_tokens", c.input_tokens),
+        ("output_tokens", c.output_tokens),
+        ("llm_calls", c.calls),
+    ):
+        meta[key] = int(meta.get(key, 0)) + value
+    meta["latency_s"] = round(float(meta.get("latency_s", 0.0)) + c.latency_s, 4)
+    meta["model"], meta["backend"], meta["tier"] = c.model, c.backend, c.tier
+    if c.cost_usd is not None:
+        meta["cost_usd"] = float(meta.get("cost_usd", 0.0)) + c.cost_usd

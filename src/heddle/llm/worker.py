@@ -1,0 +1,283 @@
+"""A YAML LLM worker is an ordinary Heddle app with one task, named after the config.
+
+``worker_app(config, tier)`` builds ``Heddle(config.name)`` whose single async
+task ``config.name`` takes the input object and returns the model's output
+object; ``heddle.worker.Worker(app, tier=tier)`` then consumes
+``heddle.tasks.{name}.{tier}`` like any worker, with in-progress acks while
+the model call is open and cancellation on revoke.
+
+Per task: validate the input (invalid → FAILURE "invalid input", no model
+call) → :func:`heddle.llm.complete` with the system prompt and the output
+schema (extract, validate, one repair) → the output object. Usage goes into
+the result metadata and an :class:`LLMCallEvent` on
+``heddle.events.llm.{name}``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from heddle import names
+from heddle.context import _current as _current_task
+from heddle.errors import LLMInputError
+from heddle.llm.backends import check_tier
+from heddle.llm.complete import Completion, complete
+from heddle.llm.config import WorkerConfig, load_worker_config
+from heddle.llm.schema import Schema, describe_value
+from heddle.settings import LLMSettings, Settings
+
+if TYPE_CHECKING:
+    from heddle.app import Heddle
+    from heddle.canvas import Signature
+    from heddle.results import AsyncResult
+    from heddle.worker import Worker
+
+__all__ = ["LLMCallEvent", "LLMWorkerHandle", "handle", "worker_app"]
+
+log = logging.getLogger("heddle.llm")
+
+
+class LLMCallEvent(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Published (msgpack) on ``heddle.events.llm.{worker_type}`` after each task of an LLM worker."""
+
+    v: int = 1
+    task_id: str
+    worker_type: str
+    tier: str
+    ok: bool
+    backend: str = ""
+    model: str = ""
+    input_tokens: int = 0
+    output_tokens: int = 0
+    latency_s: float = 0.0
+    llm_calls: int = 0
+    cost_usd: float | None = None
+    error: str = ""
+    at: float = 0.0
+
+
+_event_encoder = msgspec.msgpack.Encoder()
+event_decoder = msgspec.msgpack.Decoder(LLMCallEvent)
+
+
+def _invalid_input(name: str, detail: str) -> LLMInputError:
+    return LLMInputError(f"invalid input for {name}: {detail}")
+
+
+class _Runner:
+    """Runs one config's tasks; everything that can be built once is built here."""
+
+    def __init__(self, config: WorkerConfig, app: Heddle, tier: str, settings: LLMSettings) -> None:
+        self.config = config
+        self.app = app
+        self.tier = tier
+        self.settings = settings
+        self.inputs: Schema = config.input_validator()
+        self.outputs: Schema = config.output_validator()
+        self.subject = names.llm_event_subject(config.name)
+
+    async def run(self, payload: Any, fields: dict[str, Any]) -> Any:
+        ctx = _current_task.get()
+        tier = (ctx.tier if ctx is not None and ctx.tier else None) or self.tier
+        started = time.monotonic()
+        try:
+            if payload is None:
+                payload = fields
+            elif fields:
+                raise _invalid_input(self.config.name, "pass one input object or keyword fields, not both")
+            if not isinstance(payload, dict):
+                raise _invalid_input(self.config.name, f"expected one JSON object, got {describe_value(payload)}")
+            errors = self.inputs.errors(payload)
+            if errors:
+                raise _invalid_input(self.config.name, "; ".join(map(str, errors)))
+            c = self.config
+            completion = await complete(
+                json.dumps(payload, ensure_ascii=False),
+                tier=tier,
+                schema=self.outputs,
+                system=c.system_prompt,
+                max_tokens=c.max_output_tokens,
+                temperature=c.temperature,
+                timeout_s=c.timeout_seconds,
+                retries=c.retries,
+                max_input_tokens=c.max_input_tokens,
+                settings=self.settings,
+            )
+        except Exception as exc:
+            await self._announce(ctx.id if ctx else "", tier, None, started, str(exc))
+            raise
+        await self._announce(ctx.id if ctx else "", tier, completion, started, "")
+        return completion.data
+
+    async def _announce(self, task_id: str, tier: str, c: Completion | None, started: float, error: str) -> None:
+        """Publish the call's event; events are best effort and never fail the task."""
+        ctx = _current_task.get()
+        meta = ctx.meta if ctx is not None else {}
+        event = LLMCallEvent(
+            task_id=task_id,
+            worker_type=self.config.name,
+            tier=tier,
+            ok=c is not None,
+            backend=c.backend if c else str(meta.get("backend", "")),
+            model=c.model if c else str(meta.get("model", "")),
+            input_tokens=c.input_tokens if c else int(meta.get("input_tokens", 0)),
+            output_tokens=c.output_tokens if c else int(meta.get("output_tokens", 0)),
+            latency_s=time.monotonic() - started,
+            llm_calls=c.calls if c else int(meta.get("llm_calls", 0)),
+            cost_usd=c.cost_usd if c else meta.get("cost_usd"),
+            error=error[:1000],
+            at=time.time(),
+        )
+        try:
+            conns = await self.app._connections()
+            await conns.broker.publish_core(self.subject, _event_encoder.encode(event))
+        except Exception as exc:
+            log.debug("could not publish LLM event: %r", exc)
+
+
+def worker_app(
+    config: WorkerConfig | str | Path,
+    tier: str | None = None,
+    *,
+    settings: Settings | None = None,
+    llm_settings: LLMSettings | None = None,
+    **overrides: Any,
+) -> Heddle:
+    """Build the Heddle app of a YAML LLM worker: one async task named ``config.name``.
+
+    Args:
+        config: A :class:`WorkerConfig` or the path of its YAML file.
+        tier: Tier served (default: the config's ``default_model_tier``).
+        settings: App settings (NATS, Valkey, ``ack_wait_s``...); default from the environment.
+        llm_settings: Backend settings; default from the environment.
+        **overrides: Individual app settings, e.g. ``nats_url=...``.
+
+    Raises:
+        ConfigFileError: The config file is invalid (every error, with file and line).
+        LLMConfigError: The tier has no backend configured (names the variables to set).
+
+    Example:
+        >>> app = worker_app("configs/workers/summarizer.yaml", "local")
+        >>> # heddle.Worker(app, tier="local").run() consumes heddle.tasks.summarizer.local
+    """
+    from heddle.app import Heddle
+    from heddle.task import Task
+
+    cfg = config if isinstance(config, WorkerConfig) else load_worker_config(config)
+    served = tier or cfg.default_model_tier
+    s = llm_settings if llm_settings is not None else LLMSettings.load()
+    check_tier(served, s)  # fail at start-up, not at the first task
+    app = Heddle(cfg.name, settings=settings, **overrides)
+    runner = _Runner(cfg, app, served, s)
+
+    async def run(payload: dict[str, Any] | None = None, /, **fields: Any) -> Any:
+        return await runner.run(payload, fields)
+
+    run.__doc__ = cfg.description or f"YAML LLM worker {cfg.name}"
+    run.__qualname__ = run.__name__ = cfg.name.replace("-", "_")
+    app.register(Task(run, app=app, name=cfg.name, tier=served))
+    return app
+
+
+class HostedWorker:
+    """A worker hosted next to others in one process (``heddle dev``); closes its app when done."""
+
+    actor_kind = "worker"
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.ready = worker.ready
+
+    def __getattr__(self, name: str) -> Any:
+        # Health and metrics read worker attributes (conns, consumers, inflight...).
+        return getattr(self.worker, name)
+
+    async def run(self) -> None:
+        """Run the worker, then close its app's connections."""
+        try:
+            await self.worker.run()
+        finally:
+            with contextlib.suppress(Exception):
+                await self.worker.app.aclose()
+
+    @property
+    def last_tick(self) -> float:
+        """Monotonic time the worker's fetch loop last went round."""
+        return self.worker.last_tick
+
+    def request_stop(self) -> None:
+        """Stop fetching and drain."""
+        self.worker.request_stop()
+
+
+class LLMWorkerHandle:
+    """Call a YAML LLM worker from Python: ``handle(app, "summarizer").delay(text="...")``.
+
+    With the worker's config (``handle(app, "configs/workers/summarizer.yaml")``)
+    the input is checked against ``input_schema`` at the call site.
+
+    Args:
+        app: The app to send through.
+        name: The worker's name (its worker type).
+        tier: Tier to request (default: the router's choice, i.e. the worker's default).
+        input_schema: Checked before sending, when given.
+    """
+
+    def __init__(self, app: Heddle, name: str, *, tier: str | None = None, input_schema: Schema | None = None) -> None:
+        self.app = app
+        self.name = name
+        self.tier = tier
+        self.input_schema = input_schema
+
+    def __repr__(self) -> str:
+        return f"<LLMWorkerHandle {self.name} tier={self.tier or 'default'}>"
+
+    def _payload(self, payload: dict[str, Any] | None, fields: dict[str, Any]) -> dict[str, Any]:
+        if payload is None:
+            payload = fields
+        elif fields:
+            raise TypeError(f"pass {self.name} one input object or keyword fields, not both")
+        if self.input_schema is not None:
+            errors = self.input_schema.errors(payload)
+            if errors:
+                raise _invalid_input(self.name, "; ".join(map(str, errors)))
+        return payload
+
+    def delay(self, payload: dict[str, Any] | None = None, /, **fields: Any) -> AsyncResult[Any]:
+        """Send one input object (or its fields as keywords)."""
+        return self.apply_async(self._payload(payload, fields))
+
+    def apply_async(self, payload: dict[str, Any], **options: Any) -> AsyncResult[Any]:
+        """Send one input object with ``apply_async`` options (``tier``, ``task_id``, ``countdown``...)."""
+        payload = self._payload(payload, {})
+        if self.tier and "tier" not in options:
+            options["tier"] = self.tier
+        return self.app.send_task(self.name, (payload,), worker_type=self.name, **options)
+
+    def s(self, payload: dict[str, Any] | None = None, /, **fields: Any) -> Signature:
+        """A signature for task graphs; with no input it takes the previous task's result."""
+        from heddle.canvas import Signature
+
+        args = () if payload is None and not fields else (self._payload(payload, fields),)
+        options: dict[str, Any] = {"worker_type": self.name}
+        if self.tier:
+            options["tier"] = self.tier
+        return Signature(task=self.name, args=args, options=options, app=self.app)
+
+
+def handle(app: Heddle, worker: str | Path | WorkerConfig, *, tier: str | None = None) -> LLMWorkerHandle:
+    """A handle on a YAML LLM worker, by name or by its config (which adds call-site input checks)."""
+    if isinstance(worker, WorkerConfig):
+        return LLMWorkerHandle(app, worker.name, tier=tier, input_schema=worker.input_validator())
+    text = str(worker)
+    if text.endswith((".yaml", ".yml")) or "/" in text:
+        cfg = load_worker_config(text)
+        return LLMWorkerHandle(app, cfg.name, tier=tier, input_schema=cfg.input_validator())
+    return LLMWorkerHandle(app, text, tier=tier)

@@ -1,0 +1,399 @@
+"""The orchestrator: an actor that runs goals (task graphs) from ``heddle.goals.incoming``.
+
+Every orchestrator shares one durable pull consumer, ``heddle-orchestrator``,
+on the ``HEDDLE_GOALS`` stream. Each takes at most ``max_concurrent_goals``
+goals at a time; the rest wait in the stream (they are never rejected). A goal
+message is acked only when the goal has ended and its result is stored; while
+it runs, in-progress acks keep it from redelivery, so AckWait can stay short
+and a dead orchestrator's goals come back quickly, to be resumed from their
+checkpoints by whichever orchestrator takes them (see :mod:`heddle.graph_run`).
+
+On SIGTERM an orchestrator stops fetching, stops walking its goals and naks
+their messages at once: a goal is resumable, so handing it over is cheaper than
+waiting for a long graph to end. Nodes already dispatched keep running on the
+workers and are waited for by the next orchestrator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import nats.errors
+
+from heddle import names
+from heddle.errors import HeddleError
+from heddle.graph import GOAL_FAILED, GOAL_REVOKED, GOAL_SUCCEEDED, goal_decoder
+from heddle.graph_run import GoalRun
+from heddle.graph_store import GoalStore, check_durability
+from heddle.messages import (
+    FAILURE,
+    READY_STATES,
+    SUCCESS,
+    WIRE_VERSION,
+    ErrorInfo,
+    ResultRecord,
+    revoke_decoder,
+)
+from heddle.results import StoreRequest, encode_record
+
+if TYPE_CHECKING:
+    from nats.aio.msg import Msg
+
+    from heddle.app import Connections, Heddle
+
+log = logging.getLogger("heddle.orchestrator")
+
+_FETCH_TIMEOUT_S = 1.0
+_BACKOFF_S = 0.5
+# A goal interrupted by an infrastructure error (Valkey or NATS unreachable) is
+# handed back with this delay and resumed from its checkpoint.
+_RETRY_DELAY_S = 2.0
+DEFAULT_MAX_CONCURRENT_GOALS = 16
+
+
+@dataclass(eq=False)
+class _Active:
+    msg: Msg
+    run: GoalRun
+    task: asyncio.Task[None] | None = None
+    revoked: bool = False
+
+
+class Orchestrator:
+    """Runs goals.
+
+    Args:
+        app: Any app: gives settings and connections; node tasks name their own worker types.
+        max_concurrent_goals: Most goals in progress at once in this orchestrator.
+        name: Identity recorded in goal results (default ``orchestrator@host:pid``).
+    """
+
+    def __init__(
+        self,
+        app: Heddle,
+        *,
+        max_concurrent_goals: int = DEFAULT_MAX_CONCURRENT_GOALS,
+        name: str | None = None,
+    ) -> None:
+        if not isinstance(max_concurrent_goals, int) or max_concurrent_goals < 1:
+            raise HeddleError(f"max_concurrent_goals must be an int >= 1, got {max_concurrent_goals!r}")
+        self.app = app
+        self.settings = app.settings
+        self.max_concurrent_goals = max_concurrent_goals
+        self.name = name or f"orchestrator@{socket.gethostname()}:{os.getpid()}"
+        self.ready = asyncio.Event()
+        self.last_tick = time.monotonic()
+        self.active: dict[str, _Active] = {}
+        self.stats = {"received": 0, "succeeded": 0, "failed": 0, "revoked": 0, "resumed": 0, "peak_active": 0}
+        #: The start-up warning about Valkey durability, if there was one.
+        self.durability_warning: str | None = None
+        self.conns: Connections | None = None
+        self.store: GoalStore | None = None
+        self._stop = asyncio.Event()
+        self._slot_freed = asyncio.Event()
+        self._psub: Any = None
+        self._rebind = False
+        self._subs: list[Any] = []
+        self._bg: list[asyncio.Task[Any]] = []
+
+    def __repr__(self) -> str:
+        return f"<Orchestrator {self.name} active={len(self.active)}/{self.max_concurrent_goals}>"
+
+    # For the health server (``heddle.health``): labels, consumers to check, in-flight gauge.
+    actor_kind = "orchestrator"
+
+    @property
+    def consumers(self) -> list[tuple[str, str]]:
+        """The (stream, durable consumer) pairs this actor reads."""
+        return [(names.GOALS_STREAM, names.ORCHESTRATOR_CONSUMER)]
+
+    @property
+    def inflight(self) -> dict[str, _Active]:
+        """Goals in progress here."""
+        return self.active
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Stop fetching and hand running goals back (safe to call from a signal handler)."""
+        self._stop.set()
+        self._slot_freed.set()
+
+    async def run(self) -> None:
+        """Connect, run goals until :meth:`request_stop`, then hand back the unfinished ones."""
+        conns = await self.app._connections()
+        self.conns = conns
+        await conns.ensure_streams()
+        self.store = GoalStore(conns.backend, self.settings.result_ttl_s)
+        self.durability_warning = await check_durability(conns.backend)
+        if self.durability_warning:
+            log.warning("!" * 78)
+            log.warning("!! %s", self.durability_warning)
+            log.warning("!" * 78)
+        await self._bind()
+        conns.broker.on_reconnect(self._on_reconnect)
+        self._subs.append(await conns.broker.subscribe(names.REVOKE_SUBJECT, cb=self._on_revoke))
+        await conns.broker.flush()
+        loop = asyncio.get_running_loop()
+        self._bg = [loop.create_task(self._progress_loop(), name="heddle-goal-progress")]
+        self.ready.set()
+        # Deliberately not the worker's "consuming" wording: process supervisors and
+        # tests wait for that line to know the *worker* is subscribed.
+        log.info("orchestrator %s taking goals from %s (at most %d at once)",
+                 self.name, names.GOALS_SUBJECT, self.max_concurrent_goals)
+        try:
+            await self._fetch_loop()
+        finally:
+            await self._shutdown()
+
+    async def _bind(self) -> None:
+        assert self.conns is not None
+        broker = self.conns.broker
+        await broker.ensure_named_consumer(
+            names.ORCHESTRATOR_CONSUMER,
+            names.GOALS_SUBJECT,
+            max_deliver=self.settings.max_deliver,
+            stream=names.GOALS_STREAM,
+        )
+        old, self._psub = self._psub, None
+        if old is not None:
+            with contextlib.suppress(Exception):
+                await old.unsubscribe()
+        self._psub = await broker.pull_subscribe(names.ORCHESTRATOR_CONSUMER, stream=names.GOALS_STREAM)
+
+    async def _on_reconnect(self) -> None:
+        self._rebind = True
+
+    # -- fetching ------------------------------------------------------------------------
+
+    async def _fetch_loop(self) -> None:
+        while not self._stop.is_set():
+            self.last_tick = time.monotonic()
+            free = self.max_concurrent_goals - len(self.active)
+            if free <= 0:
+                # Goals beyond the bound stay in the stream for this or another orchestrator.
+                self._slot_freed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._slot_freed.wait(), _FETCH_TIMEOUT_S)
+                continue
+            try:
+                if self._rebind or self._psub is None:
+                    self._rebind = False
+                    assert self.conns is not None
+                    self.conns._streams_ready = False
+                    await self.conns.ensure_streams()
+                    await self._bind()
+                msgs = await self._psub.fetch(batch=free, timeout=_FETCH_TIMEOUT_S)
+            except nats.errors.TimeoutError:
+                continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("goal fetch failed (%r); retrying in %.1fs", exc, _BACKOFF_S)
+                self._rebind = True
+                await self._sleep_unless_stopped(_BACKOFF_S)
+                continue
+            for msg in msgs:
+                try:
+                    await self._accept(msg)
+                except Exception:
+                    # Never let one goal stop the loop; an unacked message comes back.
+                    log.exception("failed to accept a goal message")
+
+    async def _sleep_unless_stopped(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), seconds)
+
+    async def _accept(self, msg: Msg) -> None:
+        assert self.conns is not None and self.store is not None
+        self.stats["received"] += 1
+        try:
+            goal = goal_decoder.decode(msg.data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            await self._reject(msg, f"undecodable goal message: {exc}", (msg.headers or {}).get(names.HDR_MSG_ID, ""))
+            return
+        if goal.v > WIRE_VERSION:
+            await self._reject(msg, f"unsupported goal version {goal.v} (this orchestrator reads <= {WIRE_VERSION})",
+                               goal.id)
+            return
+        running = self.active.get(goal.id)
+        if running is not None:
+            # Redelivered while it still runs here (AckWait passed): keep running it
+            # and ack the newest delivery when it ends.
+            running.msg = msg
+            return
+        try:
+            (claim,) = await self.conns.backend.claim_many([goal.id], self.name)
+        except HeddleError as exc:
+            log.warning("cannot claim goal %s (%s); handing it back", goal.id, exc)
+            await _quiet(msg.nak(delay=_RETRY_DELAY_S))
+            return
+        if claim.previous_state in READY_STATES:
+            # Ended already (a duplicate, or a crash between storing the result and
+            # acking), or revoked before it started.
+            await _quiet(msg.ack())
+            return
+        delivered = msg.metadata.num_delivered or 1
+        if delivered >= self.settings.max_deliver:
+            await self._reject(
+                msg,
+                f"goal delivered {delivered} times without ending (MaxDeliver); its orchestrators "
+                f"probably crash or hang on it",
+                goal.id,
+            )
+            return
+        run = GoalRun(self.app, self.conns, goal, self.store, self.name)
+        active = _Active(msg, run)
+        self.active[goal.id] = active
+        self.stats["peak_active"] = max(self.stats["peak_active"], len(self.active))
+        if delivered > 1:
+            self.stats["resumed"] += 1
+        active.task = asyncio.get_running_loop().create_task(self._run_goal(active), name=f"goal-{goal.id}")
+
+    async def _reject(self, msg: Msg, reason: str, goal_id: str) -> None:
+        """Dead-letter a goal that can never run, fail its result, and ack it."""
+        assert self.conns is not None
+        broker = self.conns.broker
+        log.warning("dead-lettering goal %s: %s", goal_id or msg.metadata.sequence.stream, reason)
+        try:
+            await broker.dead_letter(
+                msg.data,
+                reason,
+                task_id=goal_id,
+                subject=msg.subject,
+                dedup_key=f"{names.GOALS_STREAM}:{msg.metadata.sequence.stream}",
+            )
+            if goal_id:
+                record = ResultRecord(id=goal_id, state=FAILURE, task="graph", worker=self.name,
+                                      error=ErrorInfo(type="heddle.DeadLettered", message=reason),
+                                      finished_at=time.time())
+                await self._store_result(record)
+            await msg.ack()
+        except HeddleError as exc:
+            log.warning("could not dead-letter goal (%s); leaving it for redelivery", exc)
+
+    # -- running -------------------------------------------------------------------------
+
+    async def _run_goal(self, active: _Active) -> None:
+        run = active.run
+        goal_id = run.goal.id
+        try:
+            try:
+                record = await run.run()
+            except asyncio.CancelledError:
+                raise  # stopping or revoked: whoever cancelled settles the message
+            except HeddleError as exc:
+                log.warning("goal %s interrupted (%s); it resumes from its checkpoint", goal_id, exc)
+                await _quiet(active.msg.nak(delay=_RETRY_DELAY_S))
+                return
+            except Exception:
+                log.exception("goal %s failed in the orchestrator; it resumes from its checkpoint", goal_id)
+                await _quiet(active.msg.nak(delay=_RETRY_DELAY_S))
+                return
+            try:
+                await self._finish(run, record)
+            except HeddleError as exc:
+                log.warning("cannot store the result of goal %s (%s); retrying", goal_id, exc)
+                await _quiet(active.msg.nak(delay=_RETRY_DELAY_S))
+                return
+            await _quiet(active.msg.ack())
+            self.stats["succeeded" if record.state == SUCCESS else "failed"] += 1
+        finally:
+            if self.active.get(goal_id) is active:
+                del self.active[goal_id]
+            self._slot_freed.set()
+
+    async def _finish(self, run: GoalRun, record: ResultRecord) -> None:
+        """Store the goal's result like a task result, then its final checkpoint."""
+        assert self.store is not None
+        await self._store_result(record)
+        state = GOAL_SUCCEEDED if record.state == SUCCESS else GOAL_FAILED
+        await self.store.put(run.goal.id, goal=run.goal_state(state, record.finished_at))
+        with contextlib.suppress(Exception):
+            assert self.conns is not None
+            await self.conns.broker.publish_core(names.goal_event_subject(run.goal.id), b"")
+        log.info("goal %s %s after %.3fs (%d node(s))", run.goal.id, record.state,
+                 record.finished_at - record.started_at, len(record.meta.get("timeline", ())))
+
+    async def _store_result(self, record: ResultRecord) -> None:
+        assert self.conns is not None
+        data = encode_record(record)
+        if await self.conns.backend.store(StoreRequest(record.id, record.state, data)):
+            await self.conns.broker.publish_core(names.result_subject(record.id), data)
+
+    async def _progress_loop(self) -> None:
+        """Tell JetStream that running goals are alive, so AckWait can stay short."""
+        interval = max(0.2, self.settings.ack_wait_s / 3)
+        while True:
+            await asyncio.sleep(interval)
+            for active in list(self.active.values()):
+                await _quiet(active.msg.in_progress())
+
+    # -- control -------------------------------------------------------------------------
+
+    async def _on_revoke(self, msg: Msg) -> None:
+        try:
+            notice = revoke_decoder.decode(msg.data)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return
+        active = self.active.get(notice.id)
+        if active is None or active.revoked or active.task is None:
+            return
+        active.revoked = True
+        asyncio.get_running_loop().create_task(self._revoke_goal(active))
+
+    async def _revoke_goal(self, active: _Active) -> None:
+        """A revoked goal stops: its dispatched nodes are revoked and its message acked."""
+        assert active.task is not None and self.store is not None
+        active.task.cancel()
+        await asyncio.gather(active.task, return_exceptions=True)
+        run = active.run
+        try:
+            await run.abandon("", "the goal was revoked")
+            await self.store.put(run.goal.id, goal=run.goal_state(GOAL_REVOKED, time.time()))
+        except HeddleError as exc:
+            log.warning("could not revoke the nodes of goal %s: %s", run.goal.id, exc)
+        await _quiet(active.msg.ack())
+        self.stats["revoked"] += 1
+        log.info("goal %s revoked", run.goal.id)
+
+    # -- shutdown ------------------------------------------------------------------------
+
+    async def _shutdown(self) -> None:
+        """Stop walking running goals and nak them for prompt resumption elsewhere."""
+        running = [a for a in self.active.values() if a.task is not None and not a.revoked]
+        for a in running:
+            assert a.task is not None
+            a.task.cancel()
+        if running:
+            await asyncio.gather(*(a.task for a in running if a.task is not None), return_exceptions=True)
+            for a in running:
+                await _quiet(a.msg.nak())
+            log.info("handed %d unfinished goal(s) back to the stream", len(running))
+        for t in self._bg:
+            t.cancel()
+        await asyncio.gather(*self._bg, return_exceptions=True)
+        if self.conns is not None:
+            with contextlib.suppress(Exception):
+                await self.conns.broker.flush(timeout_s=2)
+        for sub in [self._psub, *self._subs]:
+            if sub is not None:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+        log.info("orchestrator %s stopped: %s", self.name, self.stats)
+
+
+async def _quiet(coro: Any) -> None:
+    """Ack/nak/in-progress: a closed connection or an already-acked message is not an error."""
+    try:
+        await coro
+    except Exception as exc:
+        log.debug("ack operation failed: %r", exc)

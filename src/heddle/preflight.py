@@ -1,0 +1,250 @@
+"""Pre-flight checks: can this process reach NATS, JetStream and Valkey?
+
+Every actor command runs them before it starts (``--skip-preflight`` skips
+them) and ``heddle preflight`` runs them alone. Each failure names the URL
+(password redacted), what went wrong and the fix. What is checked, in order:
+
+1. **NATS** — the URL parses; a TCP connection opens (the host resolves, something
+   listens); the server greets with a NATS ``INFO`` line (so the port is not the
+   monitoring port or another service).
+2. **JetStream** — that ``INFO`` says ``"jetstream": true``, then a real client
+   connects (credentials, TLS) and one JetStream API request answers.
+3. **Valkey** — the URL parses, a TCP connection opens, and ``PING`` plus loading
+   Heddle's scripts succeed (credentials, a read-only replica).
+
+docs/runbooks/verify-nats-connectivity.md says how to run each step by hand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from heddle.errors import HeddleError, PreflightError
+from heddle.health import redact
+from heddle.settings import Settings
+
+RUNBOOK = "docs/runbooks/verify-nats-connectivity.md"
+
+_NATS_SCHEMES = {"nats": 4222, "tls": 4222}
+_VALKEY_SCHEMES = {"valkey": 6379, "valkeys": 6379, "redis": 6379, "rediss": 6379}
+_INFO_LIMIT = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Check:
+    """The outcome of one check.
+
+    Attributes:
+        name: ``NATS``, ``JetStream`` or ``Valkey``.
+        url: The URL checked, password redacted.
+        ok: Whether it passed.
+        detail: What was found (on success) or what went wrong, naming the URL.
+        fix: What to do about a failure.
+    """
+
+    name: str
+    url: str
+    ok: bool
+    detail: str
+    fix: str = ""
+
+
+class _Failed(Exception):
+    def __init__(self, detail: str, fix: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.fix = fix
+
+
+def _endpoint(url: str, schemes: dict[str, int], var: str, example: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise _Failed(f"{var}={redact(url)} has an invalid port: {exc}", f"set {var} like {example}") from None
+    if parts.scheme not in schemes or not parts.hostname:
+        raise _Failed(
+            f"{var}={redact(url)} is not a valid URL ({', '.join(f'{s}://' for s in schemes)}host:port expected)",
+            f"set {var} like {example}",
+        )
+    return parts.hostname, port or schemes[parts.scheme]
+
+
+async def _open(host: str, port: int, what: str, url: str, var: str, timeout_s: float) -> tuple[
+    asyncio.StreamReader, asyncio.StreamWriter
+]:
+    """A TCP connection, with each way it can fail told apart."""
+    try:
+        return await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
+    except socket.gaierror as exc:
+        raise _Failed(
+            f"cannot reach {what} at {url}: host name {host!r} does not resolve ({exc.strerror})",
+            f"check the host in {var}; in Kubernetes the Service must exist in the pod's namespace",
+        ) from None
+    except ConnectionRefusedError:
+        raise _Failed(
+            f"cannot reach {what} at {url}: connection refused (nothing listens on {host}:{port})",
+            f"start {what} there, or set {var} to where it runs",
+        ) from None
+    except TimeoutError:
+        raise _Failed(
+            f"cannot reach {what} at {url}: no TCP connection within {timeout_s:g}s",
+            "check the host and port, firewalls and NetworkPolicies between here and the server",
+        ) from None
+    except OSError as exc:
+        raise _Failed(f"cannot reach {what} at {url}: {exc.strerror or exc}", f"check {var}") from None
+
+
+async def _nats_info(url: str, timeout_s: float) -> dict[str, object]:
+    """The server's INFO greeting, read over a plain TCP connection."""
+    host, port = _endpoint(url, _NATS_SCHEMES, "NATS_URL", "nats://host:4222")
+    reader, writer = await _open(host, port, "nats-server", redact(url), "NATS_URL", timeout_s)
+    try:
+        line = await asyncio.wait_for(reader.readline(), timeout_s)
+    except TimeoutError:
+        raise _Failed(
+            f"{redact(url)} accepted the connection but sent no NATS greeting within {timeout_s:g}s: "
+            f"it is not a nats-server client port (8222 is the monitoring port; 4222 the client port)",
+            "point NATS_URL at the client port of nats-server",
+        ) from None
+    except (ConnectionError, asyncio.LimitOverrunError, ValueError) as exc:
+        raise _Failed(f"{redact(url)} closed or garbled the connection: {exc!r}", "check NATS_URL") from None
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+    if not line.startswith(b"INFO "):
+        raise _Failed(
+            f"{redact(url)} is not a nats-server: it greeted with {line[:60]!r}",
+            "point NATS_URL at nats-server's client port (4222 by default)",
+        )
+    try:
+        info = json.loads(line[5:])
+    except ValueError:
+        raise _Failed(f"{redact(url)} sent an unreadable INFO line", "check NATS_URL") from None
+    return info if isinstance(info, dict) else {}
+
+
+async def check_nats(settings: Settings, timeout_s: float | None = None) -> list[Check]:
+    """The NATS and JetStream checks (JetStream is not checked when NATS fails)."""
+    from heddle.broker import Broker
+
+    timeout_s = timeout_s or settings.connect_timeout_s
+    shown = redact(settings.nats_url)
+    # NATS_URL may list several servers; the client needs one of them.
+    urls = [u.strip() for u in settings.nats_url.split(",") if u.strip()] or [settings.nats_url]
+    info: dict[str, object] | None = None
+    failures: list[_Failed] = []
+    for url in urls:
+        try:
+            info = await _nats_info(url, timeout_s)
+            break
+        except _Failed as exc:
+            failures.append(exc)
+    if info is None:
+        f = failures[0]
+        return [Check("NATS", shown, False, "; ".join(x.detail for x in failures), f.fix)]
+    server = f"nats-server {info.get('version', '?')} ({info.get('server_name') or info.get('server_id', '?')})"
+    nats_ok = Check("NATS", shown, True, f"{server} answers at {shown}")
+    if not info.get("jetstream"):
+        return [
+            nats_ok,
+            Check(
+                "JetStream",
+                shown,
+                False,
+                f"JetStream is not enabled on {server} at {shown}",
+                "start nats-server with -js (--jetstream), or add `jetstream {}` to its config file",
+            ),
+        ]
+    broker = Broker(settings.with_(connect_timeout_s=timeout_s), name="heddle-preflight")
+    try:
+        await asyncio.wait_for(broker.connect(), timeout_s * 3)
+        account = await broker.account_info(timeout_s)
+    except (HeddleError, TimeoutError) as exc:
+        detail = str(exc) or f"no answer from {shown} within {timeout_s * 3:g}s"
+        auth = "authoriz" in detail.lower() or "authentication" in detail.lower()
+        fix = (
+            "put the credentials in NATS_URL (nats://user:password@host:4222) or fix them on the server"
+            if auth
+            else "enable JetStream for this account in the nats-server config"
+        )
+        return [nats_ok, Check("JetStream", shown, False, detail, fix)]
+    finally:
+        await broker.close()
+    return [nats_ok, Check("JetStream", shown, True, f"enabled at {shown} ({account.streams} streams in the account)")]
+
+
+async def check_valkey(settings: Settings, timeout_s: float | None = None) -> Check:
+    """The Valkey check: TCP, then PING and loading Heddle's scripts."""
+    from heddle.results import ResultBackend
+
+    timeout_s = timeout_s or settings.connect_timeout_s
+    url = settings.valkey_url
+    shown = redact(url)
+    parts = urlsplit(url)
+    try:
+        if parts.scheme != "unix":
+            host, port = _endpoint(url, _VALKEY_SCHEMES, "VALKEY_URL", "valkey://host:6379/0")
+            _, writer = await _open(host, port, "valkey-server", shown, "VALKEY_URL", timeout_s)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+    except _Failed as exc:
+        return Check("Valkey", shown, False, exc.detail, exc.fix)
+    backend = ResultBackend(settings.with_(connect_timeout_s=timeout_s))
+    try:
+        await asyncio.wait_for(backend.connect(), timeout_s * 2)
+    except (HeddleError, TimeoutError) as exc:
+        detail = str(exc) or f"no answer from {shown} within {timeout_s * 2:g}s"
+        low = detail.lower()
+        fix = (
+            "put the password in VALKEY_URL (valkey://:password@host:6379/0)"
+            if "auth" in low or "wrongpass" in low or "password" in low
+            else "check that VALKEY_URL points at a writable valkey-server (a primary, not a replica)"
+        )
+        return Check("Valkey", shown, False, detail, fix)
+    finally:
+        await backend.close()
+    return Check("Valkey", shown, True, f"{shown} answered PING and loaded Heddle's scripts")
+
+
+async def run_checks(settings: Settings, *, valkey: bool = True, timeout_s: float | None = None) -> list[Check]:
+    """Run every check; NATS and Valkey are checked side by side."""
+    if not valkey:
+        return await check_nats(settings, timeout_s)
+    nats_checks, valkey_check = await asyncio.gather(check_nats(settings, timeout_s), check_valkey(settings, timeout_s))
+    return [*nats_checks, valkey_check]
+
+
+def report(checks: Sequence[Check]) -> str:
+    """Checks as text, one line each, with the fix under every failure."""
+    width = max((len(c.name) for c in checks), default=0)
+    lines = []
+    for c in checks:
+        mark = "ok  " if c.ok else "FAIL"
+        lines.append(f"  {mark} {c.name:<{width}}  {c.detail}")
+        if not c.ok and c.fix:
+            lines.append(f"       {'':<{width}}  fix: {c.fix}")
+    return "\n".join(lines)
+
+
+def require(settings: Settings, *, valkey: bool = True, timeout_s: float | None = None) -> list[Check]:
+    """Run the checks before an actor starts; raise PreflightError listing the failures.
+
+    Raises:
+        PreflightError: A check failed; the message has the URL, the failure and the fix.
+    """
+    checks = asyncio.run(run_checks(settings, valkey=valkey, timeout_s=timeout_s))
+    if any(not c.ok for c in checks):
+        raise PreflightError(
+            f"pre-flight checks failed:\n{report(checks)}\n"
+            f"  (how to check by hand: {RUNBOOK}; --skip-preflight starts without these checks)"
+        )
+    return checks
