@@ -340,6 +340,22 @@ def test_metrics_parse_with_the_prometheus_parser_and_count_tasks_by_task_and_ti
     assert value(m, "heddle_tasks_in_flight", actor="worker", worker_type=wt) == 0
 
 
+async def test_every_llm_call_counts_its_tokens_by_model():
+    from heddle.llm import complete
+    from heddle.metrics import LLM_TOKENS
+    from tests.fake_providers import FakeProvider, Reply, settings_for
+
+    with FakeProvider("anthropic") as provider:
+        tier, settings = settings_for(provider)
+        model = settings.frontier_model if tier == "frontier" else settings.standard_model
+        before = LLM_TOKENS.value((model, "input")), LLM_TOKENS.value((model, "output"))
+        provider.add(Reply(text="fine", input_tokens=12, output_tokens=3))
+        c = await complete("How are you?", tier=tier, settings=settings)
+    assert c.model == model
+    assert LLM_TOKENS.value((model, "input")) - before[0] == 12
+    assert LLM_TOKENS.value((model, "output")) - before[1] == 3
+
+
 def test_metric_label_values_are_escaped_so_the_parser_reads_them_back():
     parser = pytest.importorskip("prometheus_client.parser", reason="prometheus-client is in the dev extra")
     from heddle import metrics

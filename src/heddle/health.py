@@ -125,7 +125,8 @@ class HealthServer:
         port: TCP port; 0 takes a free one (see :attr:`port` after start).
         host: Address to listen on (all IPv4 interfaces by default, for kubelet probes).
         liveness_timeout_s: ``/healthz`` fails when a loop has not gone round for this long.
-        check_timeout_s: Time each readiness round trip (JetStream, Valkey) may take.
+        check_timeout_s: Time each readiness round trip (JetStream, Valkey) may take; a
+            whole answer takes at most 2.5 times this, below a 3 s probe timeout by default.
         registry: Metric families rendered on ``/metrics``.
     """
 
@@ -136,7 +137,7 @@ class HealthServer:
         port: int,
         host: str = DEFAULT_HOST,
         liveness_timeout_s: float = 60.0,
-        check_timeout_s: float = 2.0,
+        check_timeout_s: float = 1.0,
         registry: metrics.Registry = metrics.REGISTRY,
     ) -> None:
         if liveness_timeout_s <= 0 or check_timeout_s <= 0:
@@ -205,6 +206,8 @@ class HealthServer:
             await asyncio.sleep(interval)
 
     def _serve(self, bound: concurrent.futures.Future[int]) -> None:
+        if not bound.set_running_or_notify_cancel():
+            return  # start() was cancelled before the thread got going
         loop = asyncio.new_event_loop()
         try:
             loop.run_until_complete(self._main(loop, bound))
@@ -308,7 +311,7 @@ class HealthServer:
     async def readiness(self) -> list[str]:
         """What keeps the actors from being ready (empty if they are); runs on the actors' loop."""
         problems: list[str] = []
-        checked: set[int] = set()
+        nats_ok: dict[int, bool] = {}  # per Connections: actors of one process usually share one
         for actor in self.actors:
             name = describe(actor)
             if not actor.ready.is_set():
@@ -317,14 +320,14 @@ class HealthServer:
             conns: Connections | None = getattr(actor, "conns", None)
             if conns is None:
                 continue
-            if id(conns) not in checked:
-                checked.add(id(conns))
+            if id(conns) not in nats_ok:
                 found = await connection_problems(
                     conns, self.check_timeout_s, valkey=getattr(actor, "needs_valkey", True)
                 )
                 problems += found
-                if found and not conns.broker.connected:
-                    continue
+                nats_ok[id(conns)] = not any(p.startswith(("NATS:", "JetStream:")) for p in found)
+            if not nats_ok[id(conns)]:
+                continue  # the consumer checks would only time out too
             for stream, durable in getattr(actor, "consumers", ()):
                 try:
                     await conns.broker.consumer_info(stream, durable, self.check_timeout_s)
@@ -335,9 +338,10 @@ class HealthServer:
     async def _readiness_response(self) -> tuple[int, str, bytes]:
         if self.draining:
             return self._verdict(["shutting down: draining in-flight work"], "ready")
-        problems = await self._on_actor_loop(self.readiness(), self.check_timeout_s * 4)
+        budget = self.check_timeout_s * 2.5
+        problems = await self._on_actor_loop(self.readiness(), budget)
         if problems is None:
-            problems = [f"the actors' event loop did not answer within {self.check_timeout_s * 4:g}s (blocked?)"]
+            problems = [f"the checks did not finish within {budget:g}s (is the actors' event loop blocked?)"]
         return self._verdict(problems, "ready")
 
     async def gauges(self) -> list[metrics.Family]:
@@ -379,7 +383,7 @@ class HealthServer:
 
     async def _metrics_response(self) -> tuple[int, str, bytes]:
         families = self.registry.families()
-        gauges = await self._on_actor_loop(self.gauges(), self.check_timeout_s * 4)
+        gauges = await self._on_actor_loop(self.gauges(), self.check_timeout_s * 2.5)
         return 200, metrics.CONTENT_TYPE, metrics.render([*families, *(gauges or [])])
 
     async def _on_actor_loop(self, coro: Any, timeout_s: float) -> Any:
