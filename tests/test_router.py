@@ -337,3 +337,43 @@ def test_the_example_rules_file_is_valid():
     assert rules.tier_overrides == {"summarizer": "local"}
     assert rules.fallback == {"local": ("standard",)}
     assert rules.worker_limits["extractor"] == RateLimit(5.0, 5, "delay")
+
+
+def test_a_client_that_replays_its_own_task_keeps_working(heddle_app, heddle_servers):
+    """Two result notices for one watched task id must not break the client's connection."""
+    from heddle.dlq import list_dead_letters, replay
+
+    healed = threading.Event()
+
+    @heddle_app.task
+    def flaky_once(x: int) -> int:
+        if not healed.is_set():
+            raise RuntimeError("first time fails")
+        return x
+
+    with running_worker(heddle_app):
+
+        async def scenario() -> int:
+            r = flaky_once.apply_async((5,))
+            await r.sent()
+            # Not r.aget(): its notice subscription stays open, so the replay's
+            # second notice reaches it.
+            probe = heddle_app.AsyncResult(r.id)
+            deadline = time.monotonic() + 15
+            while await probe.astate() != heddle.FAILURE:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            healed.set()
+            letter = next(d for d in await list_dead_letters(heddle_app) if d.task_id == r.id)
+            await replay(heddle_app, letter.id)
+            again = heddle_app.AsyncResult(r.id)
+            deadline = time.monotonic() + 15
+            while await again.astate() != heddle.SUCCESS:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            # The same connection still sends and receives.
+            value = await flaky_once.apply_async((6,)).aget(timeout=10)
+            await heddle_app.aclose()
+            return value
+
+        assert asyncio.run(scenario()) == 6

@@ -274,7 +274,13 @@ class Broker:
         if self.nc is None:
             raise BrokerError("broker is not connected")
         try:
-            return await self.nc.subscribe(subject, cb=cb, future=future)
+            sub = await self.nc.subscribe(subject, cb=cb, future=future)
+            if future is not None:
+                # A future takes one message: have the server drop the interest after
+                # it, and the client ignore any second one (nats-py would otherwise
+                # set the future twice and break the connection's reader).
+                await sub.unsubscribe(limit=1)
+            return sub
         except Exception as exc:
             raise translate(exc, self.url, f"subscribing to {subject}") from exc
 

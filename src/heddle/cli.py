@@ -128,6 +128,9 @@ def hosted_actors(app: Heddle, args: argparse.Namespace) -> list[Actor]:
     if not getattr(args, "no_router", False):
         actors.append(_make_router(app, args))
     actors.extend(getattr(args, "llm_workers", []))  # heddle dev: the other --config workers
+    workshop = getattr(args, "workshop", None)  # heddle dev: the Workshop web UI
+    if workshop is not None:
+        actors.append(workshop)
     from heddle.graph_cli import make_orchestrator
 
     orchestrator = make_orchestrator(app, args)  # unless --no-orchestrator
@@ -289,6 +292,11 @@ def _run_dev(args: argparse.Namespace) -> int:
         app, args.llm_workers = llm.split(args, load_app(args.app) if args.app else None)
         app.configure(nats_url=servers.nats_url, valkey_url=servers.valkey_url)
         llm.configure(servers.nats_url, servers.valkey_url)
+        from heddle.workshop.cli import dev_workshop
+
+        args.workshop = dev_workshop(args)  # None with --no-workshop
+        if args.workshop is not None:
+            console.print(f"  Workshop {args.workshop.url}")
         if not args.quiet:
             banner(app, args.concurrency, tier=args.tier)
         _install_loop_policy()
@@ -376,6 +384,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     d.add_argument("--loglevel", default="INFO")
     d.add_argument("--quiet", action="store_true")
     _add_router_args(d)
+    from heddle.workshop.cli import add_dev_workshop_args
+
+    add_dev_workshop_args(d)  # --no-workshop, --workshop-port
     r = sub.add_parser("router", help="run a router: heddle.tasks.incoming -> worker subjects")
     _add_router_args(r, hosted=False)
     r.add_argument("--loglevel", default="INFO")
@@ -401,6 +412,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from heddle.graph_cli import add_graph_commands
 
     add_graph_commands(sub)  # orchestrator, submit
+    from heddle.status import add_status_commands
+
+    add_status_commands(sub)  # status, events, inspect
+    from heddle.workshop.cli import add_workshop_command
+
+    add_workshop_command(sub, add_actor_args)  # workshop
     args = parser.parse_args(argv)
     return _dispatch(args, argv[1:])
 
@@ -433,6 +450,14 @@ def _dispatch(args: Any, rest: Sequence[str]) -> int:
             return _run_healthcheck(args)
         if args.command == "preflight":
             return _run_preflight(args)
+        if args.command in ("status", "events", "inspect"):
+            from heddle.status import run_status_command
+
+            return run_status_command(args, console)
+        if args.command == "workshop":
+            from heddle.workshop.cli import run_workshop_command
+
+            return run_workshop_command(args)
         if args.command == "dlq":
             from heddle.dlq import run_dlq_command
 

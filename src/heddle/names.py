@@ -17,6 +17,10 @@ DEAD_LETTER_SUBJECT = "heddle.tasks.dead_letter"
 RESULT_SUBJECT_PREFIX = "heddle.results."
 REVOKE_SUBJECT = "heddle.control.revoke"
 EVENTS_PREFIX = "heddle.events."
+EVENTS_ALL = "heddle.events.>"
+# Lifecycle events (heddle.events): heddle.events.task.{state}, heddle.events.worker.{state}.
+TASK_EVENTS_PREFIX = "heddle.events.task."
+WORKER_EVENTS_PREFIX = "heddle.events.worker."
 
 MAX_DELIVERIES_ADVISORY = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.{consumer}"
 

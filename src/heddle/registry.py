@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from heddle import names
+from heddle import events, names
 from heddle.errors import BrokerError
 
 if TYPE_CHECKING:
@@ -93,7 +93,15 @@ class Heartbeat:
         """Announce now (before the worker reports ready) and keep announcing."""
         self._kv = await _bucket(self.broker)
         await self._kv.put(self.key, _encoder.encode(self.info))
+        await self._announce(events.ONLINE)  # heddle.events hook
         self._task = asyncio.get_running_loop().create_task(self._beat())
+
+    async def _announce(self, state: str) -> None:
+        i = self.info
+        await events.publish(self.broker, events.WorkerEvent(
+            state=state, id=i.id, worker_type=i.worker_type, tiers=i.tiers, concurrency=i.concurrency,
+            host=i.host, pid=i.pid, tasks=i.tasks, at=time.time(),
+        ))
 
     async def _beat(self) -> None:
         payload = _encoder.encode(self.info)
@@ -101,6 +109,7 @@ class Heartbeat:
             await asyncio.sleep(HEARTBEAT_S)
             try:
                 await self._kv.put(self.key, payload)
+                await self._announce(events.HEARTBEAT)  # heddle.events hook
             except Exception as exc:  # disconnected: the next beat tries again
                 log.debug("heartbeat failed: %r", exc)
 
@@ -113,6 +122,7 @@ class Heartbeat:
         if self._kv is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._kv.delete(self.key), 2)
+            await self._announce(events.OFFLINE)  # heddle.events hook
 
 
 class Registry:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import nats.errors
 
-from heddle import names
+from heddle import events, names
 from heddle.errors import HeddleError
 from heddle.messages import FAILURE, ErrorInfo, ResultRecord
 from heddle.ratelimit import Ask, RateLimiter, bucket_key
@@ -97,6 +97,11 @@ class Router:
         self._cache: dict[tuple[str, str | None], Route] = {}
         self._registry_version: Any = None
         self._bg: list[asyncio.Task[Any]] = []
+
+    @property
+    def consumers(self) -> list[tuple[str, str]]:
+        """The (stream, durable consumer) pairs this actor reads (for readiness and lag metrics)."""
+        return [(names.TASKS_STREAM, names.ROUTER_CONSUMER)]
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -319,7 +324,8 @@ class Router:
         results = await asyncio.gather(
             *(asyncio.wait_for(f, _PUBLISH_TIMEOUT_S) for f in futures), return_exceptions=True
         )
-        for (msg, _, _), res in zip(go, results, strict=True):
+        broker = self.conns.broker
+        for (msg, route, headers), res in zip(go, results, strict=True):
             if isinstance(res, BaseException):
                 # Not stored downstream: leave it for another try. The routed copy's
                 # msg id makes a second publish harmless if the first did land.
@@ -329,6 +335,7 @@ class Router:
             self.stats["routed"] += 1
             with contextlib.suppress(Exception):
                 await msg.ack()
+            await events.publish(broker, events.received(msg.data, headers, route.tier or ""))  # heddle.events hook
 
     async def _unroutable(self, msg: Msg, headers: dict[str, str], task_id: str, reason: str) -> None:
         """Wait out the grace period for a worker to appear, then dead-letter."""
@@ -369,6 +376,11 @@ class Router:
                     await broker.publish_core(names.result_subject(task_id), data)
             await msg.ack()
             self.stats["dead_lettered"] += 1
+            await events.publish(  # heddle.events hook
+                broker,
+                events.task_event(events.DEAD_LETTERED, task_id, task=headers.get(names.HDR_TASK, ""),
+                                  worker_type=headers.get(names.HDR_WORKER_TYPE, ""), worker="router", error=reason),
+            )
         except HeddleError as exc:
             log.warning("could not dead-letter (%s); leaving it for redelivery", exc)
 

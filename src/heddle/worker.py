@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import nats.errors
 
-from heddle import names
+from heddle import events, names
 from heddle.context import TaskContext
 from heddle.context import _current as _current_task
 from heddle.errors import BackendError, BrokerError, EncodeError, HeddleError, TaskTimeout
@@ -330,12 +330,18 @@ class Worker:
             job = Job(msg, tm, task, claim.retries, time.time())
             self.inflight[tm.id] = job
             job.runner = loop.create_task(self._execute(job))
+            await events.job_event(self.conns.broker, events.STARTED, job, self)  # heddle.events hook
 
     async def _reject(self, msg: Msg, reason: str, tm: TaskMessage | None = None) -> None:
         """Dead-letter a message that can never run, fail its result, and ack it."""
         assert self.conns is not None
         headers = msg.headers or {}
-        task_id = tm.id if tm else headers.get(names.HDR_MSG_ID, "")
+        # An undecodable message has only its headers: a routed copy's Nats-Msg-Id is
+        # "{id}:routed" (a replayed one carries Heddle-Task-Id), so take the task id from those.
+        routed_suffix = names.routed_msg_id("")
+        task_id = tm.id if tm else (
+            headers.get(names.HDR_TASK_ID) or headers.get(names.HDR_MSG_ID, "").removesuffix(routed_suffix)
+        )
         task_name = tm.task if tm else headers.get(names.HDR_TASK, "")
         meta = msg.metadata
         log.warning("dead-lettering message %s: %s", task_id or meta.sequence.stream, reason)
@@ -352,6 +358,11 @@ class Worker:
                 await self._fail_record(task_id, task_name, "heddle.DeadLettered", reason)
             await msg.ack()
             self.stats["dead_lettered"] += 1
+            await events.publish(  # heddle.events hook
+                self.conns.broker,
+                events.task_event(events.DEAD_LETTERED, task_id, task=task_name, worker_type=self.worker_type,
+                                  worker=self.name, error=reason),
+            )
         except HeddleError as exc:
             log.warning("could not dead-letter (%s); leaving it for redelivery", exc)
 
@@ -479,6 +490,7 @@ class Worker:
                 self.stats["retried"] += 1
                 self.metrics.retried(msg.subject, job.message.task, o.finished_at - job.started_at)
                 await _quiet(msg.nak(delay=delay))
+                await events.job_event(broker, events.RETRIED, job, self, o)  # heddle.events hook
             else:
                 wrote = next(it)
                 if wrote:
@@ -498,6 +510,9 @@ class Worker:
                     else:
                         self.stats["succeeded"] += 1
                         self.metrics.succeeded(msg.subject, job.message.task, o.finished_at - job.started_at)
+                    # heddle.events hook: one publish per finished task
+                    done = events.FAILED if o.state == FAILURE else events.SUCCEEDED
+                    await events.job_event(broker, done, job, self, o)
                 await _quiet(msg.ack())
             self._finish(job)
 

@@ -27,6 +27,7 @@ from heddle.llm.backends.base import ChatReply, ChatRequest
 from heddle.llm.config import Price, load_prices
 from heddle.llm.extract import NoJSONFound, extract_json
 from heddle.llm.schema import Schema, SchemaViolation, check_schema
+from heddle.metrics import record_llm_tokens
 from heddle.names import TIERS
 from heddle.settings import LLMSettings
 
@@ -292,6 +293,7 @@ async def complete(
 
 def _add_to_task_meta(c: Completion) -> None:
     """Add a call's usage to the running task's result metadata (summed over calls)."""
+    record_llm_tokens(c.model, c.input_tokens, c.output_tokens)  # /metrics, in a task or not
     ctx = _current_task.get()
     if ctx is None:
         return

@@ -1,0 +1,216 @@
+"""Lifecycle events on core NATS: ``heddle.events.>``.
+
+Every actor announces what happens, fire and forget (core NATS, no stream, no
+ack), so watching costs nothing when nobody listens and a slow watcher never
+slows a worker:
+
+=====================================  =========================================
+subject                                 payload (msgpack)
+=====================================  =========================================
+``heddle.events.task.{state}``          :class:`TaskEvent`; state is one of
+                                        :data:`TASK_STATES`
+``heddle.events.worker.{state}``        :class:`WorkerEvent`; online, heartbeat,
+                                        offline
+``heddle.events.goals.{goal_id}``       :class:`heddle.graph.NodeState` (goal and
+                                        stage progress; empty when the goal ends)
+``heddle.events.llm.{worker_type}``     :class:`heddle.llm.worker.LLMCallEvent`
+=====================================  =========================================
+
+Who sends what: the router sends ``received`` (with the task message itself
+when it is small, so watchers can show a task's arguments after its message
+has left the work-queue stream) and ``dead_lettered`` for what it cannot
+route; the worker sends ``started``, ``succeeded``, ``failed``, ``retried`` and
+``dead_lettered``; heartbeats send the worker events; the orchestrator's goal
+runs send node transitions.
+
+The hot path stays lean: subjects are precomputed, the encoder is built once,
+and one publish is a buffer append in nats-py. :func:`describe` turns any
+event on ``heddle.events.>`` into a plain dict for the CLI and the Workshop.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any, Final
+
+import msgspec
+
+from heddle import names
+
+if TYPE_CHECKING:
+    from heddle.broker import Broker
+
+log = logging.getLogger("heddle.events")
+
+RECEIVED: Final = "received"
+STARTED: Final = "started"
+SUCCEEDED: Final = "succeeded"
+FAILED: Final = "failed"
+RETRIED: Final = "retried"
+DEAD_LETTERED: Final = "dead_lettered"
+TASK_STATES: Final = (RECEIVED, STARTED, SUCCEEDED, FAILED, RETRIED, DEAD_LETTERED)
+
+ONLINE: Final = "online"
+HEARTBEAT: Final = "heartbeat"
+OFFLINE: Final = "offline"
+WORKER_STATES: Final = (ONLINE, HEARTBEAT, OFFLINE)
+
+# The router attaches the task message to ``received`` only up to this size.
+MAX_PAYLOAD_BYTES: Final = 8192
+
+
+class TaskEvent(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One task transition.
+
+    Attributes:
+        state: One of :data:`TASK_STATES`.
+        id: Task id.
+        task: Task name.
+        worker_type: Worker type the task is routed to.
+        tier: Tier it runs at (once routed).
+        worker: Who sent the event (a worker's name, or ``router``).
+        at: Epoch seconds.
+        duration_s: Run time, on succeeded, failed and retried.
+        retries: Retries so far.
+        error: ``type: message`` on failed, retried and dead_lettered.
+        input_tokens: Model tokens (YAML LLM workers and tasks that call ``heddle.llm``).
+        output_tokens: Model tokens out.
+        payload: The task message (msgpack :class:`~heddle.messages.TaskMessage`),
+            on ``received`` when it is at most :data:`MAX_PAYLOAD_BYTES`.
+    """
+
+    v: int = 1
+    state: str
+    id: str
+    task: str = ""
+    worker_type: str = ""
+    tier: str = ""
+    worker: str = ""
+    at: float = 0.0
+    duration_s: float = 0.0
+    retries: int = 0
+    error: str = ""
+    input_tokens: int = 0
+    output_tokens: int = 0
+    payload: msgspec.Raw = msgspec.Raw()  # empty: not attached
+
+
+class WorkerEvent(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A worker coming online, beating, or going offline."""
+
+    v: int = 1
+    state: str
+    id: str
+    worker_type: str
+    tiers: list[str] = []
+    concurrency: int = 0
+    host: str = ""
+    pid: int = 0
+    tasks: list[str] = []
+    at: float = 0.0
+
+
+encoder: Final = msgspec.msgpack.Encoder()
+task_event_decoder: Final = msgspec.msgpack.Decoder(TaskEvent)
+worker_event_decoder: Final = msgspec.msgpack.Decoder(WorkerEvent)
+
+TASK_SUBJECTS: Final = {s: f"{names.TASK_EVENTS_PREFIX}{s}" for s in TASK_STATES}
+WORKER_SUBJECTS: Final = {s: f"{names.WORKER_EVENTS_PREFIX}{s}" for s in WORKER_STATES}
+
+
+async def publish(broker: Broker, event: TaskEvent | WorkerEvent) -> None:
+    """Announce ``event``; best effort: events never fail the work they describe."""
+    subjects = TASK_SUBJECTS if isinstance(event, TaskEvent) else WORKER_SUBJECTS
+    try:
+        await broker.publish_core(subjects[event.state], encoder.encode(event))
+    except Exception as exc:
+        log.debug("could not publish a %s event: %r", event.state, exc)
+
+
+def payload_of(data: bytes) -> msgspec.Raw:
+    """The task message to attach to a ``received`` event (empty when too big)."""
+    return msgspec.Raw(data) if len(data) <= MAX_PAYLOAD_BYTES else msgspec.Raw()
+
+
+def task_event(state: str, task_id: str, **fields: Any) -> TaskEvent:
+    """A :class:`TaskEvent` stamped now."""
+    return TaskEvent(state=state, id=task_id, at=time.time(), **fields)
+
+
+def describe(subject: str, data: bytes) -> dict[str, Any] | None:
+    """Any event on ``heddle.events.>`` as a plain dict with ``kind`` and ``state`` (None if unreadable).
+
+    Task events get their arguments decoded from the attached task message
+    (``args``, ``kwargs``); goal events are node transitions.
+    """
+    try:
+        if subject.startswith(names.TASK_EVENTS_PREFIX):
+            ev = task_event_decoder.decode(data)
+            out = msgspec.structs.asdict(ev)
+            raw = out.pop("payload")
+            if len(raw):
+                from heddle.messages import task_decoder
+
+                tm = task_decoder.decode(bytes(raw))
+                out["args"], out["kwargs"] = tm.args, tm.kwargs
+                out["submitted_at"] = tm.submitted_at
+            return {"kind": "task", **out}
+        if subject.startswith(names.WORKER_EVENTS_PREFIX):
+            return {"kind": "worker", **msgspec.structs.asdict(worker_event_decoder.decode(data))}
+        if subject.startswith(names.GOAL_EVENTS_PREFIX):
+            goal_id = subject[len(names.GOAL_EVENTS_PREFIX):]
+            if not data:
+                return {"kind": "goal", "state": "ended", "id": goal_id, "at": time.time()}
+            from heddle.graph import node_state_decoder
+
+            node = msgspec.structs.asdict(node_state_decoder.decode(data))
+            return {"kind": "goal", "id": goal_id, "at": time.time(), **node, "node_task_id": node["task_id"]}
+        if subject.startswith(names.LLM_EVENTS_PREFIX):
+            from heddle.llm.worker import event_decoder
+
+            llm = msgspec.structs.asdict(event_decoder.decode(data))
+            return {"kind": "llm", "state": "ok" if llm["ok"] else "error", "id": llm["task_id"], **llm}
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
+        return None
+    return None
+
+
+async def job_event(broker: Broker, state: str, job: Any, worker: Any, outcome: Any = None) -> None:
+    """Announce a worker's job transition (``heddle.worker.Job``, ``Worker``, ``Outcome``).
+
+    Called once per task per transition from the worker's batch loops; builds
+    one struct and appends one publish to the connection's buffer.
+    """
+    tm = job.message
+    headers = job.msg.headers or {}
+    meta: dict[str, Any] = job.context.meta if job.context is not None else {}
+    ev = TaskEvent(
+        state=state,
+        id=tm.id,
+        task=tm.task,
+        worker_type=worker.worker_type,
+        tier=headers.get(names.HDR_TIER) or tm.tier or "",
+        worker=worker.name,
+        at=time.time(),
+        duration_s=(outcome.finished_at - job.started_at) if outcome is not None else 0.0,
+        retries=job.retries,
+        error=f"{outcome.error.type}: {outcome.error.message}" if outcome is not None and outcome.error else "",
+        input_tokens=int(meta.get("input_tokens", 0) or 0),
+        output_tokens=int(meta.get("output_tokens", 0) or 0),
+    )
+    await publish(broker, ev)
+
+
+def received(data: bytes, headers: dict[str, str], tier: str) -> TaskEvent:
+    """The router's ``received`` event for a routed message (headers only; the payload rides along as is)."""
+    return TaskEvent(
+        state=RECEIVED,
+        id=headers.get(names.HDR_TASK_ID) or headers.get(names.HDR_MSG_ID, ""),
+        task=headers.get(names.HDR_TASK, ""),
+        worker_type=headers.get(names.HDR_WORKER_TYPE, ""),
+        tier=tier,
+        worker="router",
+        at=time.time(),
+        payload=payload_of(data),
+    )

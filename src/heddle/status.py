@@ -1,0 +1,446 @@
+"""``heddle status``, ``heddle events`` and ``heddle inspect``: look at a running system.
+
+* :func:`gather_status` reads JetStream (streams, consumers, the workers KV
+  bucket) and samples task events for a moment to measure throughput.
+* :func:`tail_events` follows ``heddle.events.>`` live, with filters.
+* :func:`inspect_task` reads a task's stored result record from Valkey and,
+  where its message still exists (dead-letter stream), its arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from heddle import events, names
+from heddle.app import Heddle
+from heddle.errors import HeddleError
+from heddle.messages import ResultRecord, task_decoder
+from heddle.registry import ALIVE_TTL_S, WorkerInfo
+
+STREAMS = (names.TASKS_STREAM, names.DLQ_STREAM, names.GOALS_STREAM)
+_info_decoder = msgspec.msgpack.Decoder(WorkerInfo)
+
+
+class ConsumerRow(msgspec.Struct, frozen=True):
+    """One durable consumer's counters."""
+
+    stream: str
+    name: str
+    pending: int
+    ack_pending: int
+    redelivered: int
+    waiting: int
+
+
+class StreamRow(msgspec.Struct, frozen=True):
+    """One stream's size."""
+
+    name: str
+    messages: int
+    bytes: int
+    consumers: int
+
+
+class WorkerRow(msgspec.Struct, frozen=True):
+    """One live worker, with when it last announced itself."""
+
+    info: WorkerInfo
+    last_seen: float
+
+
+class Status(msgspec.Struct):
+    """What ``heddle status`` shows."""
+
+    streams: list[StreamRow]
+    consumers: list[ConsumerRow]
+    workers: list[WorkerRow]
+    dead_letters: int
+    sample_s: float = 0.0
+    counts: dict[str, int] = {}
+
+    def rate(self, state: str) -> float:
+        """Events of ``state`` per second during the sample."""
+        return self.counts.get(state, 0) / self.sample_s if self.sample_s else 0.0
+
+
+def _epoch(value: Any) -> float:
+    if isinstance(value, dt.datetime):
+        return value.timestamp()
+    if isinstance(value, str) and value:
+        try:
+            return dt.datetime.fromisoformat(value.replace("Z", "+00:00")[:26] + "+00:00").timestamp()
+        except ValueError:
+            return 0.0
+    return 0.0
+
+
+async def list_workers(app: Heddle) -> list[WorkerRow]:
+    """Workers whose last heartbeat is younger than the registry's TTL, by type."""
+    conns = await app._connections()
+    js = conns.broker.js
+    assert js is not None
+    stream = f"KV_{names.WORKERS_BUCKET}"
+    try:
+        info = await js.stream_info(stream)
+    except Exception:
+        return []
+    subjects = info.state.subjects or {}
+    if not subjects:
+        try:
+            info = await js.stream_info(stream, subjects_filter=f"$KV.{names.WORKERS_BUCKET}.>")
+            subjects = info.state.subjects or {}
+        except Exception:
+            subjects = {}
+    rows: list[WorkerRow] = []
+    now = time.time()
+    for subject in subjects:
+        try:
+            m = await js.get_last_msg(stream, subject)
+        except Exception:
+            continue
+        if not m.data or (m.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
+            continue
+        try:
+            wi = _info_decoder.decode(m.data)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            continue
+        seen = _epoch(m.time) or wi.started_at
+        if now - seen <= ALIVE_TTL_S:
+            rows.append(WorkerRow(wi, seen))
+    rows.sort(key=lambda r: (r.info.worker_type, r.info.id))
+    return rows
+
+
+async def gather_status(app: Heddle, sample_s: float = 1.0) -> Status:
+    """Read streams, consumers, live workers and the dead-letter count; sample events for ``sample_s``."""
+    conns = await app._connections()
+    await conns.ensure_streams()
+    broker = conns.broker
+    counts: dict[str, int] = {}
+
+    async def count(msg: Any) -> None:
+        state = msg.subject[len(names.TASK_EVENTS_PREFIX):]
+        counts[state] = counts.get(state, 0) + 1
+
+    sub = await broker.subscribe(names.TASK_EVENTS_PREFIX + "*", cb=count) if sample_s > 0 else None
+    js = broker.js
+    assert js is not None
+    streams, consumers = [], []
+    dead = 0
+    for name in STREAMS:
+        try:
+            si = await js.stream_info(name)
+        except Exception:
+            continue
+        streams.append(StreamRow(name, si.state.messages, si.state.bytes, si.state.consumer_count))
+        if name == names.DLQ_STREAM:
+            dead = si.state.messages
+        try:
+            infos = await js.consumers_info(name)
+        except Exception:
+            infos = []
+        for ci in infos:
+            consumers.append(ConsumerRow(
+                name, ci.name, ci.num_pending or 0, ci.num_ack_pending or 0,
+                ci.num_redelivered or 0, ci.num_waiting or 0,
+            ))
+    workers = await list_workers(app)
+    if sub is not None:
+        await asyncio.sleep(sample_s)  # the sample window itself, not a wait for a condition
+        await sub.unsubscribe()
+    consumers.sort(key=lambda c: (c.stream, c.name))
+    return Status(streams, consumers, workers, dead, sample_s, counts)
+
+
+def _ago(t: float) -> str:
+    return f"{max(0.0, time.time() - t):.1f}s ago" if t else "-"
+
+
+def print_status(console: Console, st: Status) -> None:
+    """Render :class:`Status` as rich tables."""
+    t = Table(title="streams")
+    for col in ("stream", "messages", "bytes", "consumers"):
+        t.add_column(col)
+    for s in st.streams:
+        t.add_row(s.name, str(s.messages), str(s.bytes), str(s.consumers))
+    console.print(t)
+    t = Table(title="consumers")
+    for col in ("stream", "consumer", "pending", "ack pending", "redelivered", "waiting pulls"):
+        t.add_column(col)
+    for c in st.consumers:
+        t.add_row(c.stream, c.name, str(c.pending), str(c.ack_pending), str(c.redelivered), str(c.waiting))
+    console.print(t)
+    t = Table(title=f"workers online ({len(st.workers)})")
+    for col in ("worker type", "id", "tiers", "concurrency", "host", "pid", "last seen"):
+        t.add_column(col)
+    for w in st.workers:
+        i = w.info
+        t.add_row(i.worker_type, i.id, ",".join(i.tiers), str(i.concurrency), i.host, str(i.pid), _ago(w.last_seen))
+    console.print(t)
+    console.print(f"dead letters: {st.dead_letters}")
+    if st.sample_s:
+        parts = [f"{s} {st.rate(s):.1f}/s" for s in events.TASK_STATES if st.counts.get(s)]
+        console.print(f"throughput over {st.sample_s:g}s: " + (", ".join(parts) or "idle"))
+
+
+# -- events ------------------------------------------------------------------------------
+
+
+def matches(ev: dict[str, Any], task: str | None, states: list[str] | None, kinds: list[str] | None) -> bool:
+    """True if the described event passes the ``heddle events`` filters."""
+    if kinds and ev.get("kind") not in kinds:
+        return False
+    if states and ev.get("state") not in states:
+        return False
+    return not task or task in (ev.get("id"), ev.get("node_task_id"), ev.get("task"))
+
+
+async def tail_events(
+    app: Heddle,
+    on_event: Callable[[dict[str, Any]], None],
+    *,
+    task: str | None = None,
+    states: list[str] | None = None,
+    kinds: list[str] | None = None,
+    count: int | None = None,
+    timeout_s: float | None = None,
+    ready: asyncio.Event | None = None,
+) -> int:
+    """Follow ``heddle.events.>``; call ``on_event`` for each matching event; return how many matched.
+
+    Stops after ``count`` events or ``timeout_s`` seconds (both optional).
+    """
+    conns = await app._connections()
+    queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+    async def cb(msg: Any) -> None:
+        ev = events.describe(msg.subject, msg.data)
+        if ev is not None and matches(ev, task, states, kinds):
+            queue.put_nowait(ev)
+
+    sub = await conns.broker.subscribe(names.EVENTS_ALL, cb=cb)
+    await conns.broker.flush()
+    if ready is not None:
+        ready.set()
+    seen = 0
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    try:
+        while count is None or seen < count:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                break
+            try:
+                ev = await asyncio.wait_for(queue.get(), remaining)
+            except TimeoutError:
+                break
+            on_event(ev)
+            seen += 1
+    finally:
+        await sub.unsubscribe()
+    return seen
+
+
+def format_event(ev: dict[str, Any]) -> Text:
+    """One line for ``heddle events``; plain text, never markup from the event itself."""
+    when = dt.datetime.fromtimestamp(ev.get("at") or time.time()).strftime("%H:%M:%S.%f")[:-3]
+    kind, state = ev.get("kind", "?"), ev.get("state", "?")
+    style = {"succeeded": "green", "failed": "red", "dead_lettered": "red", "retried": "yellow"}.get(state, "")
+    line = Text(f"{when} {kind:<6} ")
+    line.append(f"{state:<13}", style=style)
+    if kind == "task":
+        line.append(f" {ev.get('task', '')}[{ev.get('id', '')}] {ev.get('worker_type', '')}/{ev.get('tier', '')}")
+        line.append(f" by {ev.get('worker', '')}")
+        if ev.get("duration_s"):
+            line.append(f" in {ev['duration_s'] * 1000:.1f}ms")
+        if ev.get("input_tokens") or ev.get("output_tokens"):
+            line.append(f" tokens {ev.get('input_tokens', 0)}/{ev.get('output_tokens', 0)}")
+        if ev.get("error"):
+            line.append(f" {ev['error'][:200]}")
+    elif kind == "worker":
+        line.append(f" {ev.get('worker_type', '')} {ev.get('id', '')} tiers={','.join(ev.get('tiers', []))}")
+    elif kind == "goal":
+        line.append(f" goal {ev.get('id', '')} {ev.get('path', '')} {ev.get('name', '')}")
+    elif kind == "llm":
+        line.append(f" {ev.get('worker_type', '')}[{ev.get('id', '')}] {ev.get('model', '')} "
+                    f"tokens {ev.get('input_tokens', 0)}/{ev.get('output_tokens', 0)}")
+    return line
+
+
+# -- inspect -----------------------------------------------------------------------------
+
+
+class TaskView(msgspec.Struct):
+    """What is known about one task: its stored record, and its message if still kept."""
+
+    id: str
+    state: str
+    record: ResultRecord | None = None
+    args: list[Any] | None = None
+    kwargs: dict[str, Any] | None = None
+    dead_letter_id: int | None = None
+    dead_letter_reason: str = ""
+
+    def timeline(self) -> list[tuple[float, str]]:
+        """``(epoch, what)`` pairs known from the record, oldest first."""
+        out: list[tuple[float, str]] = []
+        r = self.record
+        if r is not None:
+            if r.started_at:
+                out.append((r.started_at, f"started on {r.worker or '?'} at tier {r.tier or '?'}"))
+            if r.finished_at:
+                out.append((r.finished_at, f"{r.state.lower()} after {r.retries} retries"))
+        return sorted(out)
+
+
+async def find_dead_letter(app: Heddle, task_id: str, scan: int = 1000) -> tuple[int, dict[str, str], bytes] | None:
+    """The newest dead letter of ``task_id`` among the last ``scan`` ones."""
+    conns = await app._connections()
+    await conns.ensure_streams()
+    js = conns.broker.js
+    assert js is not None
+    info = await js.stream_info(names.DLQ_STREAM)
+    if not info.state.messages:
+        return None
+    first = max(info.state.first_seq, info.state.last_seq - scan + 1)
+    for seq in range(info.state.last_seq, first - 1, -1):
+        try:
+            m = await js.get_msg(names.DLQ_STREAM, seq)
+        except Exception:
+            continue
+        headers = dict(m.headers or {})
+        if headers.get(names.HDR_TASK_ID) == task_id:
+            return seq, headers, m.data or b""
+    return None
+
+
+async def inspect_task(app: Heddle, task_id: str) -> TaskView:
+    """A task's state, record, and (from its dead-letter copy, if any) arguments."""
+    conns = await app._connections()
+    state, record = await conns.backend.read(task_id)
+    view = TaskView(task_id, state, record)
+    dl = await find_dead_letter(app, task_id)
+    if dl is not None:
+        view.dead_letter_id, headers, data = dl[0], dl[1], dl[2]
+        view.dead_letter_reason = headers.get(names.HDR_REASON, "")
+        try:
+            tm = task_decoder.decode(data)
+            view.args, view.kwargs = tm.args, tm.kwargs
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            pass
+    return view
+
+
+def print_task(console: Console, v: TaskView) -> None:
+    """Render :class:`TaskView`."""
+    r = v.record
+    console.print(Text(f"task {v.id}", style="bold"))
+    console.print(Text(f"  state   {v.state}"))
+    if r is not None:
+        console.print(Text(f"  task    {r.task}"))
+        console.print(Text(f"  worker  {r.worker}   tier {r.tier or '-'}   retries {r.retries}"))
+    if v.args is not None:
+        console.print(Text(f"  args    {json.dumps(v.args, default=repr)}"))
+        console.print(Text(f"  kwargs  {json.dumps(v.kwargs, default=repr)}"))
+    else:
+        console.print(Text("  args    (not kept: the message left the stream when it was acked; "
+                           "the Workshop shows args from its events)"))
+    if r is not None and r.state == "SUCCESS":
+        console.print(Text(f"  result  {json.dumps(r.result, default=repr)}"))
+    if r is not None and r.error is not None:
+        console.print(Text(f"  error   {r.error.type}: {r.error.message}", style="red"))
+        if r.error.traceback:
+            console.print(Text(r.error.traceback))
+    if v.dead_letter_id is not None:
+        console.print(Text(f"  dead letter {v.dead_letter_id}: {v.dead_letter_reason}"))
+    if r is not None and r.meta:
+        console.print(Text(f"  meta    {json.dumps(r.meta, default=repr)}"))
+    timeline = v.timeline()
+    if timeline:
+        console.print(Text("  timeline"))
+        for at, what in timeline:
+            console.print(Text(f"    {dt.datetime.fromtimestamp(at).strftime('%H:%M:%S.%f')[:-3]}  {what}"))
+
+
+# -- the commands --------------------------------------------------------------------------
+
+
+def add_status_commands(sub: Any) -> None:
+    """Add ``status``, ``events`` and ``inspect`` to the ``heddle`` parser."""
+    s = sub.add_parser("status", help="streams, consumers, workers online, dead letters, throughput")
+    s.add_argument("--sample", type=float, default=1.0, help="seconds to count task events for (0: skip)")
+    e = sub.add_parser("events", help="follow lifecycle events (heddle.events.>) live")
+    e.add_argument("--task", help="only events of this task id (or task name)")
+    e.add_argument("--state", action="append", help="only this state (repeatable): " + ", ".join(
+        events.TASK_STATES + events.WORKER_STATES))
+    e.add_argument("--kind", action="append", choices=["task", "worker", "goal", "llm"], help="only this kind")
+    e.add_argument("--json", action="store_true", help="one JSON object a line")
+    e.add_argument("--count", type=int, default=None, help="stop after N events")
+    e.add_argument("--timeout", type=float, default=None, help="stop after N seconds")
+    i = sub.add_parser("inspect", help="a task's state, args, result or error, and timeline")
+    i.add_argument("task_id")
+    i.add_argument("--json", action="store_true", help="print the record as JSON")
+
+
+def run_status_command(args: argparse.Namespace, console: Console) -> int:
+    """Run ``heddle status|events|inspect``."""
+    app = Heddle("status")
+    out = Console()
+
+    async def main() -> int:
+        try:
+            if args.command == "status":
+                if args.sample < 0:
+                    raise HeddleError(f"--sample must be >= 0, got {args.sample}")
+                print_status(out, await gather_status(app, args.sample))
+            elif args.command == "events":
+                def show(ev: dict[str, Any]) -> None:
+                    if args.json:
+                        print(json.dumps(ev, default=repr), flush=True)
+                    else:
+                        out.print(format_event(ev))
+
+                if args.state:
+                    bad = set(args.state) - set(events.TASK_STATES + events.WORKER_STATES + _GOAL_STATES)
+                    if bad:
+                        raise HeddleError(f"unknown --state {', '.join(sorted(bad))}; choose from "
+                                          f"{', '.join(events.TASK_STATES + events.WORKER_STATES)}")
+                ready = asyncio.Event()
+                tail = asyncio.ensure_future(tail_events(
+                    app, show, task=args.task, states=args.state, kinds=args.kind,
+                    count=args.count, timeout_s=args.timeout, ready=ready))
+                await asyncio.wait([tail, asyncio.ensure_future(ready.wait())], return_when=asyncio.FIRST_COMPLETED)
+                if ready.is_set():
+                    console.print(f"following {names.EVENTS_ALL} on {app.settings.nats_url} (Ctrl-C stops)")
+                await tail
+            else:
+                view = await inspect_task(app, args.task_id)
+                if view.state == "PENDING" and view.record is None and view.dead_letter_id is None:
+                    console.print(f"no task {args.task_id} is known (no stored state; results expire after "
+                                  f"{app.settings.result_ttl_s:g}s)")
+                    return 1
+                if args.json:
+                    print(json.dumps(msgspec.to_builtins(view), default=repr))
+                else:
+                    print_task(out, view)
+            return 0
+        finally:
+            await app.aclose()
+
+    try:
+        return asyncio.run(main())
+    except KeyboardInterrupt:
+        return 130
+
+
+_GOAL_STATES = ("dispatched", "succeeded", "failed", "recovered", "skipped", "revoked", "ended", "ok", "error")

@@ -1,0 +1,82 @@
+"""``heddle workshop``: serve the Workshop (imports nothing web-related until it runs)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from heddle.errors import ConfigError
+
+_MISSING_EXTRA = "the Workshop needs its extra: pip install 'heddle[workshop]' ({})"
+
+
+def add_workshop_command(sub: Any, add_actor_args: Callable[[argparse.ArgumentParser], None]) -> None:
+    """Add ``heddle workshop`` to the ``heddle`` parser."""
+    w = sub.add_parser("workshop", help="web UI: overview, tasks, try a worker, dead letters")
+    w.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; "
+                   "anything else needs HEDDLE_WORKSHOP_TOKEN)")
+    w.add_argument("--port", type=int, default=8080, help="TCP port (default 8080)")
+    w.add_argument("--configs", action="append", type=Path, default=None,
+                   help="directory of YAML worker configs and pipelines (repeatable; default configs/)")
+    w.add_argument("--loglevel", default="INFO")
+    add_actor_args(w)
+
+
+def add_dev_workshop_args(p: argparse.ArgumentParser) -> None:
+    """``heddle dev`` options for its hosted Workshop."""
+    p.add_argument("--no-workshop", action="store_true", help="do not serve the Workshop")
+    p.add_argument("--workshop-port", type=int, default=8080, help="Workshop port on 127.0.0.1 (default 8080)")
+
+
+def dev_workshop(args: argparse.Namespace) -> Any:
+    """The Workshop ``heddle dev`` hosts (None with --no-workshop or without the extra)."""
+    if getattr(args, "no_workshop", False):
+        return None
+    try:
+        from heddle.workshop.server import Workshop
+    except ImportError as exc:
+        logging.getLogger("heddle.workshop").warning(_MISSING_EXTRA.format(exc))
+        return None
+    return Workshop(port=getattr(args, "workshop_port", 8080))
+
+
+def run_workshop_command(args: argparse.Namespace) -> int:
+    """Serve the Workshop until SIGINT/SIGTERM."""
+    logging.basicConfig(level=args.loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        from heddle.workshop.server import Workshop
+    except ImportError as exc:
+        raise ConfigError(_MISSING_EXTRA.format(exc)) from None
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port must be 0-65535, got {args.port}")
+    ws = Workshop(host=args.host, port=args.port, config_dirs=args.configs)
+    from heddle.cli import preflight
+    from heddle.health import start_health_server
+
+    preflight(args, ws.app)
+    print(f"heddle workshop on http://{args.host}:{args.port}  (nats {ws.app.settings.nats_url})", flush=True)
+
+    async def main() -> None:
+        health = await start_health_server([ws], ws.app.settings, args.health_port)
+
+        def stop() -> None:
+            if health is not None:
+                health.mark_draining()
+            ws.request_stop()
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop)
+        try:
+            await ws.run()
+        finally:
+            if health is not None:
+                await health.stop()
+
+    asyncio.run(main())
+    return 0

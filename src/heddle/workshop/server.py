@@ -1,0 +1,240 @@
+"""The Workshop actor: follows events, serves the web UI with uvicorn on its own loop.
+
+It is an actor like the others (``ready``, ``last_tick``, ``run()``,
+``request_stop()``), so ``heddle dev`` hosts it next to the worker and the
+health server probes it. The web app itself is in :mod:`heddle.workshop.web`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from heddle import events, names
+from heddle.app import Connections, Heddle
+from heddle.errors import ConfigError, HeddleError
+from heddle.registry import Registry
+from heddle.workshop.state import RecentTasks, Throughput
+
+log = logging.getLogger("heddle.workshop")
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8080
+TOKEN_ENV = "HEDDLE_WORKSHOP_TOKEN"
+_TICK_S = 2.0
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(host: str, token: str | None) -> None:
+    """Refuse to serve beyond loopback without a token.
+
+    Raises:
+        ConfigError: ``host`` is not loopback and no token is set.
+    """
+    if not is_loopback(host) and not token:
+        raise ConfigError(
+            f"the Workshop would listen on {host}, beyond this machine, without a token; set "
+            f"{TOKEN_ENV} to a long random secret (e.g. `export {TOKEN_ENV}=$(openssl rand -hex 24)`) "
+            f"or bind to 127.0.0.1"
+        )
+    if token is not None and len(token) < 16:
+        raise ConfigError(f"{TOKEN_ENV} is too short ({len(token)} characters); use at least 16 random characters")
+
+
+class Workshop:
+    """The Workshop web UI as an actor.
+
+    Args:
+        app: App whose settings reach NATS and Valkey (default ``Heddle("workshop")``).
+        host: Address to listen on (loopback by default).
+        port: TCP port; 0 takes a free one (see :attr:`port` once ready).
+        token: Access token; default ``$HEDDLE_WORKSHOP_TOKEN``. Required beyond loopback.
+        config_dirs: Where YAML worker configs and pipelines are found (default ``configs/``).
+        max_tasks: How many recent tasks are remembered.
+    """
+
+    actor_kind = "workshop"
+
+    def __init__(
+        self,
+        app: Heddle | None = None,
+        *,
+        host: str = DEFAULT_HOST,
+        port: int = DEFAULT_PORT,
+        token: str | None = None,
+        config_dirs: list[Path] | None = None,
+        max_tasks: int = 2000,
+    ) -> None:
+        token = token if token is not None else (os.environ.get(TOKEN_ENV) or None)
+        check_bind(host, token)
+        self.app = app or Heddle("workshop")
+        self.host = host
+        self.port = port
+        self.token = token
+        self.csrf_token = secrets.token_urlsafe(32)
+        self.config_dirs = config_dirs if config_dirs is not None else [Path("configs")]
+        self.ready = asyncio.Event()
+        self.conns: Connections | None = None
+        self.recent = RecentTasks(max_tasks)
+        self.throughput = Throughput()
+        self.workers_seen: dict[str, tuple[float, dict[str, Any]]] = {}
+        self.registry: Registry | None = None
+        self.clients: set[asyncio.Queue[tuple[str, str]]] = set()
+        self.stopping = asyncio.Event()
+        self._last_tick = time.monotonic()
+        self._server: Any = None
+        self._sub: Any = None
+        from heddle.workshop.web import build_app
+
+        self.asgi = build_app(self)
+
+    def __repr__(self) -> str:
+        return f"<Workshop http://{self.host}:{self.port}>"
+
+    @property
+    def last_tick(self) -> float:
+        """Monotonic time the Workshop's tick loop last went round."""
+        return self._last_tick
+
+    @property
+    def url(self) -> str:
+        """Where the Workshop is served."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def request_stop(self) -> None:
+        """Stop serving (safe from a signal handler)."""
+        self.stopping.set()
+        if self._server is not None:
+            self._server.should_exit = True
+
+    # -- events -----------------------------------------------------------------------------
+
+    async def _on_event(self, msg: Any) -> None:
+        ev = events.describe(msg.subject, msg.data)
+        if ev is None:
+            return
+        kind = ev["kind"]
+        if kind == "task":
+            self.recent.add(ev)
+            self.throughput.add(ev["state"], ev.get("at"))
+            self.broadcast("task", ev["id"])
+        elif kind == "worker":
+            if ev["state"] == events.OFFLINE:
+                self.workers_seen.pop(ev["id"], None)
+            else:
+                self.workers_seen[ev["id"]] = (time.time(), ev)
+        elif kind == "goal":
+            self.broadcast("goal", ev["id"])
+        elif kind == "llm":
+            entry = self.recent.get(ev["id"])
+            if entry is not None:
+                entry.input_tokens = max(entry.input_tokens, ev.get("input_tokens", 0))
+                entry.output_tokens = max(entry.output_tokens, ev.get("output_tokens", 0))
+
+    def broadcast(self, event: str, data: str) -> None:
+        """Send one SSE message to every connected page (dropped for a page that is far behind)."""
+        for q in list(self.clients):
+            with contextlib.suppress(asyncio.QueueFull):
+                q.put_nowait((event, data))
+
+    @contextlib.contextmanager
+    def client(self) -> Iterator[asyncio.Queue[tuple[str, str]]]:
+        """A queue of SSE messages for one page, for as long as it is connected."""
+        q: asyncio.Queue[tuple[str, str]] = asyncio.Queue(maxsize=1000)
+        self.clients.add(q)
+        try:
+            yield q
+        finally:
+            self.clients.discard(q)
+
+    # -- running ------------------------------------------------------------------------------
+
+    def _bind(self) -> socket.socket:
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.host, self.port))
+        except OSError as exc:
+            sock.close()
+            raise HeddleError(
+                f"the Workshop cannot listen on {self.host}:{self.port}: {exc.strerror or exc}; "
+                f"choose another with --port"
+            ) from None
+        sock.listen(128)
+        sock.setblocking(False)
+        self.port = int(sock.getsockname()[1])
+        return sock
+
+    async def run(self) -> None:
+        """Follow events, serve the UI until :meth:`request_stop`, then close."""
+        import uvicorn
+
+        class _Server(uvicorn.Server):
+            # The hosting process owns SIGINT/SIGTERM (heddle dev drains every actor).
+            @contextlib.contextmanager
+            def capture_signals(self) -> Iterator[None]:
+                yield
+
+        sock = self._bind()
+        conns = await self.app._connections()
+        self.conns = conns
+        try:
+            await conns.ensure_streams()
+            self._sub = await conns.broker.subscribe(names.EVENTS_ALL, cb=self._on_event)
+            self.registry = Registry(conns.broker)
+            await self.registry.start()
+            await conns.broker.flush()
+            config = uvicorn.Config(
+                self.asgi, log_level="warning", lifespan="off", timeout_graceful_shutdown=2,
+                access_log=False, server_header=False,
+            )
+            self._server = _Server(config)
+            if self.stopping.is_set():
+                self._server.should_exit = True
+            serving = asyncio.ensure_future(self._server.serve(sockets=[sock]))
+            ticker = asyncio.ensure_future(self._tick())
+            try:
+                while not self._server.started and not serving.done():
+                    await asyncio.sleep(0.02)
+                if self._server.started:
+                    self.ready.set()
+                    log.info("workshop on %s", self.url)
+                await serving
+            finally:
+                self.stopping.set()
+                ticker.cancel()
+                await asyncio.gather(ticker, return_exceptions=True)
+        finally:
+            sock.close()
+            if self.registry is not None:
+                await self.registry.stop()
+            if self._sub is not None:
+                with contextlib.suppress(Exception):
+                    await self._sub.unsubscribe()
+            await self.app.aclose()
+
+    async def _tick(self) -> None:
+        while True:
+            self._last_tick = time.monotonic()
+            self.broadcast("tick", str(int(time.time())))
+            await asyncio.sleep(_TICK_S)

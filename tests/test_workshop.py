@@ -1,0 +1,263 @@
+"""The Workshop's pages and endpoints, server side, against real servers and a real worker."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import html
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from heddle import Heddle
+from heddle.errors import ConfigError
+from heddle.testing import EmbeddedServers, running_worker
+from heddle.workshop import Workshop
+from heddle.workshop.web import CSP
+from tests.conftest import wait_for
+
+ROOT = Path(__file__).resolve().parent.parent
+XSS = "<script>window.__heddle_xss = 1</script>"
+
+
+@contextlib.contextmanager
+def running_workshop(servers: EmbeddedServers, **options: Any) -> Iterator[Workshop]:
+    """A Workshop on a free loopback port, on an event loop in a thread of its own."""
+    app = Heddle("workshop", nats_url=servers.nats_url, valkey_url=servers.valkey_url)
+    ws = Workshop(app, port=0, config_dirs=[ROOT / "configs"], **options)
+    errors: list[BaseException] = []
+    loop = asyncio.new_event_loop()
+
+    def run() -> None:
+        try:
+            loop.run_until_complete(ws.run())
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            loop.close()
+
+    thread = threading.Thread(target=run, name="workshop", daemon=True)
+    thread.start()
+    wait_for(lambda: ws.ready.is_set() or errors, 20, "the Workshop to serve")
+    if errors:
+        raise errors[0]
+    try:
+        yield ws
+    finally:
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(ws.request_stop)
+        thread.join(15)
+        assert not thread.is_alive(), "the Workshop did not stop"
+
+
+def make_app(servers: EmbeddedServers) -> Heddle:
+    app = Heddle(f"w{uuid.uuid4().hex[:10]}", nats_url=servers.nats_url, valkey_url=servers.valkey_url)
+
+    @app.task
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    @app.task
+    def echo(text: str) -> str:
+        return text
+
+    @app.task
+    def boom(text: str) -> None:
+        raise ValueError(f"bad input {text}")
+
+    return app
+
+
+@pytest.fixture
+def shop(heddle_servers: EmbeddedServers) -> Iterator[Heddle]:
+    """An app with three tasks, its worker running."""
+    app = make_app(heddle_servers)
+    with running_worker(app):
+        yield app
+    app.close()
+
+
+@pytest.fixture
+def ws(heddle_servers: EmbeddedServers) -> Iterator[Workshop]:
+    with running_workshop(heddle_servers) as w:
+        yield w
+
+
+@pytest.fixture
+def client(ws: Workshop) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=ws.url, timeout=10) as c:
+        yield c
+
+
+def post(client: httpx.Client, ws: Workshop, url: str, data: dict[str, str]) -> httpx.Response:
+    return client.post(url, data=data, headers={"X-CSRF-Token": ws.csrf_token})
+
+
+def task_name(app: Heddle, short: str) -> str:
+    return next(n for n in app.tasks if n == short or n.endswith(f".{short}"))
+
+
+def submit(client: httpx.Client, ws: Workshop, app: Heddle, task: str, args: str) -> str:
+    key = f"task:{app.name}:{task_name(app, task)}"
+    wait_for(lambda: html.escape(key) in client.get("/try").text, 10, f"{task} to be offered")
+    r = post(client, ws, "/try", {"target": key, "args": args, "kwargs": "{}"})
+    assert r.status_code == 200, r.text
+    return r.text.split('data-task-id="', 1)[1].split('"', 1)[0]
+
+
+def test_every_page_sends_a_content_security_policy_and_no_inline_script(client: httpx.Client) -> None:
+    for path in ("/", "/tasks", "/try", "/dlq", "/fragments/overview", "/fragments/tasks", "/static/htmx.min.js"):
+        r = client.get(path)
+        assert r.status_code == 200, path
+        assert r.headers["content-security-policy"] == CSP
+        assert "script-src 'self'" in CSP and "unsafe-inline" not in CSP
+        assert r.headers["x-frame-options"] == "DENY"
+        if r.headers["content-type"].startswith("text/html"):
+            assert "<script>" not in r.text  # only <script src=...> from the package
+    assert client.get("/static/htmx.min.js").text.startswith("/*! htmx.org 2.")
+
+
+def test_the_overview_shows_a_running_worker_and_its_queue(shop: Heddle, client: httpx.Client) -> None:
+    wait_for(lambda: shop.name in client.get("/fragments/overview").text, 10, "the worker in the overview")
+    page = client.get("/").text
+    assert "workers online" in page and 'data-watch="tick"' in page
+    assert f"heddle-{shop.name}" in page  # its consumer in the queue table
+    assert "<svg" in page and "<polyline" in page
+
+
+def test_a_task_tried_from_the_page_runs_and_its_result_and_args_are_shown(
+    shop: Heddle, ws: Workshop, client: httpx.Client
+) -> None:
+    tid = submit(client, ws, shop, "add", "[2, 3]")
+    wait_for(lambda: "SUCCESS" in client.get(f"/fragments/result/{tid}").text, 15, "the result")
+    result = client.get(f"/fragments/result/{tid}").text
+    assert ">5</pre>" in result and "hx-trigger" not in result  # final: stops refreshing
+    wait_for(lambda: ws.recent.get(tid) is not None and ws.recent.get(tid).state == "SUCCESS", 10, "events")  # type: ignore[union-attr]
+    page = client.get(f"/tasks/{tid}").text
+    assert '<pre id="args">[\n  2,\n  3\n]</pre>' in page
+    for state in ("received", "started", "succeeded"):
+        assert f"<td>{state}</td>" in page
+    tasks = client.get("/tasks", params={"state": "SUCCESS", "q": tid}).text
+    assert tid in tasks
+    assert tid not in client.get("/fragments/tasks", params={"state": "FAILURE", "q": tid}).text
+
+
+def test_a_result_and_an_error_with_markup_render_as_text(shop: Heddle, ws: Workshop, client: httpx.Client) -> None:
+    import json
+
+    ok = submit(client, ws, shop, "echo", json.dumps([XSS]))
+    bad = submit(client, ws, shop, "boom", json.dumps([XSS]))
+    for tid in (ok, bad):
+        wait_for(lambda t=tid: "hx-trigger" not in client.get(f"/fragments/result/{t}").text, 15, "a final result")
+    for tid in (ok, bad):
+        page = client.get(f"/tasks/{tid}").text
+        assert XSS not in page
+        assert "&lt;script&gt;window.__heddle_xss = 1&lt;/script&gt;" in page
+    failed = client.get(f"/tasks/{bad}").text
+    assert "builtins.ValueError" in failed and "Traceback (most recent call last)" in failed
+    assert "dead letter" in failed.lower()
+
+
+def test_bad_form_input_gets_a_clear_error_and_sends_nothing(shop: Heddle, ws: Workshop, client: httpx.Client) -> None:
+    key = f"task:{shop.name}:{task_name(shop, 'add')}"
+    wait_for(lambda: html.escape(key) in client.get("/try").text, 10, "add to be offered")
+    r = post(client, ws, "/try", {"target": key, "args": "[2,", "kwargs": "{}"})
+    assert r.status_code == 422 and "arguments must be a JSON list" in r.text
+    r = post(client, ws, "/try", {"target": key, "args": "{}", "kwargs": "{}"})
+    assert r.status_code == 422 and "got dict" in r.text
+    r = post(client, ws, "/try", {"target": "task:nope:nope", "args": "[]"})
+    assert r.status_code == 422 and "no such worker or task" in r.text
+    r = post(client, ws, "/try", {"target": key, "args": "[]", "tier": "huge"})
+    assert r.status_code == 422 and "tier must be one of" in r.text
+
+
+def test_a_yaml_worker_gets_a_form_from_its_input_schema_which_is_checked(ws: Workshop, client: httpx.Client) -> None:
+    form = client.get("/fragments/try-form", params={"target": "yaml:summarizer:summarizer"})
+    assert form.status_code == 200
+    assert 'name="field_text"' in form.text and "<textarea" in form.text
+    r = post(client, ws, "/try", {"target": "yaml:summarizer:summarizer", "field_text": ""})
+    assert r.status_code == 422 and "$" in r.text  # the schema's own message, with its JSON path
+    assert client.get("/fragments/try-form", params={"target": "yaml:nope:nope"}).status_code == 404
+
+
+def test_state_changing_requests_need_the_csrf_token_and_the_same_origin(
+    shop: Heddle, ws: Workshop, client: httpx.Client
+) -> None:
+    key = f"task:{shop.name}:{task_name(shop, 'add')}"
+    r = client.post("/try", data={"target": key, "args": "[1, 2]"})
+    assert r.status_code == 403 and "CSRF" in r.text
+    r = client.post("/try", data={"target": key, "args": "[1, 2]", "csrf_token": "forged"})
+    assert r.status_code == 403
+    r = client.post("/try", data={"target": key, "args": "[1, 2]", "csrf_token": ws.csrf_token},
+                    headers={"Origin": "http://evil.example"})
+    assert r.status_code == 403 and "cross-origin" in r.text
+    assert client.post("/dlq/1/replay", data={}).status_code == 403
+
+
+def test_a_loopback_workshop_refuses_foreign_host_names(client: httpx.Client) -> None:
+    r = client.get("/", headers={"Host": "evil.example"})
+    assert r.status_code == 400
+
+
+def test_beyond_loopback_the_workshop_refuses_to_start_without_a_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HEDDLE_WORKSHOP_TOKEN", raising=False)
+    with pytest.raises(ConfigError, match="HEDDLE_WORKSHOP_TOKEN"):
+        Workshop(Heddle("workshop"), host="0.0.0.0")
+    with pytest.raises(ConfigError, match="too short"):
+        Workshop(Heddle("workshop"), host="0.0.0.0", token="short")
+    Workshop(Heddle("workshop"), host="0.0.0.0", token="x" * 24)  # fine with one
+
+
+def test_with_a_token_every_page_needs_it(heddle_servers: EmbeddedServers) -> None:
+    token = "t0ken-" + uuid.uuid4().hex
+    with (
+        running_workshop(heddle_servers, token=token) as ws,
+        httpx.Client(base_url=ws.url, timeout=10, follow_redirects=True) as c,
+    ):
+        assert c.get("/").status_code == 401
+        assert c.get("/events/stream").status_code == 401
+        assert c.get("/?token=wrong").status_code == 401
+        assert c.get("/", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+        r = c.get(f"/tasks?token={token}")
+        assert r.status_code == 200 and r.url.path == "/tasks" and "token" not in str(r.url)
+        assert "httponly" in r.history[0].headers["set-cookie"].lower()
+        assert c.get("/dlq").status_code == 200  # the cookie now
+
+
+def test_dead_letters_are_listed_shown_and_replayed(shop: Heddle, ws: Workshop, client: httpx.Client) -> None:
+    tid = submit(client, ws, shop, "boom", '["x"]')
+    wait_for(lambda: tid in client.get("/dlq").text, 15, "the dead letter")
+    page = client.get("/dlq").text
+    seq = page.split(f'href="/tasks/{tid}"', 1)[0].rsplit('href="/dlq/', 1)[1].split('"', 1)[0]
+    one = client.get(f"/dlq/{seq}").text
+    assert "bad input x" in one and "&#34;task&#34;: " in one
+    assert client.get("/dlq/999999").status_code == 404
+    r = post(client, ws, f"/dlq/{seq}/replay", {})
+    assert r.status_code == 200 and f"replayed dead letter {seq}" in r.text
+    again = post(client, ws, f"/dlq/{seq}/replay", {})
+    assert "already replayed" in again.text
+
+
+def test_the_event_stream_announces_a_task_as_it_happens(shop: Heddle, ws: Workshop, client: httpx.Client) -> None:
+    seen: list[str] = []
+    with client.stream("GET", "/events/stream") as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        tid = ""
+        for line in r.iter_lines():
+            if line.startswith("retry:") and not tid:
+                tid = shop.tasks[task_name(shop, "add")].delay(1, 1).id
+            if line.startswith("data: "):
+                seen.append(line[6:])
+                if tid and tid in seen:
+                    break
+    assert tid in seen
+
+
+def test_unknown_tasks_get_a_404_page(client: httpx.Client) -> None:
+    r = client.get("/tasks/" + uuid.uuid4().hex)
+    assert r.status_code == 404 and "No task" in r.text
