@@ -77,10 +77,17 @@ class Connections:
                 await old.unsubscribe()
         return fut
 
-    def release_watch(self, task_id: str) -> None:
-        """Drop the notice subscription of a task whose result has been read."""
+    def release_watch(self, task_id: str, received: bool = True) -> None:
+        """Drop the notice subscription of a task whose result has been read.
+
+        A subscription whose one notice arrived is gone already (it was made with
+        a server-side limit of one message); only one that never got its notice
+        needs an explicit unsubscribe.
+        """
         sub = self._watches.pop(task_id, None)
-        if sub is not None and self.broker.nc is not None and not self.broker.nc.is_closed:
+        if received or sub is None:
+            return
+        if self.broker.nc is not None and not self.broker.nc.is_closed:
             task = asyncio.ensure_future(_unsub(sub))
             self._unsubs.add(task)
             task.add_done_callback(self._unsubs.discard)
@@ -257,6 +264,8 @@ class Heddle:
         """The connections bound to the running loop, connecting on first use."""
         loop = asyncio.get_running_loop()
         fut = self._conns.get(loop)
+        if fut is not None and fut.done() and not fut.cancelled() and fut.exception() is None:
+            return fut.result()  # the per-call fast path: no shield, no extra future
         if fut is None:
             for old in [lp for lp in self._conns if lp.is_closed()]:
                 del self._conns[old]
@@ -336,7 +345,11 @@ class Heddle:
         await conns.ensure_streams()
         result._notice = await conns.watch(result.id)
         result._loop = asyncio.get_running_loop()
-        await conns.broker.publish(subject, payload, headers)
+        ack = await conns.broker.publish(subject, payload, headers)
+        # A new message always ends in a notice (a worker that finds the result
+        # already stored sends the stored one again), so waiting needs no Valkey
+        # read; a duplicate dropped by JetStream may have finished long ago.
+        result._fresh = not ack.duplicate
 
     def AsyncResult(self, task_id: str, task_name: str = "") -> _AsyncResult[Any]:
         """A handle on an existing task by id."""

@@ -286,6 +286,8 @@ class AsyncResult(Generic[R]):
         # the loop that published it; no notice can be missed.
         self._notice: Any = None
         self._loop: Any = None
+        # True once JetStream stored our message as new (not a dropped duplicate).
+        self._fresh = False
         self._record: ResultRecord | None = None
 
     def __repr__(self) -> str:
@@ -339,6 +341,7 @@ class AsyncResult(Generic[R]):
         conns = await self.app._connections()
         notice = self._notice if self._loop is loop else None
         sub = None
+        state = PENDING
         try:
             if notice is None:
                 # Subscribe, make sure the server has the subscription, then read:
@@ -347,25 +350,33 @@ class AsyncResult(Generic[R]):
                 notice = loop.create_future()
                 sub = await conns.broker.subscribe(names.result_subject(self.id), future=notice)
                 await conns.broker.flush()
-            state, record = await conns.backend.read(self.id)
-            if record is not None and state in READY_STATES:
-                self._record = record
-                return record
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            try:
-                msg = await asyncio.wait_for(asyncio.shield(notice), remaining)
-            except TimeoutError:
-                raise ResultTimeout(
-                    f"no result for task {self.id} within {timeout}s (state {state}); "
-                    f"is a worker running for it (`heddle-worker -A yourmodule`)?"
-                ) from None
-            self._record = decode_record(msg.data)
+                need_read = True
+            else:
+                # Watched since before it was sent: a fresh message always ends in a
+                # notice; only a deduplicated one may have finished before we watched.
+                need_read = not self._fresh
+            if need_read and not notice.done():
+                state, record = await conns.backend.read(self.id)
+                if record is not None and state in READY_STATES:
+                    self._record = record
+                    return record
+            if not notice.done():
+                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                # asyncio.wait leaves the notice future alone on timeout, so a later
+                # get() can still use it (wait_for would cancel it).
+                await asyncio.wait((notice,), timeout=remaining)
+                if not notice.done():
+                    raise ResultTimeout(
+                        f"no result for task {self.id} within {timeout}s (state {state}); "
+                        f"is a worker running for it (`heddle-worker -A yourmodule`)?"
+                    )
+            self._record = decode_record(notice.result().data)
             return self._record
         finally:
-            if sub is not None:
+            if sub is not None and notice is not None and not notice.done():
                 await _quiet_unsubscribe(sub)
             elif self._notice is not None and self._record is not None:
-                conns.release_watch(self.id)
+                conns.release_watch(self.id, received=self._notice.done())
 
     def _outcome(self, record: ResultRecord, propagate: bool) -> Any:
         if record.state == SUCCESS:

@@ -316,7 +316,10 @@ class Worker:
         for (msg, tm, task), claim in zip(batch, claims, strict=True):
             if claim.previous_state in READY_STATES:
                 # Final result already stored (a duplicate, a redelivery after a
-                # crash between store and ack, or a revoked task): do not run again.
+                # crash between store and ack, or a revoked task): do not run again,
+                # but announce the stored result for whoever sent this copy.
+                if claim.final_record:
+                    await self.conns.broker.publish_core(names.result_subject(tm.id), claim.final_record)
                 await msg.ack()
                 continue
             running = self.inflight.get(tm.id)
