@@ -140,10 +140,14 @@ async def _wait_drained(nats_url: str, worker_type: str) -> None:
 
     nc = await nats.connect(nats_url)
     js = nc.jetstream()
+    consumers = [names.ROUTER_CONSUMER, names.consumer_name(worker_type)]
     try:
         while True:
-            info = await js.consumer_info(names.TASKS_STREAM, names.consumer_name(worker_type))
-            if info.num_pending == 0 and info.num_ack_pending == 0:
+            for durable in consumers:  # the worker process hosts the router too
+                info = await js.consumer_info(names.TASKS_STREAM, durable)
+                if info.num_pending or info.num_ack_pending:
+                    break
+            else:
                 return
             await asyncio.sleep(0.01)
     finally:

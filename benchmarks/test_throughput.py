@@ -6,9 +6,11 @@ Each round runs, back to back so that both see the same machine load:
 2. end to end: submit N async no-op tasks with ``apply_async`` from async code,
    then wait for every result with ``aget`` while the worker runs them;
 3. the same with a sync no-op task (run in the worker's thread pool);
-4. split: the worker is paused (SIGSTOP) while N tasks are submitted, which
-   measures the client's submission alone; then it is resumed (SIGCONT) and the
-   time until the last result arrives measures the worker's drain rate alone.
+4. split: the worker process is paused (SIGSTOP) while N tasks are submitted,
+   which measures the client's submission alone; then it is resumed (SIGCONT)
+   and timed until the router's and the worker's consumers have nothing
+   pending or unacked, which measures the worker process (it hosts the router
+   too) alone.
 
 CPU seconds used by each process (client, worker, nats-server, valkey-server)
 during the end-to-end phase show where the machine's two cores go.
@@ -73,21 +75,25 @@ async def _end_to_end(task: Any, n: int, meter: CpuMeter) -> dict[str, float]:
 
 
 async def _split(task: Any, n: int, worker: Any, nats_url: str) -> dict[str, float]:
-    """Submission with the worker paused, then the worker's drain measured at the stream.
+    """Submission with the worker process paused, then its drain measured at the stream.
 
-    The drain ends when the worker's consumer has nothing pending and nothing
-    awaiting an ack, i.e. every result is stored and every message acked; the
-    client only waits for the results after that, so it takes no CPU from the
-    worker meanwhile (beyond its connection receiving the result notices).
+    The worker process hosts the router too, so the drain ends when both the
+    router's consumer and the worker's consumer have nothing pending and nothing
+    awaiting an ack: every task routed, its result stored, its message acked.
+    The client only waits for the results after that, so it takes no CPU from
+    the worker meanwhile (beyond its connection receiving the result notices).
     """
     app = task.app
     nc = await nats.connect(nats_url)
     js = nc.jetstream()
-    durable = names.consumer_name(app.worker_type)
+    consumers = [names.ROUTER_CONSUMER, names.consumer_name(app.worker_type)]
 
     async def drained() -> bool:
-        info = await js.consumer_info(names.TASKS_STREAM, durable)
-        return info.num_pending == 0 and info.num_ack_pending == 0
+        for durable in consumers:  # in this order: routed messages land in the second
+            info = await js.consumer_info(names.TASKS_STREAM, durable)
+            if info.num_pending or info.num_ack_pending:
+                return False
+        return True
 
     try:
         await _warm_up(task)
