@@ -6,6 +6,7 @@ nats-py exceptions are translated to :mod:`heddle.errors` here and nowhere else.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -27,6 +28,8 @@ log = logging.getLogger("heddle.broker")
 
 # Publish-ack waits are pipelined; this bounds how many are in flight per connection.
 _MAX_PENDING_PUBLISHES = 8192
+# How often unacknowledged publishes are checked against their deadline.
+_ACK_SWEEP_S = 0.5
 
 
 def translate(exc: BaseException, url: str, doing: str) -> BrokerError:
@@ -62,6 +65,8 @@ class Broker:
         self._reconnected_cbs: list[Callable[[], Awaitable[None]]] = []
         self.disconnected_at: float | None = None
         self._closing = False
+        self._acks: collections.deque[tuple[float, asyncio.Future[Any]]] = collections.deque()
+        self._ack_sweeper: asyncio.Task[None] | None = None
 
     @property
     def url(self) -> str:
@@ -125,6 +130,9 @@ class Broker:
         """Flush pending publishes and close the connection."""
         nc, self.nc = self.nc, None
         self._closing = True
+        if self._ack_sweeper is not None:
+            self._ack_sweeper.cancel()
+            self._ack_sweeper = None
         if nc is None or nc.is_closed:
             return
         with contextlib.suppress(Exception):
@@ -248,17 +256,44 @@ class Broker:
         self, subject: str, payload: bytes, headers: dict[str, str], timeout_s: float = 5.0
     ) -> api.PubAck:
         """Publish to JetStream and wait for the stream's ack (pipelined with other publishes)."""
-        js = self._js()
+        fut = await self.publish_start(subject, payload, headers, timeout_s)
         try:
-            fut = await js.publish_async(subject, payload, headers=headers, wait_stall=timeout_s)
-            # A timer handle instead of asyncio.wait_for: this runs once per task sent.
-            timer = asyncio.get_running_loop().call_later(timeout_s, _expire, fut)
-            try:
-                return await fut
-            finally:
-                timer.cancel()
+            return await fut
         except Exception as exc:
             raise translate(exc, self.url, f"publishing to {subject}") from exc
+
+    async def publish_start(
+        self, subject: str, payload: bytes, headers: dict[str, str], timeout_s: float = 5.0
+    ) -> asyncio.Future[Any]:
+        """Publish to JetStream; return the future of the stream's ack (failed after ``timeout_s``)."""
+        js = self._js()
+        try:
+            # nats-py wraps its semaphore acquire in asyncio.wait_for (a Task per call)
+            # whenever wait_stall is set: only set it when the pipeline is actually full.
+            stall = timeout_s if js.publish_async_pending() >= _MAX_PENDING_PUBLISHES else None
+            fut = await js.publish_async(subject, payload, headers=headers, wait_stall=stall)
+        except Exception as exc:
+            raise translate(exc, self.url, f"publishing to {subject}") from exc
+        # One sweeper for every ack instead of a timer handle per message: deadlines
+        # are appended in order, so the expired ones are always at the left.
+        self._acks.append((time.monotonic() + timeout_s, fut))
+        if self._ack_sweeper is None:
+            self._ack_sweeper = asyncio.get_running_loop().create_task(self._sweep_acks())
+        return fut
+
+    async def _sweep_acks(self) -> None:
+        acks = self._acks
+        while True:
+            await asyncio.sleep(_ACK_SWEEP_S)
+            now = time.monotonic()
+            while acks and (acks[0][1].done() or acks[0][0] <= now):
+                _, fut = acks.popleft()
+                if not fut.done():
+                    fut.set_exception(TimeoutError())
+
+    def translate_error(self, exc: BaseException, doing: str) -> BrokerError:
+        """Translate a nats-py exception raised outside this module's calls."""
+        return translate(exc, self.url, doing)
 
     async def publish_core(self, subject: str, payload: bytes) -> None:
         """Fire-and-forget publish on core NATS (notices, control, events)."""

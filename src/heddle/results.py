@@ -52,28 +52,42 @@ R = TypeVar("R")
 
 _FINAL = "st == 'SUCCESS' or st == 'FAILURE' or st == 'REVOKED'"
 
+# Both scripts take a worker's whole batch (every key in KEYS), so a batch costs
+# one command to encode, send and parse instead of one per task.
 CLAIM_LUA = f"""
-local st = redis.call('HGET', KEYS[1], 'state')
-if {_FINAL} then
-  return {{st, redis.call('HGET', KEYS[1], 'record') or '', 0}}
+local out = {{}}
+for i, key in ipairs(KEYS) do
+  local st = redis.call('HGET', key, 'state')
+  if {_FINAL} then
+    out[i] = {{st, redis.call('HGET', key, 'record') or '', 0}}
+  else
+    local retries = tonumber(redis.call('HGET', key, 'retries') or '0')
+    redis.call('HSET', key, 'state', 'STARTED', 'started_at', ARGV[1], 'worker', ARGV[2])
+    redis.call('EXPIRE', key, ARGV[3])
+    out[i] = {{st or '', '', retries}}
+  end
 end
-local retries = tonumber(redis.call('HGET', KEYS[1], 'retries') or '0')
-redis.call('HSET', KEYS[1], 'state', 'STARTED', 'started_at', ARGV[1], 'worker', ARGV[2])
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-return {{st or '', '', retries}}
+return out
 """
 
+# ARGV: ttl, then state, record, retries ('' = unchanged) for each key.
 STORE_LUA = f"""
-local st = redis.call('HGET', KEYS[1], 'state')
-if {_FINAL} then
-  return 0
+local out = {{}}
+for i, key in ipairs(KEYS) do
+  local st = redis.call('HGET', key, 'state')
+  if {_FINAL} then
+    out[i] = 0
+  else
+    local a = 2 + (i - 1) * 3
+    redis.call('HSET', key, 'state', ARGV[a], 'record', ARGV[a + 1])
+    if ARGV[a + 2] ~= '' then
+      redis.call('HSET', key, 'retries', ARGV[a + 2])
+    end
+    redis.call('EXPIRE', key, ARGV[1])
+    out[i] = 1
+  end
 end
-redis.call('HSET', KEYS[1], 'state', ARGV[1], 'record', ARGV[2])
-if ARGV[4] ~= '' then
-  redis.call('HSET', KEYS[1], 'retries', ARGV[4])
-end
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-return 1
+return out
 """
 
 
@@ -188,20 +202,17 @@ class ResultBackend:
     async def claim_many(self, task_ids: Sequence[str], worker: str) -> list[Claim]:
         """Mark tasks STARTED unless final; one round trip for the batch."""
         now = f"{time.time():.6f}"
-        calls = [((names.result_key(t),), (now, worker, self._ttl)) for t in task_ids]
-        out = await self.run_script_many("claim", calls)
+        keys = [names.result_key(t) for t in task_ids]
+        (out,) = await self.run_script_many("claim", [(keys, (now, worker, self._ttl))])
         return [Claim(r[0].decode() if r[0] else "", bytes(r[1]), int(r[2])) for r in out]
 
     async def store_many(self, requests: Sequence[StoreRequest]) -> list[bool]:
         """Write states unless a final one is stored; True where the write happened."""
-        calls = [
-            (
-                (names.result_key(r.task_id),),
-                (r.state, r.record, self._ttl, "" if r.retries is None else str(r.retries)),
-            )
-            for r in requests
-        ]
-        out = await self.run_script_many("store", calls)
+        args: list[Any] = [self._ttl]
+        for r in requests:
+            args += (r.state, r.record, "" if r.retries is None else str(r.retries))
+        keys = [names.result_key(r.task_id) for r in requests]
+        (out,) = await self.run_script_many("store", [(keys, args)])
         return [bool(x) for x in out]
 
     async def store(self, request: StoreRequest) -> bool:

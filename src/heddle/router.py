@@ -321,9 +321,18 @@ class Router:
                 futures.append(await js.publish_async(route.subject, msg.data, headers=out))
             except Exception as exc:
                 futures.append(_failed(exc))
-        results = await asyncio.gather(
-            *(asyncio.wait_for(f, _PUBLISH_TIMEOUT_S) for f in futures), return_exceptions=True
-        )
+        # One timeout for the whole batch: asyncio.wait_for per future inside gather
+        # costs a Task, a waiter and a timer per routed message.
+        if futures:
+            _done, pending = await asyncio.wait(futures, timeout=_PUBLISH_TIMEOUT_S)
+            for f in pending:
+                f.cancel()
+        results: list[Any] = []
+        for f in futures:
+            if f.cancelled():
+                results.append(TimeoutError())
+            else:
+                results.append(f.exception() or f.result())
         broker = self.conns.broker
         for (msg, route, headers), res in zip(go, results, strict=True):
             if isinstance(res, BaseException):
