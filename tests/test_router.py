@@ -377,3 +377,25 @@ def test_a_client_that_replays_its_own_task_keeps_working(heddle_app, heddle_ser
             return value
 
         assert asyncio.run(scenario()) == 6
+
+
+async def test_sighup_reloads_the_rules(heddle_servers, tmp_path):
+    rules = tmp_path / "router_rules.yaml"
+    rules.write_text("tier_overrides:\n  summarizer: local\n")
+    app = heddle.Heddle(f"h{uuid.uuid4().hex[:8]}", nats_url=heddle_servers.nats_url,
+                        valkey_url=heddle_servers.valkey_url)
+    router = Router(app, rules_path=rules, watch_rules=False)  # only SIGHUP can reload
+    runner = asyncio.ensure_future(router.run())
+    await router.ready.wait()
+    try:
+        rules.write_text("tier_overrides:\n  summarizer: frontier\n")
+        assert router.rules.tier_overrides == {"summarizer": "local"}  # not watched: unchanged
+        os.kill(os.getpid(), signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while router.rules.tier_overrides != {"summarizer": "frontier"}:
+            assert time.monotonic() < deadline, "SIGHUP did not reload the rules"
+            await asyncio.sleep(0.02)
+    finally:
+        router.request_stop()
+        await runner
+        await app.aclose()

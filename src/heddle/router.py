@@ -69,7 +69,8 @@ class Router:
     Args:
         app: Any app; gives settings and connections.
         rules: Rules to use; or
-        rules_path: a rules file, reloaded on change and on SIGHUP.
+        rules_path: a rules file, reloaded on SIGHUP and, with ``watch_rules``, on change.
+        watch_rules: Watch the rules file for changes.
     """
 
     def __init__(
@@ -78,10 +79,13 @@ class Router:
         *,
         rules: RouterRules | None = None,
         rules_path: str | Path | None = None,
+        watch_rules: bool = True,
     ) -> None:
         self.app = app
         self.settings = app.settings
         self.rules_path = Path(rules_path) if rules_path else None
+        # Reload on file changes too (watchfiles); SIGHUP always reloads.
+        self.watch_rules = watch_rules
         if rules is None:
             rules = load_rules(self.rules_path) if self.rules_path else RouterRules()
         self.rules = rules
@@ -135,7 +139,8 @@ class Router:
         self._limiter = RateLimiter(conns.backend)
         loop = asyncio.get_running_loop()
         if self.rules_path is not None:
-            self._bg.append(loop.create_task(self._watch_rules()))
+            if self.watch_rules:
+                self._bg.append(loop.create_task(self._watch_rules()))
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.add_signal_handler(signal.SIGHUP, self.reload)
         self.ready.set()
@@ -143,6 +148,9 @@ class Router:
         try:
             await self._loop()
         finally:
+            if self.rules_path is not None:
+                with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                    loop.remove_signal_handler(signal.SIGHUP)
             for t in self._bg:
                 t.cancel()
             await asyncio.gather(*self._bg, return_exceptions=True)
