@@ -92,6 +92,18 @@ class Connections:
             self._unsubs.add(task)
             task.add_done_callback(self._unsubs.discard)
 
+    async def store_final(self, record: ResultRecord) -> bool:
+        """Store a final (or RETRY) record unless a final one is there, then announce it.
+
+        The one path for every actor that ends a task: worker, router, orchestrator,
+        revoke. Returns False (and announces nothing) if a final state was stored first.
+        """
+        data = encode_record(record)
+        if not await self.backend.store(StoreRequest(record.id, record.state, data)):
+            return False
+        await self.broker.publish_core(names.result_subject(record.id), data)
+        return True
+
     async def close(self) -> None:
         """Close both connections."""
         self._watches.clear()
@@ -374,11 +386,7 @@ class Heddle:
     async def _revoke(self, task_id: str, task_name: str) -> None:
         conns = await self._connections()
         now = time.time()
-        record = ResultRecord(id=task_id, state=REVOKED, task=task_name, finished_at=now)
-        data = encode_record(record)
-        stored = await conns.backend.store(StoreRequest(task_id, REVOKED, data))
-        if stored:
-            await conns.broker.publish_core(names.result_subject(task_id), data)
+        await conns.store_final(ResultRecord(id=task_id, state=REVOKED, task=task_name, finished_at=now))
         await conns.broker.publish_core(names.REVOKE_SUBJECT, encoder.encode(RevokeNotice(id=task_id)))
         await conns.broker.flush()
 

@@ -57,7 +57,7 @@ from heddle.graph_paths import PathError, Ref, value_of
 from heddle.graph_store import GoalStore
 from heddle.messages import FAILURE, REVOKED, SUCCESS, ErrorInfo, ResultRecord, encoder
 from heddle.pipeline import PipelineError, StagePlan, build_plan
-from heddle.results import AsyncResult, StoreRequest, encode_record
+from heddle.results import AsyncResult
 
 if TYPE_CHECKING:
     from heddle.app import Connections, Heddle
@@ -292,9 +292,7 @@ class GoalRun:
             meta = {"recovered_from": recovered.describe()} if recovered is not None else {}
             record = ResultRecord(id=tid, state=SUCCESS, task=name, result=value, worker=self.orchestrator,
                                   started_at=started, finished_at=now, meta=meta)
-        data = encode_record(record)
-        if await self.conns.backend.store(StoreRequest(tid, record.state, data)):
-            await self.conns.broker.publish_core(names.result_subject(tid), data)
+        await self.conns.store_final(record)
         state = FAILED if failure is not None else (RECOVERED if recovered is not None else SUCCEEDED)
         await self.mark(NodeState(path=path, name=name, state=state, task_id=tid, started_at=started,
                                   ended_at=now, worker=self.orchestrator, error=error, composite=True))
@@ -523,9 +521,6 @@ class GoalRun:
         tid = node_task_id(self.goal.id, path)
         now = time.time()
         # A skipped stage's handle resolves to None, with the reason in its metadata.
-        record = ResultRecord(id=tid, state=SUCCESS, task=name, worker=self.orchestrator,
-                              finished_at=now, meta={"skipped": reason})
-        data = encode_record(record)
-        if await self.conns.backend.store(StoreRequest(tid, SUCCESS, data)):
-            await self.conns.broker.publish_core(names.result_subject(tid), data)
+        await self.conns.store_final(ResultRecord(id=tid, state=SUCCESS, task=name, worker=self.orchestrator,
+                                                  finished_at=now, meta={"skipped": reason}))
         await self.mark(NodeState(path=path, name=name, state=SKIPPED, task_id=tid, ended_at=now, reason=reason))

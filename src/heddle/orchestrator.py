@@ -42,7 +42,6 @@ from heddle.messages import (
     ResultRecord,
     revoke_decoder,
 )
-from heddle.results import StoreRequest, encode_record
 
 if TYPE_CHECKING:
     from nats.aio.msg import Msg
@@ -325,9 +324,7 @@ class Orchestrator:
 
     async def _store_result(self, record: ResultRecord) -> None:
         assert self.conns is not None
-        data = encode_record(record)
-        if await self.conns.backend.store(StoreRequest(record.id, record.state, data)):
-            await self.conns.broker.publish_core(names.result_subject(record.id), data)
+        await self.conns.store_final(record)
 
     async def _progress_loop(self) -> None:
         """Tell JetStream that running goals are alive, so AckWait can stay short."""

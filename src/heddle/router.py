@@ -32,7 +32,6 @@ from heddle.errors import HeddleError
 from heddle.messages import FAILURE, ErrorInfo, ResultRecord
 from heddle.ratelimit import Ask, RateLimiter, bucket_key
 from heddle.registry import Registry
-from heddle.results import StoreRequest, encode_record
 from heddle.rules import RouterRules, RulesError, load_rules
 
 if TYPE_CHECKING:
@@ -368,7 +367,7 @@ class Router:
 
     async def _dead_letter(self, msg: Msg, headers: dict[str, str], task_id: str, reason: str) -> None:
         assert self.conns is not None
-        broker, backend = self.conns.broker, self.conns.backend
+        broker = self.conns.broker
         log.warning("dead-lettering %s: %s", task_id or msg.metadata.sequence.stream, reason)
         try:
             await broker.dead_letter(
@@ -380,17 +379,14 @@ class Router:
                 original_headers=headers,
             )
             if task_id:
-                record = ResultRecord(
+                await self.conns.store_final(ResultRecord(
                     id=task_id,
                     state=FAILURE,
                     task=headers.get(names.HDR_TASK, ""),
                     error=ErrorInfo(type="heddle.Unroutable", message=reason),
                     worker="router",
                     finished_at=time.time(),
-                )
-                data = encode_record(record)
-                if await backend.store(StoreRequest(task_id, FAILURE, data)):
-                    await broker.publish_core(names.result_subject(task_id), data)
+                ))
             await msg.ack()
             self.stats["dead_lettered"] += 1
             await events.publish(  # heddle.events hook

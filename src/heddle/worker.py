@@ -371,17 +371,14 @@ class Worker:
 
     async def _fail_record(self, task_id: str, task_name: str, err_type: str, reason: str) -> None:
         assert self.conns is not None
-        record = ResultRecord(
+        await self.conns.store_final(ResultRecord(
             id=task_id,
             state=FAILURE,
             task=task_name,
             error=ErrorInfo(type=err_type, message=reason),
             worker=self.name,
             finished_at=time.time(),
-        )
-        data = encode_record(record)
-        if await self.conns.backend.store(StoreRequest(task_id, FAILURE, data)):
-            await self.conns.broker.publish_core(names.result_subject(task_id), data)
+        ))
 
     # -- running -------------------------------------------------------------------
 
