@@ -77,6 +77,15 @@ RATE_KEY_PREFIX = "heddle:rate:"
 REPLAY_KEY_PREFIX = "heddle:replayed:"
 
 
+def task_id_of(headers: dict[str, str]) -> str:
+    """A task message's id from its headers alone (for messages whose body cannot be read).
+
+    ``Heddle-Task-Id`` when set (routed copies and replays carry it, because their
+    ``Nats-Msg-Id`` is a dedup key of their own), else ``Nats-Msg-Id``.
+    """
+    return headers.get(HDR_TASK_ID) or headers.get(HDR_MSG_ID, "")
+
+
 def routed_msg_id(task_id: str) -> str:
     """Dedup id of a routed copy: it shares a stream with the incoming message."""
     return f"{task_id}:routed"

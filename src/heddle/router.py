@@ -262,7 +262,7 @@ class Router:
                 continue
             worker_type = headers.get(names.HDR_WORKER_TYPE)
             # A replayed dead letter carries its task id apart from its message id.
-            task_id = headers.get(names.HDR_TASK_ID) or headers.get(names.HDR_MSG_ID, "")
+            task_id = names.task_id_of(headers)
             if not worker_type or not task_id:
                 missing = names.HDR_WORKER_TYPE if not worker_type else names.HDR_MSG_ID
                 await self._dead_letter(msg, headers, task_id, f"malformed envelope: no {missing} header")
@@ -302,7 +302,7 @@ class Router:
                 msg, route, headers = go[i]
                 if wait < 0:
                     await self._dead_letter(
-                        msg, headers, headers.get(names.HDR_TASK_ID) or headers[names.HDR_MSG_ID],
+                        msg, headers, names.task_id_of(headers),
                         f"rate limit exceeded for {headers[names.HDR_WORKER_TYPE]} at {route.tier} "
                         f"(on_limit: dead_letter)",
                     )
@@ -324,6 +324,8 @@ class Router:
             out[names.HDR_TIER] = route.tier  # type: ignore[assignment]
             out[names.HDR_ROUTE_REASON] = route.reason
             out[names.HDR_MSG_ID] = names.routed_msg_id(headers[names.HDR_MSG_ID])
+            # The routed copy's Nats-Msg-Id is its own dedup key; workers read the task id here.
+            out[names.HDR_TASK_ID] = names.task_id_of(headers)
             try:
                 futures.append(await js.publish_async(route.subject, msg.data, headers=out))
             except Exception as exc:

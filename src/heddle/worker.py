@@ -339,12 +339,8 @@ class Worker:
         """Dead-letter a message that can never run, fail its result, and ack it."""
         assert self.conns is not None
         headers = msg.headers or {}
-        # An undecodable message has only its headers: a routed copy's Nats-Msg-Id is
-        # "{id}:routed" (a replayed one carries Heddle-Task-Id), so take the task id from those.
-        routed_suffix = names.routed_msg_id("")
-        task_id = tm.id if tm else (
-            headers.get(names.HDR_TASK_ID) or headers.get(names.HDR_MSG_ID, "").removesuffix(routed_suffix)
-        )
+        # An undecodable message has only its headers to name its task.
+        task_id = tm.id if tm else names.task_id_of(headers)
         task_name = tm.task if tm else headers.get(names.HDR_TASK, "")
         meta = msg.metadata
         log.warning("dead-lettering message %s: %s", task_id or meta.sequence.stream, reason)
@@ -602,7 +598,7 @@ class Worker:
         )
         data = stored.data or b""
         headers = stored.headers or {}
-        task_id = headers.get(names.HDR_MSG_ID, "")
+        task_id = names.task_id_of(headers)
         task_name = headers.get(names.HDR_TASK, "")
         try:
             tm = task_decoder.decode(data)
