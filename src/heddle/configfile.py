@@ -26,8 +26,8 @@ __all__ = ["ConfigIssue", "LineList", "LineMap", "issues_error", "line_of", "loa
 class ConfigIssue:
     """One error in a config file.
 
-    The first three fields match ``heddle.rules.ConfigIssue``, so reports of
-    every config kind print and sort alike.
+    Every config kind (worker configs, pipelines, router rules) reports with it,
+    so their reports print and sort alike.
 
     Attributes:
         file: Path of the file, as given.

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import yaml
 
+from heddle.configfile import ConfigIssue
 from heddle.errors import ConfigError
 from heddle.names import TIERS
 
@@ -31,18 +32,6 @@ DEFAULT_RULES_PATH = Path("configs/router_rules.yaml")
 _RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*$")
 _PER = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600, "hour": 3600}
 _TOP_KEYS = ("tier_overrides", "rate_limits", "fallback", "unknown_worker_grace_seconds")
-
-
-@dataclass(frozen=True)
-class ConfigIssue:
-    """One validation error with its location."""
-
-    file: str
-    line: int
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.file}:{self.line}: {self.message}"
 
 
 class RulesError(ConfigError):

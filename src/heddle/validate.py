@@ -11,8 +11,8 @@ Hook for other config kinds: append a ``ConfigKind`` to :data:`KINDS`, or call
     register(ConfigKind("rules", lambda d: isinstance(d, dict) and "fallback" in d, check_rules))
 
 ``check(data, file)`` returns the problems found, each with ``file``, ``line``
-and a ``str()`` of ``file:line: message`` (:class:`heddle.configfile.ConfigIssue`
-or ``heddle.rules.ConfigIssue``); an empty list means the file is valid. A
+and a ``str()`` of ``file:line: message`` (:class:`heddle.configfile.ConfigIssue`); an empty
+list means the file is valid. A
 check that reads the file itself (``pipeline.validate_pipeline_file(path)``)
 fits as ``lambda data, file: validate_pipeline_file(file)``.
 """
