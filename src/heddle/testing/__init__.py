@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from heddle.testing.servers import (
@@ -35,6 +35,7 @@ __all__ = [
     "aworker",
     "free_port",
     "nats_server_binary",
+    "running_actors",
     "running_worker",
     "valkey_server_binary",
 ]
@@ -72,28 +73,25 @@ def _actors(app: Heddle, concurrency: int, grace_s: float, tier: str | None, rou
 
 
 @contextlib.contextmanager
-def running_worker(
-    app: Heddle,
-    concurrency: int = 8,
-    grace_s: float = 5.0,
-    start_timeout_s: float = 20.0,
-    router: bool = True,
-) -> Iterator[Worker]:
-    """Run a worker (and, like ``heddle worker``, a router) for ``app`` in a background thread.
+def running_actors(
+    app: Heddle, make: Callable[[], list[Any]], start_timeout_s: float = 20.0, stop_timeout_s: float = 35.0
+) -> Iterator[list[Any]]:
+    """Run the actors ``make()`` builds on a fresh loop in a background thread until the block exits.
 
-    The worker is subscribed to its consumer and announced to routers before
-    the block starts, so no message sent inside the block waits for it.
+    ``make`` runs on that loop (actors bind asyncio objects to it). The block starts
+    only once every actor is ready; on exit each is asked to stop and drain, and
+    the app's connections on that loop are closed.
     """
     started = threading.Event()
-    holder: dict[str, object] = {}
+    holder: dict[str, Any] = {}
 
     def run() -> None:
         loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
 
         async def main() -> None:
-            actors = _actors(app, concurrency, grace_s, None, router)
-            holder["worker"], holder["loop"], holder["actors"] = actors[0], loop, actors
+            actors = make()
+            holder["loop"], holder["actors"] = loop, actors
             try:
                 runners = await _start_actors(actors)
                 started.set()
@@ -109,24 +107,41 @@ def running_worker(
             started.set()
             loop.close()
 
-    thread = threading.Thread(target=run, name=f"heddle-worker-{app.name}", daemon=True)
+    thread = threading.Thread(target=run, name=f"heddle-actors-{app.name}", daemon=True)
     thread.start()
     if not started.wait(start_timeout_s):
-        raise RuntimeError(f"worker for {app.name} did not start within {start_timeout_s}s")
+        raise RuntimeError(f"actors for {app.name} did not start within {start_timeout_s}s")
     if "error" in holder:
-        raise holder["error"]  # type: ignore[misc]
-    worker: Worker = holder["worker"]  # type: ignore[assignment]
-    loop: asyncio.AbstractEventLoop = holder["loop"]  # type: ignore[assignment]
-    actors: list[Any] = holder["actors"]  # type: ignore[assignment]
+        raise holder["error"]
+    loop: asyncio.AbstractEventLoop = holder["loop"]
+    actors: list[Any] = holder["actors"]
     try:
-        yield worker
+        yield actors
     finally:
         for actor in actors:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(actor.request_stop)
-        thread.join(grace_s + 30)
+        thread.join(stop_timeout_s)
         if "error" in holder:
-            raise holder["error"]  # type: ignore[misc]
+            raise holder["error"]
+
+
+@contextlib.contextmanager
+def running_worker(
+    app: Heddle,
+    concurrency: int = 8,
+    grace_s: float = 5.0,
+    start_timeout_s: float = 20.0,
+    router: bool = True,
+) -> Iterator[Worker]:
+    """Run a worker (and, like ``heddle worker``, a router) for ``app`` in a background thread.
+
+    The worker is subscribed to its consumer and announced to routers before
+    the block starts, so no message sent inside the block waits for it.
+    """
+    make = lambda: _actors(app, concurrency, grace_s, None, router)  # noqa: E731
+    with running_actors(app, make, start_timeout_s, grace_s + 30) as actors:
+        yield actors[0]
 
 
 @contextlib.asynccontextmanager

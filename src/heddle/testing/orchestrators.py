@@ -11,11 +11,11 @@ Example::
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import threading
 from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING
+
+from heddle.testing import _start_actors, running_actors
 
 if TYPE_CHECKING:
     from heddle.app import Heddle
@@ -30,12 +30,7 @@ async def aorchestrator(app: Heddle, max_concurrent_goals: int = 16) -> AsyncIte
     from heddle.orchestrator import Orchestrator
 
     orch = Orchestrator(app, max_concurrent_goals=max_concurrent_goals)
-    runner = asyncio.ensure_future(orch.run())
-    ready = asyncio.ensure_future(orch.ready.wait())
-    await asyncio.wait({runner, ready}, return_when=asyncio.FIRST_COMPLETED)
-    if runner.done():
-        ready.cancel()
-        runner.result()  # raises the start-up error
+    (runner,) = await _start_actors([orch])
     try:
         yield orch
     finally:
@@ -53,47 +48,6 @@ def running_orchestrator(
     """
     from heddle.orchestrator import Orchestrator
 
-    started = threading.Event()
-    holder: dict[str, object] = {}
-
-    def run() -> None:
-        loop = asyncio.new_event_loop()
-        asyncio.set_event_loop(loop)
-
-        async def main() -> None:
-            orch = Orchestrator(app, max_concurrent_goals=max_concurrent_goals)
-            holder["orch"], holder["loop"] = orch, loop
-            runner = asyncio.ensure_future(orch.run())
-            ready = asyncio.ensure_future(orch.ready.wait())
-            await asyncio.wait({runner, ready}, return_when=asyncio.FIRST_COMPLETED)
-            started.set()
-            try:
-                await runner
-            finally:
-                ready.cancel()
-                await app.aclose()
-
-        try:
-            loop.run_until_complete(main())
-        except BaseException as exc:
-            holder["error"] = exc
-        finally:
-            started.set()
-            loop.close()
-
-    thread = threading.Thread(target=run, name=f"heddle-orchestrator-{app.name}", daemon=True)
-    thread.start()
-    if not started.wait(start_timeout_s):
-        raise RuntimeError(f"orchestrator did not start within {start_timeout_s}s")
-    if "error" in holder:
-        raise holder["error"]  # type: ignore[misc]
-    orch: Orchestrator = holder["orch"]  # type: ignore[assignment]
-    loop: asyncio.AbstractEventLoop = holder["loop"]  # type: ignore[assignment]
-    try:
+    make = lambda: [Orchestrator(app, max_concurrent_goals=max_concurrent_goals)]  # noqa: E731
+    with running_actors(app, make, start_timeout_s) as (orch,):
         yield orch
-    finally:
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(orch.request_stop)
-        thread.join(30)
-        if "error" in holder:
-            raise holder["error"]  # type: ignore[misc]
