@@ -36,18 +36,16 @@ def fresh_servers() -> Iterator[EmbeddedServers]:
         yield servers
 
 
-class WorkerProcess:
-    """A ``heddle worker`` subprocess we started and stop by PID."""
+class ActorProcess:
+    """A ``python -m heddle ...`` actor subprocess we started and stop by PID."""
 
-    def __init__(self, module: str, env: dict[str, str], log_dir: Path, *extra: str) -> None:
-        self.log_path = log_dir / f"worker-{uuid.uuid4().hex[:6]}.log"
-        self._log = open(self.log_path, "wb")  # noqa: SIM115
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path, ready_marker: str, what: str) -> None:
+        self.log_path = log_path
+        self.ready_marker = ready_marker
+        self.what = what
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - handed to the child
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "heddle", "worker", "-A", module, "--quiet", *extra],
-            env=env,
-            cwd=ROOT,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
+            [sys.executable, "-m", "heddle", *args], env=env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT
         )
 
     @property
@@ -60,10 +58,10 @@ class WorkerProcess:
     def wait_ready(self, timeout_s: float = 30.0) -> None:
         def ready() -> bool:
             if self.proc.poll() is not None:
-                raise AssertionError(f"worker exited early:\n{self.output()}")
-            return " consuming " in self.output()
+                raise AssertionError(f"{self.what} exited early:\n{self.output()}")
+            return self.ready_marker in self.output()
 
-        wait_for(ready, timeout_s, "the worker to subscribe")
+        wait_for(ready, timeout_s, f"the {self.what} to bind its consumer")
 
     def signal(self, sig: int) -> None:
         os.kill(self.proc.pid, sig)
@@ -71,11 +69,30 @@ class WorkerProcess:
     def wait(self, timeout_s: float = 60.0) -> int:
         return self.proc.wait(timeout_s)
 
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
     def stop(self) -> None:
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
+            self.kill()
         self._log.close()
+
+
+class WorkerProcess(ActorProcess):
+    """A ``heddle worker -A MODULE`` subprocess."""
+
+    def __init__(self, module: str, env: dict[str, str], log_dir: Path, *extra: str) -> None:
+        log_path = log_dir / f"worker-{uuid.uuid4().hex[:6]}.log"
+        super().__init__(["worker", "-A", module, "--quiet", *extra], env, log_path, " consuming ", "worker")
+
+
+class OrchestratorProcess(ActorProcess):
+    """A ``heddle orchestrator -A tests.apps.graphs`` subprocess."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, *extra: str) -> None:
+        args = ["orchestrator", "-A", "tests.apps.graphs", "--skip-preflight", *extra]
+        super().__init__(args, env, log_path, "taking goals from", "orchestrator")
 
 
 @pytest.fixture
@@ -94,6 +111,24 @@ def spawn_worker(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
     yield spawn
     for w in started:
         w.stop()
+
+
+@pytest.fixture
+def spawn_orchestrator(tmp_path: Path) -> Iterator[Callable[..., OrchestratorProcess]]:
+    """Start ``heddle orchestrator`` processes for ``tests.apps.graphs``; all are killed after the test."""
+    started: list[OrchestratorProcess] = []
+
+    def spawn(env: dict[str, str], *extra: str) -> OrchestratorProcess:
+        o = OrchestratorProcess(
+            {**os.environ, **env, "PYTHONPATH": str(ROOT)}, tmp_path / f"orch-{len(started)}.log", *extra
+        )
+        started.append(o)
+        o.wait_ready()
+        return o
+
+    yield spawn
+    for o in started:
+        o.stop()
 
 
 @pytest.fixture

@@ -8,14 +8,11 @@ run the goal, so killing one kills the orchestrator and nothing else.
 
 from __future__ import annotations
 
-import os
 import re
 import signal
-import subprocess
-import sys
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -27,54 +24,9 @@ from heddle.graph import node_task_id
 from heddle.testing import EmbeddedServers, aworker, running_worker
 from heddle.testing.orchestrators import aorchestrator, running_orchestrator
 from tests.apps.graphs import define
-from tests.conftest import ROOT, executions, wait_for
+from tests.conftest import executions, wait_for
 
 GRAPHS = "tests.apps.graphs"
-
-
-class OrchestratorProcess:
-    """A ``heddle orchestrator`` subprocess we started and stop by PID."""
-
-    def __init__(self, env: dict[str, str], log_path: Path, *extra: str) -> None:
-        self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 - handed to the child
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "heddle", "orchestrator", "-A", GRAPHS, "--skip-preflight", *extra],
-            env=env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
-        )
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_ready(self, timeout_s: float = 30.0) -> None:
-        def ready() -> bool:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"orchestrator exited early:\n{self.output()}")
-            return "taking goals from" in self.output()
-
-        wait_for(ready, timeout_s, "the orchestrator to bind its consumer")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-        self._log.close()
-
-
-@pytest.fixture
-def spawn_orchestrator(tmp_path: Path) -> Iterator[Callable[..., OrchestratorProcess]]:
-    started: list[OrchestratorProcess] = []
-
-    def spawn(env: dict[str, str], *extra: str) -> OrchestratorProcess:
-        o = OrchestratorProcess({**os.environ, **env, "PYTHONPATH": str(ROOT)},
-                                tmp_path / f"orch-{len(started)}.log", *extra)
-        started.append(o)
-        o.wait_ready()
-        return o
-
-    yield spawn
-    for o in started:
-        o.stop()
 
 
 @pytest.fixture
