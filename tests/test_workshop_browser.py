@@ -6,43 +6,13 @@ Screenshots go to tests/artifacts/ (gitignored); docs/img/workshop.png is one of
 from __future__ import annotations
 
 import json
-import os
-import shutil
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import pytest
-
 from heddle.testing import EmbeddedServers, running_worker
-from tests.test_workshop import XSS, make_app, running_workshop, task_name
+from tests.workshop_support import ARTIFACTS, XSS, make_app, needs_chromium, page, running_workshop, task_name
 
-CHROMIUM = os.environ.get("HEDDLE_CHROMIUM", "/usr/bin/chromium")
-ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
-ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]
-
-pytestmark = pytest.mark.skipif(
-    not shutil.which(CHROMIUM) and not Path(CHROMIUM).exists(),
-    reason=f"no Chromium at {CHROMIUM} (.ci/run installs Debian's chromium)",
-)
-
-
-@pytest.fixture
-def page() -> Iterator[Any]:
-    from playwright.sync_api import sync_playwright
-
-    ARTIFACTS.mkdir(exist_ok=True)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-        try:
-            pg = browser.new_page(viewport={"width": 1200, "height": 800})
-            pg.set_default_timeout(15_000)
-            yield pg
-        finally:
-            browser.close()
+pytestmark = needs_chromium
+__all__ = ["page"]  # a fixture, imported for pytest
 
 
 def test_a_person_tries_a_task_sees_the_result_arrive_live_and_no_script_runs(

@@ -42,6 +42,7 @@ from heddle.errors import HeddleError
 from heddle.messages import READY_STATES, task_decoder
 
 if TYPE_CHECKING:
+    from heddle.app import Connections
     from heddle.llm.config import WorkerConfig
     from heddle.workshop.server import Workshop
 
@@ -272,17 +273,31 @@ def args_from_form(form: FormData) -> tuple[list[Any], dict[str, Any]]:
     return args, kwargs
 
 
-def build_app(ws: Workshop) -> ASGIApp:
-    """The Workshop's ASGI app, bound to its actor."""
+class Pages:
+    """What every page module needs: the actor, rendering, the CSRF check, the connections.
 
-    def render(request: Request, name: str, status_code: int = 200, **ctx: Any) -> HTMLResponse:
+    The Workshop's pages live in a few modules (this one, :mod:`.pipelines`,
+    :mod:`.evaluate`); each takes a ``Pages`` and returns its routes.
+    """
+
+    def __init__(self, ws: Workshop) -> None:
+        self.ws = ws
+
+    def render(self, request: Request, name: str, status_code: int = 200, **ctx: Any) -> HTMLResponse:
+        """Render a template with the page context every template expects."""
+        ws = self.ws
         html = _env.get_template(name).render(
             request=request, csrf_token=ws.csrf_token, path=request.url.path,
             hx_headers=json.dumps({"X-CSRF-Token": ws.csrf_token}), **ctx,
         )
         return HTMLResponse(html, status_code=status_code, headers={"Cache-Control": "no-store"})
 
-    async def csrf_form(request: Request) -> FormData:
+    async def csrf_form(self, request: Request) -> FormData:
+        """The posted form, once its CSRF token and origin are checked.
+
+        Raises:
+            PermissionError: cross-origin, or a missing or wrong token.
+        """
         form = await request.form()
         origin = request.headers.get("origin")
         if origin is not None:
@@ -290,17 +305,32 @@ def build_app(ws: Workshop) -> ASGIApp:
             if o.netloc != request.headers.get("host", ""):
                 raise PermissionError(f"cross-origin request from {origin} refused")
         supplied = request.headers.get("x-csrf-token") or str(form.get("csrf_token") or "")
-        if not supplied or not hmac.compare_digest(supplied.encode(), ws.csrf_token.encode()):
+        if not supplied or not hmac.compare_digest(supplied.encode(), self.ws.csrf_token.encode()):
             raise PermissionError("missing or wrong CSRF token; reload the page and try again")
         return form
 
+    @staticmethod
     def refused(exc: PermissionError) -> PlainTextResponse:
+        """The answer to a request :meth:`csrf_form` refused."""
         return PlainTextResponse(str(exc), status_code=403)
 
-    async def conns() -> Any:
-        if ws.conns is None:
+    def problem(self, request: Request, message: str, status_code: int = 422) -> HTMLResponse:
+        """A fragment that says what was wrong with a submission."""
+        return self.render(request, "_problem.html", status_code=status_code, problem=message)
+
+    async def conns(self) -> Connections:
+        """The Workshop's connections (an error page until it is connected)."""
+        if self.ws.conns is None:
             raise HeddleError("the Workshop is not connected yet")
-        return ws.conns
+        return self.ws.conns
+
+
+def build_app(ws: Workshop) -> ASGIApp:
+    """The Workshop's ASGI app, bound to its actor."""
+    from heddle.workshop import evaluate, pipelines
+
+    pages = Pages(ws)
+    render, csrf_form, refused, conns = pages.render, pages.csrf_form, pages.refused, pages.conns
 
     # -- overview --------------------------------------------------------------------------
 
@@ -308,7 +338,7 @@ def build_app(ws: Workshop) -> ASGIApp:
         from heddle.workshop.state import chart_points
 
         c = await conns()
-        js = c.broker.js
+        js = c.broker._js()
         queues = []
         dead = 0
         try:
@@ -505,6 +535,8 @@ def build_app(ws: Workshop) -> ASGIApp:
         Route("/dlq/{seq}", dlq_one),
         Route("/dlq/{seq}/replay", dlq_replay, methods=["POST"]),
         Route("/events/stream", stream),
+        *pipelines.routes(pages),
+        *evaluate.routes(pages),
         Mount("/static", app=StaticFiles(directory=HERE / "static"), name="static"),
     ]
     return Guard(Starlette(routes=routes), ws)
@@ -515,4 +547,4 @@ def _hdrs() -> dict[str, str]:
             "reason": names.HDR_REASON}
 
 
-__all__ = ["CSP", "Target", "build_app", "schema_fields"]
+__all__ = ["CSP", "Pages", "Target", "build_app", "schema_fields"]

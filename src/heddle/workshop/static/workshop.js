@@ -1,6 +1,8 @@
 // Heddle Workshop: one Server-Sent Events stream per page says which fragments to refresh.
-// Elements opt in with data-watch="tick" (every tick), data-watch="tasks" (any task event)
-// or data-watch-task="ID" (events of one task); each refreshes through its htmx "refresh" trigger.
+// Elements opt in with data-watch="tick" (every tick), data-watch="tasks" (any task event),
+// data-watch-task="ID" (events of one task), data-watch-goal="ID" (progress of one goal or
+// pipeline run) or data-watch-eval="ID" (progress of one evaluation run); each refreshes
+// through its htmx "refresh" trigger.
 (function () {
   "use strict";
   var live = document.getElementById("live");
@@ -8,17 +10,22 @@
   function refresh(selector) {
     document.querySelectorAll(selector).forEach(function (el) { htmx.trigger(el, "refresh"); });
   }
+  function byId(kind) {
+    return function (e) { refresh("[data-watch-" + kind + '="' + CSS.escape(e.data) + '"]'); };
+  }
   function connect() {
     var source = new EventSource("/events/stream");
     source.onopen = function () { if (live) { live.textContent = "live"; live.className = "live on"; } };
     source.onerror = function () { if (live) { live.textContent = "reconnecting…"; live.className = "live"; } };
     source.addEventListener("tick", function () { refresh('[data-watch="tick"]'); });
     source.addEventListener("task", function (e) {
-      refresh('[data-watch-task="' + CSS.escape(e.data) + '"]');
+      byId("task")(e);
       if (pendingTasks === null) {  // at most one task-list refresh per half second
         pendingTasks = setTimeout(function () { pendingTasks = null; refresh('[data-watch="tasks"]'); }, 500);
       }
     });
+    source.addEventListener("goal", byId("goal"));
+    source.addEventListener("eval", byId("eval"));
   }
   if (window.EventSource) { connect(); }
 })();
