@@ -29,7 +29,8 @@ XSS = "<script>window.__heddle_xss = 1</script>"
 def running_workshop(servers: EmbeddedServers, **options: Any) -> Iterator[Workshop]:
     """A Workshop on a free loopback port, on an event loop in a thread of its own."""
     app = Heddle("workshop", nats_url=servers.nats_url, valkey_url=servers.valkey_url)
-    ws = Workshop(app, port=0, config_dirs=[ROOT / "configs"], **options)
+    options.setdefault("config_dirs", [ROOT / "configs"])
+    ws = Workshop(app, port=0, **options)
     errors: list[BaseException] = []
     loop = asyncio.new_event_loop()
 

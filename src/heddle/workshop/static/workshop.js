@@ -1,7 +1,7 @@
 // Heddle Workshop: one Server-Sent Events stream per page says which fragments to refresh.
 // Elements opt in with data-watch="tick" (every tick), data-watch="tasks" (any task event),
 // data-watch-task="ID" (events of one task), data-watch-goal="ID" (progress of one goal or
-// pipeline run) or data-watch-eval="ID" (progress of one evaluation run); each refreshes
+// pipeline run, and the events of its nodes' tasks) or data-watch-eval="ID" (progress of one evaluation run); each refreshes
 // through its htmx "refresh" trigger.
 (function () {
   "use strict";
@@ -15,11 +15,19 @@
   }
   function connect() {
     var source = new EventSource("/events/stream");
-    source.onopen = function () { if (live) { live.textContent = "live"; live.className = "live on"; } };
+    source.onopen = function () {
+      if (live) { live.textContent = "live"; live.className = "live on"; }
+      // Whatever happened between rendering the page and this stream opening was not announced.
+      refresh("[data-watch-task], [data-watch-goal], [data-watch-eval]");
+    };
     source.onerror = function () { if (live) { live.textContent = "reconnecting…"; live.className = "live"; } };
     source.addEventListener("tick", function () { refresh('[data-watch="tick"]'); });
     source.addEventListener("task", function (e) {
       byId("task")(e);
+      // A graph node's task id is "GOAL:PATH": its start and end move the goal's page on too.
+      document.querySelectorAll("[data-watch-goal]").forEach(function (el) {
+        if (e.data.indexOf(el.getAttribute("data-watch-goal") + ":") === 0) { htmx.trigger(el, "refresh"); }
+      });
       if (pendingTasks === null) {  // at most one task-list refresh per half second
         pendingTasks = setTimeout(function () { pendingTasks = null; refresh('[data-watch="tasks"]'); }, 500);
       }
