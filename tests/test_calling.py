@@ -142,6 +142,21 @@ def test_a_200_task_burst_completes_with_every_result_retrievable(heddle_app, he
     assert all(heddle_app.AsyncResult(r.id).state == heddle.SUCCESS for r in results)
 
 
+def test_results_whose_watch_was_evicted_are_still_read_promptly(heddle_app, heddle_worker, monkeypatch):
+    # Past the cap on open result watches, the oldest are dropped; their get() must not
+    # wait for a notice that can no longer come.
+    import heddle.app
+
+    monkeypatch.setattr(heddle.app, "_MAX_WATCHES", 5)
+
+    @heddle_app.task
+    def triple(x: int) -> int:
+        return 3 * x
+
+    results = [triple.delay(i) for i in range(12)]
+    assert [r.get(timeout=5) for r in results] == [3 * i for i in range(12)]
+
+
 def test_the_worker_never_runs_more_than_its_concurrency(heddle_app, heddle_servers):
     lock = threading.Lock()
     active = [0]

@@ -48,7 +48,7 @@ class Connections:
         self.broker = Broker(settings, name)
         self.backend = ResultBackend(settings)
         self._streams_ready = False
-        self._watches: OrderedDict[str, Any] = OrderedDict()
+        self._watches: OrderedDict[str, tuple[Any, asyncio.Future[Any]]] = OrderedDict()
         self._unsubs: set[asyncio.Future[None]] = set()
 
     async def start(self) -> None:
@@ -70,9 +70,12 @@ class Connections:
         """Subscribe to a task's result notice before its message is published."""
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         sub = await self.broker.subscribe(names.result_subject(task_id), future=fut)
-        self._watches[task_id] = sub
+        self._watches[task_id] = (sub, fut)
         while len(self._watches) > _MAX_WATCHES:
-            _, old = self._watches.popitem(last=False)
+            _, (old, old_fut) = self._watches.popitem(last=False)
+            # Cancelled, the future tells a later get() that no notice will come, so it
+            # subscribes and reads the result itself instead of waiting out its timeout.
+            old_fut.cancel()
             with contextlib.suppress(Exception):
                 await old.unsubscribe()
         return fut
@@ -84,9 +87,10 @@ class Connections:
         a server-side limit of one message); only one that never got its notice
         needs an explicit unsubscribe.
         """
-        sub = self._watches.pop(task_id, None)
-        if received or sub is None:
+        watched = self._watches.pop(task_id, None)
+        if received or watched is None:
             return
+        sub = watched[0]
         if self.broker.nc is not None and not self.broker.nc.is_closed:
             task = asyncio.ensure_future(_unsub(sub))
             self._unsubs.add(task)

@@ -351,6 +351,8 @@ class AsyncResult(Generic[R]):
             return self._record
         conns = await self.app._connections()
         notice = self._notice if self._loop is loop else None
+        if notice is not None and notice.cancelled():  # its watch was evicted: no notice will come
+            notice = None
         sub = None
         state = PENDING
         try:
