@@ -102,3 +102,21 @@ async def test_scripts_are_reloaded_after_valkey_forgets_them(heddle_servers):
         assert claims[0].previous_state == ""
     finally:
         await conns.close()
+
+
+async def test_a_burst_of_concurrent_result_reads_shares_a_bounded_pool_of_connections(heddle_servers):
+    import asyncio
+
+    from heddle.results import _MAX_CONNECTIONS
+
+    backend = ResultBackend(Settings(valkey_url=heddle_servers.valkey_url))
+    await backend.connect()
+    try:
+        assert backend.client is not None
+        before = (await backend.client.info("clients"))["connected_clients"]
+        reads = await asyncio.gather(*(backend.read(f"no-such-task-{i}") for i in range(400)))
+        assert all(state == heddle.PENDING and record is None for state, record in reads)
+        after = (await backend.client.info("clients"))["connected_clients"]
+        assert after - before <= _MAX_CONNECTIONS
+    finally:
+        await backend.close()

@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 R = TypeVar("R")
 
 _FINAL = "st == 'SUCCESS' or st == 'FAILURE' or st == 'REVOKED'"
+_MAX_CONNECTIONS = 64  # per process and event loop; Valkey allows 10,000 clients by default
 
 # Both scripts take a worker's whole batch (every key in KEYS), so a batch costs
 # one command to encode, send and parse instead of one per task.
@@ -138,12 +139,17 @@ class ResultBackend:
 
     async def connect(self) -> None:
         """Connect and load the Lua scripts; raise BackendUnavailable if unreachable."""
-        self.client = valkey_async.Valkey.from_url(
+        # A bounded pool: a burst of concurrent result reads waits for a free connection
+        # (up to the socket timeout) instead of opening one connection per waiter.
+        pool = valkey_async.BlockingConnectionPool.from_url(
             self.url,
+            max_connections=_MAX_CONNECTIONS,
+            timeout=max(10.0, self.settings.connect_timeout_s),
             socket_connect_timeout=self.settings.connect_timeout_s,
             socket_timeout=max(10.0, self.settings.connect_timeout_s),
             health_check_interval=10,
         )
+        self.client = valkey_async.Valkey.from_pool(pool)
         try:
             await self.client.ping()
             await self._load_scripts()
