@@ -23,6 +23,8 @@ def add_workshop_command(sub: Any, add_actor_args: Callable[[argparse.ArgumentPa
     w.add_argument("--port", type=int, default=8080, help="TCP port (default 8080)")
     w.add_argument("--configs", action="append", type=Path, default=None,
                    help="directory of YAML worker configs and pipelines (repeatable; default configs/)")
+    w.add_argument("--eval-db", type=Path, default=None, metavar="PATH",
+                   help="SQLite file of the Evaluate page's runs (default .heddle/workshop.sqlite3)")
     w.add_argument("--loglevel", default="INFO")
     add_actor_args(w)
 
@@ -54,7 +56,7 @@ def run_workshop_command(args: argparse.Namespace) -> int:
         raise ConfigError(_MISSING_EXTRA.format(exc)) from None
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port must be 0-65535, got {args.port}")
-    ws = Workshop(host=args.host, port=args.port, config_dirs=args.configs)
+    ws = Workshop(host=args.host, port=args.port, config_dirs=args.configs, eval_db=args.eval_db)
     from heddle.cli import preflight
     from heddle.health import start_health_server
 

@@ -15,7 +15,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,8 @@ class Workshop:
         token: Access token; default ``$HEDDLE_WORKSHOP_TOKEN``. Required beyond loopback.
         config_dirs: Where YAML worker configs and pipelines are found (default ``configs/``).
         max_tasks: How many recent tasks are remembered.
+        eval_db: SQLite file of the Evaluate page's runs (default ``.heddle/workshop.sqlite3``
+            under the current directory, created on first use).
     """
 
     actor_kind = "workshop"
@@ -82,6 +84,7 @@ class Workshop:
         token: str | None = None,
         config_dirs: list[Path] | None = None,
         max_tasks: int = 2000,
+        eval_db: Path | None = None,
     ) -> None:
         token = token if token is not None else (os.environ.get(TOKEN_ENV) or None)
         check_bind(host, token)
@@ -91,6 +94,10 @@ class Workshop:
         self.token = token
         self.csrf_token = secrets.token_urlsafe(32)
         self.config_dirs = config_dirs if config_dirs is not None else [Path("configs")]
+        self.eval_db = (eval_db if eval_db is not None else Path(".heddle") / "workshop.sqlite3").absolute()
+        # Awaited once serving has stopped, before the connections close (page modules'
+        # background work, e.g. evaluation runs, ends there).
+        self.stop_hooks: list[Callable[[], Awaitable[None]]] = []
         self.ready = asyncio.Event()
         self.conns: Connections | None = None
         self.recent = RecentTasks(max_tasks)
@@ -224,6 +231,11 @@ class Workshop:
                 self.stopping.set()
                 ticker.cancel()
                 await asyncio.gather(ticker, return_exceptions=True)
+                for hook in self.stop_hooks:
+                    try:
+                        await hook()
+                    except Exception:
+                        log.exception("a Workshop stop hook failed")
         finally:
             sock.close()
             if self.registry is not None:
