@@ -33,6 +33,10 @@ def test_a_person_tries_a_task_sees_the_result_arrive_live_and_no_script_runs(
         page.click("text=Try a worker")
         page.select_option("select[name=target]", f"task:{app.name}:{task_name(app, 'echo')}")
         expect(page.locator("#run-form textarea[name=args]")).to_be_visible()
+        # Bad arguments are refused with a message on the page.
+        page.fill("#run-form textarea[name=args]", "[1,")
+        page.click("#run")
+        expect(page.locator("#submitted .problem")).to_contain_text("arguments must be a JSON list")
         page.fill("#run-form textarea[name=args]", json.dumps([XSS]))
         page.evaluate("window.__marker = 'same page'")
         page.click("#run")

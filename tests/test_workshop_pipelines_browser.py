@@ -27,6 +27,11 @@ def test_a_person_runs_a_pipeline_and_watches_its_stages_complete_without_a_relo
         page.goto(r.ws.url + "/pipelines")
         page.click("#pipelines a[href='/pipelines/claims']")
         expect(page.locator("#stage-graph g.stage")).to_have_count(4)
+        # A problem with the input is said on the page, and nothing is sent.
+        page.fill("#pipeline-form textarea[name=input]", '{"text": "One."')
+        page.click("#run-pipeline")
+        expect(page.locator("#run-problem .problem")).to_contain_text("the input is not JSON")
+        assert "/pipelines/runs/" not in page.url
         page.fill("#pipeline-form textarea[name=input]", json.dumps({"text": "One. Two.", "note": XSS}))
         page.click("#run-pipeline")
         page.wait_for_url("**/pipelines/runs/**")
