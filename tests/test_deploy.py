@@ -213,7 +213,8 @@ def heddle_containers() -> dict[str, dict[str, Any]]:
 def test_kustomize_renders_the_whole_stack_into_the_heddle_namespace():
     kinds = sorted({(o["kind"], o["metadata"]["name"]) for o in render()})
     for expected in [("Namespace", "heddle"), ("StatefulSet", "nats"), ("Deployment", "valkey"),
-                     ("PersistentVolumeClaim", "redis-data"), ("Service", "workshop"),
+                     ("PersistentVolumeClaim", "redis-data"), ("PersistentVolumeClaim", "workshop-data"),
+                     ("Service", "workshop"),
                      *[("Deployment", d) for d in ("router", "orchestrator", "worker-local", "worker-standard",
                                                    "workshop")],
                      ("HorizontalPodAutoscaler", "worker-local"), ("HorizontalPodAutoscaler", "worker-standard")]:
@@ -505,3 +506,16 @@ def test_the_keda_scaledobject_scales_a_worker_on_its_real_consumer():
     # It takes over the base's CPU HPA of the same name instead of fighting it.
     assert spec["advanced"]["horizontalPodAutoscalerConfig"]["name"] == target
     assert scaled["metadata"]["annotations"]["scaledobject.keda.sh/transfer-hpa-ownership"] == "true"
+
+
+def test_the_workshop_keeps_its_evaluation_runs_on_a_persistent_volume():
+    dep = objects("Deployment")["workshop"]
+    spec = dep["spec"]["template"]["spec"]
+    container = heddle_containers()["workshop"]
+    db = container["command"][container["command"].index("--eval-db") + 1]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"]
+              for v in spec["volumes"] if "persistentVolumeClaim" in v}
+    volume = next(name for name, path in mounts.items() if db.startswith(path + "/"))
+    assert claims[volume] == "workshop-data"
+    assert dep["spec"]["strategy"]["type"] == "Recreate"  # a ReadWriteOnce volume cannot be shared by two pods
