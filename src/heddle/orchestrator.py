@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-import nats.errors
 
 from heddle import names
 from heddle.errors import HeddleError
@@ -47,6 +46,7 @@ if TYPE_CHECKING:
     from nats.aio.msg import Msg
 
     from heddle.app import Connections, Heddle
+    from heddle.broker import Puller
 
 log = logging.getLogger("heddle.orchestrator")
 
@@ -98,7 +98,7 @@ class Orchestrator:
         self.store: GoalStore | None = None
         self._stop = asyncio.Event()
         self._slot_freed = asyncio.Event()
-        self._psub: Any = None
+        self._psub: Puller | None = None
         self._rebind = False
         self._subs: list[Any] = []
         self._bg: list[asyncio.Task[Any]] = []
@@ -153,7 +153,7 @@ class Orchestrator:
         finally:
             await self._shutdown()
 
-    async def _bind(self) -> None:
+    async def _bind(self) -> Puller:
         assert self.conns is not None
         broker = self.conns.broker
         await broker.ensure_named_consumer(
@@ -164,9 +164,9 @@ class Orchestrator:
         )
         old, self._psub = self._psub, None
         if old is not None:
-            with contextlib.suppress(Exception):
-                await old.unsubscribe()
-        self._psub = await broker.pull_subscribe(names.ORCHESTRATOR_CONSUMER, stream=names.GOALS_STREAM)
+            await old.close()
+        self._psub = psub = await broker.pull_subscribe(names.ORCHESTRATOR_CONSUMER, stream=names.GOALS_STREAM)
+        return psub
 
     async def _on_reconnect(self) -> None:
         self._rebind = True
@@ -184,15 +184,14 @@ class Orchestrator:
                     await asyncio.wait_for(self._slot_freed.wait(), _FETCH_TIMEOUT_S)
                 continue
             try:
-                if self._rebind or self._psub is None:
+                psub = self._psub
+                if self._rebind or psub is None:
                     self._rebind = False
                     assert self.conns is not None
                     self.conns._streams_ready = False
                     await self.conns.ensure_streams()
-                    await self._bind()
-                msgs = await self._psub.fetch(batch=free, timeout=_FETCH_TIMEOUT_S)
-            except nats.errors.TimeoutError:
-                continue
+                    psub = await self._bind()
+                msgs = await psub.fetch(free, _FETCH_TIMEOUT_S)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -378,13 +377,15 @@ class Orchestrator:
         for t in self._bg:
             t.cancel()
         await asyncio.gather(*self._bg, return_exceptions=True)
+        # Goal messages delivered but never fetched are nak'd too.
+        if self._psub is not None:
+            await self._psub.close()
         if self.conns is not None:
             with contextlib.suppress(Exception):
                 await self.conns.broker.flush(timeout_s=2)
-        for sub in [self._psub, *self._subs]:
-            if sub is not None:
-                with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
+        for sub in self._subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
         log.info("orchestrator %s stopped: %s", self.name, self.stats)
 
 

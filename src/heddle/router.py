@@ -25,8 +25,6 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import nats.errors
-
 from heddle import events, names
 from heddle.errors import HeddleError
 from heddle.messages import FAILURE, ErrorInfo, ResultRecord
@@ -38,6 +36,7 @@ if TYPE_CHECKING:
     from nats.aio.msg import Msg
 
     from heddle.app import Connections, Heddle
+    from heddle.broker import Puller
 
 log = logging.getLogger("heddle.router")
 
@@ -95,7 +94,7 @@ class Router:
         self.registry: Registry | None = None
         self._limiter: RateLimiter | None = None
         self._stop = asyncio.Event()
-        self._psub: Any = None
+        self._psub: Puller | None = None
         self._rebind = False
         self._cache: dict[tuple[str, str | None], Route] = {}
         self._registry_version: Any = None
@@ -155,10 +154,9 @@ class Router:
             await asyncio.gather(*self._bg, return_exceptions=True)
             await self.registry.stop()
             if self._psub is not None:
-                with contextlib.suppress(Exception):
-                    await self._psub.unsubscribe()
+                await self._psub.close()
 
-    async def _bind(self) -> None:
+    async def _bind(self) -> Puller:
         assert self.conns is not None
         broker = self.conns.broker
         await broker.ensure_named_consumer(
@@ -166,9 +164,9 @@ class Router:
         )
         old, self._psub = self._psub, None
         if old is not None:
-            with contextlib.suppress(Exception):
-                await old.unsubscribe()
-        self._psub = await broker.pull_subscribe(names.ROUTER_CONSUMER)
+            await old.close()
+        self._psub = psub = await broker.pull_subscribe(names.ROUTER_CONSUMER)
+        return psub
 
     async def _on_reconnect(self) -> None:
         self._rebind = True
@@ -185,15 +183,14 @@ class Router:
         while not self._stop.is_set():
             self.last_tick = time.monotonic()
             try:
-                if self._rebind or self._psub is None:
+                psub = self._psub
+                if self._rebind or psub is None:
                     self._rebind = False
                     assert self.conns is not None
                     self.conns._streams_ready = False
                     await self.conns.ensure_streams()
-                    await self._bind()
-                msgs = await self._psub.fetch(batch=_MAX_BATCH, timeout=_FETCH_TIMEOUT_S)
-            except nats.errors.TimeoutError:
-                continue
+                    psub = await self._bind()
+                msgs = await psub.fetch(_MAX_BATCH, _FETCH_TIMEOUT_S)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -201,6 +198,8 @@ class Router:
                 self._rebind = True
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), _BACKOFF_S)
+                continue
+            if not msgs:
                 continue
             try:
                 await self.route_batch(msgs)

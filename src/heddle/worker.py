@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-import nats.errors
 
 from heddle import events, names
 from heddle.context import TaskContext
@@ -50,6 +49,7 @@ if TYPE_CHECKING:
     from nats.aio.msg import Msg
 
     from heddle.app import Connections, Heddle
+    from heddle.broker import Puller
     from heddle.task import Task
 
 log = logging.getLogger("heddle.worker")
@@ -144,7 +144,7 @@ class Worker:
         self._outcomes: list[Outcome] = []
         self._outcome_ready = asyncio.Event()
         self._rebind = False
-        self._psub: Any = None
+        self._psub: Puller | None = None
         self._durable = ""
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="heddle-task")
         self._bg: list[asyncio.Task[Any]] = []
@@ -222,17 +222,18 @@ class Worker:
         # consumer and re-bind before the next fetch instead of trusting the old one.
         self._rebind = True
 
-    async def _rebind_consumer(self) -> None:
+    async def _rebind_consumer(self) -> Puller:
         assert self.conns is not None
         self._rebind = False
         old, self._psub = self._psub, None
-        with contextlib.suppress(Exception):
-            await old.unsubscribe()
+        if old is not None:
+            await old.close()
         self.conns._streams_ready = False
         await self.conns.ensure_streams()
         self._durable = await self.conns.broker.ensure_consumer(self.worker_type, self.tier)
-        self._psub = await self.conns.broker.pull_subscribe(self._durable)
+        self._psub = psub = await self.conns.broker.pull_subscribe(self._durable)
         log.warning("re-bound pull consumer %s after reconnect", self._durable)
+        return psub
 
     # -- fetching ------------------------------------------------------------------
 
@@ -247,17 +248,18 @@ class Worker:
                     await asyncio.wait_for(self._slot_freed.wait(), _FETCH_TIMEOUT_S)
                 continue
             try:
-                if self._rebind or self._psub is None:
-                    await self._rebind_consumer()
-                msgs = await self._psub.fetch(batch=min(free, _MAX_BATCH), timeout=_FETCH_TIMEOUT_S)
-            except nats.errors.TimeoutError:
-                continue
+                psub = self._psub
+                if self._rebind or psub is None:
+                    psub = await self._rebind_consumer()
+                msgs = await psub.fetch(min(free, _MAX_BATCH), _FETCH_TIMEOUT_S)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 log.warning("fetch failed (%r); retrying in %.1fs", exc, _BACKOFF_S)
                 self._rebind = True
                 await self._sleep_unless_stopped(_BACKOFF_S)
+                continue
+            if not msgs:
                 continue
             try:
                 await self._accept(msgs)
@@ -651,17 +653,18 @@ class Worker:
         await asyncio.gather(*self._bg, return_exceptions=True)
         if self._heartbeat is not None:
             await self._heartbeat.stop()
+        # Unsubscribe the pull subscription before closing (nats-py's drain waits for
+        # its queue to empty otherwise); what it still holds is nak'd for redelivery.
+        if self._psub is not None:
+            await self._psub.close()
         # nats-py buffers acks and naks; a round trip makes sure the server has them
         # before the process exits (the CLI exits hard when threads were abandoned).
         if self.conns is not None:
             with contextlib.suppress(Exception):
                 await self.conns.broker.flush(timeout_s=2)
-        # Unsubscribe the pull subscription before closing: drain can hang after a
-        # timed-out fetch otherwise (nats-py 2.16).
-        for sub in [self._psub, *self._subs]:
-            if sub is not None:
-                with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
+        for sub in self._subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
         self._pool.shutdown(wait=False, cancel_futures=True)
         log.info("worker %s stopped: %s", self.name, self.stats)
 
