@@ -7,7 +7,7 @@ in flight at that moment (for a worker, the tasks it started whose final state
 was not stored yet; for a server, the total concurrency of the live workers).
 Bar: lost = 0, duplicates <= bound, every result retrievable and correct.
 
-CI runs 3,000 tasks; HEDDLE_CHAOS_SOAK=1 runs 10,000 (HEDDLE_CHAOS_TASKS overrides).
+CI runs 10,000 tasks; HEDDLE_CHAOS_SOAK=1 runs 30,000 (HEDDLE_CHAOS_TASKS overrides).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ WORK = f"{CHAOS}.work"
 
 
 def test_no_task_is_lost_through_worker_nats_and_valkey_kills(fresh_servers, spawn_worker, test_env):
-    total = int(size("TASKS", 3000, 10000))
+    total = int(size("TASKS", 10000, 30000))
     task_s = size("TASK_SECONDS", 0.2, 0.2)
     concurrency = int(size("CONCURRENCY", 8, 8))
     n_workers = 3

@@ -3,7 +3,7 @@ a row, under load. Workers and their routers must recover on their own (same
 processes): completion resumes within AckWait + 10 s of each outage, and no task
 is lost.
 
-CI: a 5 s freeze and 10 restarts; HEDDLE_CHAOS_SOAK=1: 10 s and 20 restarts.
+CI: a 10 s freeze and 20 restarts; HEDDLE_CHAOS_SOAK=1: 20 s and 40 restarts.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ WORK = f"{CHAOS}.work"
 def test_workers_and_routers_recover_from_a_frozen_and_a_flapping_nats_server(
     fresh_servers, spawn_worker, test_env
 ):
-    freeze_s = size("FREEZE_SECONDS", 5, 10)
-    restarts = int(size("RESTARTS", 10, 20))
+    freeze_s = size("FREEZE_SECONDS", 10, 20)
+    restarts = int(size("RESTARTS", 20, 40))
     batch = int(size("OUTAGE_TASKS", 1500, 3000))
     concurrency, n_workers, task_s, ack_wait = 8, 2, 0.1, 3.0
     bar_s = ack_wait + 10
