@@ -20,7 +20,7 @@ import pytest
 
 import heddle
 from heddle import names
-from heddle.broker import Broker, Puller
+from heddle.broker import Broker, Feed, Puller
 from heddle.settings import Settings
 
 # Long, so that a fetch sitting on a message until its timeout cannot pass for noise.
@@ -233,3 +233,37 @@ async def test_a_deleted_consumer_is_a_broker_error_so_the_loop_rebinds(consumer
         assert time.monotonic() - started < PROMPT_S
     finally:
         await puller.close()
+
+
+async def test_a_feed_whose_consumer_was_deleted_re_creates_it_and_goes_on(consumer):
+    # What the worker, router and orchestrator loops rely on: a failed pull is not raised,
+    # and the next fetch binds a re-created consumer that delivers what is published.
+    ensured = 0
+
+    async def ensure() -> tuple[str, str]:
+        nonlocal ensured
+        ensured += 1
+        return await consumer.broker.ensure_consumer(consumer.worker_type), names.TASKS_STREAM
+
+    stop = asyncio.Event()
+    feed = Feed(consumer.broker, ensure, stop, "tasks", backoff_s=0.1)
+    await feed.start()
+    try:
+        assert feed.durable == consumer.durable and ensured == 1
+        fetch = asyncio.ensure_future(feed.fetch(8, TIMEOUT_S))
+        await consumer.until_waiting()
+        assert consumer.broker.js is not None
+        await consumer.broker.js.delete_consumer(names.TASKS_STREAM, consumer.durable)
+        assert await fetch == []  # the refused pull, logged and backed off
+        fetch = asyncio.ensure_future(feed.fetch(8, TIMEOUT_S))
+        async with asyncio.timeout(10):
+            while ensured < 2:  # the next fetch re-creates the consumer first
+                await asyncio.sleep(0.01)
+        await consumer.until_waiting()
+        sent = await consumer.publish(b"after")
+        msgs = await fetch
+        assert time.monotonic() - sent < PROMPT_S
+        assert ensured == 2 and [m.data for m in msgs] == [b"after"]
+        await msgs[0].ack()
+    finally:
+        await feed.close()

@@ -127,11 +127,15 @@ def test_readiness_turns_ready_only_after_the_worker_has_subscribed(heddle_serve
     gate: dict[str, asyncio.Event] = {}
     real_pull_subscribe = Broker.pull_subscribe
 
-    async def held_pull_subscribe(self: Broker, durable: str) -> Any:
+    subscribed = threading.Event()
+
+    async def held_pull_subscribe(self: Broker, durable: str, stream: str = names.TASKS_STREAM) -> Any:
         # Hold the worker between "connected, consumer created" and "subscribed".
         at_subscribe.set()
         await gate["open"].wait()
-        return await real_pull_subscribe(self, durable)
+        puller = await real_pull_subscribe(self, durable, stream)
+        subscribed.set()
+        return puller
 
     monkeypatch.setattr(Broker, "pull_subscribe", held_pull_subscribe)
     from heddle.worker import Worker
@@ -156,7 +160,7 @@ def test_readiness_turns_ready_only_after_the_worker_has_subscribed(heddle_serve
 
             call(_set(gate["open"]))
             wait_for(lambda: status(server.port, "/readyz") == 200, 20, "readiness after subscribing")
-            assert worker._psub is not None, "ready was reported before the pull subscription existed"
+            assert subscribed.is_set(), "ready was reported before the pull subscription existed"
         finally:
             call(_stop(worker, runner, server, app))
 

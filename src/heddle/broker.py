@@ -524,6 +524,82 @@ class Puller:
                 await msg.nak()
 
 
+class Feed:
+    """The durable consumer an actor's loop pulls from, bound again whenever it may be stale.
+
+    One for the worker, the router and the orchestrator. After a reconnect (pull
+    requests in flight are gone, and a restarted server may have lost the
+    consumer) and after any failed pull, the next :meth:`fetch` re-creates the
+    streams and the consumer and binds a new :class:`Puller`. A failed pull is
+    logged and waited out (``backoff_s``, or until ``stop`` is set), never
+    raised: a bad moment on the server never ends an actor's loop.
+
+    Args:
+        broker: The connected broker.
+        ensure: Creates or updates the consumer; returns ``(durable, stream)``.
+        stop: The actor's stop event (cuts a back-off short).
+        what: What is fetched, for log lines ("tasks", "goals").
+        backoff_s: How long to wait after a failed pull.
+    """
+
+    def __init__(
+        self,
+        broker: Broker,
+        ensure: Callable[[], Awaitable[tuple[str, str]]],
+        stop: asyncio.Event,
+        what: str,
+        backoff_s: float = 0.5,
+    ) -> None:
+        self.broker = broker
+        self._ensure = ensure
+        self._stop = stop
+        self.what = what
+        self.backoff_s = backoff_s
+        self.durable = ""
+        self._puller: Puller | None = None
+        self._stale = False
+
+    async def start(self) -> None:
+        """Bind the first time, and follow reconnects; errors here are raised (fail fast at start)."""
+        await self._bind()
+        self.broker.on_reconnect(self._on_reconnect)
+
+    async def _on_reconnect(self) -> None:
+        self._stale = True
+
+    async def _bind(self) -> Puller:
+        old, self._puller = self._puller, None
+        if old is not None:
+            await old.close()
+        self.durable, stream = await self._ensure()
+        self._puller = puller = await self.broker.pull_subscribe(self.durable, stream)
+        return puller
+
+    async def fetch(self, batch: int, timeout_s: float) -> list[Msg]:
+        """Up to ``batch`` messages as soon as there is one; ``[]`` after a timeout or a failed pull."""
+        try:
+            puller = self._puller
+            if self._stale or puller is None:
+                self._stale = False
+                await self.broker.ensure_streams()
+                puller = await self._bind()
+                log.warning("re-bound pull consumer %s", self.durable)
+            return await puller.fetch(batch, timeout_s)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("fetching %s failed (%r); retrying in %.1fs", self.what, exc, self.backoff_s)
+            self._stale = True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self.backoff_s)
+            return []
+
+    async def close(self) -> None:
+        """Unsubscribe; what was delivered but never fetched is nak'd for redelivery."""
+        if self._puller is not None:
+            await self._puller.close()
+
+
 # A pull request whose closing status has not come this long after it expired is
 # taken to be gone (its connection dropped, say).
 _REQUEST_GRACE_S = 0.5

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from heddle import names
+from heddle.broker import Feed
 from heddle.errors import HeddleError
 from heddle.graph import GOAL_FAILED, GOAL_REVOKED, GOAL_SUCCEEDED, goal_decoder
 from heddle.graph_run import GoalRun
@@ -46,7 +47,6 @@ if TYPE_CHECKING:
     from nats.aio.msg import Msg
 
     from heddle.app import Connections, Heddle
-    from heddle.broker import Puller
 
 log = logging.getLogger("heddle.orchestrator")
 
@@ -98,8 +98,7 @@ class Orchestrator:
         self.store: GoalStore | None = None
         self._stop = asyncio.Event()
         self._slot_freed = asyncio.Event()
-        self._psub: Puller | None = None
-        self._rebind = False
+        self._feed: Feed | None = None
         self._subs: list[Any] = []
         self._bg: list[asyncio.Task[Any]] = []
 
@@ -137,8 +136,16 @@ class Orchestrator:
             log.warning("!" * 78)
             log.warning("!! %s", self.durability_warning)
             log.warning("!" * 78)
-        await self._bind()
-        conns.broker.on_reconnect(self._on_reconnect)
+
+        async def ensure() -> tuple[str, str]:
+            durable = await conns.broker.ensure_named_consumer(
+                names.ORCHESTRATOR_CONSUMER, names.GOALS_SUBJECT, max_deliver=self.settings.max_deliver,
+                stream=names.GOALS_STREAM,
+            )
+            return durable, names.GOALS_STREAM
+
+        self._feed = Feed(conns.broker, ensure, self._stop, "goals", _BACKOFF_S)
+        await self._feed.start()
         self._subs.append(await conns.broker.subscribe(names.REVOKE_SUBJECT, cb=self._on_revoke))
         await conns.broker.flush()
         loop = asyncio.get_running_loop()
@@ -153,24 +160,6 @@ class Orchestrator:
         finally:
             await self._shutdown()
 
-    async def _bind(self) -> Puller:
-        assert self.conns is not None
-        broker = self.conns.broker
-        await broker.ensure_named_consumer(
-            names.ORCHESTRATOR_CONSUMER,
-            names.GOALS_SUBJECT,
-            max_deliver=self.settings.max_deliver,
-            stream=names.GOALS_STREAM,
-        )
-        old, self._psub = self._psub, None
-        if old is not None:
-            await old.close()
-        self._psub = psub = await broker.pull_subscribe(names.ORCHESTRATOR_CONSUMER, stream=names.GOALS_STREAM)
-        return psub
-
-    async def _on_reconnect(self) -> None:
-        self._rebind = True
-
     # -- fetching ------------------------------------------------------------------------
 
     async def _fetch_loop(self) -> None:
@@ -183,32 +172,14 @@ class Orchestrator:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._slot_freed.wait(), _FETCH_TIMEOUT_S)
                 continue
-            try:
-                psub = self._psub
-                if self._rebind or psub is None:
-                    self._rebind = False
-                    assert self.conns is not None
-                    self.conns._streams_ready = False
-                    await self.conns.ensure_streams()
-                    psub = await self._bind()
-                msgs = await psub.fetch(free, _FETCH_TIMEOUT_S)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("goal fetch failed (%r); retrying in %.1fs", exc, _BACKOFF_S)
-                self._rebind = True
-                await self._sleep_unless_stopped(_BACKOFF_S)
-                continue
+            assert self._feed is not None
+            msgs = await self._feed.fetch(free, _FETCH_TIMEOUT_S)
             for msg in msgs:
                 try:
                     await self._accept(msg)
                 except Exception:
                     # Never let one goal stop the loop; an unacked message comes back.
                     log.exception("failed to accept a goal message")
-
-    async def _sleep_unless_stopped(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stop.wait(), seconds)
 
     async def _accept(self, msg: Msg) -> None:
         assert self.conns is not None and self.store is not None
@@ -378,8 +349,8 @@ class Orchestrator:
             t.cancel()
         await asyncio.gather(*self._bg, return_exceptions=True)
         # Goal messages delivered but never fetched are nak'd too.
-        if self._psub is not None:
-            await self._psub.close()
+        if self._feed is not None:
+            await self._feed.close()
         if self.conns is not None:
             with contextlib.suppress(Exception):
                 await self.conns.broker.flush(timeout_s=2)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from heddle import events, names
+from heddle.broker import Feed
 from heddle.errors import HeddleError
 from heddle.messages import FAILURE, ErrorInfo, ResultRecord
 from heddle.ratelimit import Ask, RateLimiter, bucket_key
@@ -36,7 +37,6 @@ if TYPE_CHECKING:
     from nats.aio.msg import Msg
 
     from heddle.app import Connections, Heddle
-    from heddle.broker import Puller
 
 log = logging.getLogger("heddle.router")
 
@@ -94,8 +94,7 @@ class Router:
         self.registry: Registry | None = None
         self._limiter: RateLimiter | None = None
         self._stop = asyncio.Event()
-        self._psub: Puller | None = None
-        self._rebind = False
+        self._feed: Feed | None = None
         self._cache: dict[tuple[str, str | None], Route] = {}
         self._registry_version: Any = None
         self._bg: list[asyncio.Task[Any]] = []
@@ -130,8 +129,15 @@ class Router:
         conns = await self.app._connections()
         self.conns = conns
         await conns.ensure_streams()
-        await self._bind()
-        conns.broker.on_reconnect(self._on_reconnect)
+
+        async def ensure() -> tuple[str, str]:
+            durable = await conns.broker.ensure_named_consumer(
+                names.ROUTER_CONSUMER, names.INCOMING_SUBJECT, max_deliver=_ROUTER_MAX_DELIVER
+            )
+            return durable, names.TASKS_STREAM
+
+        self._feed = Feed(conns.broker, ensure, self._stop, "incoming tasks", _BACKOFF_S)
+        await self._feed.start()
         self.registry = Registry(conns.broker)
         await self.registry.start()
         self._limiter = RateLimiter(conns.backend)
@@ -153,23 +159,7 @@ class Router:
                 t.cancel()
             await asyncio.gather(*self._bg, return_exceptions=True)
             await self.registry.stop()
-            if self._psub is not None:
-                await self._psub.close()
-
-    async def _bind(self) -> Puller:
-        assert self.conns is not None
-        broker = self.conns.broker
-        await broker.ensure_named_consumer(
-            names.ROUTER_CONSUMER, names.INCOMING_SUBJECT, max_deliver=_ROUTER_MAX_DELIVER
-        )
-        old, self._psub = self._psub, None
-        if old is not None:
-            await old.close()
-        self._psub = psub = await broker.pull_subscribe(names.ROUTER_CONSUMER)
-        return psub
-
-    async def _on_reconnect(self) -> None:
-        self._rebind = True
+            await self._feed.close()
 
     async def _watch_rules(self) -> None:
         import watchfiles
@@ -182,23 +172,8 @@ class Router:
     async def _loop(self) -> None:
         while not self._stop.is_set():
             self.last_tick = time.monotonic()
-            try:
-                psub = self._psub
-                if self._rebind or psub is None:
-                    self._rebind = False
-                    assert self.conns is not None
-                    self.conns._streams_ready = False
-                    await self.conns.ensure_streams()
-                    psub = await self._bind()
-                msgs = await psub.fetch(_MAX_BATCH, _FETCH_TIMEOUT_S)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("router fetch failed (%r); retrying", exc)
-                self._rebind = True
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), _BACKOFF_S)
-                continue
+            assert self._feed is not None
+            msgs = await self._feed.fetch(_MAX_BATCH, _FETCH_TIMEOUT_S)
             if not msgs:
                 continue
             try:

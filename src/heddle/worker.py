@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from heddle import events, names
+from heddle.broker import Feed
 from heddle.context import TaskContext
 from heddle.context import _current as _current_task
 from heddle.errors import BackendError, BrokerError, EncodeError, HeddleError, TaskTimeout
@@ -49,7 +50,6 @@ if TYPE_CHECKING:
     from nats.aio.msg import Msg
 
     from heddle.app import Connections, Heddle
-    from heddle.broker import Puller
     from heddle.task import Task
 
 log = logging.getLogger("heddle.worker")
@@ -143,9 +143,7 @@ class Worker:
         self._slot_freed = asyncio.Event()
         self._outcomes: list[Outcome] = []
         self._outcome_ready = asyncio.Event()
-        self._rebind = False
-        self._psub: Puller | None = None
-        self._durable = ""
+        self._feed: Feed | None = None
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="heddle-task")
         self._bg: list[asyncio.Task[Any]] = []
         self._subs: list[Any] = []
@@ -170,7 +168,8 @@ class Worker:
     @property
     def consumers(self) -> list[tuple[str, str]]:
         """``(stream, durable)`` of the consumer this worker takes tasks from (for readiness and metrics)."""
-        return [(names.TASKS_STREAM, self._durable)] if self._durable else []
+        durable = self._feed.durable if self._feed is not None else ""
+        return [(names.TASKS_STREAM, durable)] if durable else []
 
     async def run(self) -> None:
         """Connect, consume until :meth:`request_stop`, then drain and disconnect."""
@@ -178,12 +177,15 @@ class Worker:
         self.conns = conns
         broker = conns.broker
         await conns.ensure_streams()
-        self._durable = await broker.ensure_consumer(self.worker_type, self.tier)
-        self._psub = await broker.pull_subscribe(self._durable)
-        broker.on_reconnect(self._on_reconnect)
+
+        async def ensure() -> tuple[str, str]:
+            return await broker.ensure_consumer(self.worker_type, self.tier), names.TASKS_STREAM
+
+        self._feed = feed = Feed(broker, ensure, self._stop, "tasks", _BACKOFF_S)
+        await feed.start()
         self._subs.append(await broker.subscribe(names.REVOKE_SUBJECT, cb=self._on_revoke))
         advisory = names.MAX_DELIVERIES_ADVISORY.format(
-            stream=names.TASKS_STREAM, consumer=self._durable
+            stream=names.TASKS_STREAM, consumer=feed.durable
         )
         self._subs.append(await broker.subscribe(advisory, cb=self._on_max_deliveries))
         await broker.flush()
@@ -216,25 +218,6 @@ class Worker:
         finally:
             await self._drain()
 
-    async def _on_reconnect(self) -> None:
-        # Pull requests in flight when the connection dropped are gone, and a
-        # restarted server may have lost a memory-backed consumer: re-create the
-        # consumer and re-bind before the next fetch instead of trusting the old one.
-        self._rebind = True
-
-    async def _rebind_consumer(self) -> Puller:
-        assert self.conns is not None
-        self._rebind = False
-        old, self._psub = self._psub, None
-        if old is not None:
-            await old.close()
-        self.conns._streams_ready = False
-        await self.conns.ensure_streams()
-        self._durable = await self.conns.broker.ensure_consumer(self.worker_type, self.tier)
-        self._psub = psub = await self.conns.broker.pull_subscribe(self._durable)
-        log.warning("re-bound pull consumer %s after reconnect", self._durable)
-        return psub
-
     # -- fetching ------------------------------------------------------------------
 
     async def _fetch_loop(self) -> None:
@@ -247,18 +230,8 @@ class Worker:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._slot_freed.wait(), _FETCH_TIMEOUT_S)
                 continue
-            try:
-                psub = self._psub
-                if self._rebind or psub is None:
-                    psub = await self._rebind_consumer()
-                msgs = await psub.fetch(min(free, _MAX_BATCH), _FETCH_TIMEOUT_S)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("fetch failed (%r); retrying in %.1fs", exc, _BACKOFF_S)
-                self._rebind = True
-                await self._sleep_unless_stopped(_BACKOFF_S)
-                continue
+            assert self._feed is not None
+            msgs = await self._feed.fetch(min(free, _MAX_BATCH), _FETCH_TIMEOUT_S)
             if not msgs:
                 continue
             try:
@@ -655,8 +628,8 @@ class Worker:
             await self._heartbeat.stop()
         # Unsubscribe the pull subscription before closing (nats-py's drain waits for
         # its queue to empty otherwise); what it still holds is nak'd for redelivery.
-        if self._psub is not None:
-            await self._psub.close()
+        if self._feed is not None:
+            await self._feed.close()
         # nats-py buffers acks and naks; a round trip makes sure the server has them
         # before the process exits (the CLI exits hard when threads were abandoned).
         if self.conns is not None:
