@@ -171,3 +171,36 @@ def test_the_event_stream_announces_a_task_as_it_happens(shop: Heddle, ws: Works
 def test_unknown_tasks_get_a_404_page(client: httpx.Client) -> None:
     r = client.get("/tasks/" + uuid.uuid4().hex)
     assert r.status_code == 404 and "No task" in r.text
+
+
+def test_heddle_workshop_serves_until_sigterm_and_then_exits_cleanly(heddle_servers: EmbeddedServers, tmp_path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from heddle.testing import free_port
+
+    port = free_port()
+    env = {**os.environ, "NATS_URL": heddle_servers.nats_url, "VALKEY_URL": heddle_servers.valkey_url,
+           "HEDDLE_HEALTH_PORT": "0"}
+    with open(tmp_path / "workshop.log", "w+") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "heddle", "workshop", "--port", str(port), "--eval-db", str(tmp_path / "e.db")],
+            env=env, stdout=log, stderr=subprocess.STDOUT,
+        )
+    try:
+        def answers() -> bool:
+            assert proc.poll() is None, (tmp_path / "workshop.log").read_text()
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/pipelines", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(answers, 30, "heddle workshop to serve")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0, (tmp_path / "workshop.log").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)

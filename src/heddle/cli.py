@@ -139,13 +139,12 @@ def hosted_actors(app: Heddle, args: argparse.Namespace) -> list[Actor]:
     return actors
 
 
-async def serve(app: Heddle, args: argparse.Namespace) -> Worker:
-    """Run a worker (and the loops it hosts) until SIGTERM/SIGINT, then drain all of them."""
-    from heddle.worker import Worker
+async def run_actors(app: Heddle, actors: list[Actor], health_port: int | None) -> None:
+    """Run actors until SIGTERM/SIGINT, then drain all of them; health and metrics served meanwhile.
 
-    worker = Worker(app, concurrency=args.concurrency, grace_s=args.grace, tier=getattr(args, "tier", None))
-    actors: list[Actor] = [worker, *hosted_actors(app, args)]
-    health = await start_health_server(actors, app.settings, getattr(args, "health_port", None))
+    If one actor fails (at start-up, say), the others are stopped and drained too.
+    """
+    health = await start_health_server(actors, app.settings, health_port)
 
     def stop_all() -> None:
         if health is not None:
@@ -160,12 +159,26 @@ async def serve(app: Heddle, args: argparse.Namespace) -> Worker:
     try:
         done, _ = await asyncio.wait(runs, return_when=asyncio.FIRST_EXCEPTION)
         if any(not t.cancelled() and t.exception() is not None for t in done):
-            stop_all()  # one loop failed (e.g. at start-up): stop and drain the others
+            stop_all()
         await asyncio.gather(*runs)
     finally:
         if health is not None:
             await health.stop()
         await app.aclose()
+
+
+def run_actor_process(app: Heddle, actor: Actor, health_port: int | None) -> None:
+    """The main loop of a one-actor process (``heddle router``, ``orchestrator``, ``workshop``)."""
+    _install_loop_policy()
+    asyncio.run(run_actors(app, [actor], health_port))
+
+
+async def serve(app: Heddle, args: argparse.Namespace) -> Worker:
+    """Run a worker (and the loops it hosts) until SIGTERM/SIGINT, then drain all of them."""
+    from heddle.worker import Worker
+
+    worker = Worker(app, concurrency=args.concurrency, grace_s=args.grace, tier=getattr(args, "tier", None))
+    await run_actors(app, [worker, *hosted_actors(app, args)], getattr(args, "health_port", None))
     return worker
 
 
@@ -313,26 +326,7 @@ def _run_router(args: argparse.Namespace) -> int:
     router = _make_router(app, args)
     console.print(f"[bold]heddle router[/]  nats {app.settings.nats_url}  valkey {app.settings.valkey_url}")
 
-    async def run() -> None:
-        health = await start_health_server([router], app.settings, args.health_port)
-
-        def stop() -> None:
-            if health is not None:
-                health.mark_draining()
-            router.request_stop()
-
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop)
-        try:
-            await router.run()
-        finally:
-            if health is not None:
-                await health.stop()
-            await app.aclose()
-
-    _install_loop_policy()
-    asyncio.run(run())
+    run_actor_process(app, router, args.health_port)
     return 0
 
 

@@ -9,7 +9,6 @@ import argparse
 import asyncio
 import json
 import logging
-import signal
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -92,8 +91,7 @@ def run_graph_command(args: argparse.Namespace) -> int:
 
 def _run_orchestrator(args: argparse.Namespace) -> int:
     from heddle.app import Heddle
-    from heddle.cli import _install_loop_policy, load_app, preflight
-    from heddle.health import start_health_server
+    from heddle.cli import load_app, preflight, run_actor_process
 
     logging.basicConfig(level=args.loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = load_app(args.app) if args.app else Heddle("orchestrator")
@@ -104,26 +102,7 @@ def _run_orchestrator(args: argparse.Namespace) -> int:
         f"max_concurrent_goals={args.max_concurrent_goals}"
     )
 
-    async def run() -> None:
-        health = await start_health_server([orch], app.settings, args.health_port)
-
-        def stop() -> None:
-            if health is not None:
-                health.mark_draining()
-            orch.request_stop()
-
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop)
-        try:
-            await orch.run()
-        finally:
-            if health is not None:
-                await health.stop()
-            await app.aclose()
-
-    _install_loop_policy()
-    asyncio.run(run())
+    run_actor_process(app, orch, args.health_port)
     return 0
 
 

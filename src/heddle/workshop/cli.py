@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
-import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -57,28 +55,10 @@ def run_workshop_command(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port must be 0-65535, got {args.port}")
     ws = Workshop(host=args.host, port=args.port, config_dirs=args.configs, eval_db=args.eval_db)
-    from heddle.cli import preflight
-    from heddle.health import start_health_server
+    from heddle.cli import preflight, run_actor_process
 
     preflight(args, ws.app)
     print(f"heddle workshop on http://{args.host}:{args.port}  (nats {ws.app.settings.nats_url})", flush=True)
 
-    async def main() -> None:
-        health = await start_health_server([ws], ws.app.settings, args.health_port)
-
-        def stop() -> None:
-            if health is not None:
-                health.mark_draining()
-            ws.request_stop()
-
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop)
-        try:
-            await ws.run()
-        finally:
-            if health is not None:
-                await health.stop()
-
-    asyncio.run(main())
+    run_actor_process(ws.app, ws, args.health_port)
     return 0
