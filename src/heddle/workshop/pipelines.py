@@ -36,6 +36,7 @@ from heddle.pipeline import Pipeline, PipelineError, Plan, build_plan, load_pipe
 from heddle.workshop.web import Pages
 
 if TYPE_CHECKING:
+    from heddle.app import Connections
     from heddle.registry import WorkerInfo
     from heddle.results import ResultRecord
     from heddle.workshop.server import Workshop
@@ -91,15 +92,15 @@ def find_pipelines(dirs: list[Path]) -> list[FoundPipeline]:
     return sorted(found.values(), key=lambda f: f.name) + extra
 
 
+def _context_reads(stage: StageSpec) -> list[str]:
+    """The ``goal.context`` keys one stage reads (its input mapping and condition)."""
+    texts = [json.dumps(v) for v in stage.input_mapping.values()] + [stage.condition or ""]
+    return [key for text in texts for key in _CONTEXT_REF.findall(text)]
+
+
 def context_keys(node: PipelineNode) -> list[str]:
     """The ``goal.context`` keys the stages read, in the order they first appear."""
-    keys: dict[str, None] = {}
-    for s in node.stages:
-        texts = [json.dumps(v) for v in s.input_mapping.values()] + [s.condition or ""]
-        for text in texts:
-            for key in _CONTEXT_REF.findall(text):
-                keys.setdefault(key, None)
-    return list(keys)
+    return list(dict.fromkeys(key for s in node.stages for key in _context_reads(s)))
 
 
 def input_template(node: PipelineNode) -> str:
@@ -124,8 +125,7 @@ def parse_input(text: str, node: PipelineNode) -> dict[str, Any]:
         raise RunProblem(f"the input must be a JSON object (read as goal.context), got {type(value).__name__}")
     missing = [k for k in context_keys(node) if k not in value]
     if missing:
-        readers = {k: [s.name for s in node.stages if f"goal.context.{k}" in json.dumps(
-            [*s.input_mapping.values(), s.condition or ""])] for k in missing}
+        readers = {k: [s.name for s in node.stages if k in _context_reads(s)] for k in missing}
         said = "; ".join(f"{k!r} (read by {', '.join(v)})" for k, v in readers.items())
         raise RunProblem(f"the input lacks {said}; add {'it' if len(missing) == 1 else 'them'} to the JSON object")
     return value
@@ -261,13 +261,12 @@ def _short(value: Any, limit: int = 600) -> str:
     return text if len(text) <= limit else text[:limit] + " …"
 
 
-async def run_view(ws: Workshop, goal_id: str, submitted: Submitted | None) -> dict[str, Any] | None:
+async def run_view(
+    ws: Workshop, conns: Connections, goal_id: str, submitted: Submitted | None
+) -> dict[str, Any] | None:
     """Everything the run page shows, read from the goal's checkpoint and stored results."""
     from heddle.graph_store import GoalStore
 
-    conns = ws.conns
-    if conns is None:
-        raise HeddleError("the Workshop is not connected yet")
     cp = await GoalStore(conns.backend, ws.app.settings.result_ttl_s).load(goal_id)
     message = cp.goal_message
     if message is not None and isinstance(message.graph, PipelineNode):
@@ -402,7 +401,7 @@ def routes(pages: Pages) -> list[BaseRoute]:
 
     async def run_page(request: Request) -> Response:
         goal_id = request.path_params["goal_id"]
-        view = await run_view(ws, goal_id, started.get(goal_id))
+        view = await run_view(ws, await pages.conns(), goal_id, started.get(goal_id))
         if view is None:
             return pages.render(request, "missing.html", status_code=404, what=f"pipeline run {goal_id}",
                                 hint="no checkpoint of a pipeline goal with that id (checkpoints expire with results)")
@@ -410,7 +409,7 @@ def routes(pages: Pages) -> list[BaseRoute]:
 
     async def run_fragment(request: Request) -> Response:
         goal_id = request.path_params["goal_id"]
-        view = await run_view(ws, goal_id, started.get(goal_id))
+        view = await run_view(ws, await pages.conns(), goal_id, started.get(goal_id))
         if view is None:
             return pages.problem(request, f"no pipeline run {goal_id}", 404)
         return pages.render(request, "_pipeline_run.html", **view)

@@ -443,12 +443,10 @@ def build_app(ws: Workshop) -> ASGIApp:
         key = str(form.get("target") or "")
         target = next((t for t in targets(ws) if t.key == key), None)
         if target is None:
-            return render(request, "_problem.html", status_code=422,
-                          problem=f"no such worker or task: {key!r} (is its worker running?)")
+            return pages.problem(request, f"no such worker or task: {key!r} (is its worker running?)")
         tier = str(form.get("tier") or "") or None
         if tier is not None and tier not in names.TIERS:
-            return render(request, "_problem.html", status_code=422,
-                          problem=f"tier must be one of {', '.join(names.TIERS)}, got {tier!r}")
+            return pages.problem(request, f"tier must be one of {', '.join(names.TIERS)}, got {tier!r}")
         try:
             if target.config is not None:
                 payload = payload_from_form(target.config, form)
@@ -462,9 +460,9 @@ def build_app(ws: Workshop) -> ASGIApp:
             # one-shot future subscription cannot take (nats-py raises InvalidStateError).
             (await conns()).release_watch(result.id)
         except (FormProblem, TypeError) as exc:
-            return render(request, "_problem.html", status_code=422, problem=str(exc))
+            return pages.problem(request, str(exc))
         except HeddleError as exc:
-            return render(request, "_problem.html", status_code=502, problem=f"could not send: {exc}")
+            return pages.problem(request, f"could not send: {exc}", 502)
         return render(request, "_submitted.html", task_id=result.id, target=target, state="PENDING",
                       record=None, final=False)
 
@@ -501,7 +499,7 @@ def build_app(ws: Workshop) -> ASGIApp:
         try:
             said = await replay(ws.app, int(request.path_params["seq"]), by=f"workshop@{socket.gethostname()}")
         except (ValueError, HeddleError) as exc:
-            return render(request, "_problem.html", status_code=404, problem=str(exc))
+            return pages.problem(request, str(exc), 404)
         return render(request, "_note.html", note=said)
 
     # -- live ------------------------------------------------------------------------------------
