@@ -9,10 +9,7 @@ user would, prints what comes back, and stops it all.
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 from rich.console import Console
@@ -20,20 +17,10 @@ from rich.console import Console
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from heddle.testing import EmbeddedServers  # noqa: E402
+from heddle.testing import EmbeddedServers, heddle_process  # noqa: E402
 
 console = Console()
 
-
-def wait_for_line(log_path: Path, proc: subprocess.Popen[bytes], text: str, timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"worker exited early:\n{log_path.read_text()}")
-        if text in log_path.read_text(errors="replace"):
-            return
-        time.sleep(0.05)
-    raise SystemExit(f"worker did not start:\n{log_path.read_text()}")
 
 
 def demo() -> None:
@@ -81,22 +68,12 @@ def main() -> None:
         os.environ["NATS_URL"] = servers.nats_url
         os.environ["VALKEY_URL"] = servers.valkey_url
         log_path = Path(servers.nats.data_dir) / "worker.log"
-        with open(log_path, "wb") as log:
-            worker = subprocess.Popen(
-                [sys.executable, "-m", "heddle", "worker", "-A", "tasks", "--quiet"],
-                cwd=HERE,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        try:
-            wait_for_line(log_path, worker, "taking goals from")
-            wait_for_line(log_path, worker, "consuming heddle.tasks.graphs_example")
+        worker_cmd = ["worker", "-A", "tasks", "--quiet"]
+        ready = ["taking goals from", "consuming heddle.tasks.graphs_example"]  # log lines that say it serves
+        with heddle_process(worker_cmd, cwd=HERE, log_path=log_path, ready=ready) as worker:
             console.print(f"[green]worker[/] pid {worker.pid} (heddle worker -A tasks: worker, router, orchestrator)")
             demo()
-        finally:
-            worker.send_signal(signal.SIGTERM)
-            code = worker.wait(30)
-            console.print(f"worker stopped (exit {code})")
+        console.print(f"worker stopped (exit {worker.returncode}); stopping servers")
     console.print("[bold green]graphs example done[/]")
 
 

@@ -1,7 +1,8 @@
 """Test against the real thing: embedded servers, in-process workers, a pytest plugin.
 
 ``EmbeddedServers`` starts a real nats-server (JetStream on) and a real
-valkey-server on free loopback ports. ``running_worker`` runs a worker for an
+valkey-server on free loopback ports; ``heddle_process`` runs a ``heddle``
+command against them as a subprocess. ``running_worker`` runs a worker for an
 app in a background thread; ``aworker`` runs one on the current event loop.
 The pytest plugin (installed with the package) provides the fixtures
 ``heddle_servers``, ``heddle_app`` and ``heddle_worker``.
@@ -15,6 +16,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from heddle.testing.processes import heddle_process
 from heddle.testing.servers import (
     EmbeddedNats,
     EmbeddedServers,
@@ -34,6 +36,7 @@ __all__ = [
     "EmbeddedValkey",
     "aworker",
     "free_port",
+    "heddle_process",
     "nats_server_binary",
     "running_actors",
     "running_worker",
