@@ -126,6 +126,41 @@ class Driver:
         pass
 
 
+class _BlockingDriver(Driver):
+    """A framework whose client sends a no-op and blocks for its result (Celery, Dramatiq)."""
+
+    def _send(self) -> Any:
+        """Send one no-op; a handle for :meth:`_wait`."""
+        raise NotImplementedError
+
+    def _wait(self, handle: Any, timeout_s: float) -> None:
+        """Block until the handle's result is in."""
+        raise NotImplementedError
+
+    def _batch(self, n: int) -> float:
+        t0 = time.perf_counter()
+        handles = [self._send() for _ in range(n)]
+        for h in handles:
+            self._wait(h, RESULT_TIMEOUT_S)
+        return n / (time.perf_counter() - t0)
+
+    def throughput(self, n: int, meter: Meter) -> dict[str, float]:
+        self._batch(WARMUP)
+        meter.start()
+        rate = self._batch(n)
+        meter.stop()
+        return {self.name: rate}
+
+    def round_trips(self, n: int) -> dict[str, list[float]]:
+        samples = []
+        for i in range(LATENCY_WARMUP + n):
+            t0 = time.perf_counter()
+            self._wait(self._send(), 30.0)
+            if i >= LATENCY_WARMUP:
+                samples.append(time.perf_counter() - t0)
+        return {self.name: samples}
+
+
 # -- Heddle -------------------------------------------------------------------------
 
 
@@ -268,7 +303,7 @@ class HeddleDefaultConcurrencyDriver(Driver):
 # -- Celery -------------------------------------------------------------------------
 
 
-class CeleryDriver(Driver):
+class CeleryDriver(_BlockingDriver):
     name = "celery"
     package = "celery"
     broker = "Redis protocol on valkey (broker and result backend)"
@@ -305,29 +340,11 @@ class CeleryDriver(Driver):
             return False
         return True
 
-    def _batch(self, n: int) -> float:
-        t0 = time.perf_counter()
-        results = [self.module.noop.delay() for _ in range(n)]
-        for r in results:
-            r.get(timeout=RESULT_TIMEOUT_S)
-        return n / (time.perf_counter() - t0)
+    def _send(self) -> Any:
+        return self.module.noop.delay()
 
-    def throughput(self, n: int, meter: Meter) -> dict[str, float]:
-        self._batch(WARMUP)
-        meter.start()
-        rate = self._batch(n)
-        meter.stop()
-        return {"celery": rate}
-
-    def round_trips(self, n: int) -> dict[str, list[float]]:
-        noop = self.module.noop
-        samples = []
-        for i in range(LATENCY_WARMUP + n):
-            t0 = time.perf_counter()
-            noop.delay().get(timeout=30)
-            if i >= LATENCY_WARMUP:
-                samples.append(time.perf_counter() - t0)
-        return {"celery": samples}
+    def _wait(self, handle: Any, timeout_s: float) -> None:
+        handle.get(timeout=timeout_s)
 
     def fan_out(self, width: int) -> float:
         from celery import chord
@@ -434,7 +451,7 @@ class TaskiqDriver(Driver):
 # -- Dramatiq -------------------------------------------------------------------------
 
 
-class DramatiqDriver(Driver):
+class DramatiqDriver(_BlockingDriver):
     name = "dramatiq"
     package = "dramatiq"
     broker = "Redis broker on valkey; Results middleware, Redis result backend"
@@ -466,30 +483,11 @@ class DramatiqDriver(Driver):
             return False
         return True
 
-    def _batch(self, n: int) -> float:
-        noop = self.module.noop
-        t0 = time.perf_counter()
-        messages = [noop.send() for _ in range(n)]
-        for m in messages:
-            m.get_result(block=True, timeout=int(RESULT_TIMEOUT_S * 1000))
-        return n / (time.perf_counter() - t0)
+    def _send(self) -> Any:
+        return self.module.noop.send()
 
-    def throughput(self, n: int, meter: Meter) -> dict[str, float]:
-        self._batch(WARMUP)
-        meter.start()
-        rate = self._batch(n)
-        meter.stop()
-        return {"dramatiq": rate}
-
-    def round_trips(self, n: int) -> dict[str, list[float]]:
-        noop = self.module.noop
-        samples = []
-        for i in range(LATENCY_WARMUP + n):
-            t0 = time.perf_counter()
-            noop.send().get_result(block=True, timeout=30_000)
-            if i >= LATENCY_WARMUP:
-                samples.append(time.perf_counter() - t0)
-        return {"dramatiq": samples}
+    def _wait(self, handle: Any, timeout_s: float) -> None:
+        handle.get_result(block=True, timeout=int(timeout_s * 1000))
 
     def fan_out(self, width: int) -> float:
         from dramatiq import group
