@@ -1,9 +1,11 @@
-"""The Pipelines pages in a real headless Chromium: run a pipeline and watch its stages finish live."""
+"""The Pipelines pages in a real headless Chromium: run a pipeline and watch its stages finish live.
+
+Screenshots go to tests/artifacts/ (gitignored); docs/img/workshop-pipeline.png is one of them.
+"""
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,6 @@ from tests.workshop_support import ARTIFACTS, XSS, needs_chromium, page
 
 pytestmark = needs_chromium
 __all__ = ["page"]  # a fixture, imported for pytest
-DOCS_IMG = Path(__file__).resolve().parent.parent / "docs" / "img"
 
 
 def test_a_person_runs_a_pipeline_and_watches_its_stages_complete_without_a_reload(
@@ -48,6 +49,4 @@ def test_a_person_runs_a_pipeline_and_watches_its_stages_complete_without_a_relo
         assert page.evaluate("window.__marker") == "same page"  # updated in place
         assert page.evaluate("window.__heddle_xss") is None
         page.screenshot(path=str(ARTIFACTS / "pipeline-run.png"), full_page=True)
-        if DOCS_IMG.is_dir() and not (DOCS_IMG / "workshop-pipeline.png").exists():
-            shutil.copy(ARTIFACTS / "pipeline-run.png", DOCS_IMG / "workshop-pipeline.png")
     assert not errors, errors
