@@ -10,6 +10,7 @@ The tree::
     │   └── LLMConfigError       a model tier has no backend configured; names the variables to set
     ├── EncodeError              an argument or result msgspec cannot encode
     ├── DecodeError              bytes that are not a valid Heddle message
+    ├── TaskIdError              a task id that cannot be a subject token (also a ValueError)
     ├── BrokerError              NATS / JetStream failures (translated in broker.py)
     │   └── BrokerUnavailable    nats-server cannot be reached
     ├── BackendError             Valkey failures (translated in results.py)
@@ -56,6 +57,7 @@ __all__ = [
     "ResultTimeout",
     "ServerStartError",
     "TaskError",
+    "TaskIdError",
     "TaskOptionError",
     "TaskRevoked",
     "TaskTimeout",
@@ -84,6 +86,10 @@ class EncodeError(HeddleError):
 
 class DecodeError(HeddleError):
     """Raised when bytes from the wire are not a valid Heddle message."""
+
+
+class TaskIdError(HeddleError, ValueError):
+    """Raised when a task id is empty, too long, or holds characters a NATS subject token cannot."""
 
 
 class BrokerError(HeddleError):

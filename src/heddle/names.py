@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from heddle.errors import TaskIdError
+
 # JetStream streams. HEDDLE_TASKS holds ``heddle.tasks.incoming`` (router input)
 # and the routed ``heddle.tasks.{worker_type}.{tier}`` subjects; the dead-letter
 # subject has a single token after ``heddle.tasks`` so it never overlaps them.
@@ -53,6 +55,40 @@ def worker_filter(worker_type: str, tier: str | None = None) -> str:
 def consumer_name(worker_type: str, tier: str | None = None) -> str:
     """Durable consumer shared by every replica of a worker type (and tier, if pinned)."""
     return f"heddle-{worker_type}" + (f"-{tier}" if tier else "")
+
+
+# A task id becomes one subject token (``heddle.results.{id}``) and part of Valkey keys.
+MAX_TASK_ID_LENGTH = 255
+# Wildcards, whitespace and control characters (C0, DEL, C1). A '.' is allowed (graph
+# node ids are ``goal:1.2``) but never where it would make an empty subject token.
+_BAD_ID_CHARS = frozenset("*>") | frozenset(chr(c) for c in (*range(0x21), *range(0x7F, 0xA1)))
+
+
+def check_task_id(task_id: object, what: str = "task_id") -> str:
+    """Return ``task_id`` if it can be a subject token; raise :class:`TaskIdError` naming ``what``.
+
+    Refused: a non-string, empty, over 255 characters, holding ``*``, ``>``, whitespace
+    or control characters, or a ``.`` at either end or twice in a row (an empty
+    subject token). ``task_id=">"`` would otherwise subscribe to every result.
+    """
+    if not isinstance(task_id, str):
+        raise TaskIdError(f"{what} must be a string, got {type(task_id).__name__}")
+    if not task_id:
+        raise TaskIdError(f"{what} must not be empty")
+    if len(task_id) > MAX_TASK_ID_LENGTH:
+        raise TaskIdError(f"{what} is {len(task_id)} characters long; the limit is {MAX_TASK_ID_LENGTH}")
+    if not _BAD_ID_CHARS.isdisjoint(task_id) or not task_id.isprintable():
+        bad = next((c for c in task_id if c in _BAD_ID_CHARS or not c.isprintable()), "")
+        raise TaskIdError(
+            f"{what} {task_id[:60]!r} contains {bad!r}; task ids become NATS subject tokens, so they may "
+            f"not hold '*', '>', whitespace or control characters (use letters, digits, '-', '_', ':', '.')"
+        )
+    if task_id[0] == "." or task_id[-1] == "." or ".." in task_id:
+        raise TaskIdError(
+            f"{what} {task_id[:60]!r} starts or ends with '.' or holds '..'; each '.' separates NATS "
+            f"subject tokens, which may not be empty"
+        )
+    return task_id
 
 
 def result_key(task_id: str) -> str:
