@@ -244,12 +244,10 @@ def test_revoking_a_graph_stops_it_and_revokes_its_running_node(g):
     assert "1" not in r.nodes()
 
 
-def test_a_lost_result_notice_is_caught_by_reading_valkey_again(g, monkeypatch):
-    from heddle import graph_run
+def test_a_lost_result_notice_is_caught_by_reading_valkey_again(g):
     from heddle.messages import ResultRecord
     from heddle.results import StoreRequest, encode_record
 
-    monkeypatch.setattr(graph_run, "_RECHECK_S", 0.3)
     r = (g.slow.s(1, 30.0) | g.add.s(1)).delay()
     wait_for(lambda: "0" in r.nodes(), T, "the first node to be dispatched")
     tid = node_task_id(r.id, "0")

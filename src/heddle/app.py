@@ -10,7 +10,6 @@ import threading
 import time
 import uuid
 import weakref
-from collections import OrderedDict
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
@@ -18,6 +17,7 @@ from heddle import names
 from heddle.broker import Broker
 from heddle.errors import DuplicateTaskError, HeddleError
 from heddle.messages import REVOKED, ResultRecord, RevokeNotice, encoder
+from heddle.notices import Watch, Watches
 from heddle.results import AsyncResult as _AsyncResult
 from heddle.results import ResultBackend, StoreRequest, encode_record
 from heddle.settings import Settings, check_name
@@ -33,7 +33,7 @@ _apps: weakref.WeakSet[Heddle] = weakref.WeakSet()
 
 # Result-notice subscriptions made at send time and never waited on are dropped
 # beyond this many per connection, oldest first, so a fire-and-forget producer
-# does not grow without bound.
+# does not grow without bound (heddle.notices.Watches).
 _MAX_WATCHES = 50_000
 
 
@@ -47,9 +47,8 @@ class Connections:
     def __init__(self, settings: Settings, name: str) -> None:
         self.broker = Broker(settings, name)
         self.backend = ResultBackend(settings)
+        self.watches = Watches(self.broker, self.backend, _MAX_WATCHES)
         self._streams_ready = False
-        self._watches: OrderedDict[str, tuple[Any, asyncio.Future[Any]]] = OrderedDict()
-        self._unsubs: set[asyncio.Future[None]] = set()
 
     async def start(self) -> None:
         """Connect both; close what was opened if either fails."""
@@ -66,35 +65,13 @@ class Connections:
             await self.broker.ensure_streams()
             self._streams_ready = True
 
-    async def watch(self, task_id: str) -> asyncio.Future[Any]:
+    async def watch(self, task_id: str) -> Watch:
         """Subscribe to a task's result notice before its message is published."""
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        sub = await self.broker.subscribe(names.result_subject(task_id), future=fut)
-        self._watches[task_id] = (sub, fut)
-        while len(self._watches) > _MAX_WATCHES:
-            _, (old, old_fut) = self._watches.popitem(last=False)
-            # Cancelled, the future tells a later get() that no notice will come, so it
-            # subscribes and reads the result itself instead of waiting out its timeout.
-            old_fut.cancel()
-            with contextlib.suppress(Exception):
-                await old.unsubscribe()
-        return fut
+        return await self.watches.watch(task_id)
 
-    def release_watch(self, task_id: str, received: bool = True) -> None:
-        """Drop the notice subscription of a task whose result has been read.
-
-        A subscription whose one notice arrived is gone already (it was made with
-        a server-side limit of one message); only one that never got its notice
-        needs an explicit unsubscribe.
-        """
-        watched = self._watches.pop(task_id, None)
-        if received or watched is None:
-            return
-        sub = watched[0]
-        if self.broker.nc is not None and not self.broker.nc.is_closed:
-            task = asyncio.ensure_future(_unsub(sub))
-            self._unsubs.add(task)
-            task.add_done_callback(self._unsubs.discard)
+    def release_watch(self, task_id: str) -> None:
+        """Stop watching a task's result notice (its result is read some other way)."""
+        self.watches.release(task_id)
 
     async def store_final(self, record: ResultRecord) -> bool:
         """Store a final (or RETRY) record unless a final one is there, then announce it.
@@ -110,14 +87,9 @@ class Connections:
 
     async def close(self) -> None:
         """Close both connections."""
-        self._watches.clear()
+        await self.watches.close()
         await self.backend.close()
         await self.broker.close()
-
-
-async def _unsub(sub: Any) -> None:
-    with contextlib.suppress(Exception):
-        await sub.unsubscribe()
 
 
 class _Portal:
@@ -359,13 +331,14 @@ class Heddle:
     ) -> None:
         conns = await self._connections()
         await conns.ensure_streams()
-        result._notice = await conns.watch(result.id)
+        watch = result._watch = await conns.watch(result.id)
         result._loop = asyncio.get_running_loop()
         ack = await conns.broker.publish(subject, payload, headers)
         # A new message always ends in a notice (a worker that finds the result
         # already stored sends the stored one again), so waiting needs no Valkey
-        # read; a duplicate dropped by JetStream may have finished long ago.
-        result._fresh = not ack.duplicate
+        # read unless the notice is lost (heddle.notices covers that); a duplicate
+        # dropped by JetStream may have finished long ago.
+        watch.fresh = watch.fresh or not ack.duplicate
 
     def AsyncResult(self, task_id: str, task_name: str = "") -> _AsyncResult[Any]:
         """A handle on an existing task by id."""

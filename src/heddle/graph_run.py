@@ -64,9 +64,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("heddle.orchestrator")
 
-# How long a node's result is waited for on one subscription before Valkey is read again.
-_RECHECK_S = 15.0
-
 
 class NodeFailure(Exception):
     """A node of the graph failed; carries where, what, and the remote error."""
@@ -435,20 +432,16 @@ class GoalRun:
             raise NodeFailure(path, name, error, tid, stage)
 
     async def _wait(self, handle: AsyncResult[Any], timeout_s: float | None) -> ResultRecord | None:
-        """The node's final record, or None if ``timeout_s`` ran out."""
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while True:
-            left = _RECHECK_S if deadline is None else min(_RECHECK_S, max(0.0, deadline - time.monotonic()))
-            try:
-                await handle.aget(timeout=left, propagate=False)
-                return handle._record
-            except ResultTimeout:
-                if deadline is not None and time.monotonic() >= deadline:
-                    return None
-            # A result notice published while NATS was reconnecting is lost, and the
-            # goal would wait forever: look again with a fresh subscription and read.
-            self.conns.release_watch(handle.id)
-            handle = AsyncResult(handle.id, self.app, handle.task_name)
+        """The node's final record, or None if ``timeout_s`` ran out.
+
+        A notice lost while NATS reconnected is caught by heddle.notices, which
+        reads the stored record again after reconnects and while the wait goes on.
+        """
+        try:
+            await handle.aget(timeout=timeout_s, propagate=False)
+        except ResultTimeout:
+            return None
+        return handle.final_record
 
     # -- pipelines -----------------------------------------------------------------------
 

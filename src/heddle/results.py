@@ -47,6 +47,7 @@ from heddle.settings import Settings
 
 if TYPE_CHECKING:
     from heddle.app import Heddle
+    from heddle.notices import Watch
 
 R = TypeVar("R")
 
@@ -92,6 +93,21 @@ return out
 """
 
 
+# The final records among KEYS, as a flat list of (index, record) pairs: waiting
+# handles read many at once without a command each.
+FINAL_RECORDS_LUA = f"""
+local out = {{}}
+for i, key in ipairs(KEYS) do
+  local st = redis.call('HGET', key, 'state')
+  if {_FINAL} then
+    out[#out + 1] = i
+    out[#out + 1] = redis.call('HGET', key, 'record') or ''
+  end
+end
+return out
+"""
+
+
 class Claim(msgspec.Struct, frozen=True):
     """What ``claim`` found: the previous state, a final record if any, retries so far."""
 
@@ -131,7 +147,11 @@ class ResultBackend:
         self._ttl = str(int(settings.result_ttl_s))
         # Lua scripts by name: source and SHA once loaded. Other modules add
         # theirs (rate limits) through register_script, so Valkey stays behind this seam.
-        self._scripts: dict[str, tuple[str, str]] = {"claim": (CLAIM_LUA, ""), "store": (STORE_LUA, "")}
+        self._scripts: dict[str, tuple[str, str]] = {
+            "claim": (CLAIM_LUA, ""),
+            "store": (STORE_LUA, ""),
+            "final_records": (FINAL_RECORDS_LUA, ""),
+        }
 
     @property
     def url(self) -> str:
@@ -221,6 +241,14 @@ class ResultBackend:
         (out,) = await self.run_script_many("store", [(keys, args)])
         return [bool(x) for x in out]
 
+    async def final_records(self, task_ids: Sequence[str]) -> dict[str, bytes]:
+        """The stored records of the tasks among ``task_ids`` that reached a final state."""
+        if not task_ids:
+            return {}
+        keys = [names.result_key(t) for t in task_ids]
+        (out,) = await self.run_script_many("final_records", [(keys, ())])
+        return {task_ids[int(out[i]) - 1]: bytes(out[i + 1]) for i in range(0, len(out), 2)}
+
     async def store(self, request: StoreRequest) -> bool:
         """Write one state unless a final one is stored."""
         return (await self.store_many([request]))[0]
@@ -290,25 +318,32 @@ class AsyncResult(Generic[R]):
         task_id: The task id.
         app: The app whose connections are used.
         task_name: Name of the task, when known.
+
+    Raises:
+        TaskIdError: ``task_id`` cannot be a subject token (``>``, ``*``, whitespace...).
     """
 
     def __init__(self, task_id: str, app: Heddle, task_name: str = "") -> None:
-        self.id = task_id
+        # The id becomes a subject token: ">" would subscribe to every task's result.
+        self.id = names.check_task_id(task_id)
         self.app = app
         self.task_name = task_name
         # Set by apply_async from async code: the publish runs as a task on the
         # caller's loop, and waiting on the result first waits for the publish.
         self._sent: Any = None
-        # A result-notice future subscribed *before* the task was published, on
-        # the loop that published it; no notice can be missed.
-        self._notice: Any = None
+        # The result-notice watch made *before* the task was published, on the loop
+        # that published it (heddle.notices): no notice can be missed.
+        self._watch: Watch | None = None
         self._loop: Any = None
-        # True once JetStream stored our message as new (not a dropped duplicate).
-        self._fresh = False
         self._record: ResultRecord | None = None
 
     def __repr__(self) -> str:
         return f"<AsyncResult {self.task_name or 'task'}[{self.id}]>"
+
+    @property
+    def final_record(self) -> ResultRecord | None:
+        """The final record, once a wait (``aget``/``get``) or a read found it; else None."""
+        return self._record
 
     # -- async API -----------------------------------------------------------------
 
@@ -351,51 +386,22 @@ class AsyncResult(Generic[R]):
         return self._outcome(record, propagate)
 
     async def _wait(self, loop: Any, deadline: float | None, timeout: float | None) -> ResultRecord:
-        import asyncio
-
         if self._record is not None:
             return self._record
         conns = await self.app._connections()
-        notice = self._notice if self._loop is loop else None
-        if notice is not None and notice.cancelled():  # its watch was evicted: no notice will come
-            notice = None
-        sub = None
-        state = PENDING
-        try:
-            if notice is None:
-                # Subscribe, make sure the server has the subscription, then read:
-                # a result stored before the read is seen by the read, one stored
-                # after it is announced to the subscription.
-                notice = loop.create_future()
-                sub = await conns.broker.subscribe(names.result_subject(self.id), future=notice)
-                await conns.broker.flush()
-                need_read = True
-            else:
-                # Watched since before it was sent: a fresh message always ends in a
-                # notice; only a deduplicated one may have finished before we watched.
-                need_read = not self._fresh
-            if need_read and not notice.done():
-                state, record = await conns.backend.read(self.id)
-                if record is not None and state in READY_STATES:
-                    self._record = record
-                    return record
-            if not notice.done():
-                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-                # asyncio.wait leaves the notice future alone on timeout, so a later
-                # get() can still use it (wait_for would cancel it).
-                await asyncio.wait((notice,), timeout=remaining)
-                if not notice.done():
-                    raise ResultTimeout(
-                        f"no result for task {self.id} within {timeout}s (state {state}); "
-                        f"is a worker running for it (`heddle-worker -A yourmodule`)?"
-                    )
-            self._record = decode_record(notice.result().data)
-            return self._record
-        finally:
-            if sub is not None and notice is not None and not notice.done():
-                await _quiet_unsubscribe(sub)
-            elif self._notice is not None and self._record is not None:
-                conns.release_watch(self.id, received=self._notice.done())
+        watch = self._watch if self._loop is loop else None
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        record = await conns.watches.wait(self.id, watch, remaining)
+        if record is None:
+            state = PENDING
+            with contextlib.suppress(BackendError):
+                state = (await conns.backend.read(self.id))[0]
+            raise ResultTimeout(
+                f"no result for task {self.id} within {timeout}s (state {state}); "
+                f"is a worker running for it (`heddle-worker -A yourmodule`)?"
+            )
+        self._record = record
+        return record
 
     def _outcome(self, record: ResultRecord, propagate: bool) -> Any:
         if record.state == SUCCESS:
@@ -470,9 +476,3 @@ class AsyncResult(Generic[R]):
         if record is None or record.error is None:
             return None
         return record.error.traceback
-
-
-async def _quiet_unsubscribe(sub: Any) -> None:
-    # A closed connection or an already removed subscription: nothing to undo.
-    with contextlib.suppress(Exception):
-        await sub.unsubscribe()

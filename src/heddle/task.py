@@ -347,8 +347,8 @@ def send(
 
     if tier is not None and tier not in names.TIERS:
         raise TypeError(f"tier must be one of {', '.join(names.TIERS)}, got {tier!r}")
-    if task_id is not None and (not isinstance(task_id, str) or not task_id or len(task_id) > 200):
-        raise TypeError(f"task_id must be a non-empty string of at most 200 characters, got {task_id!r}")
+    if task_id is not None:
+        names.check_task_id(task_id)
     hdrs = dict(headers or {})
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in hdrs.items()):
         raise TypeError("headers must map str to str")

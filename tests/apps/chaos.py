@@ -77,3 +77,14 @@ def echo(n: int) -> int:
 def poison(n: int) -> int:
     """Always raises: with no retries it must end in the dead-letter stream."""
     raise ValueError(f"poison task {n} always fails")
+
+
+@app.task
+def sync_work(n: int, seconds: float) -> int:
+    """The sync twin of ``work``: runs in the worker's thread pool."""
+    import time
+
+    _record("start", n)
+    time.sleep(_seconds(seconds))
+    _record("done", n)
+    return expected(n)

@@ -148,7 +148,7 @@ class Evaluations:
             state, record = await conns.backend.read(result.id)
         except ResultTimeout:
             if conns is not None:
-                conns.release_watch(result.id, received=False)
+                conns.release_watch(result.id)
             # Revoked, so a task still queued or running does not run for nothing.
             with contextlib.suppress(HeddleError):
                 await result.arevoke()

@@ -1,0 +1,286 @@
+"""Waiting for results: result-notice subscriptions, backed by the stored record.
+
+A worker stores a task's final record in Valkey, then publishes it as a notice on
+core NATS (``heddle.results.{id}``). The notice is only a wake-up call: core NATS
+keeps nothing, so a notice published while this client is disconnected, or before
+its subscriptions are re-registered after a reconnect (a worker that reconnects
+first flushes its buffered notices into a server that does not know our
+subscription yet), is gone. The stored record is the truth, so a watch settles on
+whichever comes first:
+
+* a notice that carries this task's id and a final record (anything else on the
+  subject, junk bytes or another task's record, is ignored and the watch
+  re-subscribes);
+* a read of the store when a wait starts on a watch that may have missed its
+  notice (one made by the wait itself, or a task JetStream deduplicated);
+* a read of the store for every open watch after each reconnect, once nats-py has
+  re-registered the subscriptions (a record stored before the read is found by
+  it; one stored after it is announced to the subscription);
+* a read of the store, every :data:`RECHECK_S`, for watches someone is waiting on
+  (a notice lost on the publisher's side: the worker's connection failed between
+  its store and its publish).
+
+The reads are pipelined: one script call per :data:`_READ_CHUNK` watches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from heddle import names
+from heddle.errors import HeddleError
+from heddle.messages import READY_STATES, ResultRecord, record_decoder
+
+if TYPE_CHECKING:
+    from heddle.broker import Broker
+    from heddle.results import ResultBackend
+
+log = logging.getLogger("heddle.notices")
+
+# How often the store is read again for a watch someone is waiting on.
+RECHECK_S = 2.0
+# Watches read per script call.
+_READ_CHUNK = 1000
+
+
+class Watch:
+    """One task's result, awaited: settled by its notice or by a read of the store."""
+
+    __slots__ = ("checked_at", "done", "fresh", "sub", "task_id", "waiting")
+
+    def __init__(self, task_id: str, done: asyncio.Future[ResultRecord]) -> None:
+        self.task_id = task_id
+        self.done = done
+        self.sub: Any = None
+        # True once a publish made through this watch was stored by JetStream as new:
+        # such a message always ends in a notice, so waiting needs no first read.
+        self.fresh = False
+        # How many waits are on it (only awaited watches are re-read periodically).
+        self.waiting = 0
+        self.checked_at = time.monotonic()
+
+
+class Watches:
+    """Every open watch of one connection (one event loop).
+
+    Args:
+        broker: The connection the notices come in on.
+        backend: The result store that holds the truth.
+        max_watches: Watches made at send time and never waited on are dropped
+            beyond this many, oldest first, so a fire-and-forget producer does not
+            grow without bound; a later wait on one reads the store.
+    """
+
+    def __init__(self, broker: Broker, backend: ResultBackend, max_watches: int = 50_000) -> None:
+        self.broker = broker
+        self.backend = backend
+        self.max_watches = max_watches
+        self._open: OrderedDict[str, Watch] = OrderedDict()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+        broker.on_reconnect(self._on_reconnect)
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def get(self, task_id: str) -> Watch | None:
+        """The open watch of a task, if any."""
+        return self._open.get(task_id)
+
+    async def watch(self, task_id: str) -> Watch:
+        """The task's open watch, or a new one subscribed to its notice."""
+        w = self._open.get(task_id)
+        if w is not None and not w.done.done():
+            return w
+        w = Watch(task_id, asyncio.get_running_loop().create_future())
+        self._open[task_id] = w
+        await self._subscribe(w)
+        await self._evict()
+        return w
+
+    async def _subscribe(self, w: Watch) -> None:
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        fut.add_done_callback(lambda f: self._on_notice(w, f))
+        w.sub = await self.broker.subscribe(names.result_subject(w.task_id), future=fut)
+
+    def _on_notice(self, w: Watch, fut: asyncio.Future[Any]) -> None:
+        if fut.cancelled() or w.done.done():
+            return
+        data = fut.result().data
+        record = _valid_record(w.task_id, data)
+        if record is not None:
+            # The subscription was limited to one message: the server has dropped it.
+            self._settle(w, record, unsubscribe=False)
+            return
+        log.warning("ignored a result notice for task %s that is not its final record (%d bytes)",
+                    w.task_id, len(data))
+        # The subscription took one message; take the next, and read the store in case
+        # the real notice came in between.
+        self._spawn(self._resubscribe(w))
+
+    async def _resubscribe(self, w: Watch) -> None:
+        if w.done.done() or self._open.get(w.task_id) is not w:
+            return
+        try:
+            await self._subscribe(w)
+            await self.broker.flush()
+        except HeddleError as exc:
+            log.warning("cannot re-subscribe to the result of task %s (%s); reading the store instead",
+                        w.task_id, exc)
+        await self.read([w])
+
+    def _settle(self, w: Watch, record: ResultRecord, unsubscribe: bool = True) -> None:
+        if not w.done.done():
+            w.done.set_result(record)
+        if self._open.get(w.task_id) is w:
+            del self._open[w.task_id]
+        if unsubscribe:
+            self._spawn(_unsubscribe(w.sub))
+
+    async def read(self, watches: list[Watch]) -> None:
+        """Settle every watch whose final record is stored (pipelined reads)."""
+        now = time.monotonic()
+        todo = [w for w in watches if not w.done.done()]
+        for i in range(0, len(todo), _READ_CHUNK):
+            chunk = todo[i : i + _READ_CHUNK]
+            for w in chunk:
+                w.checked_at = now
+            found = await self.backend.final_records([w.task_id for w in chunk])
+            for w in chunk:
+                data = found.get(w.task_id)
+                record = _valid_record(w.task_id, data) if data else None
+                if record is not None:
+                    self._settle(w, record)
+
+    async def wait(self, task_id: str, w: Watch | None, timeout_s: float | None) -> ResultRecord | None:
+        """Wait for a task's final record; None after ``timeout_s``.
+
+        Args:
+            task_id: The task.
+            w: The watch made when the task was sent (on this loop), if any.
+            timeout_s: Seconds to wait; None waits forever.
+        """
+        if w is None or (w.done.done() and w.done.cancelled()) or (
+            not w.done.done() and self._open.get(task_id) is not w
+        ):
+            w = await self.watch(task_id)
+            # Make sure the server has the subscription before reading: a record stored
+            # before the read is seen by it, one stored after it is announced.
+            try:
+                await self.broker.flush()
+            except HeddleError as exc:
+                log.debug("flush before reading result %s failed (%s); a reconnect re-reads it", task_id, exc)
+            need_read = True
+        else:
+            need_read = not w.fresh
+        w.waiting += 1
+        self._ensure_sweeper()
+        try:
+            if need_read and not w.done.done():
+                try:
+                    await self.read([w])
+                except HeddleError as exc:
+                    # The connection was open a moment ago; the sweeper reads again.
+                    log.warning("cannot read the result of task %s yet (%s); waiting for its notice", task_id, exc)
+            if not w.done.done():
+                # asyncio.wait leaves the future alone on timeout (wait_for would cancel it).
+                await asyncio.wait((w.done,), timeout=timeout_s)
+            return w.done.result() if w.done.done() and not w.done.cancelled() else None
+        finally:
+            w.waiting -= 1
+
+    def release(self, task_id: str) -> None:
+        """Stop watching a task whose result the caller will not wait for through this watch."""
+        w = self._open.pop(task_id, None)
+        if w is not None:
+            if not w.done.done():
+                w.done.cancel()
+            self._spawn(_unsubscribe(w.sub))
+
+    async def _evict(self) -> None:
+        spared = 0
+        while len(self._open) > self.max_watches and spared < len(self._open):
+            task_id, w = next(iter(self._open.items()))
+            if w.waiting:
+                self._open.move_to_end(task_id)
+                spared += 1
+                continue
+            del self._open[task_id]
+            # Cancelled, the future tells a later wait that no notice will come, so it
+            # subscribes and reads the store itself instead of waiting out its timeout.
+            w.done.cancel()
+            await _unsubscribe(w.sub)
+
+    async def _on_reconnect(self) -> None:
+        # nats-py has re-registered every subscription before calling this.
+        self._spawn(self._read_all("after a reconnect"))
+
+    async def _read_all(self, why: str) -> None:
+        watches = [w for w in self._open.values() if not w.done.done()]
+        if not watches:
+            return
+        try:
+            await self.read(watches)
+        except HeddleError as exc:
+            log.warning("cannot re-read %d awaited results %s (%s); the next sweep tries again",
+                        len(watches), why, exc)
+
+    def _ensure_sweeper(self) -> None:
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep(), name="heddle-result-sweep")
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(RECHECK_S)
+            due = time.monotonic() - RECHECK_S
+            awaited = [w for w in self._open.values() if w.waiting and not w.done.done() and w.checked_at <= due]
+            if awaited:
+                try:
+                    await self.read(awaited)
+                except HeddleError as exc:
+                    log.warning("cannot re-read %d awaited results (%s); trying again in %.0fs",
+                                len(awaited), exc, RECHECK_S)
+            elif not any(w.waiting for w in self._open.values()):
+                self._sweeper = None
+                return
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        """Cancel every watch and the background work."""
+        for w in self._open.values():
+            if not w.done.done():
+                w.done.cancel()
+        self._open.clear()
+        for t in [self._sweeper, *self._tasks]:
+            if t is not None:
+                t.cancel()
+        self._sweeper = None
+
+
+def _valid_record(task_id: str, data: bytes) -> ResultRecord | None:
+    """The record in ``data`` if it is this task's final record; None for anything else."""
+    try:
+        record = record_decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError, ValueError):
+        return None
+    if record.id != task_id or record.state not in READY_STATES:
+        return None
+    return record
+
+
+async def _unsubscribe(sub: Any) -> None:
+    # A closed connection or a subscription that already took its one message: nothing to undo.
+    if sub is not None:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()

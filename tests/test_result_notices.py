@@ -1,0 +1,113 @@
+"""A waiting handle always gets a stored result: notices are wake-up calls, the
+store is the truth (heddle.notices). And task ids that cannot be subject tokens
+never enter."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import nats
+import pytest
+import valkey.asyncio as valkey_async
+
+import heddle
+from heddle import names
+from heddle.messages import SUCCESS, ResultRecord
+from heddle.results import encode_record
+
+T = 15.0
+
+
+def _app(servers) -> heddle.Heddle:
+    return heddle.Heddle(f"n{uuid.uuid4().hex[:10]}", nats_url=servers.nats_url, valkey_url=servers.valkey_url)
+
+
+async def _store(servers, task_id: str, result: object) -> bytes:
+    """What a worker stores for a finished task, without its notice."""
+    record = encode_record(ResultRecord(id=task_id, state=SUCCESS, task="t", result=result))
+    client = valkey_async.Valkey.from_url(servers.valkey_url)
+    try:
+        await client.hset(names.result_key(task_id), mapping={"state": SUCCESS, "record": record})
+    finally:
+        await client.aclose()
+    return record
+
+
+async def _publish(servers, subject: str, *payloads: bytes) -> None:
+    nc = await nats.connect(servers.nats_url)
+    try:
+        for p in payloads:
+            await nc.publish(subject, p)
+        await nc.flush()
+    finally:
+        await nc.close()
+
+
+async def test_a_result_stored_while_the_client_was_disconnected_reaches_its_waiting_handle(fresh_servers):
+    app = _app(fresh_servers)
+    try:
+        r = app.send_task("nobody.runs_this", (1,), worker_type="nobody")
+        await r.sent()
+        fresh_servers.nats.stop(kill=True)
+        # The worker finished while nats-server was down: its notice can never reach us.
+        await _store(fresh_servers, r.id, 41)
+        fresh_servers.nats.start()
+        assert await r.aget(timeout=T) == 41
+    finally:
+        await app.aclose()
+
+
+async def test_a_notice_lost_on_the_publishers_side_is_caught_while_the_handle_waits(fresh_servers):
+    app = _app(fresh_servers)
+    try:
+        r = app.send_task("nobody.runs_this", (1,), worker_type="nobody")
+        await r.sent()
+        waiting = asyncio.ensure_future(r.aget(timeout=T))
+        await _store(fresh_servers, r.id, 42)  # stored, never announced
+        assert await waiting == 42
+    finally:
+        await app.aclose()
+
+
+async def test_junk_and_another_tasks_record_on_a_result_subject_are_ignored(fresh_servers):
+    app = _app(fresh_servers)
+    try:
+        r = app.send_task("nobody.runs_this", (1,), worker_type="nobody")
+        await r.sent()
+        waiting = asyncio.ensure_future(r.aget(timeout=T))
+        forged = encode_record(ResultRecord(id="someone-else", state=SUCCESS, task="t", result=666))
+        not_final = encode_record(ResultRecord(id=r.id, state="STARTED", task="t"))
+        await _publish(fresh_servers, names.result_subject(r.id), b"\xc1junk", forged, not_final)
+        real = await _store(fresh_servers, r.id, 43)
+        await _publish(fresh_servers, names.result_subject(r.id), real)
+        assert await waiting == 43
+    finally:
+        await app.aclose()
+
+
+@pytest.mark.parametrize("bad", [">", "*", "a.>", "two words", "tab\there", "", "x" * 256, "a..b", ".a", "nul\x00"])
+def test_task_ids_that_cannot_be_subject_tokens_are_refused_before_anything_is_sent(heddle_app, heddle_servers, bad):
+    @heddle_app.task
+    def noop() -> None:
+        return None
+
+    async def messages() -> int:
+        nc = await nats.connect(heddle_servers.nats_url)
+        try:
+            info = await nc.jetstream().stream_info(names.TASKS_STREAM)
+            return info.state.messages
+        finally:
+            await nc.close()
+
+    noop.delay()  # creates the streams (no worker runs it)
+    before = asyncio.run(messages())
+    with pytest.raises(heddle.TaskIdError, match="task_id"):
+        noop.apply_async(task_id=bad)
+    with pytest.raises(heddle.TaskIdError, match="task_id"):
+        heddle_app.AsyncResult(bad)
+    assert asyncio.run(messages()) == before
+
+
+def test_an_id_with_dots_between_tokens_is_a_valid_task_id(heddle_app):
+    assert heddle_app.AsyncResult("goal-1:0.2~1").id == "goal-1:0.2~1"
