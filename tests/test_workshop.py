@@ -20,7 +20,7 @@ __all__ = ["client", "shop", "ws"]  # fixtures, imported for pytest
 
 
 def test_every_page_sends_a_content_security_policy_and_no_inline_script(client: httpx.Client) -> None:
-    for path in ("/", "/tasks", "/try", "/dlq", "/pipelines", "/pipelines/review", "/fragments/overview",
+    for path in ("/", "/tasks", "/try", "/dlq", "/audit", "/pipelines", "/pipelines/review", "/fragments/overview",
                  "/fragments/tasks", "/static/htmx.min.js", "/static/pipelines.css"):
         r = client.get(path)
         assert r.status_code == 200, path

@@ -14,6 +14,7 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from heddle import names
+from heddle.audit import SubmissionLog
 from heddle.broker import Broker
 from heddle.errors import DuplicateTaskError, HeddleError
 from heddle.messages import REVOKED, ResultRecord, RevokeNotice, encoder
@@ -48,6 +49,7 @@ class Connections:
         self.broker = Broker(settings, name)
         self.backend = ResultBackend(settings)
         self.watches = Watches(self.broker, self.backend, _MAX_WATCHES)
+        self.submissions = SubmissionLog(self.backend)
         self._streams_ready = False
 
     async def start(self) -> None:
@@ -333,7 +335,9 @@ class Heddle:
         await conns.ensure_streams()
         watch = result._watch = await conns.watch(result.id)
         result._loop = asyncio.get_running_loop()
+        audited = conns.submissions.record(result.id)  # written while the message is published
         ack = await conns.broker.publish(subject, payload, headers)
+        await audited
         # A new message always ends in a notice (a worker that finds the result
         # already stored sends the stored one again), so waiting needs no Valkey
         # read unless the notice is lost (heddle.notices covers that); a duplicate

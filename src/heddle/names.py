@@ -28,6 +28,8 @@ MAX_DELIVERIES_ADVISORY = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.{
 
 # Valkey keys.
 RESULT_KEY_PREFIX = "heddle:result:"
+# Sorted set of sent task ids not yet final, scored by send time (heddle.audit).
+SUBMITTED_KEY = "heddle:submitted"
 
 # Message headers.
 HDR_MSG_ID = "Nats-Msg-Id"

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import msgspec
@@ -197,8 +197,17 @@ class ResultBackend:
             raise BackendError("result backend is not connected; call connect() first")
         return self.client
 
-    async def run_script_many(self, name: str, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]) -> list[Any]:
-        """Run one script for many (keys, args) in a single pipelined round trip."""
+    async def run_script_many(
+        self,
+        name: str,
+        calls: Sequence[tuple[Sequence[str], Sequence[Any]]],
+        then: Callable[[Any], None] | None = None,
+    ) -> list[Any]:
+        """Run one script for many (keys, args) in a single pipelined round trip.
+
+        ``then(pipeline)`` may queue more commands into the same round trip; their
+        replies follow the scripts' in the returned list.
+        """
         client = self._c()
         for attempt in range(2):
             sha = self._scripts[name][1]
@@ -211,6 +220,8 @@ class ResultBackend:
             pipe = client.pipeline(transaction=False)
             for keys, args in calls:
                 pipe.evalsha(sha, len(keys), *keys, *args)
+            if then is not None:
+                then(pipe)
             try:
                 out = await pipe.execute(raise_on_error=False)
             except Exception as exc:
@@ -238,8 +249,58 @@ class ResultBackend:
         for r in requests:
             args += (r.state, r.record, "" if r.retries is None else str(r.retries))
         keys = [names.result_key(r.task_id) for r in requests]
-        (out,) = await self.run_script_many("store", [(keys, args)])
+        # A final state takes the task out of the audit (heddle.audit), in the same round trip.
+        done = [r.task_id for r in requests if r.state in READY_STATES]
+
+        def unaudit(pipe: Any) -> None:
+            if done:
+                pipe.zrem(names.SUBMITTED_KEY, *done)
+
+        out = (await self.run_script_many("store", [(keys, args)], unaudit))[0]
         return [bool(x) for x in out]
+
+    async def record_submitted(self, entries: Sequence[tuple[str, float]]) -> None:
+        """Add sent task ids to the audit (the earliest send time of an id is kept)."""
+        if not entries:
+            return
+        try:
+            await self._c().zadd(names.SUBMITTED_KEY, {tid: at for tid, at in entries}, nx=True)
+        except Exception as exc:
+            raise _translate(exc, self.url, "recording sent tasks") from exc
+
+    async def drop_submitted_before(self, before: float) -> None:
+        """Forget audit entries sent before ``before`` (epoch seconds)."""
+        try:
+            await self._c().zremrangebyscore(names.SUBMITTED_KEY, "-inf", f"({before}")
+        except Exception as exc:
+            raise _translate(exc, self.url, "trimming the audit") from exc
+
+    async def submitted_before(self, before: float, limit: int) -> tuple[int, list[tuple[str, float]]]:
+        """How many audit entries were sent before ``before``, and the oldest ``limit`` of them."""
+        try:
+            pipe = self._c().pipeline(transaction=False)
+            pipe.zcount(names.SUBMITTED_KEY, "-inf", f"({before}")
+            pipe.zrangebyscore(names.SUBMITTED_KEY, "-inf", f"({before}", start=0, num=limit, withscores=True)
+            total, rows = await pipe.execute()
+        except Exception as exc:
+            raise _translate(exc, self.url, "reading the audit") from exc
+        return int(total), [(tid.decode(), float(at)) for tid, at in rows]
+
+    async def progress_many(self, task_ids: Sequence[str]) -> list[tuple[str, str, float]]:
+        """``(state, worker, started_at)`` of each task; PENDING when nothing is stored."""
+        if not task_ids:
+            return []
+        try:
+            pipe = self._c().pipeline(transaction=False)
+            for tid in task_ids:
+                pipe.hmget(names.result_key(tid), ["state", "worker", "started_at"])
+            rows = await pipe.execute()
+        except Exception as exc:
+            raise _translate(exc, self.url, "reading task states") from exc
+        return [
+            (st.decode() if st else PENDING, w.decode() if w else "", float(at) if at else 0.0)
+            for st, w, at in rows
+        ]
 
     async def final_records(self, task_ids: Sequence[str]) -> dict[str, bytes]:
         """The stored records of the tasks among ``task_ids`` that reached a final state."""

@@ -24,11 +24,14 @@ from rich.text import Text
 
 from heddle import events, names
 from heddle.app import Heddle
+from heddle.audit import AuditReport, unfinished
 from heddle.errors import HeddleError
 from heddle.messages import ResultRecord, task_decoder
 from heddle.registry import ALIVE_TTL_S, WorkerInfo
 
 STREAMS = (names.TASKS_STREAM, names.DLQ_STREAM, names.GOALS_STREAM)
+# The audit's default deadline: a task sent this long ago should have finished.
+DEFAULT_AUDIT_AGE_S = 300.0
 _info_decoder = msgspec.msgpack.Decoder(WorkerInfo)
 
 
@@ -68,6 +71,8 @@ class Status(msgspec.Struct):
     dead_letters: int
     sample_s: float = 0.0
     counts: dict[str, int] = {}
+    # The audit (heddle.audit): tasks sent more than audit.older_than_s ago, not final.
+    audit: AuditReport | None = None
 
     def rate(self, state: str) -> float:
         """Events of ``state`` per second during the sample."""
@@ -122,8 +127,17 @@ async def list_workers(app: Heddle) -> list[WorkerRow]:
     return rows
 
 
-async def gather_status(app: Heddle, sample_s: float = 1.0) -> Status:
-    """Read streams, consumers, live workers and the dead-letter count; sample events for ``sample_s``."""
+async def gather_status(
+    app: Heddle, sample_s: float = 1.0, older_than_s: float = DEFAULT_AUDIT_AGE_S, audit_limit: int = 20
+) -> Status:
+    """Read streams, consumers, live workers, the dead-letter count and the audit; sample events.
+
+    Args:
+        app: Gives the connections.
+        sample_s: Seconds to count task events for (0: skip).
+        older_than_s: The audit lists tasks sent longer ago than this without a final state.
+        audit_limit: At most this many of them (the oldest first); the total is always counted.
+    """
     conns = await app._connections()
     await conns.ensure_streams()
     broker = conns.broker
@@ -160,7 +174,8 @@ async def gather_status(app: Heddle, sample_s: float = 1.0) -> Status:
         await asyncio.sleep(sample_s)  # the sample window itself, not a wait for a condition
         await sub.unsubscribe()
     consumers.sort(key=lambda c: (c.stream, c.name))
-    return Status(streams, consumers, workers, dead, sample_s, counts)
+    report = await unfinished(conns.backend, older_than_s, audit_limit)
+    return Status(streams, consumers, workers, dead, sample_s, counts, report)
 
 
 def _ago(t: float) -> str:
@@ -189,9 +204,29 @@ def print_status(console: Console, st: Status) -> None:
         t.add_row(i.worker_type, i.id, ",".join(i.tiers), str(i.concurrency), i.host, str(i.pid), _ago(w.last_seen))
     console.print(t)
     console.print(f"dead letters: {st.dead_letters}")
+    if st.audit is not None:
+        print_audit(console, st.audit)
     if st.sample_s:
         parts = [f"{s} {st.rate(s):.1f}/s" for s in events.TASK_STATES if st.counts.get(s)]
         console.print(f"throughput over {st.sample_s:g}s: " + (", ".join(parts) or "idle"))
+
+
+def print_audit(console: Console, report: AuditReport) -> None:
+    """The tasks sent more than ``report.older_than_s`` ago that have no final state."""
+    age = f"{report.older_than_s:g}s"
+    if not report.total:
+        console.print(f"audit: every task sent more than {age} ago has a final state")
+        return
+    t = Table(title=f"audit: {report.total} task(s) sent more than {age} ago without a final state")
+    for col in ("task id", "state", "sent", "worker", "started"):
+        t.add_column(col)
+    for u in report.tasks:
+        t.add_row(u.id, u.state, _ago(u.submitted_at), u.worker or "-", _ago(u.started_at))
+    console.print(t)
+    if report.total > len(report.tasks):
+        console.print(f"(the oldest {len(report.tasks)} shown; --limit shows more)")
+    console.print("PENDING: never started (queued, delayed, or its message is lost); STARTED/RETRY: "
+                  "running, waiting for a retry, or its worker died. `heddle inspect ID` shows one.")
 
 
 # -- events ------------------------------------------------------------------------------
@@ -379,6 +414,13 @@ def add_status_commands(sub: Any) -> None:
     """Add ``status``, ``events`` and ``inspect`` to the ``heddle`` parser."""
     s = sub.add_parser("status", help="streams, consumers, workers online, dead letters, throughput")
     s.add_argument("--sample", type=float, default=1.0, help="seconds to count task events for (0: skip)")
+    s.add_argument("--audit", action="store_true",
+                   help="only the audit: tasks sent more than --older-than seconds ago with no final state "
+                        "(exit status 1 if there are any)")
+    s.add_argument("--older-than", type=float, default=DEFAULT_AUDIT_AGE_S, metavar="SECONDS",
+                   help=f"audit deadline in seconds (default {DEFAULT_AUDIT_AGE_S:g})")
+    s.add_argument("--limit", type=int, default=20, help="list at most this many unfinished tasks (default 20)")
+    s.add_argument("--json", action="store_true", help="with --audit: print the audit as JSON")
     e = sub.add_parser("events", help="follow lifecycle events (heddle.events.>) live")
     e.add_argument("--task", help="only events of this task id (or task name)")
     e.add_argument("--state", action="append", help="only this state (repeatable): " + ", ".join(
@@ -402,7 +444,19 @@ def run_status_command(args: argparse.Namespace, console: Console) -> int:
             if args.command == "status":
                 if args.sample < 0:
                     raise HeddleError(f"--sample must be >= 0, got {args.sample}")
-                print_status(out, await gather_status(app, args.sample))
+                if args.older_than < 0:
+                    raise HeddleError(f"--older-than must be seconds >= 0, got {args.older_than}")
+                if args.limit < 1:
+                    raise HeddleError(f"--limit must be >= 1, got {args.limit}")
+                if args.audit:
+                    conns = await app._connections()
+                    report = await unfinished(conns.backend, args.older_than, args.limit)
+                    if args.json:
+                        print(json.dumps(msgspec.to_builtins(report)))
+                    else:
+                        print_audit(out, report)
+                    return 1 if report.total else 0
+                print_status(out, await gather_status(app, args.sample, args.older_than, args.limit))
             elif args.command == "events":
                 def show(ev: dict[str, Any]) -> None:
                     if args.json:

@@ -502,6 +502,24 @@ def build_app(ws: Workshop) -> ASGIApp:
             return pages.problem(request, str(exc), 404)
         return render(request, "_note.html", note=said)
 
+    # -- audit ---------------------------------------------------------------------------------
+
+    async def audit_page(request: Request) -> Response:
+        from heddle.audit import unfinished
+        from heddle.status import DEFAULT_AUDIT_AGE_S
+
+        raw = request.query_params.get("older_than") or ""
+        try:
+            older_than = float(raw) if raw else DEFAULT_AUDIT_AGE_S
+            if not 0 <= older_than < 10**9:
+                raise ValueError
+        except ValueError:
+            return render(request, "audit.html", status_code=422, report=None, older_than=raw[:20],
+                          problem=f"older_than must be seconds >= 0, got {raw[:20]!r}")
+        report = await unfinished((await conns()).backend, older_than, 200)
+        return render(request, "audit.html", report=report, older_than=f"{older_than:g}", problem="",
+                      now=time.time())
+
     # -- live ------------------------------------------------------------------------------------
 
     async def stream(request: Request) -> Response:
@@ -532,6 +550,7 @@ def build_app(ws: Workshop) -> ASGIApp:
         Route("/dlq", dlq_page),
         Route("/dlq/{seq}", dlq_one),
         Route("/dlq/{seq}/replay", dlq_replay, methods=["POST"]),
+        Route("/audit", audit_page),
         Route("/events/stream", stream),
         *pipelines.routes(pages),
         *evaluate.routes(pages),
