@@ -98,3 +98,20 @@ def test_the_workshop_audit_page_lists_an_unfinished_task_and_refuses_a_bad_dead
                 "/audit", params={"older_than": "0"}).text
     finally:
         app.close()
+
+
+def test_sending_a_finished_task_id_again_does_not_leave_it_in_the_audit(fresh_servers: EmbeddedServers) -> None:
+    app = Heddle(f"a{uuid.uuid4().hex[:10]}", nats_url=fresh_servers.nats_url, valkey_url=fresh_servers.valkey_url)
+
+    @app.task
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    try:
+        with running_worker(app):
+            assert add.apply_async((1, 2), task_id="order-17").get(timeout=10) == 3
+            # Past the dedup window or not, the worker finds the stored result and skips it.
+            assert add.apply_async((1, 2), task_id="order-17").get(timeout=10) == 3
+        assert audit(fresh_servers) == (0, {"older_than_s": 0.0, "total": 0, "tasks": []})
+    finally:
+        app.close()

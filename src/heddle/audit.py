@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from heddle.errors import HeddleError
+from heddle.messages import READY_STATES
 
 if TYPE_CHECKING:
     from heddle.results import ResultBackend
@@ -100,10 +101,18 @@ async def unfinished(backend: ResultBackend, older_than_s: float, limit: int = 1
         raise HeddleError(f"limit must be >= 1, got {limit}")
     now = time.time()
     await backend.drop_submitted_before(now - backend.settings.result_ttl_s)
-    total, entries = await backend.submitted_before(now - older_than_s, limit)
-    seen = await backend.progress_many([tid for tid, _ in entries])
+    for _ in range(3):
+        total, entries = await backend.submitted_before(now - older_than_s, limit)
+        seen = await backend.progress_many([tid for tid, _ in entries])
+        # A repeat send of a task that had already finished is recorded again but never
+        # stored again (the worker finds the final state and skips it): drop those here.
+        final = [tid for (tid, _), (state, _, _) in zip(entries, seen, strict=True) if state in READY_STATES]
+        if not final:
+            break
+        await backend.forget_submitted(final)
     rows = [
         Unfinished(id=tid, submitted_at=at, state=state, worker=worker, started_at=started_at)
         for (tid, at), (state, worker, started_at) in zip(entries, seen, strict=True)
+        if state not in READY_STATES
     ]
     return AuditReport(older_than_s=older_than_s, total=total, tasks=rows)

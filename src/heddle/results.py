@@ -268,6 +268,13 @@ class ResultBackend:
         except Exception as exc:
             raise _translate(exc, self.url, "recording sent tasks") from exc
 
+    async def forget_submitted(self, task_ids: Sequence[str]) -> None:
+        """Take tasks out of the audit."""
+        try:
+            await self._c().zrem(names.SUBMITTED_KEY, *task_ids)
+        except Exception as exc:
+            raise _translate(exc, self.url, "updating the audit") from exc
+
     async def drop_submitted_before(self, before: float) -> None:
         """Forget audit entries sent before ``before`` (epoch seconds)."""
         try:
