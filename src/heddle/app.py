@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import socket
 import threading
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from heddle.task import P, R, Task, TaskDecorator
 
 T = TypeVar("T")
+log = logging.getLogger("heddle.app")
 
 # Tasks declared with module-level ``@heddle.task``; every app adopts them.
 _shared_tasks: list[Task[Any, Any]] = []
@@ -50,6 +52,7 @@ class Connections:
         self.backend = ResultBackend(settings)
         self.watches = Watches(self.broker, self.backend, _MAX_WATCHES)
         self.submissions = SubmissionLog(self.backend)
+        self.broker.spill = self.backend.keep_payload
         self._streams_ready = False
 
     async def start(self) -> None:
@@ -84,8 +87,24 @@ class Connections:
         data = encode_record(record)
         if not await self.backend.store(StoreRequest(record.id, record.state, data)):
             return False
-        await self.broker.publish_core(names.result_subject(record.id), data)
+        await self.notify(record.id, data)
         return True
+
+    async def notify(self, task_id: str, record: bytes) -> None:
+        """Announce a stored final record to whoever waits on it (heddle.notices).
+
+        A record too large for one NATS message is announced empty: waiters read the
+        store. Never raises: the record is stored, and waiters re-read the store when a
+        notice is lost, so a failed notice costs latency, not the result.
+        """
+        subject = names.result_subject(task_id)
+        try:
+            if len(record) + 1024 > self.broker.max_payload:
+                record = b""
+            await self.broker.publish_core(subject, record)
+        except HeddleError as exc:
+            log.warning("could not announce the result of task %s (%s); waiters will read it from Valkey",
+                        task_id, exc)
 
     async def close(self) -> None:
         """Close both connections."""

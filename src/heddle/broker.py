@@ -21,13 +21,16 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
 from heddle import names
-from heddle.errors import BrokerError, BrokerUnavailable
+from heddle.errors import BrokerError, BrokerUnavailable, MessageTooLarge
 from heddle.settings import Settings
 
 log = logging.getLogger("heddle.broker")
 
 # Publish-ack waits are pipelined; this bounds how many are in flight per connection.
 _MAX_PENDING_PUBLISHES = 8192
+# Header bytes a message may carry without being measured (Heddle's own are far fewer).
+_HEADERS_ROOM = 16 * 1024
+_NATS_HDR_LINE = b"NATS/1.0\r\n"
 # How often unacknowledged publishes are checked against their deadline.
 _ACK_SWEEP_S = 0.5
 
@@ -66,11 +69,39 @@ class Broker:
         self.disconnected_at: float | None = None
         self._closing = False
         self._acks: collections.deque[tuple[float, asyncio.Future[Any]]] = collections.deque()
+        # Keeps a dead letter's payload elsewhere when it is too large to copy with its
+        # headers; returns where (Connections sets it to the result store's).
+        self.spill: Callable[[bytes], Awaitable[str]] | None = None
         self._ack_sweeper: asyncio.Task[None] | None = None
 
     @property
     def url(self) -> str:
         return self.settings.nats_url
+
+    @property
+    def max_payload(self) -> int:
+        """The most bytes (payload plus headers) the server takes in one message."""
+        return self.nc.max_payload if self.nc is not None else 1024 * 1024
+
+    def check_size(self, subject: str, payload: bytes, headers: dict[str, str] | None = None) -> None:
+        """Raise :class:`MessageTooLarge` if the message would exceed the server's max_payload.
+
+        nats-py checks the payload alone; the server counts the headers too, and
+        closes the connection of a client that sends more (nats-py does not reconnect
+        after that), so every publish is checked here first.
+        """
+        limit = self.max_payload
+        size = len(payload)
+        if size + _HEADERS_ROOM <= limit:
+            return  # the common case: no need to measure the headers
+        if headers:
+            size += len(_NATS_HDR_LINE) + 2 + sum(len(k.encode()) + len(v.encode()) + 4 for k, v in headers.items())
+        if size > limit:
+            raise MessageTooLarge(
+                f"a message of {size:,} bytes (payload and headers) for {subject} is over nats-server's "
+                f"max_payload of {limit:,} bytes; send less data (pass large data by reference) or raise "
+                f"max_payload on the server"
+            )
 
     @property
     def connected(self) -> bool:
@@ -266,6 +297,7 @@ class Broker:
     ) -> asyncio.Future[Any]:
         """Publish to JetStream; return the future of the stream's ack (failed after ``timeout_s``)."""
         js = self._js()
+        self.check_size(subject, payload, headers)
         try:
             # nats-py wraps its semaphore acquire in asyncio.wait_for (a Task per call)
             # whenever wait_stall is set: only set it when the pipeline is actually full.
@@ -298,6 +330,7 @@ class Broker:
         """Fire-and-forget publish on core NATS (notices, control, events)."""
         if self.nc is None:
             raise BrokerError("broker is not connected")
+        self.check_size(subject, payload)
         try:
             await self.nc.publish(subject, payload)
         except Exception as exc:
@@ -345,6 +378,8 @@ class Broker:
         """Copy a message to the dead-letter stream with the reason in its headers.
 
         The original ``Heddle-*`` routing headers are kept so the message can be replayed.
+        A payload too large to copy with those headers is kept by reference
+        (``Heddle-Payload-Ref``, see :attr:`spill`).
         """
         headers = {k: v for k, v in (original_headers or {}).items() if k.startswith("Heddle-")}
         headers |= {
@@ -354,6 +389,15 @@ class Broker:
             names.HDR_FAILED_AT: f"{time.time():.3f}",
             names.HDR_MSG_ID: f"dlq:{dedup_key}",
         }
+        try:
+            self.check_size(names.DEAD_LETTER_SUBJECT, payload, headers)
+        except MessageTooLarge:
+            # The message fit the server without these headers. Copying it as it is would
+            # make the server close this connection: keep its payload by reference.
+            if self.spill is None:
+                raise
+            headers[names.HDR_PAYLOAD_REF] = await self.spill(payload)
+            payload = b""
         await self.publish(names.DEAD_LETTER_SUBJECT, payload, headers)
 
     async def get_stream_msg(self, stream: str, seq: int) -> api.RawStreamMsg:

@@ -470,7 +470,7 @@ def submit_goal(
     (stored under the goal id) and the task's are never the same record.
     """
     from heddle.app import new_task_id
-    from heddle.task import _encode_args
+    from heddle.task import _encode_args, check_message_size
 
     if goal_id is not None and (not isinstance(goal_id, str) or not _GOAL_ID_RE.match(goal_id)):
         raise TypeError(
@@ -492,6 +492,7 @@ def submit_goal(
         submitted_at=time.time(),
     )
     payload = encoder.encode(msg)
+    check_message_size(app.settings, f"graph {label or gid!r}", payload)
     headers = {names.HDR_MSG_ID: gid, names.HDR_TASK: label or "heddle.graph"}
     result = GraphResult(gid, app, graph=graph, goal_id=gid, path="", task_name=label or "graph")
     app._dispatch(result, lambda: app._send(result, names.GOALS_SUBJECT, payload, headers))

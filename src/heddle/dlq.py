@@ -74,7 +74,12 @@ async def _get(app: Heddle, seq: int, missing_ok: bool = False) -> DeadLetter | 
         raise HeddleError(f"no dead letter with id {seq}; `heddle dlq list` shows the ids") from None
     headers = dict(m.headers or {})
     when = float(headers.get(names.HDR_FAILED_AT, "0") or 0)
-    return DeadLetter(seq, headers, m.data or b"", when)
+    data = m.data or b""
+    ref = headers.get(names.HDR_PAYLOAD_REF, "")
+    if ref.startswith(names.DLQ_PAYLOAD_KEY_PREFIX) and not data:
+        # Too large to copy with its headers: the payload was kept in Valkey.
+        data = await conns.backend.get_bytes(ref) or b""
+    return DeadLetter(seq, headers, data, when)
 
 
 async def get_dead_letter(app: Heddle, seq: int) -> DeadLetter:
@@ -92,6 +97,8 @@ async def replay(app: Heddle, seq: int, by: str | None = None) -> str:
     done = await conns.backend.get_text(marker)
     if done is not None:
         return f"dead letter {seq} was already replayed ({done}); not sending it again"
+    if not dl.data and dl.headers.get(names.HDR_PAYLOAD_REF):
+        return f"dead letter {seq} kept its payload in Valkey, and it has expired; it cannot be replayed"
     if not dl.headers.get(names.HDR_WORKER_TYPE):
         return f"dead letter {seq} has no {names.HDR_WORKER_TYPE} header; it cannot be routed"
     who = by or f"{getpass.getuser()}@{socket.gethostname()}"
@@ -100,7 +107,7 @@ async def replay(app: Heddle, seq: int, by: str | None = None) -> str:
         k: v
         for k, v in dl.headers.items()
         if k.startswith("Heddle-")
-        and k not in (names.HDR_REASON, names.HDR_FAILED_AT, names.HDR_ORIGINAL_SUBJECT)
+        and k not in (names.HDR_REASON, names.HDR_FAILED_AT, names.HDR_ORIGINAL_SUBJECT, names.HDR_PAYLOAD_REF)
     }
     headers[names.HDR_MSG_ID] = f"replay:{seq}"
     headers[names.HDR_REPLAYED_BY] = who

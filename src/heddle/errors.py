@@ -12,7 +12,8 @@ The tree::
     ├── DecodeError              bytes that are not a valid Heddle message
     ├── TaskIdError              a task id that cannot be a subject token (also a ValueError)
     ├── BrokerError              NATS / JetStream failures (translated in broker.py)
-    │   └── BrokerUnavailable    nats-server cannot be reached
+    │   ├── BrokerUnavailable    nats-server cannot be reached
+    │   └── MessageTooLarge      a message and its headers exceed the server's max_payload
     ├── BackendError             Valkey failures (translated in results.py)
     │   └── BackendUnavailable   valkey-server cannot be reached
     ├── ResultTimeout            ``AsyncResult.get(timeout=...)`` ran out
@@ -53,6 +54,7 @@ __all__ = [
     "LLMInputError",
     "LLMOutputError",
     "LLMTimeout",
+    "MessageTooLarge",
     "PreflightError",
     "ResultTimeout",
     "ServerStartError",
@@ -98,6 +100,14 @@ class BrokerError(HeddleError):
 
 class BrokerUnavailable(BrokerError):
     """Raised when nats-server cannot be reached."""
+
+
+class MessageTooLarge(BrokerError):
+    """Raised before publishing a message that, with its headers, exceeds the server's max_payload.
+
+    Sending it would make nats-server close the connection (and nats-py does not
+    reconnect after that), so it is refused here instead.
+    """
 
 
 class BackendError(HeddleError):

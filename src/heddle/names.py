@@ -40,6 +40,9 @@ HDR_REASON = "Heddle-Reason"
 HDR_ORIGINAL_SUBJECT = "Heddle-Original-Subject"
 HDR_TASK_ID = "Heddle-Task-Id"
 HDR_FAILED_AT = "Heddle-Failed-At"
+# A dead letter too large to copy with its headers keeps its payload in Valkey under this key.
+HDR_PAYLOAD_REF = "Heddle-Payload-Ref"
+DLQ_PAYLOAD_KEY_PREFIX = "heddle:dlq-payload:"
 
 TIERS = ("local", "standard", "frontier")
 

@@ -10,7 +10,8 @@ whichever comes first:
 
 * a notice that carries this task's id and a final record (anything else on the
   subject, junk bytes or another task's record, is ignored and the watch
-  re-subscribes);
+  re-subscribes); an empty notice says the record is too large to announce, and
+  the store is read;
 * a read of the store when a wait starts on a watch that may have missed its
   notice (one made by the wait itself, or a task JetStream deduplicated);
 * a read of the store for every open watch after each reconnect, once nats-py has
@@ -114,6 +115,10 @@ class Watches:
         if fut.cancelled() or w.done.done():
             return
         data = fut.result().data
+        if not data:
+            # An empty notice: the record was too large to announce; it is in the store.
+            self._spawn(self._resubscribe(w))
+            return
         record = _valid_record(w.task_id, data)
         if record is not None:
             # The subscription was limited to one message: the server has dropped it.

@@ -16,6 +16,7 @@ RETRY states), ``retries`` (retries already scheduled), ``started_at`` and
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -346,6 +347,23 @@ class ResultBackend:
             return bool(await self._c().set(key, value, nx=True, ex=max(1, int(ttl_s))))
         except Exception as exc:
             raise _translate(exc, self.url, f"setting {key}") from exc
+
+    async def keep_payload(self, data: bytes) -> str:
+        """Keep a dead letter's payload (for :attr:`Broker.spill`) as long as dead letters live."""
+        key = names.DLQ_PAYLOAD_KEY_PREFIX + hashlib.sha256(data).hexdigest()
+        try:
+            await self._c().set(key, data, ex=max(1, int(self.settings.dlq_max_age_s)))
+        except Exception as exc:
+            raise _translate(exc, self.url, "keeping a dead letter's payload") from exc
+        return key
+
+    async def get_bytes(self, key: str) -> bytes | None:
+        """GET a binary value."""
+        try:
+            raw = await self._c().get(key)
+        except Exception as exc:
+            raise _translate(exc, self.url, f"reading {key}") from exc
+        return bytes(raw) if raw is not None else None
 
     async def get_text(self, key: str) -> str | None:
         """GET a string value."""

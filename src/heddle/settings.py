@@ -38,6 +38,10 @@ class Settings:
             actor process (env ``HEDDLE_HEALTH_PORT``); None serves none, 0 takes a free port.
         liveness_timeout_s: ``/healthz`` fails once an actor's message loop (or the event
             loop) has not gone round for this long.
+        max_message_bytes: Largest task or goal message a client sends (its encoded
+            arguments). Checked at the call site; the default stays below nats-server's
+            default ``max_payload`` (1 MiB) with room for headers. Raise both together to
+            send more; large data is better passed by reference (a path, a URL, a key).
     """
 
     nats_url: str = DEFAULT_NATS_URL
@@ -53,6 +57,7 @@ class Settings:
     connect_timeout_s: float = 5.0
     health_port: int | None = None
     liveness_timeout_s: float = 60.0
+    max_message_bytes: int = 1024 * 1024 - 64 * 1024
     extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -70,6 +75,8 @@ class Settings:
             or not 0 <= self.health_port <= 65535
         ):
             raise ConfigError(f"health_port must be a TCP port number (0-65535) or None, got {self.health_port!r}")
+        if not isinstance(self.max_message_bytes, int) or self.max_message_bytes < 1024:
+            raise ConfigError(f"max_message_bytes must be an int >= 1024, got {self.max_message_bytes!r}")
         if self.liveness_timeout_s <= 0:
             raise ConfigError(f"liveness_timeout_s must be > 0, got {self.liveness_timeout_s}")
         from heddle.names import TIERS

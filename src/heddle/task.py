@@ -16,7 +16,7 @@ from heddle import names
 from heddle.errors import EncodeError, HeddleError, TaskOptionError
 from heddle.messages import TaskMessage, encoder
 from heddle.results import AsyncResult
-from heddle.settings import check_name
+from heddle.settings import Settings, check_name
 
 if TYPE_CHECKING:
     from heddle.app import Heddle
@@ -313,6 +313,16 @@ def _encode_args(task: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tu
     return list(args), kwargs
 
 
+def check_message_size(settings: Settings, what: str, payload: bytes) -> None:
+    """Refuse, at the call site, a message larger than ``settings.max_message_bytes``."""
+    if len(payload) > settings.max_message_bytes:
+        raise EncodeError(
+            f"{what}: its arguments encode to {len(payload):,} bytes, over the limit of "
+            f"{settings.max_message_bytes:,} (setting max_message_bytes, below nats-server's max_payload); "
+            f"pass large data by reference (a path, a URL, an object-store key) instead"
+        )
+
+
 def _eta_epoch(countdown: float | None, eta: datetime | float | None) -> float | None:
     if countdown is not None and eta is not None:
         raise TypeError("pass countdown= or eta=, not both")
@@ -365,6 +375,7 @@ def send(
         submitted_at=time.time(),
     )
     payload = encoder.encode(msg)
+    check_message_size(app.settings, f"task {name!r}", payload)
     # The router reads only these headers; the payload goes through it untouched.
     wire_headers = {
         names.HDR_MSG_ID: tid,
