@@ -67,6 +67,10 @@ class Broker:
         self.js: JetStreamContext | None = None
         self._reconnected_cbs: list[Callable[[], Awaitable[None]]] = []
         self.disconnected_at: float | None = None
+        # Set when the connection closed without close() being called (nats-py gave
+        # up: the server refused it, say); the process cannot reach the bus again.
+        self.lost: str | None = None
+        self.lost_event = asyncio.Event()
         self._closing = False
         self._acks: collections.deque[tuple[float, asyncio.Future[Any]]] = collections.deque()
         # Keeps a dead letter's payload elsewhere when it is too large to copy with its
@@ -129,7 +133,21 @@ class Broker:
                     log.exception("reconnect handler failed")
 
         async def error(exc: Exception) -> None:
-            log.debug("nats error: %r", exc)
+            # Permission violations and protocol errors are worth seeing; a reconnect
+            # attempt that fails is said once by disconnected() above.
+            if isinstance(exc, nats.errors.Error) and not isinstance(exc, nats.errors.ConnectionClosedError):
+                log.warning("nats-server at %s reported: %s", self.url, exc)
+            else:
+                log.debug("nats error: %r", exc)
+
+        async def closed() -> None:
+            if self._closing:
+                return
+            nc = self.nc
+            why = repr(nc.last_error) if nc is not None and nc.last_error is not None else "no reason given"
+            self.lost = f"the connection to nats-server at {self.url} was closed for good ({why})"
+            log.error("%s; this process cannot reach the bus again and must be restarted", self.lost)
+            self.lost_event.set()
 
         try:
             self.nc = await nats.connect(
@@ -146,6 +164,7 @@ class Broker:
                 disconnected_cb=disconnected,
                 reconnected_cb=reconnected,
                 error_cb=error,
+                closed_cb=closed,
             )
         except Exception as exc:
             raise translate(exc, self.url, "connecting") from exc

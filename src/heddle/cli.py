@@ -19,8 +19,8 @@ from rich.table import Table
 
 from heddle import names
 from heddle.app import Heddle
-from heddle.errors import ConfigError, HeddleError
-from heddle.health import start_health_server
+from heddle.errors import BrokerUnavailable, ConfigError, HeddleError
+from heddle.health import redact_text, start_health_server
 
 if TYPE_CHECKING:
     from heddle.worker import Worker
@@ -156,15 +156,43 @@ async def run_actors(app: Heddle, actors: list[Actor], health_port: int | None) 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop_all)
     runs = [asyncio.ensure_future(a.run()) for a in actors]
+    lost = asyncio.ensure_future(_bus_lost(actors))
     try:
-        done, _ = await asyncio.wait(runs, return_when=asyncio.FIRST_EXCEPTION)
-        if any(not t.cancelled() and t.exception() is not None for t in done):
-            stop_all()
+        pending: set[asyncio.Future[Any]] = {*runs, lost}
+        while not all(r.done() for r in runs):
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            if any(not t.cancelled() and t.exception() is not None for t in done):
+                stop_all()
+                break
         await asyncio.gather(*runs)
+        if lost.done() and not lost.cancelled() and lost.exception() is not None:
+            raise lost.exception()  # type: ignore[misc]
     finally:
+        lost.cancel()
         if health is not None:
             await health.stop()
         await app.aclose()
+
+
+async def _bus_lost(actors: list[Actor]) -> None:
+    """Raise once any actor's NATS connection is closed for good (nats-py will not reconnect).
+
+    The process cannot do its work again: it drains and exits with the error, so a
+    supervisor (Kubernetes, systemd) starts a fresh one.
+    """
+    while True:
+        brokers = {id(c.broker): c.broker for a in actors if (c := getattr(a, "conns", None)) is not None}
+        for broker in brokers.values():
+            if broker.lost:
+                raise BrokerUnavailable(f"{redact_text(broker.lost, broker.url)}; exiting so it can be restarted")
+        waits = [asyncio.ensure_future(b.lost_event.wait()) for b in brokers.values()]
+        # Actors connect after start-up: look again now and then for new connections.
+        waits.append(asyncio.ensure_future(asyncio.sleep(1.0)))
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
 
 
 def run_actor_process(app: Heddle, actor: Actor, health_port: int | None) -> None:

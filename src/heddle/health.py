@@ -83,6 +83,11 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
+def redact_text(text: str, url: str) -> str:
+    """``text`` with ``url`` (which may hold a password) replaced by its redacted form."""
+    return text.replace(url, redact(url)) if url else text
+
+
 def describe(actor: object) -> str:
     """A short name for an actor in messages: ``worker shop``, ``router``."""
     labels = _labels(actor)
@@ -297,11 +302,24 @@ class HealthServer:
                 f"the event loop has been blocked for {lag:.1f}s (limit {limit:g}s): something runs "
                 f"blocking code on it (a sync call in an async task?)"
             )
+        brokers: dict[int, Any] = {}
         for actor in self.actors:
             age = now - actor.last_tick
             if age > limit:
                 problems.append(
                     f"{describe(actor)}: its message loop last went round {age:.1f}s ago (limit {limit:g}s)"
+                )
+            conns = getattr(actor, "conns", None)
+            if conns is not None:
+                brokers[id(conns.broker)] = conns.broker
+        for broker in brokers.values():
+            # Reading two attributes another thread sets is safe enough for a probe.
+            if broker.lost:
+                problems.append(f"NATS: {redact_text(broker.lost, broker.url)}; restart the process")
+            elif broker.disconnected_at is not None and now - broker.disconnected_at > limit:
+                problems.append(
+                    f"NATS: cannot reach {redact(broker.url)} for {now - broker.disconnected_at:.1f}s "
+                    f"(limit {limit:g}s)"
                 )
         return problems
 
