@@ -92,3 +92,109 @@ def test_handles_waiting_through_a_nats_kill_and_worker_kills_all_get_their_resu
         assert wrong == 0
     finally:
         results.close()
+
+
+def test_every_handle_gets_its_result_through_kills_at_every_step_of_the_path(fresh_servers, spawn_worker, test_env):
+    """Wider: tasks are sent *while* workers, nats-server and valkey-server are killed, so
+    kills land on publish, route, claim, run, store, ack and notice alike. A send that
+    fails is retried with the same task id, as a careful caller does (JetStream drops the
+    copy if the first one was stored after all). Every handle must return the right value.
+    """
+    import os
+    import random
+
+    total = int(size("PATH_TASKS", 10000, 30000))
+    task_s, concurrency, n_workers = 0.05, 8, 3
+    seed = int(os.environ.get("HEDDLE_CHAOS_SEED") or random.randrange(1 << 30))
+    rng = random.Random(seed)
+    began = time.monotonic()
+    env = test_env(fresh_servers, HEDDLE_TEST_ACK_WAIT="3")
+    results = Results(env["VALKEY_URL"])
+    faults = ["worker"] * 4 + ["nats", "nats", "valkey"]
+    rng.shuffle(faults)
+    marks = sorted(rng.uniform(0.05, 0.9) for _ in faults)
+    try:
+        workers = [spawn_worker(CHAOS, env, "-c", str(concurrency)) for _ in range(n_workers)]
+        killed: set[int] = set()
+        bound = 0
+        log: list[dict[str, object]] = []
+
+        def started() -> int:
+            return len({v for _, kind, v in executions(env) if kind == "start"})
+
+        def inject() -> None:
+            nonlocal bound
+            for fault, mark in zip(faults, marks, strict=True):
+                wait_for(lambda m=mark: started() >= m * total, 300, f"{mark:.0%} of the tasks to start")
+                if fault == "worker":
+                    victim = rng.choice([w for w in workers if w.pid not in killed])
+                    victim.signal(signal.SIGKILL)
+                    victim.wait(10)
+                    killed.add(victim.pid)
+                    workers.append(spawn_worker(CHAOS, env, "-c", str(concurrency)))
+                    bound += concurrency
+                else:
+                    server = fresh_servers.nats if fault == "nats" else fresh_servers.valkey
+                    server.restart(kill=True)
+                    bound += concurrency * n_workers
+                log.append({"fault": fault, "at_started": started()})
+
+        async def main() -> tuple[list[object], int, float]:
+            from heddle.errors import HeddleError
+
+            app = client_app(env)
+            handles: list[object] = []
+            retried = 0
+            faults_done = asyncio.ensure_future(asyncio.to_thread(inject))
+            try:
+                for i in range(0, total, 250):
+                    chunk = []
+                    for n in range(i, min(total, i + 250)):
+                        tid = f"path-{seed}-{n}"
+                        for attempt in range(100):
+                            r = app.send_task(WORK, (n, task_s), task_id=tid)
+                            try:
+                                await r.sent()
+                                break
+                            except HeddleError:
+                                retried += 1
+                                await asyncio.sleep(0.1 * min(attempt + 1, 10))
+                        chunk.append(r)
+                    handles.extend(chunk)
+                    # Spread the sends over the run, so kills land on publishes too.
+                    while started() < i - 4 * concurrency * n_workers and not faults_done.done():
+                        await asyncio.sleep(0.05)
+                await faults_done
+                t0 = time.monotonic()
+                got = await asyncio.gather(
+                    *(h.aget(timeout=300, propagate=False) for h in handles), return_exceptions=True
+                )
+                return got, retried, time.monotonic() - t0
+            finally:
+                if not faults_done.done():
+                    await asyncio.gather(faults_done, return_exceptions=True)
+                await app.aclose()
+
+        got, retried, waited_s = asyncio.run(main())
+        timed_out = sum(1 for g in got if isinstance(g, ResultTimeout))
+        wrong = sum(1 for n, g in enumerate(got) if g != expected(n))
+        starts = starts_per_task(env)
+        duplicates = sum(c - 1 for c in starts.values() if c > 1)
+        emit(
+            "handles_through_kills",
+            submitted=total,
+            timed_out=timed_out,
+            wrong_results=wrong,
+            never_ran=total - len(starts),
+            duplicate_executions=duplicates,
+            bound=bound,
+            send_retries=retried,
+            faults=log,
+            seed=seed,
+            answered_in_s=round(waited_s, 2),
+            runtime_s=round(time.monotonic() - began, 1),
+        )
+        assert timed_out == 0 and wrong == 0, f"{timed_out} timed out, {wrong} wrong (seed {seed})"
+        assert duplicates <= bound, f"{duplicates} duplicate executions > bound {bound} (seed {seed})"
+    finally:
+        results.close()
