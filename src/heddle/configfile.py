@@ -1,6 +1,13 @@
 """YAML config files that remember line numbers, so every error names its file and line.
 
-``load_yaml`` parses with a ``yaml.SafeLoader`` subclass whose mappings and
+Every Heddle YAML file (worker configs, pipelines, router rules, price tables)
+is read here, under the same limits: :func:`read_config_text` reads at most
+:data:`MAX_CONFIG_BYTES`, and :class:`SafeConfigLoader` (a ``yaml.SafeLoader``)
+refuses documents that use too many aliases, expand too far through them, or
+nest too deep. A file over a limit is a config error like any other, with its
+file, line and fix.
+
+``load_yaml`` parses with a ``SafeConfigLoader`` subclass whose mappings and
 sequences are :class:`LineMap` / :class:`LineList`: plain ``dict`` / ``list``
 subclasses that also record the line of every key and item. Validators walk the
 data, collect :class:`ConfigIssue` values (never stopping at the first), and
@@ -19,7 +26,46 @@ import yaml
 
 from heddle.errors import ConfigFileError
 
-__all__ = ["ConfigIssue", "LineList", "LineMap", "issues_error", "line_of", "load_yaml", "unknown_key_message"]
+__all__ = [
+    "MAX_CONFIG_BYTES",
+    "MAX_YAML_ALIASES",
+    "MAX_YAML_DEPTH",
+    "MAX_YAML_VALUES",
+    "ConfigIssue",
+    "LineList",
+    "LineMap",
+    "SafeConfigLoader",
+    "YAMLLimitError",
+    "issues_error",
+    "line_of",
+    "load_yaml",
+    "read_config_text",
+    "unknown_key_message",
+    "yaml_issue",
+]
+
+# Limits on every config file. Hand-written configs are a few KiB, use a handful
+# of anchors (a shared schema fragment, `<<: *defaults`) and nest a dozen levels;
+# the limits sit far above that and far below what hurts. Without them a small
+# file stalls whoever loads it: PyYAML shares an aliased node instead of copying
+# it, but every check that walks, copies or prints the data visits it once per
+# alias path, so nine lines of nested aliases ("billion laughs") are 387 million
+# values to a validator (40 s and more, with gigabytes of memory).
+
+#: Largest config file read, in bytes (1 MiB). Checked before parsing, which in
+#: pure-Python PyYAML costs about a second per MiB.
+MAX_CONFIG_BYTES = 1024 * 1024
+#: Most aliases (``*name``) one document may use.
+MAX_YAML_ALIASES = 200
+#: Most values (scalars, lists and mappings) a document may hold once its aliases
+#: are expanded. The alias count alone does not bound this: 30 lists of two aliases
+#: each to the list before expand to 2**30 values.
+MAX_YAML_VALUES = 100_000
+#: Deepest nesting of lists and mappings, aliases expanded. Parsing and every
+#: validator recurse per level; past Python's recursion limit they would crash.
+MAX_YAML_DEPTH = 64
+
+_FIX_ALIASES = "write the repeated parts out, or use fewer anchors (&name) and aliases (*name)"
 
 
 @dataclass(frozen=True)
@@ -68,8 +114,130 @@ class LineList(list[Any]):
         self.item_lines = []
 
 
-class _LineLoader(yaml.SafeLoader):
-    """SafeLoader that builds LineMap/LineList and reports duplicate keys instead of hiding them."""
+class YAMLLimitError(yaml.MarkedYAMLError):
+    """Raised by :class:`SafeConfigLoader` when a document is over one of the limits; ``problem`` says which."""
+
+
+class SafeConfigLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that enforces the config limits while it composes the document.
+
+    Every node's size and depth with its aliases expanded are worked out as the
+    node is finished (children first), so a bomb is refused at the first node
+    that goes over, before anything walks it. A text longer than
+    :data:`MAX_CONFIG_BYTES` characters is refused before parsing.
+
+    Raises:
+        YAMLLimitError: With the line of the node that went over a limit.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        if isinstance(stream, str | bytes) and len(stream) > MAX_CONFIG_BYTES:
+            raise YAMLLimitError(problem=_too_big_message())
+        super().__init__(stream)
+        self.alias_count = 0
+        self._depth = 0
+        # id(node) -> (values, depth) with aliases expanded; a node is in it once
+        # finished, so an alias to a node not in it refers to one of its own parents.
+        self._expanded: dict[int, tuple[int, int]] = {}
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            alias = self.peek_event()
+            mark = alias.start_mark
+            self.alias_count += 1
+            if self.alias_count > MAX_YAML_ALIASES:
+                raise YAMLLimitError(problem=f"the document uses more than {MAX_YAML_ALIASES} aliases (*name); "
+                                             f"{_FIX_ALIASES}", problem_mark=mark)
+            node = super().compose_node(parent, index)
+            if node is not None and id(node) not in self._expanded:
+                raise YAMLLimitError(problem=f"alias *{alias.anchor} is used inside its own "
+                                             f"anchor, which would repeat forever; {_FIX_ALIASES}",
+                                     problem_mark=mark)
+            return node
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise YAMLLimitError(problem=_too_deep_message(), problem_mark=self.peek_event().start_mark)
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        if node is None:
+            return None
+        values, depth = 1, 1
+        if isinstance(node, yaml.SequenceNode):
+            children: Iterable[yaml.Node] = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = (n for pair in node.value for n in pair)
+        else:
+            children = ()
+        for child in children:
+            child_values, child_depth = self._expanded[id(child)]
+            values += child_values
+            depth = max(depth, child_depth + 1)
+        if values > MAX_YAML_VALUES:
+            raise YAMLLimitError(problem=f"the document holds more than {MAX_YAML_VALUES:,} values once its aliases "
+                                         f"are expanded; {_FIX_ALIASES}", problem_mark=node.start_mark)
+        if depth > MAX_YAML_DEPTH:
+            raise YAMLLimitError(problem=_too_deep_message(aliases=True), problem_mark=node.start_mark)
+        self._expanded[id(node)] = (values, depth)
+        return node
+
+
+def _too_big_message() -> str:
+    return (f"the file is larger than {MAX_CONFIG_BYTES // (1024 * 1024)} MiB, the limit for a config file; "
+            f"split it into several files, or move large text (prompts, data) out of it")
+
+
+def _too_deep_message(aliases: bool = False) -> str:
+    how = " once its aliases are expanded" if aliases else ""
+    return f"lists and mappings are nested more than {MAX_YAML_DEPTH} levels deep{how}; flatten the document"
+
+
+def yaml_issue(exc: yaml.YAMLError, file: str, syntax: str = "invalid YAML") -> ConfigIssue:
+    """The issue to report for an error raised while parsing ``file``.
+
+    Args:
+        exc: What PyYAML or :class:`SafeConfigLoader` raised.
+        file: The file, as given.
+        syntax: Prefix for syntax errors (a limit error needs none: it says what it is).
+    """
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark is not None else 0
+        if isinstance(exc, YAMLLimitError):
+            return ConfigIssue(file, line, exc.problem or "")
+        problem = " ".join(p for p in (exc.context, exc.problem) if p)
+        return ConfigIssue(file, line, f"{syntax}: {problem}")
+    return ConfigIssue(file, 0, f"{syntax}: {exc}")
+
+
+def read_config_text(path: str | Path) -> tuple[str | None, list[ConfigIssue]]:
+    """Read a config file as UTF-8 text, at most :data:`MAX_CONFIG_BYTES` of it.
+
+    Returns:
+        The text (``None`` when it could not be read or is too large) and the
+        problem found, if any.
+    """
+    file = str(path)
+    try:
+        with open(path, "rb") as f:
+            # Read one byte past the limit, never the whole file: a config path may
+            # name a log, a dump or a device that never ends.
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError:
+        return None, [ConfigIssue(file, 0, "file not found")]
+    except OSError as exc:
+        return None, [ConfigIssue(file, 0, f"cannot read the file: {exc}")]
+    if len(raw) > MAX_CONFIG_BYTES:
+        return None, [ConfigIssue(file, 0, _too_big_message())]
+    try:
+        return raw.decode("utf-8"), []
+    except UnicodeDecodeError as exc:
+        return None, [ConfigIssue(file, 0, f"cannot read the file: {exc}")]
+
+
+class _LineLoader(SafeConfigLoader):
+    """SafeConfigLoader that builds LineMap/LineList and reports duplicate keys instead of hiding them."""
 
     def __init__(self, stream: Any) -> None:
         super().__init__(stream)
@@ -111,30 +279,22 @@ _LineLoader.add_constructor("tag:yaml.org,2002:seq", _construct_seq)
 
 
 def load_yaml(path: str | Path) -> tuple[Any, list[ConfigIssue]]:
-    """Parse one YAML file safely, keeping line numbers.
+    """Parse one YAML file safely, within the config limits, keeping line numbers.
 
     Returns:
         The document (``None`` when it could not be read or parsed) and the
         problems found while reading it: a missing file, a syntax error with its
-        line, duplicate keys.
+        line, a limit exceeded (size, aliases, nesting), duplicate keys.
     """
     file = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return None, [ConfigIssue(file, 0, "file not found")]
-    except (OSError, UnicodeDecodeError) as exc:
-        return None, [ConfigIssue(file, 0, f"cannot read the file: {exc}")]
+    text, issues = read_config_text(path)
+    if text is None:
+        return None, issues
     loader = _LineLoader(text)
     try:
         data = loader.get_single_data()
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark is not None else 0
-        problem = " ".join(p for p in (exc.context, exc.problem) if p)
-        return None, [ConfigIssue(file, line, f"invalid YAML: {problem}")]
     except yaml.YAMLError as exc:
-        return None, [ConfigIssue(file, 0, f"invalid YAML: {exc}")]
+        return None, [yaml_issue(exc, file)]
     finally:
         loader.dispose()
     return data, [ConfigIssue(file, line, msg) for line, msg in loader.duplicates]
