@@ -17,29 +17,43 @@ and all of them are reported at once::
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-from heddle.configfile import ConfigIssue
-from heddle.errors import ConfigError
+from heddle.configfile import ConfigIssue, SafeConfigLoader, read_config_text, yaml_issue
+from heddle.errors import ConfigFileError
 from heddle.names import TIERS
 
 DEFAULT_RULES_PATH = Path("configs/router_rules.yaml")
-_RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*$")
+# A sign is accepted so that "-5/s" is told it must be positive, not that it is malformed.
+_RATE_RE = re.compile(r"^\s*([-+]?\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*$")
 _PER = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600, "hour": 3600}
-_TOP_KEYS = ("tier_overrides", "rate_limits", "fallback", "unknown_worker_grace_seconds")
+_BURST_RE = re.compile(r"^[0-9]+$")  # ASCII digits only: str.isdigit() also accepts "²", which int() refuses
+#: Keys a router rules file may have at the top (``heddle validate`` recognises the file by them).
+RULES_KEYS = ("tier_overrides", "rate_limits", "fallback", "unknown_worker_grace_seconds")
+
+# A bucket's rate and burst go to a Lua script in Valkey that divides by the rate
+# and sets the bucket's expiry to burst / rate seconds. A rate of 0 divides by
+# zero and a tiny rate or huge burst makes an expiry Valkey refuses; either way
+# every take fails and the router naks the task forever. So a rate must be at
+# least one a day, and a burst at most a million (a bigger burst is no limit).
+#: Smallest rate a limit may have, per second (one a day).
+MIN_RATE_PER_S = 1 / 86400
+#: Largest burst a limit may have.
+MAX_BURST = 1_000_000
 
 
-class RulesError(ConfigError):
+class RulesError(ConfigFileError):
     """Raised when a router rules file is invalid; ``issues`` holds every error."""
 
     def __init__(self, issues: list[ConfigIssue]) -> None:
-        self.issues = issues
-        super().__init__("invalid router rules:\n" + "\n".join(f"  {i}" for i in issues))
+        super().__init__("invalid router rules:\n" + "\n".join(f"  {i}" for i in issues), issues)
 
 
 @dataclass(frozen=True)
@@ -64,11 +78,25 @@ class RouterRules:
 
 
 def parse_rate(text: str) -> float:
-    """``"60/m"`` → 1.0 (per second); plain numbers are per second."""
+    """``"60/m"`` → 1.0 (per second).
+
+    Raises:
+        ValueError: If ``text`` is not a count per second, minute or hour, or is
+            a rate no bucket can keep: 0 or less, under one a day
+            (:data:`MIN_RATE_PER_S`), or too large to be a number.
+    """
     m = _RATE_RE.match(text)
     if not m:
         raise ValueError(f"rate {text!r} is not like '10/s', '60/m' or '100/h'")
-    return float(m.group(1)) / _PER[m.group(2)]
+    rate = float(m.group(1)) / _PER[m.group(2)]
+    if not math.isfinite(rate):
+        raise ValueError(f"rate {text!r} is too large to be a number; use a rate such as '1000/s', "
+                         f"or remove the limit")
+    if rate < MIN_RATE_PER_S:
+        held = "holds every task forever" if rate <= 0 else "is too slow for a token bucket"
+        raise ValueError(f"rate {text!r} {held}; a rate must be at least one a day, such as '1/s', "
+                         f"'1/h' or '0.05/h', or remove the limit")
+    return rate
 
 
 class _Walker:
@@ -120,11 +148,17 @@ class _Walker:
                     ok = False
             elif key == "burst":
                 text = self.scalar(v, f"{where}.burst")
-                if text is None or not text.isdigit() or int(text) < 1:
+                digits = text.lstrip("0") if text is not None and _BURST_RE.match(text) else ""
+                if not digits:
                     self.err(v, f"{where}.burst must be a whole number >= 1, got {text!r}")
                     ok = False
+                elif len(digits) > len(str(MAX_BURST)) or int(digits) > MAX_BURST:
+                    shown = digits if len(digits) <= 20 else digits[:20] + "..."
+                    self.err(v, f"{where}.burst must be at most {MAX_BURST:,}, got {shown}; "
+                                f"a bigger burst is no limit at all, so remove the limit instead")
+                    ok = False
                 else:
-                    burst = int(text)
+                    burst = int(digits)
             elif key == "on_limit":
                 text = self.scalar(v, f"{where}.on_limit")
                 if text not in ("delay", "dead_letter"):
@@ -140,18 +174,17 @@ class _Walker:
             return None
         if not ok or rate is None:
             return None
-        return RateLimit(rate, burst if burst is not None else max(1, int(rate)), on_limit)
+        return RateLimit(rate, burst if burst is not None else max(1, min(MAX_BURST, int(rate))), on_limit)
 
 
 def parse_rules(text: str, file: str = "<rules>") -> RouterRules:
     """Parse and validate rules text; raise :class:`RulesError` listing every problem."""
     w = _Walker(file)
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        # The same loader and limits (size, aliases, nesting) as every Heddle config file.
+        root = yaml.compose(text, Loader=SafeConfigLoader)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark else 1
-        raise RulesError([ConfigIssue(file, line, f"not valid YAML: {getattr(exc, 'problem', exc)}")]) from None
+        raise RulesError([yaml_issue(exc, file, syntax="not valid YAML")]) from None
     if root is None:
         return RouterRules(source=file)
     overrides: dict[str, str] = {}
@@ -197,25 +230,38 @@ def parse_rules(text: str, file: str = "<rules>") -> RouterRules:
             grace_text = w.scalar(v, key)
             try:
                 grace = float(grace_text) if grace_text is not None else grace
-                if grace < 0:
+                if not 0 <= grace < math.inf:  # also refuses nan, which compares false with everything
                     raise ValueError
             except ValueError:
                 w.err(v, f"{key} must be a number of seconds >= 0, got {grace_text!r}")
         else:
-            w.err(k, f"unknown key {key!r}; expected one of {', '.join(_TOP_KEYS)}")
+            w.err(k, f"unknown key {key!r}; expected one of {', '.join(RULES_KEYS)}")
     if w.issues:
         raise RulesError(w.issues)
     return RouterRules(overrides, tier_limits, worker_limits, fallback, grace, file)
 
 
 def load_rules(path: str | os.PathLike[str]) -> RouterRules:
-    """Read and validate a rules file."""
+    """Read and validate a rules file; raise :class:`RulesError` listing every problem."""
     p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as exc:
-        raise RulesError([ConfigIssue(str(p), 1, f"cannot read: {exc.strerror}")]) from None
+    text, issues = read_config_text(p)
+    if text is None:
+        raise RulesError(issues)
     return parse_rules(text, str(p))
+
+
+def check_rules_file(path: str | os.PathLike[str]) -> list[ConfigIssue]:
+    """Every problem in a rules file, with file and line; empty if it is valid (``heddle validate``)."""
+    try:
+        load_rules(path)
+    except RulesError as exc:
+        return list(exc.issues)
+    return []
+
+
+def looks_like_rules(data: Any) -> bool:
+    """Whether a loaded YAML document is meant as router rules: a mapping with one of :data:`RULES_KEYS`."""
+    return isinstance(data, dict) and any(k in data for k in RULES_KEYS)
 
 
 def find_rules_path(explicit: str | None) -> Path | None:

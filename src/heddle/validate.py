@@ -1,14 +1,18 @@
 """``heddle validate FILE...``: check config files and print every error with file and line.
 
-Each file is parsed once (keeping line numbers) and handed to the first
+Each file is parsed once (keeping line numbers, within the limits every config
+file is read under: :mod:`heddle.configfile`) and handed to the first
 :class:`ConfigKind` whose ``matches`` recognises the document by its keys:
-worker configs (``system_prompt``, ``input_schema``, ``output_schema``) and
-pipelines (``stages``, checked by :func:`heddle.pipeline.check_pipeline`).
+worker configs (``system_prompt``, ``input_schema``, ``output_schema``),
+pipelines (``stages``, checked by :func:`heddle.pipeline.check_pipeline`) and
+router rules (``tier_overrides``, ``rate_limits``, ``fallback``,
+``unknown_worker_grace_seconds``, checked by :func:`heddle.rules.check_rules_file`,
+the same check the router makes when it loads them).
 
 Hook for other config kinds: append a ``ConfigKind`` to :data:`KINDS`, or call
 :func:`register` from the module that defines the format::
 
-    register(ConfigKind("rules", lambda d: isinstance(d, dict) and "fallback" in d, check_rules))
+    register(ConfigKind("price table", looks_like_prices, check_prices, ("input_per_mtok",)))
 
 ``check(data, file)`` returns the problems found, each with ``file``, ``line``
 and a ``str()`` of ``file:line: message`` (:class:`heddle.configfile.ConfigIssue`); an empty
@@ -70,10 +74,24 @@ def _is_pipeline(data: Any) -> bool:
     return looks_like_pipeline(data)
 
 
+def _check_rules(data: Any, file: str) -> Sequence[Any]:
+    from heddle.rules import check_rules_file
+
+    # The rules check walks YAML nodes (for their lines), so it reads the file again.
+    return check_rules_file(file)
+
+
+def _is_rules(data: Any) -> bool:
+    from heddle.rules import looks_like_rules
+
+    return looks_like_rules(data)
+
+
 #: The kinds tried in order.
 KINDS: list[ConfigKind] = [
     ConfigKind("worker config", _is_worker, _check_worker, ("system_prompt", "input_schema", "output_schema")),
     ConfigKind("pipeline", _is_pipeline, _check_pipeline, ("stages",)),
+    ConfigKind("router rules file", _is_rules, _check_rules, ("tier_overrides", "rate_limits", "fallback")),
 ]
 
 
