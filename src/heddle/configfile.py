@@ -226,7 +226,7 @@ def read_config_text(path: str | Path) -> tuple[str | None, list[ConfigIssue]]:
             raw = f.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         return None, [ConfigIssue(file, 0, "file not found")]
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
         return None, [ConfigIssue(file, 0, f"cannot read the file: {exc}")]
     if len(raw) > MAX_CONFIG_BYTES:
         return None, [ConfigIssue(file, 0, _too_big_message())]
@@ -290,7 +290,11 @@ def load_yaml(path: str | Path) -> tuple[Any, list[ConfigIssue]]:
     text, issues = read_config_text(path)
     if text is None:
         return None, issues
-    loader = _LineLoader(text)
+    try:
+        # The reader checks the text when the loader is made: a control character fails here.
+        loader = _LineLoader(text)
+    except yaml.YAMLError as exc:
+        return None, [yaml_issue(exc, file)]
     try:
         data = loader.get_single_data()
     except yaml.YAMLError as exc:
