@@ -26,10 +26,10 @@ SEEDS = {
 }
 LOADERS = {"worker": load_worker_config, "pipeline": load_pipeline, "rules": load_rules}
 # Characters that matter to YAML, so mutations hit the parser's interesting paths.
-YAML_BITS = st.sampled_from(
-    list(":-[]{},&*!|>'\"%@`#\n\t ") + ["&a ", "*a", "<<: *a", "- ", ": ", "\n  ", "!!python/object ", "0/s", "-5/s",
-                                      "1e400", ".nan", "~", "null", "[*a,*a,*a]"]
-)
+YAML_BITS = st.sampled_from([
+    *":-[]{},&*!|>'\"%@`#\n\t ", "&a ", "*a", "<<: *a", "- ", ": ", "\n  ", "!!python/object ", "0/s", "-5/s",
+    "1e400", ".nan", "~", "null", "[*a,*a,*a]",
+])
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -71,13 +71,15 @@ def test_random_text_as_a_config_file_loads_or_fails_with_a_config_error(kind: s
 
 WORDS = st.sampled_from([
     "validate", "status", "inspect", "dlq", "list", "show", "replay", "--sample", "--audit", "--older-than",
-    "--limit", "--json", "-1", "0", "nan", "inf", "1e309", "x", "", "--", "-A", "--all", "configs/workers/classifier.yaml",
+    "--limit", "--json", "-1", "0", "nan", "inf", "1e309", "x", "", "--", "-A", "--all",
+    "configs/workers/classifier.yaml",
     "/dev/null", "no/such/file.yaml", ">", "*", "\x00", "é", "--state", "--count", "--timeout", "--help",
 ])
 
 
 @pytest.mark.timeout(600)
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(max_examples=120, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(argv=st.lists(WORDS | st.text(max_size=12), min_size=1, max_size=6))
 def test_random_command_lines_end_with_usage_or_a_clear_error_never_a_traceback(
     argv: list[str], heddle_servers, monkeypatch
