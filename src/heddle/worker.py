@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import json
 import logging
+import math
 import os
 import socket
 import time
@@ -28,18 +28,22 @@ from heddle import events, names
 from heddle.broker import Feed
 from heddle.context import TaskContext
 from heddle.context import _current as _current_task
-from heddle.errors import BackendError, BrokerError, EncodeError, HeddleError, TaskTimeout
+from heddle.errors import BackendError, BrokerError, DecodeError, EncodeError, HeddleError, TaskIdError, TaskTimeout
 from heddle.messages import (
     FAILURE,
     READY_STATES,
     RETRY,
     SUCCESS,
-    WIRE_VERSION,
     ErrorInfo,
     ResultRecord,
     TaskMessage,
+    check_version,
+    copyable_headers,
+    decode,
+    decode_advisory,
     revoke_decoder,
     task_decoder,
+    usable_task_id,
 )
 from heddle.metrics import WorkerMetrics
 from heddle.registry import Heartbeat, WorkerInfo, worker_id
@@ -59,6 +63,11 @@ _FETCH_TIMEOUT_S = 1.0
 _BACKOFF_S = 0.5
 # A countdown that is this close is run now rather than deferred again.
 _ETA_SLACK_S = 0.01
+# The longest a delayed task is handed back for at once; one due later comes back
+# and is handed back again (a nak delay is nanoseconds in an int64).
+_MAX_NAK_DELAY_S = 24 * 3600.0
+# Task names quoted in reasons and logs are cut to this (a hostile one can be megabytes).
+_NAME_IN_REASON = 200
 
 
 @dataclass(eq=False)
@@ -248,43 +257,24 @@ class Worker:
         assert self.conns is not None
         now = time.time()
         batch: list[tuple[Msg, TaskMessage, Task[Any, Any]]] = []
-        tasks = self.app.tasks
         for msg in msgs:
             self.stats["received"] += 1
-            self.metrics.received(msg.subject, (msg.headers or {}).get(names.HDR_TASK, ""))
+            # Each message alone: whatever one holds, the others in its batch still run.
             try:
-                tm = task_decoder.decode(msg.data)
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                await self._reject(msg, f"undecodable task message: {exc}")
+                admitted = await self._admit(msg, now)
+            except Exception:
+                log.exception("could not take message #%d; it is redelivered", _seq(msg))
                 continue
-            if tm.v > WIRE_VERSION:
-                await self._reject(
-                    msg, f"unsupported message version {tm.v} (this worker reads <= {WIRE_VERSION})", tm
-                )
-                continue
-            task = tasks.get(tm.task)
-            if task is None:
-                await self._reject(
-                    msg,
-                    f"unknown task {tm.task!r} for worker type {self.worker_type!r}; import the "
-                    f"module that defines it in the worker (-A) or fix the name",
-                    tm,
-                )
-                continue
-            if tm.eta is not None and tm.eta - now > _ETA_SLACK_S:
-                # A delayed task goes back to the stream until its time; it holds no slot.
-                await msg.nak(delay=tm.eta - now)
-                continue
-            batch.append((msg, tm, task))
+            if admitted is not None:
+                batch.append(admitted)
         if not batch:
             return
         try:
             claims = await self.conns.backend.claim_many([tm.id for _, tm, _ in batch], self.name)
         except BackendError as exc:
             log.warning("cannot claim %d tasks (%s); naking for redelivery", len(batch), exc)
-            for msg, _, _ in batch:
-                with contextlib.suppress(Exception):
-                    await msg.nak(delay=_BACKOFF_S * 2)
+            for msg, tm, _ in batch:
+                await acknowledge(msg, "nak", tm.id, delay=_BACKOFF_S * 2)
             await self._sleep_unless_stopped(_BACKOFF_S)
             return
         loop = asyncio.get_running_loop()
@@ -295,7 +285,7 @@ class Worker:
                 # but announce the stored result for whoever sent this copy.
                 if claim.final_record:
                     await self.conns.broker.publish_core(names.result_subject(tm.id), claim.final_record)
-                await msg.ack()
+                await acknowledge(msg, "ack", tm.id)
                 continue
             running = self.inflight.get(tm.id)
             if running is not None:
@@ -310,35 +300,74 @@ class Worker:
             job.runner = loop.create_task(self._execute(job))
             await events.job_event(self.conns.broker, events.STARTED, job, self)  # heddle.events hook
 
+    async def _admit(self, msg: Msg, now: float) -> tuple[Msg, TaskMessage, Task[Any, Any]] | None:
+        """Decode and check one message: return it to run, or dead-letter or delay it here."""
+        try:
+            tm = decode(task_decoder, msg.data)
+        except DecodeError as exc:
+            self.metrics.received(msg.subject, "")
+            await self._reject(msg, f"undecodable task message: {exc}")
+            return None
+        task = self.app.tasks.get(tm.task)
+        # Only known names become metric labels: a header or a name from the bus could be anything.
+        self.metrics.received(msg.subject, tm.task if task is not None else "")
+        try:
+            check_version(tm.v)
+            # The id becomes a subject token (its result notice) and a Valkey key.
+            names.check_task_id(tm.id)
+        except (DecodeError, TaskIdError) as exc:
+            await self._reject(msg, str(exc), tm)
+            return None
+        if task is None:
+            await self._reject(
+                msg,
+                f"unknown task {tm.task[:_NAME_IN_REASON]!r} for worker type {self.worker_type!r}; import "
+                f"the module that defines it in the worker (-A) or fix the name",
+                tm,
+            )
+            return None
+        if tm.eta is not None:
+            if not math.isfinite(tm.eta):
+                await self._reject(msg, f"eta {tm.eta!r} is not a time (epoch seconds)", tm)
+                return None
+            wait = tm.eta - now
+            if wait > _ETA_SLACK_S:
+                # A delayed task goes back to the stream until its time; it holds no slot.
+                await acknowledge(msg, "nak", tm.id, delay=min(wait, _MAX_NAK_DELAY_S))
+                return None
+        return msg, tm, task
+
     async def _reject(self, msg: Msg, reason: str, tm: TaskMessage | None = None) -> None:
         """Dead-letter a message that can never run, fail its result, and ack it."""
         assert self.conns is not None
         headers = msg.headers or {}
-        # An undecodable message has only its headers to name its task.
-        task_id = tm.id if tm else names.task_id_of(headers)
-        task_name = tm.task if tm else headers.get(names.HDR_TASK, "")
-        meta = msg.metadata
-        log.warning("dead-lettering message %s: %s", task_id or meta.sequence.stream, reason)
+        # An undecodable message has only its headers to name its task, and an id that
+        # cannot be a subject token names nothing: it goes in no subject and no key.
+        task_id = usable_task_id(tm.id if tm else None, names.task_id_of(headers))
+        task_name = (tm.task if tm else headers.get(names.HDR_TASK, ""))[:_NAME_IN_REASON]
+        seq = _seq(msg)
+        log.warning("dead-lettering message #%d (task %s): %s", seq, task_id or "without a usable id", reason)
         try:
             await self.conns.broker.dead_letter(
                 msg.data,
                 reason,
                 task_id=task_id,
                 subject=msg.subject,
-                dedup_key=f"{names.TASKS_STREAM}:{meta.sequence.stream}",
-                original_headers=headers,
+                dedup_key=f"{names.TASKS_STREAM}:{seq}",
+                original_headers=copyable_headers(headers),
             )
             if task_id:
                 await self._fail_record(task_id, task_name, "heddle.DeadLettered", reason)
-            await msg.ack()
-            self.stats["dead_lettered"] += 1
-            await events.publish(  # heddle.events hook
-                self.conns.broker,
-                events.task_event(events.DEAD_LETTERED, task_id, task=task_name, worker_type=self.worker_type,
-                                  worker=self.name, error=reason),
-            )
         except HeddleError as exc:
-            log.warning("could not dead-letter (%s); leaving it for redelivery", exc)
+            log.warning("could not dead-letter message #%d (%s); leaving it for redelivery", seq, exc)
+            return
+        await acknowledge(msg, "ack", task_id or f"#{seq}")
+        self.stats["dead_lettered"] += 1
+        await events.publish(  # heddle.events hook
+            self.conns.broker,
+            events.task_event(events.DEAD_LETTERED, task_id, task=task_name, worker_type=self.worker_type,
+                              worker=self.name, error=reason),
+        )
 
     async def _fail_record(self, task_id: str, task_name: str, err_type: str, reason: str) -> None:
         assert self.conns is not None
@@ -453,14 +482,14 @@ class Worker:
             job = o.job
             msg = job.msg
             if action == "nak":
-                await _quiet(msg.nak())
+                await acknowledge(msg, "nak", job.message.id)
             elif action == "ack":
-                await _quiet(msg.ack())
+                await acknowledge(msg, "ack", job.message.id)
             elif action == "retry":
                 next(it)
                 self.stats["retried"] += 1
                 self.metrics.retried(msg.subject, job.message.task, o.finished_at - job.started_at)
-                await _quiet(msg.nak(delay=delay))
+                await acknowledge(msg, "nak", job.message.id, delay=delay)
                 await events.job_event(broker, events.RETRIED, job, self, o)  # heddle.events hook
             else:
                 wrote = next(it)
@@ -476,7 +505,7 @@ class Worker:
                             task_id=job.message.id,
                             subject=msg.subject,
                             dedup_key=f"{names.TASKS_STREAM}:{msg.metadata.sequence.stream}",
-                            original_headers=msg.headers,
+                            original_headers=copyable_headers(msg.headers),
                         )
                     else:
                         self.stats["succeeded"] += 1
@@ -484,7 +513,7 @@ class Worker:
                     # heddle.events hook: one publish per finished task
                     done = events.FAILED if o.state == FAILURE else events.SUCCEEDED
                     await events.job_event(broker, done, job, self, o)
-                await _quiet(msg.ack())
+                await acknowledge(msg, "ack", job.message.id)
             self._finish(job)
 
     def _record(self, o: Outcome, state: str, retries: int) -> bytes:
@@ -505,7 +534,7 @@ class Worker:
         )
         try:
             return encode_record(record)
-        except (TypeError, msgspec.EncodeError, OverflowError) as exc:
+        except (TypeError, ValueError, msgspec.EncodeError, OverflowError, RecursionError) as exc:
             err = EncodeError(
                 f"result of task {tm.task} ({type(o.result).__name__}) or its current_task().meta "
                 f"cannot be encoded: {exc}; return plain data (str, int, float, list, dict, "
@@ -535,14 +564,14 @@ class Worker:
         while True:
             await asyncio.sleep(interval)
             for job in list(self.inflight.values()):
-                await _quiet(job.msg.in_progress())
+                await acknowledge(job.msg, "in_progress", job.message.id)
 
     # -- control -------------------------------------------------------------------
 
     async def _on_revoke(self, msg: Msg) -> None:
         try:
-            notice = revoke_decoder.decode(msg.data)
-        except msgspec.DecodeError:
+            notice = decode(revoke_decoder, msg.data)
+        except DecodeError:
             return
         job = self.inflight.get(notice.id)
         if job is None or job.done:
@@ -554,47 +583,18 @@ class Worker:
 
     async def _on_max_deliveries(self, msg: Msg) -> None:
         """Dead-letter a message JetStream gave up on (it stays in a work-queue stream otherwise)."""
-        assert self.conns is not None
-        try:
-            adv = json.loads(msg.data)
-            seq = int(adv["stream_seq"])
-            deliveries = int(adv.get("deliveries", self.settings.max_deliver))
-        except (ValueError, KeyError, TypeError):
-            log.warning("ignoring malformed max-deliveries advisory: %r", msg.data[:200])
-            return
-        broker = self.conns.broker
-        try:
-            stored = await broker.get_stream_msg(names.TASKS_STREAM, seq)
-        except HeddleError:
-            return  # already handled by another worker
-        reason = (
-            f"delivered {deliveries} times without being acknowledged (MaxDeliver); the task "
-            f"probably crashes or hangs its worker"
-        )
-        data = stored.data or b""
-        headers = stored.headers or {}
-        task_id = names.task_id_of(headers)
-        task_name = headers.get(names.HDR_TASK, "")
-        try:
-            tm = task_decoder.decode(data)
-            task_id, task_name = tm.id, tm.task
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            pass
-        try:
-            await broker.dead_letter(
-                data,
-                reason,
-                task_id=task_id,
-                subject=stored.subject or "",
-                dedup_key=f"{names.TASKS_STREAM}:{seq}",
-                original_headers=headers,
-            )
-            if task_id:
-                await self._fail_record(task_id, task_name, "heddle.MaxDeliveriesExceeded", reason)
-            await broker.delete_stream_msg(names.TASKS_STREAM, seq)
+        assert self.conns is not None and self._feed is not None
+        if await dead_letter_exhausted(
+            self.conns,
+            msg.data,
+            stream=names.TASKS_STREAM,
+            consumer=self._feed.durable,
+            filter_subject=names.worker_filter(self.worker_type, self.tier),
+            max_deliver=self.settings.max_deliver,
+            actor=self.name,
+            why="the task probably crashes or hangs its worker",
+        ):
             self.stats["dead_lettered"] += 1
-        except HeddleError as exc:
-            log.warning("could not dead-letter message #%d: %s", seq, exc)
 
     # -- shutdown ------------------------------------------------------------------
 
@@ -612,7 +612,7 @@ class Worker:
                     job.runner.cancel()
                 else:
                     # A sync task still running in its thread: hand its message back now.
-                    await _quiet(job.msg.nak())
+                    await acknowledge(job.msg, "nak", job.message.id)
                     self._finish(job)
                     self.abandoned_threads += 1
         # Let cancelled runners record their outcome, then settle everything.
@@ -646,9 +646,143 @@ def _call(fn: Any, args: list[Any], kwargs: dict[str, Any]) -> Any:
     return fn(*args, **kwargs)
 
 
-async def _quiet(coro: Any) -> None:
-    """Ack/nak/in-progress: a closed connection or an already-acked message is not an error."""
+def _seq(msg: Msg) -> int:
+    """A JetStream message's stream sequence number (0 if it has none)."""
     try:
-        await coro
+        return msg.metadata.sequence.stream
+    except Exception:
+        return 0
+
+
+# nats-py's exception for an ack on a closed connection, by name: only broker.py imports
+# nats-py. The connection's loss is logged by the broker itself.
+_CLOSED = "ConnectionClosedError"
+
+
+async def acknowledge(
+    msg: Msg, action: str, task_id: str, *, delay: float | None = None, logger: logging.Logger = log
+) -> bool:
+    """``ack``, ``nak`` (redeliver after ``delay``), ``term`` or ``in_progress`` a message; never raises.
+
+    Every failure is logged with ``task_id``: at debug level when it is routine (the
+    message was acknowledged already, a redelivery race; or the connection is
+    closed, which the broker reports itself), else as a warning. The worker, the
+    router and the orchestrator acknowledge through here.
+
+    Returns:
+        True if the acknowledgement was sent.
+    """
+    try:
+        if action == "in_progress":
+            await msg.in_progress()
+        elif msg.is_acked:
+            logger.debug("not %sing the message of task %s: it was acknowledged already", action, task_id)
+            return False
+        elif action == "ack":
+            await msg.ack()
+        elif action == "nak":
+            await msg.nak(delay=delay)
+        elif action == "term":
+            await msg.term()
+        else:
+            raise ValueError(f"unknown acknowledgement {action!r}; use ack, nak, term or in_progress")
     except Exception as exc:
-        log.debug("ack operation failed: %r", exc)
+        level = logging.DEBUG if type(exc).__name__ == _CLOSED else logging.WARNING
+        logger.log(level, "could not %s the message of task %s: %r", action, task_id, exc)
+        return False
+    return True
+
+
+def subject_matches(subject: str, pattern: str) -> bool:
+    """True if ``subject`` matches the NATS subject ``pattern`` (``*`` one token, ``>`` the rest)."""
+    tokens = subject.split(".")
+    for i, want in enumerate(pattern.split(".")):
+        if want == ">":
+            return len(tokens) > i
+        if i >= len(tokens) or (want != "*" and want != tokens[i]):
+            return False
+    return len(tokens) == pattern.count(".") + 1
+
+
+async def dead_letter_exhausted(
+    conns: Connections,
+    advisory: bytes,
+    *,
+    stream: str,
+    consumer: str,
+    filter_subject: str,
+    max_deliver: int,
+    actor: str,
+    why: str,
+    logger: logging.Logger = log,
+) -> bool:
+    """Dead-letter the message a max-deliveries advisory names, if the advisory is this consumer's.
+
+    nats-py leaves a message past MaxDeliver in a work-queue stream, so the worker
+    and the router act on JetStream's advisory (``$JS.EVENT.ADVISORY.CONSUMER.
+    MAX_DELIVERIES.{stream}.{consumer}``): copy the message to the dead-letter
+    stream with the reason, fail its result, delete it. Anyone on the bus can
+    publish on that subject, so the advisory must name this ``stream`` and
+    ``consumer``, count at least ``max_deliver`` deliveries, and point at a
+    message on ``filter_subject``; any other is ignored with a warning.
+
+    Returns:
+        True if this call dead-lettered the message.
+    """
+    try:
+        adv = decode_advisory(advisory)
+    except DecodeError as exc:
+        logger.warning("ignoring max-deliveries advisory that is not one (%s): %r", exc, advisory[:200])
+        return False
+    if adv.stream != stream or adv.consumer != consumer:
+        logger.warning("ignoring max-deliveries advisory for %r/%r: this is %s/%s",
+                       adv.stream[:100], adv.consumer[:100], stream, consumer)
+        return False
+    seq = adv.stream_seq
+    if adv.deliveries < max_deliver:
+        logger.warning("ignoring max-deliveries advisory for #%d: %d deliveries, below MaxDeliver %d",
+                       seq, adv.deliveries, max_deliver)
+        return False
+    broker = conns.broker
+    try:
+        stored = await broker.get_stream_msg(stream, seq)
+    except HeddleError:
+        return False  # gone: acked at last, or handled by another replica
+    subject = stored.subject or ""
+    if not subject_matches(subject, filter_subject):
+        logger.warning("ignoring max-deliveries advisory for #%d: it is on %s, not %s",
+                       seq, subject[:200], filter_subject)
+        return False
+    data = stored.data or b""
+    headers = stored.headers or {}
+    try:
+        tm: TaskMessage | None = decode(task_decoder, data)
+    except DecodeError:
+        tm = None
+    task_id = usable_task_id(tm.id if tm else None, names.task_id_of(headers))
+    task_name = (tm.task if tm else headers.get(names.HDR_TASK, ""))[:_NAME_IN_REASON]
+    reason = f"delivered {adv.deliveries} times without being acknowledged (MaxDeliver); {why}"
+    logger.warning("dead-lettering message #%d (task %s): %s", seq, task_id or "without a usable id", reason)
+    try:
+        await broker.dead_letter(
+            data,
+            reason,
+            task_id=task_id,
+            subject=subject,
+            dedup_key=f"{stream}:{seq}",
+            original_headers=copyable_headers(headers),
+        )
+        if task_id:
+            await conns.store_final(ResultRecord(
+                id=task_id,
+                state=FAILURE,
+                task=task_name,
+                error=ErrorInfo(type="heddle.MaxDeliveriesExceeded", message=reason),
+                worker=actor,
+                finished_at=time.time(),
+            ))
+        await broker.delete_stream_msg(stream, seq)
+    except HeddleError as exc:
+        logger.warning("could not dead-letter message #%d: %s", seq, exc)
+        return False
+    return True
