@@ -10,9 +10,18 @@ message is delayed (nak with delay), never dropped, unless its rule says
 ``on_limit: dead_letter``. No LLM, no randomness: the same rules, registry and
 message give the same route.
 
-Per batch the hot path is: read three headers per message, a dictionary
-lookup for the route, one pipelined Valkey round trip for the rate limits that
-apply (none if no limit applies), pipelined publishes, then the acks.
+Per batch the hot path is: read three headers per message, check the task id
+and the headers' size, a dictionary lookup for the route, one pipelined Valkey
+round trip for the rate limits that apply (none if no limit applies), pipelined
+publishes, then the acks.
+
+Anything on the bus can publish to ``heddle.tasks.incoming``, so each message
+is judged alone: one without a usable task id, with a worker type or tier that
+is not one, or with headers too big to copy is dead-lettered with the reason,
+and the rest of its batch flows. A message on its last delivery is
+dead-lettered rather than handed back again, and one whose last delivery was
+never acknowledged (a replica died holding it) is dead-lettered from
+JetStream's max-deliveries advisory.
 """
 
 from __future__ import annotations
@@ -27,11 +36,13 @@ from typing import TYPE_CHECKING, Any
 
 from heddle import events, names
 from heddle.broker import Feed
-from heddle.errors import HeddleError
-from heddle.messages import FAILURE, ErrorInfo, ResultRecord
+from heddle.errors import ConfigError, HeddleError, MessageTooLarge, TaskIdError
+from heddle.messages import FAILURE, MAX_HEADER_CHARS, ErrorInfo, ResultRecord, headers_size
 from heddle.ratelimit import Ask, RateLimiter, bucket_key
 from heddle.registry import Registry
 from heddle.rules import RouterRules, RulesError, load_rules
+from heddle.settings import check_name
+from heddle.worker import acknowledge, dead_letter_exhausted
 
 if TYPE_CHECKING:
     from nats.aio.msg import Msg
@@ -47,18 +58,26 @@ _PUBLISH_TIMEOUT_S = 10.0
 # How often a message for an unknown worker type is looked at again during the grace period.
 _UNKNOWN_RETRY_S = 0.5
 # Router deliveries include rate-limit delays; bounded, never unlimited.
-_ROUTER_MAX_DELIVER = 200
+DEFAULT_MAX_DELIVER = 200
+# Routing decisions are cached per (worker type, requested tier); headers from the bus
+# can name endless made-up ones, so the cache starts over past this many.
+_MAX_CACHED_ROUTES = 4096
 
 
 class Route:
-    """A routing decision: the tier, or None and why not."""
+    """A routing decision: the tier, or None and why not (``malformed``: never routable, no grace)."""
 
-    __slots__ = ("reason", "subject", "tier")
+    __slots__ = ("malformed", "reason", "subject", "tier")
 
-    def __init__(self, tier: str | None, reason: str, subject: str = "") -> None:
+    def __init__(self, tier: str | None, reason: str, subject: str = "", malformed: bool = False) -> None:
         self.tier = tier
         self.reason = reason
         self.subject = subject
+        self.malformed = malformed
+
+
+# One message to forward: (message, route, headers, task id, its routed copy's Nats-Msg-Id).
+_Go = tuple["Msg", Route, dict[str, str], str, str]
 
 
 class Router:
@@ -69,6 +88,8 @@ class Router:
         rules: Rules to use; or
         rules_path: a rules file, reloaded on SIGHUP and, with ``watch_rules``, on change.
         watch_rules: Watch the rules file for changes.
+        max_deliver: Deliveries of one incoming message (rate-limit and grace-period
+            delays count) before it is dead-lettered.
     """
 
     def __init__(
@@ -78,8 +99,12 @@ class Router:
         rules: RouterRules | None = None,
         rules_path: str | Path | None = None,
         watch_rules: bool = True,
+        max_deliver: int = DEFAULT_MAX_DELIVER,
     ) -> None:
+        if not isinstance(max_deliver, int) or max_deliver < 1:
+            raise HeddleError(f"max_deliver must be an int >= 1, got {max_deliver!r}")
         self.app = app
+        self.max_deliver = max_deliver
         self.settings = app.settings
         self.rules_path = Path(rules_path) if rules_path else None
         # Reload on file changes too (watchfiles); SIGHUP always reloads.
@@ -98,6 +123,7 @@ class Router:
         self._cache: dict[tuple[str, str | None], Route] = {}
         self._registry_version: Any = None
         self._bg: list[asyncio.Task[Any]] = []
+        self._subs: list[Any] = []
 
     @property
     def consumers(self) -> list[tuple[str, str]]:
@@ -132,12 +158,14 @@ class Router:
 
         async def ensure() -> tuple[str, str]:
             durable = await conns.broker.ensure_named_consumer(
-                names.ROUTER_CONSUMER, names.INCOMING_SUBJECT, max_deliver=_ROUTER_MAX_DELIVER
+                names.ROUTER_CONSUMER, names.INCOMING_SUBJECT, max_deliver=self.max_deliver
             )
             return durable, names.TASKS_STREAM
 
         self._feed = Feed(conns.broker, ensure, self._stop, "incoming tasks", _BACKOFF_S)
         await self._feed.start()
+        advisory = names.MAX_DELIVERIES_ADVISORY.format(stream=names.TASKS_STREAM, consumer=names.ROUTER_CONSUMER)
+        self._subs.append(await conns.broker.subscribe(advisory, cb=self._on_max_deliveries))
         self.registry = Registry(conns.broker)
         await self.registry.start()
         self._limiter = RateLimiter(conns.backend)
@@ -158,6 +186,9 @@ class Router:
             for t in self._bg:
                 t.cancel()
             await asyncio.gather(*self._bg, return_exceptions=True)
+            for sub in self._subs:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
             await self.registry.stop()
             await self._feed.close()
 
@@ -193,11 +224,25 @@ class Router:
         key = (worker_type, requested)
         route = self._cache.get(key)
         if route is None:
+            if len(self._cache) >= _MAX_CACHED_ROUTES:
+                self._cache.clear()
             route = self._cache[key] = self._decide(worker_type, requested)
         return route
 
     def _decide(self, worker_type: str, requested: str | None) -> Route:
         assert self.registry is not None
+        # Both become subject tokens; checked here, so once per distinct pair, not per message.
+        try:
+            check_name(names.HDR_WORKER_TYPE, worker_type)
+        except ConfigError as exc:
+            return Route(None, f"malformed envelope: {exc}", malformed=True)
+        if requested is not None and requested not in names.TIERS:
+            return Route(
+                None,
+                f"malformed envelope: {names.HDR_TIER_REQUESTED} {requested[:60]!r} is not a tier; "
+                f"use one of {', '.join(names.TIERS)}",
+                malformed=True,
+            )
         rules = self.rules
         override = rules.tier_overrides.get(worker_type)
         if override:
@@ -226,37 +271,34 @@ class Router:
         assert self.conns is not None and self._limiter is not None
         rules = self.rules
         tier_limits, worker_limits = rules.tier_limits, rules.worker_limits
-        go: list[tuple[Msg, Route, dict[str, str]]] = []
+        go: list[_Go] = []
         asks: list[Ask] = []
         asked: list[int] = []  # index into go for each ask
         for msg in msgs:
-            headers = msg.headers
-            if not headers:
-                await self._dead_letter(msg, {}, "", "malformed envelope: no headers (needs Heddle-Worker-Type)")
+            # Each message alone: whatever one carries, the rest of the batch flows.
+            try:
+                item = await self._classify(msg)
+            except Exception as exc:
+                log.exception("could not route message #%d", _seq(msg))
+                await self._give_back(msg, {}, "", _BACKOFF_S, f"the router failed on it: {exc!r}")
                 continue
-            worker_type = headers.get(names.HDR_WORKER_TYPE)
-            # A replayed dead letter carries its task id apart from its message id.
-            task_id = names.task_id_of(headers)
-            if not worker_type or not task_id:
-                missing = names.HDR_WORKER_TYPE if not worker_type else names.HDR_MSG_ID
-                await self._dead_letter(msg, headers, task_id, f"malformed envelope: no {missing} header")
+            if item is None:
                 continue
-            route = self.resolve(worker_type, headers.get(names.HDR_TIER_REQUESTED))
-            if route.tier is None:
-                await self._unroutable(msg, headers, task_id, route.reason)
-                continue
+            _, route, headers, _, msg_id = item
+            tier, worker_type = route.tier, headers[names.HDR_WORKER_TYPE]
+            assert tier is not None  # only routes with a tier are forwarded
             buckets: list[tuple[str, Any]] = []
-            lim = tier_limits.get(route.tier)
+            lim = tier_limits.get(tier)
             if lim is not None:
-                buckets.append((bucket_key("tier", route.tier), lim))
+                buckets.append((bucket_key("tier", tier), lim))
             lim = worker_limits.get(worker_type)
             if lim is not None:
                 buckets.append((bucket_key("worker", worker_type), lim))
             if buckets:
                 reserve = all(b[1].on_limit == "delay" for b in buckets)
-                asks.append(Ask(headers[names.HDR_MSG_ID], tuple(buckets), reserve))
+                asks.append(Ask(msg_id, tuple(buckets), reserve))
                 asked.append(len(go))
-            go.append((msg, route, headers))
+            go.append(item)
         if not go:
             return
         if asks:
@@ -264,42 +306,91 @@ class Router:
                 waits = await self._limiter.take(asks)
             except HeddleError as exc:
                 log.warning("rate limits unavailable (%s); delaying %d messages", exc, len(go))
-                for msg, _, _ in go:
-                    with contextlib.suppress(Exception):
-                        await msg.nak(delay=_BACKOFF_S * 2)
+                for msg, _, headers, task_id, _ in go:
+                    await self._give_back(msg, headers, task_id, _BACKOFF_S * 2, f"rate limits unavailable: {exc}")
                 return
             held: set[int] = set()
             for i, wait in zip(asked, waits, strict=True):
                 if wait == 0:
                     continue
                 held.add(i)
-                msg, route, headers = go[i]
+                msg, route, headers, task_id, _ = go[i]
                 if wait < 0:
                     await self._dead_letter(
-                        msg, headers, names.task_id_of(headers),
+                        msg, headers, task_id,
                         f"rate limit exceeded for {headers[names.HDR_WORKER_TYPE]} at {route.tier} "
                         f"(on_limit: dead_letter)",
                     )
                 else:
                     self.stats["delayed"] += 1
-                    with contextlib.suppress(Exception):
-                        await msg.nak(delay=wait)
+                    await self._give_back(msg, headers, task_id, wait, f"rate limit for {route.tier}")
             if held:
                 go = [g for i, g in enumerate(go) if i not in held]
         await self._forward(go)
 
-    async def _forward(self, go: list[tuple[Msg, Route, dict[str, str]]]) -> None:
+    async def _classify(self, msg: Msg) -> _Go | None:
+        """Read one message's envelope: return it to forward, or dead-letter or delay it here."""
+        headers = msg.headers
+        if not headers:
+            await self._dead_letter(msg, {}, "", "malformed envelope: no headers (needs Heddle-Worker-Type)")
+            return None
+        if headers_size(headers) > MAX_HEADER_CHARS:
+            # Copied onto the routed message, they could take it past the server's
+            # max_payload (which closes this connection); they are not copied onward.
+            task_id = _usable(names.task_id_of(headers))
+            size = headers_size(headers)
+            reason = f"malformed envelope: {size:,} characters of headers; the limit is {MAX_HEADER_CHARS:,}"
+            await self._dead_letter(msg, {}, task_id, reason)
+            return None
+        worker_type = headers.get(names.HDR_WORKER_TYPE)
+        # A replayed dead letter carries its task id apart from its message id.
+        raw_id = names.task_id_of(headers)
+        if not worker_type or not raw_id:
+            missing = names.HDR_WORKER_TYPE if not worker_type else f"{names.HDR_MSG_ID} (or {names.HDR_TASK_ID})"
+            await self._dead_letter(msg, headers, _usable(raw_id), f"malformed envelope: no {missing} header")
+            return None
+        try:
+            # It becomes a subject token (the result notice) and a Valkey key.
+            task_id = names.check_task_id(raw_id)
+        except TaskIdError as exc:
+            await self._dead_letter(msg, headers, "", f"malformed envelope: {exc}")
+            return None
+        route = self.resolve(worker_type, headers.get(names.HDR_TIER_REQUESTED) or None)
+        if route.tier is None:
+            if route.malformed:
+                await self._dead_letter(msg, headers, task_id, route.reason)
+            else:
+                await self._unroutable(msg, headers, task_id, route.reason)
+            return None
+        # The routed copy's dedup id derives from the incoming one's; a message without a
+        # usable one gets one from its stream sequence, the same on every redelivery.
+        msg_id = headers.get(names.HDR_MSG_ID, "")
+        if msg_id != task_id and not _usable(msg_id):
+            msg_id = f"{task_id}:in{_seq(msg)}"
+        return msg, route, headers, task_id, msg_id
+
+    async def _forward(self, go: list[_Go]) -> None:
         assert self.conns is not None
-        js = self.conns.broker.js
+        broker = self.conns.broker
+        js = broker.js
         assert js is not None
+        sent: list[_Go] = []
         futures = []
-        for msg, route, headers in go:
+        for item in go:
+            msg, route, headers, task_id, msg_id = item
             out = dict(headers)
             out[names.HDR_TIER] = route.tier  # type: ignore[assignment]
             out[names.HDR_ROUTE_REASON] = route.reason
-            out[names.HDR_MSG_ID] = names.routed_msg_id(headers[names.HDR_MSG_ID])
+            out[names.HDR_MSG_ID] = names.routed_msg_id(msg_id)
             # The routed copy's Nats-Msg-Id is its own dedup key; workers read the task id here.
-            out[names.HDR_TASK_ID] = names.task_id_of(headers)
+            out[names.HDR_TASK_ID] = task_id
+            try:
+                # A message that fit the server may not with the router's headers added.
+                broker.check_size(route.subject, msg.data, out)
+            except MessageTooLarge as exc:
+                await self._dead_letter(msg, headers, task_id, str(exc))
+                continue
+            sent.append(item)
             try:
                 futures.append(await js.publish_async(route.subject, msg.data, headers=out))
             except Exception as exc:
@@ -316,17 +407,15 @@ class Router:
                 results.append(TimeoutError())
             else:
                 results.append(f.exception() or f.result())
-        broker = self.conns.broker
-        for (msg, route, headers), res in zip(go, results, strict=True):
+        for (msg, route, headers, task_id, _), res in zip(sent, results, strict=True):
             if isinstance(res, BaseException):
                 # Not stored downstream: leave it for another try. The routed copy's
                 # msg id makes a second publish harmless if the first did land.
-                with contextlib.suppress(Exception):
-                    await msg.nak(delay=_BACKOFF_S)
+                why = f"publishing to {route.subject} failed: {res!r}"
+                await self._give_back(msg, headers, task_id, _BACKOFF_S, why)
                 continue
             self.stats["routed"] += 1
-            with contextlib.suppress(Exception):
-                await msg.ack()
+            await acknowledge(msg, "ack", task_id, logger=log)
             await events.publish(broker, events.received(msg.data, headers, route.tier or ""))  # heddle.events hook
 
     async def _unroutable(self, msg: Msg, headers: dict[str, str], task_id: str, reason: str) -> None:
@@ -336,22 +425,49 @@ class Router:
         grace = self.rules.unknown_worker_grace_s
         if age < grace:
             self.stats["waiting"] += 1
-            with contextlib.suppress(Exception):
-                await msg.nak(delay=min(_UNKNOWN_RETRY_S, max(0.05, grace - age)))
+            await self._give_back(msg, headers, task_id, min(_UNKNOWN_RETRY_S, max(0.05, grace - age)), reason)
             return
         await self._dead_letter(msg, headers, task_id, f"unroutable after {grace:g}s: {reason}")
+
+    async def _give_back(self, msg: Msg, headers: dict[str, str], task_id: str, delay: float, why: str) -> None:
+        """Nak for another try after ``delay``; on the message's last delivery, dead-letter it instead."""
+        delivered = msg.metadata.num_delivered or 1
+        if delivered >= self.max_deliver:
+            await self._dead_letter(
+                msg, headers, task_id,
+                f"delivered {delivered} times without being routed (MaxDeliver {self.max_deliver}): {why}",
+            )
+            return
+        await acknowledge(msg, "nak", task_id or f"#{_seq(msg)}", delay=delay, logger=log)
+
+    async def _on_max_deliveries(self, msg: Msg) -> None:
+        """Dead-letter an incoming message whose last delivery no replica acknowledged."""
+        assert self.conns is not None
+        if await dead_letter_exhausted(
+            self.conns,
+            msg.data,
+            stream=names.TASKS_STREAM,
+            consumer=names.ROUTER_CONSUMER,
+            filter_subject=names.INCOMING_SUBJECT,
+            max_deliver=self.max_deliver,
+            actor="router",
+            why="the router replicas that took it crashed or stalled before routing it",
+            logger=log,
+        ):
+            self.stats["dead_lettered"] += 1
 
     async def _dead_letter(self, msg: Msg, headers: dict[str, str], task_id: str, reason: str) -> None:
         assert self.conns is not None
         broker = self.conns.broker
-        log.warning("dead-lettering %s: %s", task_id or msg.metadata.sequence.stream, reason)
+        seq = _seq(msg)
+        log.warning("dead-lettering message #%d (task %s): %s", seq, task_id or "without a usable id", reason)
         try:
             await broker.dead_letter(
                 msg.data,
                 reason,
                 task_id=task_id,
                 subject=msg.subject,
-                dedup_key=f"{names.TASKS_STREAM}:{msg.metadata.sequence.stream}",
+                dedup_key=f"{names.TASKS_STREAM}:{seq}",
                 original_headers=headers,
             )
             if task_id:
@@ -363,15 +479,32 @@ class Router:
                     worker="router",
                     finished_at=time.time(),
                 ))
-            await msg.ack()
-            self.stats["dead_lettered"] += 1
-            await events.publish(  # heddle.events hook
-                broker,
-                events.task_event(events.DEAD_LETTERED, task_id, task=headers.get(names.HDR_TASK, ""),
-                                  worker_type=headers.get(names.HDR_WORKER_TYPE, ""), worker="router", error=reason),
-            )
         except HeddleError as exc:
-            log.warning("could not dead-letter (%s); leaving it for redelivery", exc)
+            log.warning("could not dead-letter message #%d (%s); leaving it for redelivery", seq, exc)
+            return
+        await acknowledge(msg, "ack", task_id or f"#{seq}", logger=log)
+        self.stats["dead_lettered"] += 1
+        await events.publish(  # heddle.events hook
+            broker,
+            events.task_event(events.DEAD_LETTERED, task_id, task=headers.get(names.HDR_TASK, "")[:200],
+                              worker_type=headers.get(names.HDR_WORKER_TYPE, "")[:200], worker="router",
+                              error=reason),
+        )
+
+
+def _seq(msg: Msg) -> int:
+    try:
+        return msg.metadata.sequence.stream
+    except Exception:
+        return 0
+
+
+def _usable(task_id: str) -> str:
+    """``task_id`` if it can be a subject token, else ``""``."""
+    try:
+        return names.check_task_id(task_id)
+    except TaskIdError:
+        return ""
 
 
 def _failed(exc: BaseException) -> asyncio.Future[Any]:
