@@ -25,11 +25,9 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import msgspec
-
 from heddle import names
 from heddle.broker import Feed
-from heddle.errors import HeddleError
+from heddle.errors import DecodeError, HeddleError, TaskIdError
 from heddle.graph import GOAL_FAILED, GOAL_REVOKED, GOAL_SUCCEEDED, goal_decoder
 from heddle.graph_run import GoalRun
 from heddle.graph_store import GoalStore, check_durability
@@ -37,11 +35,15 @@ from heddle.messages import (
     FAILURE,
     READY_STATES,
     SUCCESS,
-    WIRE_VERSION,
     ErrorInfo,
     ResultRecord,
+    check_version,
+    copyable_headers,
+    decode,
     revoke_decoder,
+    usable_task_id,
 )
+from heddle.worker import acknowledge
 
 if TYPE_CHECKING:
     from nats.aio.msg import Msg
@@ -184,14 +186,19 @@ class Orchestrator:
     async def _accept(self, msg: Msg) -> None:
         assert self.conns is not None and self.store is not None
         self.stats["received"] += 1
+        # The client sends a goal with Nats-Msg-Id = goal id: the id to fail when the body has none to offer.
+        sent_as = (msg.headers or {}).get(names.HDR_MSG_ID, "")
         try:
-            goal = goal_decoder.decode(msg.data)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            await self._reject(msg, f"undecodable goal message: {exc}", (msg.headers or {}).get(names.HDR_MSG_ID, ""))
+            goal = decode(goal_decoder, msg.data)
+        except DecodeError as exc:
+            await self._reject(msg, f"undecodable goal message: {exc}", usable_task_id(sent_as))
             return
-        if goal.v > WIRE_VERSION:
-            await self._reject(msg, f"unsupported goal version {goal.v} (this orchestrator reads <= {WIRE_VERSION})",
-                               goal.id)
+        try:
+            check_version(goal.v, "goal")
+            # Node task ids are built on it, and each becomes a subject token and a key.
+            names.check_task_id(goal.id, "goal id")
+        except (DecodeError, TaskIdError) as exc:
+            await self._reject(msg, str(exc), usable_task_id(goal.id, sent_as))
             return
         running = self.active.get(goal.id)
         if running is not None:
@@ -203,12 +210,12 @@ class Orchestrator:
             (claim,) = await self.conns.backend.claim_many([goal.id], self.name)
         except HeddleError as exc:
             log.warning("cannot claim goal %s (%s); handing it back", goal.id, exc)
-            await _quiet(msg.nak(delay=_RETRY_DELAY_S))
+            await acknowledge(msg, "nak", goal.id, delay=_RETRY_DELAY_S, logger=log)
             return
         if claim.previous_state in READY_STATES:
             # Ended already (a duplicate, or a crash between storing the result and
             # acking), or revoked before it started.
-            await _quiet(msg.ack())
+            await acknowledge(msg, "ack", goal.id, logger=log)
             return
         delivered = msg.metadata.num_delivered or 1
         if delivered >= self.settings.max_deliver:
@@ -231,23 +238,26 @@ class Orchestrator:
         """Dead-letter a goal that can never run, fail its result, and ack it."""
         assert self.conns is not None
         broker = self.conns.broker
-        log.warning("dead-lettering goal %s: %s", goal_id or msg.metadata.sequence.stream, reason)
+        seq = msg.metadata.sequence.stream
+        log.warning("dead-lettering goal message #%d (goal %s): %s", seq, goal_id or "without a usable id", reason)
         try:
             await broker.dead_letter(
                 msg.data,
                 reason,
                 task_id=goal_id,
                 subject=msg.subject,
-                dedup_key=f"{names.GOALS_STREAM}:{msg.metadata.sequence.stream}",
+                dedup_key=f"{names.GOALS_STREAM}:{seq}",
+                original_headers=copyable_headers(msg.headers),
             )
             if goal_id:
                 record = ResultRecord(id=goal_id, state=FAILURE, task="graph", worker=self.name,
                                       error=ErrorInfo(type="heddle.DeadLettered", message=reason),
                                       finished_at=time.time())
                 await self._store_result(record)
-            await msg.ack()
         except HeddleError as exc:
-            log.warning("could not dead-letter goal (%s); leaving it for redelivery", exc)
+            log.warning("could not dead-letter goal message #%d (%s); leaving it for redelivery", seq, exc)
+            return
+        await acknowledge(msg, "ack", goal_id or f"#{seq}", logger=log)
 
     # -- running -------------------------------------------------------------------------
 
@@ -259,21 +269,26 @@ class Orchestrator:
                 record = await run.run()
             except asyncio.CancelledError:
                 raise  # stopping or revoked: whoever cancelled settles the message
+            except TaskIdError as exc:
+                # A node id built from the goal (a stage name) that cannot be a subject
+                # token: the same on every delivery, so the goal fails now.
+                await self._reject(active.msg, f"goal {goal_id} names a node it cannot send: {exc}", goal_id)
+                return
             except HeddleError as exc:
                 log.warning("goal %s interrupted (%s); it resumes from its checkpoint", goal_id, exc)
-                await _quiet(active.msg.nak(delay=_RETRY_DELAY_S))
+                await acknowledge(active.msg, "nak", goal_id, delay=_RETRY_DELAY_S, logger=log)
                 return
             except Exception:
                 log.exception("goal %s failed in the orchestrator; it resumes from its checkpoint", goal_id)
-                await _quiet(active.msg.nak(delay=_RETRY_DELAY_S))
+                await acknowledge(active.msg, "nak", goal_id, delay=_RETRY_DELAY_S, logger=log)
                 return
             try:
                 await self._finish(run, record)
             except HeddleError as exc:
                 log.warning("cannot store the result of goal %s (%s); retrying", goal_id, exc)
-                await _quiet(active.msg.nak(delay=_RETRY_DELAY_S))
+                await acknowledge(active.msg, "nak", goal_id, delay=_RETRY_DELAY_S, logger=log)
                 return
-            await _quiet(active.msg.ack())
+            await acknowledge(active.msg, "ack", goal_id, logger=log)
             self.stats["succeeded" if record.state == SUCCESS else "failed"] += 1
         finally:
             if self.active.get(goal_id) is active:
@@ -302,14 +317,14 @@ class Orchestrator:
         while True:
             await asyncio.sleep(interval)
             for active in list(self.active.values()):
-                await _quiet(active.msg.in_progress())
+                await acknowledge(active.msg, "in_progress", active.run.goal.id, logger=log)
 
     # -- control -------------------------------------------------------------------------
 
     async def _on_revoke(self, msg: Msg) -> None:
         try:
-            notice = revoke_decoder.decode(msg.data)
-        except (msgspec.DecodeError, msgspec.ValidationError):
+            notice = decode(revoke_decoder, msg.data)
+        except DecodeError:
             return
         active = self.active.get(notice.id)
         if active is None or active.revoked or active.task is None:
@@ -328,7 +343,7 @@ class Orchestrator:
             await self.store.put(run.goal.id, goal=run.goal_state(GOAL_REVOKED, time.time()))
         except HeddleError as exc:
             log.warning("could not revoke the nodes of goal %s: %s", run.goal.id, exc)
-        await _quiet(active.msg.ack())
+        await acknowledge(active.msg, "ack", run.goal.id, logger=log)
         self.stats["revoked"] += 1
         log.info("goal %s revoked", run.goal.id)
 
@@ -343,7 +358,7 @@ class Orchestrator:
         if running:
             await asyncio.gather(*(a.task for a in running if a.task is not None), return_exceptions=True)
             for a in running:
-                await _quiet(a.msg.nak())
+                await acknowledge(a.msg, "nak", a.run.goal.id, logger=log)
             log.info("handed %d unfinished goal(s) back to the stream", len(running))
         for t in self._bg:
             t.cancel()
@@ -358,11 +373,3 @@ class Orchestrator:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
         log.info("orchestrator %s stopped: %s", self.name, self.stats)
-
-
-async def _quiet(coro: Any) -> None:
-    """Ack/nak/in-progress: a closed connection or an already-acked message is not an error."""
-    try:
-        await coro
-    except Exception as exc:
-        log.debug("ack operation failed: %r", exc)
