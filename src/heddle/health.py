@@ -41,10 +41,10 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
-from urllib.parse import urlsplit, urlunsplit
 
 from heddle import metrics
 from heddle.errors import HealthServerError, HeddleError
+from heddle.redact import redact as _redact
 
 if TYPE_CHECKING:
     from heddle.app import Connections
@@ -72,20 +72,13 @@ class HealthTarget(Protocol):
 
 
 def redact(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (URLs end up in logs and probe output)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    """``url`` (or a list of URLs) with its secrets replaced by ``***``: :func:`heddle.redact.redact`."""
+    return _redact(url)
 
 
 def redact_text(text: str, url: str) -> str:
-    """``text`` with ``url`` (which may hold a password) replaced by its redacted form."""
-    return text.replace(url, redact(url)) if url else text
+    """``text`` with every secret replaced, ``url``'s wherever they occur: :func:`heddle.redact.redact`."""
+    return _redact(text, url)
 
 
 def describe(actor: object) -> str:
