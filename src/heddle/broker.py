@@ -22,6 +22,7 @@ from nats.js import JetStreamContext, api
 
 from heddle import names
 from heddle.errors import BrokerError, BrokerUnavailable, MessageTooLarge
+from heddle.redact import redact
 from heddle.settings import Settings
 
 log = logging.getLogger("heddle.broker")
@@ -35,21 +36,48 @@ _NATS_HDR_LINE = b"NATS/1.0\r\n"
 _ACK_SWEEP_S = 0.5
 
 
-def translate(exc: BaseException, url: str, doing: str) -> BrokerError:
-    """Map a nats-py exception to a Heddle error that names the server and the fix."""
+def translate(exc: BaseException, url: str, doing: str, refused: BaseException | None = None) -> BrokerError:
+    """Map a nats-py exception to a Heddle error that names the server and the fix, and no secret.
+
+    Args:
+        exc: What nats-py raised.
+        url: The server's URL (``NATS_URL``); shown with its secrets replaced.
+        doing: What was being done, for the message ("connecting").
+        refused: The error the server sent before ``exc`` (nats-py reports a
+            refused login on the error callback, then raises NoServersError).
+    """
+    shown = redact(url)
+    if refused is not None or _refused_credentials(exc):
+        said = redact(str(refused or exc), url)
+        return BrokerError(
+            f"authentication failed at nats-server {shown} while {doing}: the server refused the "
+            f"credentials ({said}). Fix the user and password (user:password@host) or the token "
+            f"(token@host) in NATS_URL, or the server's authorization config."
+        )
     if isinstance(exc, nats.errors.NoServersError | OSError | nats.errors.ConnectionClosedError):
-        return BrokerUnavailable(
-            f"cannot reach nats-server at {url} while {doing}: {exc!r}. "
+        message = (
+            f"cannot reach nats-server at {shown} while {doing}: {exc!r}. "
             f"Start it (`heddle dev` runs an embedded one) or set NATS_URL."
         )
+        return BrokerUnavailable(redact(message, url))
     if isinstance(exc, nats.js.errors.NoStreamResponseError | nats.errors.NoRespondersError):
         return BrokerError(
-            f"JetStream at {url} did not answer while {doing}; is nats-server running with "
+            f"JetStream at {shown} did not answer while {doing}; is nats-server running with "
             f"JetStream enabled (`nats-server --jetstream`)?"
         )
     if isinstance(exc, nats.errors.TimeoutError | asyncio.TimeoutError):
-        return BrokerError(f"timed out talking to nats-server at {url} while {doing}")
-    return BrokerError(f"nats-server at {url} failed while {doing}: {exc!r}")
+        return BrokerError(f"timed out talking to nats-server at {shown} while {doing}")
+    return BrokerError(redact(f"nats-server at {shown} failed while {doing}: {exc!r}", url))
+
+
+def _refused_credentials(exc: BaseException) -> bool:
+    """Whether ``exc`` says nats-server refused the client's credentials."""
+    if isinstance(exc, nats.errors.AuthorizationError | nats.errors.InvalidUserCredentialsError):
+        return True
+    # During the handshake nats-py raises a plain Error with the server's -ERR text:
+    # 'Authorization Violation', 'Authentication Timeout', 'User Authentication Expired'.
+    text = str(exc).lower()
+    return "authorization violation" in text or "authentication" in text
 
 
 class Broker:
@@ -118,14 +146,17 @@ class Broker:
     async def connect(self) -> None:
         """Connect, retrying forever on later disconnects; fail fast on the first."""
 
+        shown = redact(self.url)
+        refused: list[BaseException] = []  # what the server said when it refused the login
+
         async def disconnected() -> None:
             self.disconnected_at = time.monotonic()
             if not self._closing:
-                log.warning("disconnected from nats-server at %s", self.url)
+                log.warning("disconnected from nats-server at %s", shown)
 
         async def reconnected() -> None:
             self.disconnected_at = None
-            log.warning("reconnected to nats-server at %s", self.url)
+            log.warning("reconnected to nats-server at %s", shown)
             for cb in self._reconnected_cbs:
                 try:
                     await cb()
@@ -135,17 +166,19 @@ class Broker:
         async def error(exc: Exception) -> None:
             # Permission violations and protocol errors are worth seeing; a reconnect
             # attempt that fails is said once by disconnected() above.
+            if _refused_credentials(exc):
+                refused[:] = [exc]
             if isinstance(exc, nats.errors.Error) and not isinstance(exc, nats.errors.ConnectionClosedError):
-                log.warning("nats-server at %s reported: %s", self.url, exc)
+                log.warning("nats-server at %s reported: %s", shown, redact(str(exc), self.url))
             else:
-                log.debug("nats error: %r", exc)
+                log.debug("nats error: %s", redact(repr(exc), self.url))
 
         async def closed() -> None:
             if self._closing:
                 return
             nc = self.nc
             why = repr(nc.last_error) if nc is not None and nc.last_error is not None else "no reason given"
-            self.lost = f"the connection to nats-server at {self.url} was closed for good ({why})"
+            self.lost = redact(f"the connection to nats-server at {shown} was closed for good ({why})", self.url)
             log.error("%s; this process cannot reach the bus again and must be restarted", self.lost)
             self.lost_event.set()
 
@@ -167,7 +200,7 @@ class Broker:
                 closed_cb=closed,
             )
         except Exception as exc:
-            raise translate(exc, self.url, "connecting") from exc
+            raise translate(exc, self.url, "connecting", refused[0] if refused else None) from exc
         # Once connected, reconnect forever: a restarted nats-server must never
         # leave a worker silently disconnected.
         self.nc.options["max_reconnect_attempts"] = -1
@@ -447,7 +480,7 @@ class Broker:
         try:
             return await asyncio.wait_for(self._js().consumer_info(stream, durable), timeout_s)
         except nats.js.errors.NotFoundError as exc:
-            raise BrokerError(f"consumer {durable} does not exist on stream {stream} at {self.url}") from exc
+            raise BrokerError(f"consumer {durable} does not exist on stream {stream} at {redact(self.url)}") from exc
         except Exception as exc:
             raise translate(exc, self.url, f"reading consumer {durable} on {stream}") from exc
 
@@ -574,8 +607,11 @@ class Puller:
         # 408 is "Request Timeout" (expired) or "Requests Pending" (refused).
         if status not in (api.StatusCode.NO_MESSAGES, api.StatusCode.REQUEST_TIMEOUT):
             self._failed = BrokerError(
-                f"nats-server at {self._url} refused a pull from consumer {self.durable}: "
-                f"{status} {_description(msg)}"
+                redact(
+                    f"nats-server at {redact(self._url)} refused a pull from consumer {self.durable}: "
+                    f"{status} {_description(msg)}",
+                    self._url,
+                )
             )
 
     async def close(self) -> None:
@@ -651,7 +687,12 @@ class Feed:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.warning("fetching %s failed (%r); retrying in %.1fs", self.what, exc, self.backoff_s)
+            log.warning(
+                "fetching %s failed (%s); retrying in %.1fs",
+                self.what,
+                redact(repr(exc), self.broker.url),
+                self.backoff_s,
+            )
             self._stale = True
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), self.backoff_s)

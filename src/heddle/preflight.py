@@ -8,11 +8,14 @@ them) and ``heddle preflight`` runs them alone. Each failure names the URL
    listens); the server greets with a NATS ``INFO`` line (so the port is not the
    monitoring port or another service).
 2. **JetStream** — that ``INFO`` says ``"jetstream": true``, then a real client
-   connects (credentials, TLS) and one JetStream API request answers.
+   connects (credentials, TLS) and one JetStream API request answers. Credentials
+   the server refuses fail the NATS check as "authentication failed", not as JetStream.
 3. **Valkey** — the URL parses, a TCP connection opens, and ``PING`` plus loading
    Heddle's scripts succeed (credentials, a read-only replica).
 
 docs/runbooks/verify-nats-connectivity.md says how to run each step by hand.
+No secret is ever in a check's text: every URL and error passes through
+:func:`heddle.redact.redact`.
 """
 
 from __future__ import annotations
@@ -25,8 +28,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from heddle.errors import HeddleError, PreflightError
-from heddle.health import redact
+from heddle.errors import BrokerUnavailable, HeddleError, PreflightError
+from heddle.redact import redact
 from heddle.settings import Settings
 
 RUNBOOK = "docs/runbooks/verify-nats-connectivity.md"
@@ -66,8 +69,13 @@ def _endpoint(url: str, schemes: dict[str, int], var: str, example: str) -> tupl
     parts = urlsplit(url)
     try:
         port = parts.port
-    except ValueError as exc:
-        raise _Failed(f"{var}={redact(url)} has an invalid port: {exc}", f"set {var} like {example}") from None
+    except ValueError:
+        # Not the ValueError's text: it quotes what stood after a colon, which is part
+        # of the password when the password holds a / ? or # that is not percent-encoded.
+        raise _Failed(
+            f"{var}={redact(url)} has an invalid port (percent-encode any @ : / ? # in a password)",
+            f"set {var} like {example}",
+        ) from None
     if parts.scheme not in schemes or not parts.hostname:
         raise _Failed(
             f"{var}={redact(url)} is not a valid URL ({', '.join(f'{s}://' for s in schemes)}host:port expected)",
@@ -149,7 +157,7 @@ async def check_nats(settings: Settings, timeout_s: float | None = None) -> list
             failures.append(exc)
     if info is None:
         f = failures[0]
-        return [Check("NATS", shown, False, "; ".join(x.detail for x in failures), f.fix)]
+        return [Check("NATS", shown, False, redact("; ".join(x.detail for x in failures), settings.nats_url), f.fix)]
     server = f"nats-server {info.get('version', '?')} ({info.get('server_name') or info.get('server_id', '?')})"
     nats_ok = Check("NATS", shown, True, f"{server} answers at {shown}")
     if not info.get("jetstream"):
@@ -168,13 +176,28 @@ async def check_nats(settings: Settings, timeout_s: float | None = None) -> list
         await asyncio.wait_for(broker.connect(), timeout_s * 3)
         account = await broker.account_info(timeout_s)
     except (HeddleError, TimeoutError) as exc:
-        detail = str(exc) or f"no answer from {shown} within {timeout_s * 3:g}s"
-        auth = "authoriz" in detail.lower() or "authentication" in detail.lower()
-        fix = (
-            "put the credentials in NATS_URL (nats://user:password@host:4222) or fix them on the server"
-            if auth
-            else "enable JetStream for this account in the nats-server config"
-        )
+        detail = redact(str(exc), settings.nats_url) or f"no answer from {shown} within {timeout_s * 3:g}s"
+        if detail.startswith("authentication failed"):
+            # The server answers, but not to us: a NATS failure, not a JetStream one.
+            return [
+                Check(
+                    "NATS",
+                    shown,
+                    False,
+                    f"{server} answers, but {detail}",
+                    "check the user and password (or token) in NATS_URL, nats://user:password@host:4222 "
+                    "(percent-encode @ : / in them), against the server's authorization config",
+                )
+            ]
+        low = detail.lower()
+        if isinstance(exc, BrokerUnavailable):
+            fix = "check that every server in NATS_URL is reachable from here and speaks to this client (TLS?)"
+        elif "authoriz" in low or "permission" in low:
+            fix = "give this user JetStream permissions ($JS.API.>) in the nats-server config"
+        elif "did not answer" in low or "timed out" in low or isinstance(exc, TimeoutError):
+            fix = "enable JetStream for this account in the nats-server config"
+        else:
+            fix = "check NATS_URL (one nats://host:port, or several separated by commas) and the nats-server log"
         return [nats_ok, Check("JetStream", shown, False, detail, fix)]
     finally:
         await broker.close()
@@ -197,15 +220,16 @@ async def check_valkey(settings: Settings, timeout_s: float | None = None) -> Ch
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
     except _Failed as exc:
-        return Check("Valkey", shown, False, exc.detail, exc.fix)
+        return Check("Valkey", shown, False, redact(exc.detail, url), exc.fix)
     backend = ResultBackend(settings.with_(connect_timeout_s=timeout_s))
     try:
         await asyncio.wait_for(backend.connect(), timeout_s * 2)
     except (HeddleError, TimeoutError) as exc:
-        detail = str(exc) or f"no answer from {shown} within {timeout_s * 2:g}s"
+        detail = redact(str(exc), url) or f"no answer from {shown} within {timeout_s * 2:g}s"
         low = detail.lower()
         fix = (
-            "put the password in VALKEY_URL (valkey://:password@host:6379/0)"
+            "check the user and password in VALKEY_URL (valkey://user:password@host:6379/0, or "
+            "valkey://:password@host:6379/0 for requirepass) against the server's requirepass or ACL users"
             if "auth" in low or "wrongpass" in low or "password" in low
             else "check that VALKEY_URL points at a writable valkey-server (a primary, not a replica)"
         )
@@ -224,12 +248,12 @@ async def run_checks(settings: Settings, *, valkey: bool = True, timeout_s: floa
 
 
 def report(checks: Sequence[Check]) -> str:
-    """Checks as text, one line each, with the fix under every failure."""
+    """Checks as text, one line each, with the fix under every failure (secrets replaced)."""
     width = max((len(c.name) for c in checks), default=0)
     lines = []
     for c in checks:
         mark = "ok  " if c.ok else "FAIL"
-        lines.append(f"  {mark} {c.name:<{width}}  {c.detail}")
+        lines.append(f"  {mark} {c.name:<{width}}  {redact(c.detail)}")
         if not c.ok and c.fix:
             lines.append(f"       {'':<{width}}  fix: {c.fix}")
     return "\n".join(lines)

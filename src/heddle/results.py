@@ -44,6 +44,7 @@ from heddle.messages import (
     encoder,
     record_decoder,
 )
+from heddle.redact import redact
 from heddle.settings import Settings
 
 if TYPE_CHECKING:
@@ -127,12 +128,24 @@ class StoreRequest(msgspec.Struct, frozen=True):
 
 
 def _translate(exc: BaseException, url: str, doing: str) -> BackendError:
+    """Map a valkey exception to a Heddle error that names the server and the fix, and no secret."""
+    shown = redact(url)
+    if isinstance(exc, vexc.AuthenticationError | vexc.AuthorizationError | vexc.AuthenticationWrongNumberOfArgsError):
+        said = redact(str(exc), url).rstrip(".")
+        return BackendError(
+            f"authentication failed at valkey-server {shown} while {doing}: {said}. Fix the user and "
+            f"password (user:password@host, or :password@host for requirepass) in VALKEY_URL, or the "
+            f"server's requirepass or ACL users."
+        )
     if isinstance(exc, vexc.ConnectionError | vexc.TimeoutError | OSError):
         return BackendUnavailable(
-            f"cannot reach valkey-server at {url} while {doing}: {exc}. "
-            f"Start it (`heddle dev` runs an embedded one) or set VALKEY_URL."
+            redact(
+                f"cannot reach valkey-server at {shown} while {doing}: {exc}. "
+                f"Start it (`heddle dev` runs an embedded one) or set VALKEY_URL.",
+                url,
+            )
         )
-    return BackendError(f"valkey-server at {url} failed while {doing}: {exc!r}")
+    return BackendError(redact(f"valkey-server at {shown} failed while {doing}: {exc!r}", url))
 
 
 class ResultBackend:
