@@ -15,12 +15,14 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from heddle import names
 from heddle.app import Heddle
 from heddle.errors import BrokerUnavailable, ConfigError, HeddleError
 from heddle.health import redact_text, start_health_server
+from heddle.redact import redact
 
 if TYPE_CHECKING:
     from heddle.worker import Worker
@@ -64,10 +66,10 @@ def load_app(spec: str) -> Heddle:
 def banner(app: Heddle, concurrency: int, extra: dict[str, str] | None = None, tier: str | None = None) -> None:
     """Print the start-up banner: where we connect, what we run, on which subjects."""
     console.print(f"[bold]heddle worker[/] [cyan]{app.name}[/]  concurrency={concurrency}")
-    console.print(f"  nats   {app.settings.nats_url}")
-    console.print(f"  valkey {app.settings.valkey_url}")
+    console.print(f"  nats   {redact(app.settings.nats_url)}", markup=False)
+    console.print(f"  valkey {redact(app.settings.valkey_url)}", markup=False)
     for k, v in (extra or {}).items():
-        console.print(f"  {k:<6} {v}")
+        console.print(f"  {k:<6} {redact(str(v))}", markup=False)
     table = Table(title=f"tasks ({len(app.tasks)})", show_lines=False)
     table.add_column("task")
     table.add_column("kind")
@@ -278,7 +280,7 @@ def preflight(args: argparse.Namespace, app: Heddle, *, valkey: bool = True) -> 
         require(app.settings, valkey=valkey)
     except PreflightError as exc:
         # Unwrapped: the report's lines are long (URLs) and must stay greppable.
-        console.print(Text.assemble(("error: ", "bold red"), str(exc)), soft_wrap=True)
+        console.print(Text.assemble(("error: ", "bold red"), redact(str(exc))), soft_wrap=True)
         raise SystemExit(2) from None
 
 
@@ -327,8 +329,8 @@ def _run_dev(args: argparse.Namespace) -> int:
         os.environ["NATS_URL"] = servers.nats_url
         os.environ["VALKEY_URL"] = servers.valkey_url
         console.print("[bold green]heddle dev[/]: embedded servers running")
-        console.print(f"  NATS_URL={servers.nats_url}")
-        console.print(f"  VALKEY_URL={servers.valkey_url}")
+        console.print(f"  NATS_URL={redact(servers.nats_url)}", markup=False)
+        console.print(f"  VALKEY_URL={redact(servers.valkey_url)}", markup=False)
         console.print("  export these in another shell to send tasks; Ctrl-C stops everything")
         app, args.llm_workers = llm.split(args, load_app(args.app) if args.app else None)
         app.configure(nats_url=servers.nats_url, valkey_url=servers.valkey_url)
@@ -337,7 +339,7 @@ def _run_dev(args: argparse.Namespace) -> int:
 
         args.workshop = dev_workshop(args)  # None with --no-workshop
         if args.workshop is not None:
-            console.print(f"  Workshop {args.workshop.url}")
+            console.print(f"  Workshop {redact(args.workshop.url)}", markup=False)
         if not args.quiet:
             banner(app, args.concurrency, tier=args.tier)
         _install_loop_policy()
@@ -352,7 +354,10 @@ def _run_router(args: argparse.Namespace) -> int:
     app = Heddle("router")
     preflight(args, app)
     router = _make_router(app, args)
-    console.print(f"[bold]heddle router[/]  nats {app.settings.nats_url}  valkey {app.settings.valkey_url}")
+    console.print(
+        f"[bold]heddle router[/]  nats {escape(redact(app.settings.nats_url))}  "
+        f"valkey {escape(redact(app.settings.valkey_url))}"
+    )
 
     run_actor_process(app, router, args.health_port)
     return 0
@@ -485,7 +490,7 @@ def _dispatch(args: Any, rest: Sequence[str]) -> int:
 
             return run_dlq_command(args, console)
     except HeddleError as exc:
-        console.print(f"[bold red]error:[/] {exc}")
+        console.print(f"[bold red]error:[/] {escape(redact(str(exc)))}")
         return 2
     except KeyboardInterrupt:
         return 130

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 from heddle import names
@@ -22,6 +23,7 @@ from heddle.errors import ConfigError
 from heddle.graph import DISPATCHED, NodeState
 from heddle.messages import STARTED, SUCCESS
 from heddle.orchestrator import DEFAULT_MAX_CONCURRENT_GOALS, Orchestrator
+from heddle.redact import redact
 
 if TYPE_CHECKING:
     from heddle.app import Heddle
@@ -98,7 +100,8 @@ def _run_orchestrator(args: argparse.Namespace) -> int:
     preflight(args, app)
     orch = Orchestrator(app, max_concurrent_goals=args.max_concurrent_goals)
     err_console.print(
-        f"[bold]heddle orchestrator[/]  nats {app.settings.nats_url}  valkey {app.settings.valkey_url}  "
+        f"[bold]heddle orchestrator[/]  nats {escape(redact(app.settings.nats_url))}  "
+        f"valkey {escape(redact(app.settings.valkey_url))}  "
         f"max_concurrent_goals={args.max_concurrent_goals}"
     )
 
@@ -161,7 +164,7 @@ def _run_submit(args: argparse.Namespace) -> int:
         if outcome["state"] == SUCCESS:
             out.print_json(json.dumps(outcome["output"], default=str))
         else:
-            out.print(f"[bold red]{outcome['state']}[/]: {outcome['error']}")
+            out.print(f"[bold red]{outcome['state']}[/]: {escape(redact(str(outcome['error'])))}")
     return 0 if outcome["state"] == SUCCESS else 1
 
 

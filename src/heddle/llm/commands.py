@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from heddle.errors import ConfigError
 from heddle.names import TIERS
+from heddle.redact import redact
 from heddle.settings import LLMSettings, llm_worker_env
 
 if TYPE_CHECKING:
@@ -142,7 +143,7 @@ class DevLLM:
     def _start_local_model(self) -> None:
         s = LLMSettings.load()
         if s.lm_studio_url or s.ollama_url:
-            self.say(f"  local tier: {s.lm_studio_url or s.ollama_url} (from the environment)")
+            self.say(f"  local tier: {redact(s.lm_studio_url or s.ollama_url or '')} (from the environment)")
             return
         from heddle.llm.local_model import LocalModelServer
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from heddle.errors import ConfigError
+from heddle.redact import redact
 
 _MISSING_EXTRA = "the Workshop needs its extra: pip install 'heddle[workshop]' ({})"
 
@@ -58,7 +59,7 @@ def run_workshop_command(args: argparse.Namespace) -> int:
     from heddle.cli import preflight, run_actor_process
 
     preflight(args, ws.app)
-    print(f"heddle workshop on http://{args.host}:{args.port}  (nats {ws.app.settings.nats_url})", flush=True)
+    print(f"heddle workshop on http://{args.host}:{args.port}  (nats {redact(ws.app.settings.nats_url)})", flush=True)
 
     run_actor_process(ws.app, ws, args.health_port)
     return 0

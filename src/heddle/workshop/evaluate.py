@@ -30,6 +30,7 @@ from starlette.routing import BaseRoute, Route
 from heddle import names
 from heddle.errors import HeddleError, ResultTimeout
 from heddle.messages import SUCCESS
+from heddle.redact import redact
 from heddle.workshop.evalstore import FINISHED, INTERRUPTED, CaseResult, EvalStore, Run
 from heddle.workshop.evalsuite import (
     Case,
@@ -210,7 +211,8 @@ async def _servers_problem(pages: Pages) -> str:
     try:
         conns = await pages.conns()
         if not conns.broker.connected:
-            return f"NATS at {conns.broker.url} is not connected; the Workshop keeps reconnecting, try again soon"
+            return (f"NATS at {redact(conns.broker.url)} is not connected; the Workshop keeps reconnecting, "
+                    f"try again soon")
         await asyncio.wait_for(conns.backend.ping(), 3.0)
     except (HeddleError, TimeoutError) as exc:
         return f"cannot reach the servers: {exc or 'no answer from Valkey within 3 s'}"

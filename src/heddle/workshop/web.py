@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import jinja2
+import markupsafe
 import msgspec
 from starlette.applications import Starlette
 from starlette.datastructures import FormData
@@ -40,6 +41,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from heddle import names
 from heddle.errors import HeddleError
 from heddle.messages import READY_STATES, task_decoder
+from heddle.redact import redact
 
 if TYPE_CHECKING:
     from heddle.app import Connections
@@ -71,10 +73,18 @@ def _pretty(value: Any) -> str:
     return json.dumps(value, indent=2, ensure_ascii=False, default=repr)
 
 
+def _shown(value: Any) -> Any:
+    """Every ``{{ value }}`` of every page passes here: no secret is rendered (URLs in errors, keys)."""
+    if isinstance(value, str) and not isinstance(value, markupsafe.Markup):
+        return redact(value)
+    return value
+
+
 _env = jinja2.Environment(
     loader=jinja2.FileSystemLoader(HERE / "templates"),
     autoescape=True,  # every task argument, result and model output is text, never markup
     undefined=jinja2.StrictUndefined,
+    finalize=_shown,
 )
 _env.filters["when"] = _when
 _env.filters["pretty"] = _pretty

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from heddle.errors import LLMBackendError, LLMTimeout
+from heddle.redact import redact
 
 log = logging.getLogger("heddle.llm")
 
@@ -140,7 +141,7 @@ class Backend(abc.ABC):
 
     def describe(self) -> str:
         """``lmstudio backend at http://… (model qwen3-8b)``: the words every error starts with."""
-        return f"{self.name} backend at {self.endpoint} (model {self.model})"
+        return f"{self.name} backend at {redact(self.endpoint)} (model {self.model})"
 
     @property
     def endpoint(self) -> str:
@@ -150,9 +151,13 @@ class Backend(abc.ABC):
     def error(
         self, message: str, status: int | None = None, cls: type[LLMBackendError] = LLMBackendError
     ) -> LLMBackendError:
-        """An error that names this backend, its URL and model."""
+        """An error that names this backend, its URL and model (no credential: a provider may echo the key)."""
         return cls(
-            f"{self.describe()}: {message}", backend=self.name, url=self.endpoint, model=self.model, status=status
+            redact(f"{self.describe()}: {message}", self.url),
+            backend=self.name,
+            url=redact(self.endpoint),
+            model=self.model,
+            status=status,
         )
 
     def status_error(self, status: int, detail: str, headers: Mapping[str, str]) -> AttemptFailed:
