@@ -62,6 +62,11 @@ DEFAULT_MAX_DELIVER = 200
 # Routing decisions are cached per (worker type, requested tier); headers from the bus
 # can name endless made-up ones, so the cache starts over past this many.
 _MAX_CACHED_ROUTES = 4096
+# JetStream refuses a message with more header bytes than this ("header size exceeds
+# maximum allowed of 64k"), so only a payload within this (and the headers the router
+# adds) of max_payload can have headers that take its routed copy past max_payload.
+_JS_MAX_HEADER_BYTES = 64 * 1024
+_ROUTER_HEADER_BYTES = 16 * 1024
 
 
 class Route:
@@ -122,6 +127,8 @@ class Router:
         self._feed: Feed | None = None
         self._cache: dict[tuple[str, str | None], Route] = {}
         self._registry_version: Any = None
+        # Payloads above this have their headers measured (set from max_payload at start).
+        self._measure_headers_above = 0
         self._bg: list[asyncio.Task[Any]] = []
         self._subs: list[Any] = []
 
@@ -169,6 +176,7 @@ class Router:
         self.registry = Registry(conns.broker)
         await self.registry.start()
         self._limiter = RateLimiter(conns.backend)
+        self._measure_headers_above = conns.broker.max_payload - _JS_MAX_HEADER_BYTES - _ROUTER_HEADER_BYTES
         loop = asyncio.get_running_loop()
         if self.rules_path is not None:
             if self.watch_rules:
@@ -334,7 +342,7 @@ class Router:
         if not headers:
             await self._dead_letter(msg, {}, "", "malformed envelope: no headers (needs Heddle-Worker-Type)")
             return None
-        if headers_size(headers) > MAX_HEADER_CHARS:
+        if len(msg.data) > self._measure_headers_above and headers_size(headers) > MAX_HEADER_CHARS:
             # Copied onto the routed message, they could take it past the server's
             # max_payload (which closes this connection); they are not copied onward.
             task_id = _usable(names.task_id_of(headers))
