@@ -43,7 +43,7 @@ async def test_a_worker_cut_off_from_nats_for_good_fails_healthz_and_stops_with_
         await asyncio.wait_for(broker.lost_event.wait(), 10)
         live, body = await asyncio.to_thread(probe, health.port)
         assert not live and "closed for good" in body and "restart the process" in body
-        with pytest.raises(BrokerUnavailable, match="closed for good.*exiting so it can be restarted"):
+        with pytest.raises(BrokerUnavailable, match=r"closed for good.*exiting so it can be restarted"):
             await asyncio.wait_for(run, 60)
     finally:
         await health.stop()

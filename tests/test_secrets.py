@@ -463,3 +463,16 @@ def test_worker_router_and_orchestrator_print_no_secret_through_a_restart_and_a_
     assert f"disconnected from nats-server at nats://{shown}" in printed["worker"]
     assert f"reconnected to nats-server at nats://{shown}" in printed["worker"]
     assert "Consumer Deleted" in printed["worker"]
+
+
+def test_the_reprs_of_an_app_and_its_settings_hide_passwords():
+    import heddle
+    from heddle.settings import Settings
+
+    app = heddle.Heddle("reprs", nats_url="nats://u:NatsPw99@h:4222", valkey_url="valkey://:VkPw99@h:6379/0")
+    try:
+        for text in (repr(app), repr(app.settings), repr(Settings(nats_url="nats://tok99@h:1"))):
+            assert "NatsPw99" not in text and "VkPw99" not in text and "tok99" not in text, text
+        assert "u:***@h:4222" in repr(app)
+    finally:
+        app.close()

@@ -43,7 +43,7 @@ def test_an_argument_over_the_message_limit_fails_at_the_call_site_naming_its_si
     small = heddle.Heddle(heddle_app.name, nats_url=heddle_servers.nats_url, valkey_url=heddle_servers.valkey_url,
                           max_message_bytes=4096)
     try:
-        with pytest.raises(heddle.EncodeError, match="over the limit of 4,096 .*max_message_bytes"):
+        with pytest.raises(heddle.EncodeError, match=r"over the limit of 4,096 .*max_message_bytes"):
             small.send_task(take.name, ("y" * 5000,))
     finally:
         small.close()

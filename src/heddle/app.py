@@ -20,6 +20,7 @@ from heddle.broker import Broker
 from heddle.errors import DuplicateTaskError, HeddleError
 from heddle.messages import REVOKED, ResultRecord, RevokeNotice, encoder
 from heddle.notices import Watch, Watches
+from heddle.redact import redact
 from heddle.results import AsyncResult as _AsyncResult
 from heddle.results import ResultBackend, StoreRequest, encode_record
 from heddle.settings import Settings, check_name
@@ -206,7 +207,7 @@ class Heddle:
         _apps.add(self)
 
     def __repr__(self) -> str:
-        return f"<Heddle {self.name!r} nats={self.settings.nats_url} tasks={len(self.tasks)}>"
+        return f"<Heddle {self.name!r} nats={redact(self.settings.nats_url)} tasks={len(self.tasks)}>"
 
     def configure(self, **overrides: Any) -> None:
         """Change settings (e.g. ``nats_url``) before the app connects.

@@ -27,6 +27,7 @@ from heddle import names
 from heddle.errors import DecodeError
 from heddle.graph import GoalMessage, GoalState, NodeState, goal_decoder, goal_state_decoder, node_state_decoder
 from heddle.messages import encoder
+from heddle.redact import redact
 from heddle.results import ResultBackend
 
 log = logging.getLogger("heddle.orchestrator")
@@ -122,13 +123,13 @@ async def check_durability(backend: ResultBackend) -> str | None:
             value = value.decode()
     except Exception as exc:  # managed services often disable CONFIG: say so, do not fail
         return (
-            f"could not check that valkey-server at {backend.url} has AOF persistence on "
+            f"could not check that valkey-server at {redact(backend.url)} has AOF persistence on "
             f"(CONFIG GET appendonly failed: {exc}); goal checkpoints need `appendonly yes` "
             f"to survive a valkey-server restart"
         )
     if value != "yes":
         return (
-            f"valkey-server at {backend.url} has appendonly={value}: goal checkpoints and task "
+            f"valkey-server at {redact(backend.url)} has appendonly={value}: goal checkpoints and task "
             f"results are LOST if it restarts, and resumed goals may run finished nodes again. "
             f"Turn on AOF persistence: `appendonly yes` and `appendfsync everysec` in valkey.conf "
             f"(or CONFIG SET appendonly yes)"

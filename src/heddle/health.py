@@ -277,7 +277,8 @@ class HealthServer:
 
     @staticmethod
     def _verdict(problems: list[str], ok: str, extra: dict[str, Any] | None = None) -> tuple[int, str, bytes]:
-        doc = {"status": "fail" if problems else ok, "problems": problems, **(extra or {})}
+        # Every message is redacted where it is made; this is the last line of defence.
+        doc = {"status": "fail" if problems else ok, "problems": [redact(p) for p in problems], **(extra or {})}
         return (503 if problems else 200), _JSON, (json.dumps(doc) + "\n").encode()
 
     # -- the checks --------------------------------------------------------------------

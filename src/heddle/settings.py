@@ -106,6 +106,14 @@ class Settings:
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
+    def __repr__(self) -> str:
+        from heddle.redact import redact
+
+        shown = ", ".join(
+            f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.repr
+        )
+        return redact(f"Settings({shown})", self.nats_url, self.valkey_url)
+
     def with_(self, **changes: Any) -> Settings:
         """Return a copy with ``changes`` applied."""
         return replace(self, **changes)

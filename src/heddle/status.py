@@ -27,6 +27,7 @@ from heddle.app import Heddle
 from heddle.audit import AuditReport, unfinished
 from heddle.errors import HeddleError
 from heddle.messages import ResultRecord, task_decoder
+from heddle.redact import redact
 from heddle.registry import ALIVE_TTL_S, WorkerInfo
 
 STREAMS = (names.TASKS_STREAM, names.DLQ_STREAM, names.GOALS_STREAM)
@@ -475,7 +476,7 @@ def run_status_command(args: argparse.Namespace, console: Console) -> int:
                     count=args.count, timeout_s=args.timeout, ready=ready))
                 await asyncio.wait([tail, asyncio.ensure_future(ready.wait())], return_when=asyncio.FIRST_COMPLETED)
                 if ready.is_set():
-                    console.print(f"following {names.EVENTS_ALL} on {app.settings.nats_url} (Ctrl-C stops)")
+                    console.print(f"following {names.EVENTS_ALL} on {redact(app.settings.nats_url)} (Ctrl-C stops)")
                 await tail
             else:
                 view = await inspect_task(app, args.task_id)
