@@ -135,7 +135,9 @@ def test_with_a_token_every_page_needs_it(heddle_servers: EmbeddedServers) -> No
         assert c.get("/", headers={"Authorization": f"Bearer {token}"}).status_code == 200
         r = c.get(f"/tasks?token={token}")
         assert r.status_code == 200 and r.url.path == "/tasks" and "token" not in str(r.url)
-        assert "httponly" in r.history[0].headers["set-cookie"].lower()
+        cookie = r.history[0].headers["set-cookie"]
+        assert "httponly" in cookie.lower() and "samesite=strict" in cookie.lower()
+        assert token not in cookie, "the browser holds a signed session, not the token (test_workshop_session)"
         assert c.get("/dlq").status_code == 200  # the cookie now
 
 

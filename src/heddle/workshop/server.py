@@ -67,6 +67,7 @@ class Workshop:
         host: Address to listen on (loopback by default).
         port: TCP port; 0 takes a free one (see :attr:`port` once ready).
         token: Access token; default ``$HEDDLE_WORKSHOP_TOKEN``. Required beyond loopback.
+        session_ttl_s: How long the signed session cookie a browser gets for the token lasts.
         config_dirs: Where YAML worker configs and pipelines are found (default ``configs/``).
         max_tasks: How many recent tasks are remembered.
         eval_db: SQLite file of the Evaluate page's runs (default ``.heddle/workshop.sqlite3``
@@ -82,16 +83,24 @@ class Workshop:
         host: str = DEFAULT_HOST,
         port: int = DEFAULT_PORT,
         token: str | None = None,
+        session_ttl_s: float | None = None,
         config_dirs: list[Path] | None = None,
         max_tasks: int = 2000,
         eval_db: Path | None = None,
     ) -> None:
         token = token if token is not None else (os.environ.get(TOKEN_ENV) or None)
         check_bind(host, token)
+        from heddle.workshop.web import DEFAULT_SESSION_TTL_S, Sessions, build_app
+
+        ttl_s = DEFAULT_SESSION_TTL_S if session_ttl_s is None else session_ttl_s
+        if not 0 < ttl_s < float("inf"):
+            raise ConfigError(f"session_ttl_s must be a positive number of seconds, not {session_ttl_s!r}")
         self.app = app or Heddle("workshop")
         self.host = host
         self.port = port
         self.token = token
+        # Browsers hold a signed, expiring session, never the token (see web.Sessions).
+        self.sessions = Sessions(token, ttl_s) if token else None
         self.csrf_token = secrets.token_urlsafe(32)
         self.config_dirs = config_dirs if config_dirs is not None else [Path("configs")]
         self.eval_db = (eval_db if eval_db is not None else Path(".heddle") / "workshop.sqlite3").absolute()
@@ -109,8 +118,6 @@ class Workshop:
         self._last_tick = time.monotonic()
         self._server: Any = None
         self._sub: Any = None
-        from heddle.workshop.web import build_app
-
         self.asgi = build_app(self)
 
     def __repr__(self) -> str:

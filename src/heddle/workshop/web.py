@@ -6,17 +6,20 @@ them: ``tick`` every two seconds (overview), ``task`` with a task id when one
 of its events arrives (task lists, result boxes). No script is inline and no
 asset comes from elsewhere, so the Content-Security-Policy is ``'self'`` only.
 
-Security: beyond loopback a token is required (``?token=`` once, then an
-HttpOnly cookie, or ``Authorization: Bearer``); on loopback the ``Host`` header
-must be a loopback name (DNS rebinding). Every POST needs the page's CSRF token
-(the ``X-CSRF-Token`` header htmx sends, or a ``csrf_token`` form field) and,
-if the browser sends ``Origin``, a same-origin one.
+Security: beyond loopback a token is required (``?token=`` once, traded for a
+signed, expiring session cookie that does not contain it, or ``Authorization:
+Bearer``); on loopback the ``Host`` header must be a loopback name (DNS
+rebinding). Every POST needs the page's CSRF token (the ``X-CSRF-Token`` header
+htmx sends, or a ``csrf_token`` form field) and, if the browser sends
+``Origin``, a same-origin one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime as dt
+import hashlib
 import hmac
 import json
 import socket
@@ -29,7 +32,6 @@ from urllib.parse import urlsplit
 
 import jinja2
 import markupsafe
-import msgspec
 from starlette.applications import Starlette
 from starlette.datastructures import FormData
 from starlette.requests import Request
@@ -39,8 +41,9 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from heddle import names
-from heddle.errors import HeddleError
+from heddle.errors import DecodeError, HeddleError
 from heddle.messages import READY_STATES, task_decoder
+from heddle.messages import decode as bounded_decode
 from heddle.redact import redact
 
 if TYPE_CHECKING:
@@ -49,7 +52,8 @@ if TYPE_CHECKING:
     from heddle.workshop.server import Workshop
 
 HERE = Path(__file__).parent
-TOKEN_COOKIE = "heddle_workshop_token"
+SESSION_COOKIE = "heddle_workshop_session"
+DEFAULT_SESSION_TTL_S = 8 * 3600.0
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
     "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
@@ -90,8 +94,69 @@ _env.filters["when"] = _when
 _env.filters["pretty"] = _pretty
 
 
+class Sessions:
+    """Signed, expiring session cookies: ``v1.<expiry>.<HMAC-SHA256 of both>``, never the token.
+
+    The signing key is derived from the Workshop's token, so a restart keeps
+    everyone signed in and rotating the token ends every session at once. The
+    expiry is in the signed text: a cookie cannot be stretched, and the server
+    refuses it after ``ttl_s`` whatever the browser keeps.
+
+    Args:
+        token: The Workshop's access token.
+        ttl_s: How long a session lasts, in seconds.
+    """
+
+    _VERSION = "v1"
+    _LABEL = b"heddle workshop session v1"
+
+    def __init__(self, token: str, ttl_s: float = DEFAULT_SESSION_TTL_S) -> None:
+        self.ttl_s = ttl_s
+        self._key = hmac.new(token.encode(), self._LABEL, hashlib.sha256).digest()
+
+    def __repr__(self) -> str:
+        return f"<Sessions ttl_s={self.ttl_s:g}>"  # never the key
+
+    def _signature(self, expires: int) -> str:
+        mac = hmac.new(self._key, f"{self._VERSION}.{expires}".encode(), hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
+
+    def issue(self, now: float | None = None) -> str:
+        """A new session cookie value, valid for ``ttl_s`` from ``now`` (default: the current time)."""
+        expires = int((time.time() if now is None else now) + self.ttl_s)
+        return f"{self._VERSION}.{expires}.{self._signature(expires)}"
+
+    def valid(self, value: str, now: float | None = None) -> bool:
+        """Whether ``value`` is a session this Workshop issued that has not expired."""
+        version, _, rest = value.partition(".")
+        expiry, _, signature = rest.partition(".")
+        if version != self._VERSION or not expiry.isascii() or not expiry.isdigit() or len(expiry) > 12:
+            return False
+        if not hmac.compare_digest(signature.encode(), self._signature(int(expiry)).encode()):
+            return False
+        now = time.time() if now is None else now
+        # Also refuse an expiry further off than ttl_s: a session issued before ttl_s was lowered.
+        return now < int(expiry) <= now + self.ttl_s + 1
+
+
+def is_https(request: Request) -> bool:
+    """Whether the browser reached the Workshop over https: directly, or through a proxy that says so.
+
+    The proxy's word (``X-Forwarded-Proto``, or ``Forwarded: proto=``) is taken
+    as it is: it only ever adds ``Secure`` to the cookie, which a forged header
+    cannot turn into a weakness.
+    """
+    if request.url.scheme == "https":
+        return True
+    forwarded_proto = request.headers.get("x-forwarded-proto", "").split(",")[0].strip().lower()
+    if forwarded_proto == "https":
+        return True
+    first_hop = request.headers.get("forwarded", "").split(",")[0]
+    return any(p.strip().lower() in ("proto=https", 'proto="https"') for p in first_hop.split(";"))
+
+
 class Guard:
-    """ASGI middleware: token, Host check and security headers on every response."""
+    """ASGI middleware: token or session, Host check and security headers on every response."""
 
     def __init__(self, app: ASGIApp, ws: Workshop) -> None:
         self.app = app
@@ -117,8 +182,8 @@ class Guard:
     def _refuse(self, request: Request) -> Response | None:
         from heddle.workshop.server import is_loopback
 
-        ws = self.ws
-        if ws.token is None:
+        token, sessions = self.ws.token, self.ws.sessions
+        if token is None or sessions is None:
             host = urlsplit(f"//{request.headers.get('host', '')}").hostname or ""
             if not is_loopback(host):
                 return PlainTextResponse(
@@ -127,21 +192,31 @@ class Guard:
             return None
         given = request.query_params.get("token")
         if given is not None:
-            if not hmac.compare_digest(given.encode(), ws.token.encode()):
+            if not hmac.compare_digest(given.encode(), token.encode()):
                 return PlainTextResponse("wrong token", status_code=401)
-            # Trade the token in the URL for a cookie, and drop it from the address bar.
-            resp = RedirectResponse(request.url.path, status_code=303)
-            resp.set_cookie(TOKEN_COOKIE, ws.token, httponly=True, samesite="strict", path="/")
-            return resp
+            # Trade the token in the URL for a session cookie, and drop it from the address bar.
+            signed_in = RedirectResponse(request.url.path, status_code=303)
+            signed_in.set_cookie(
+                SESSION_COOKIE, sessions.issue(), max_age=int(sessions.ttl_s), path="/",
+                secure=is_https(request), httponly=True, samesite="strict",
+            )
+            return signed_in
         auth = request.headers.get("authorization", "")
-        supplied = auth[7:] if auth.lower().startswith("bearer ") else request.cookies.get(TOKEN_COOKIE, "")
-        if supplied and hmac.compare_digest(supplied.encode(), ws.token.encode()):
-            return None
-        return PlainTextResponse(
-            "this Workshop needs its token: open it once as /?token=THE_TOKEN ($HEDDLE_WORKSHOP_TOKEN) "
-            "or send Authorization: Bearer THE_TOKEN",
+        if auth.lower().startswith("bearer "):
+            if hmac.compare_digest(auth[7:].encode(), token.encode()):
+                return None
+        else:
+            session = request.cookies.get(SESSION_COOKIE)
+            if session is not None and sessions.valid(session):
+                return None
+        resp = PlainTextResponse(
+            "this Workshop needs its token (or your session has expired): open it once as "
+            "/?token=THE_TOKEN ($HEDDLE_WORKSHOP_TOKEN) or send Authorization: Bearer THE_TOKEN",
             status_code=401,
         )
+        if SESSION_COOKIE in request.cookies:
+            resp.delete_cookie(SESSION_COOKIE, path="/", secure=is_https(request), httponly=True, samesite="strict")
+        return resp
 
 
 @dataclass(frozen=True)
@@ -411,9 +486,9 @@ def build_app(ws: Workshop) -> ASGIApp:
                 dead = {"id": found[0], "reason": found[1].get(names.HDR_REASON, "")}
                 if args is None:
                     try:
-                        tm = task_decoder.decode(found[2])
+                        tm = bounded_decode(task_decoder, found[2])
                         args, kwargs = tm.args, tm.kwargs
-                    except (msgspec.DecodeError, msgspec.ValidationError):
+                    except DecodeError:
                         pass
         if entry is None and record is None and dead is None:
             return render(request, "missing.html", status_code=404, what=f"task {task_id}",
@@ -493,9 +568,9 @@ def build_app(ws: Workshop) -> ASGIApp:
         except (ValueError, HeddleError) as exc:
             return render(request, "missing.html", status_code=404, what="dead letter", hint=str(exc))
         try:
-            tm = task_decoder.decode(d.data)
+            tm = bounded_decode(task_decoder, d.data)
             body: Any = {"task": tm.task, "id": tm.id, "args": tm.args, "kwargs": tm.kwargs}
-        except (msgspec.DecodeError, msgspec.ValidationError):
+        except DecodeError:
             body = None
         return render(request, "dlq_one.html", d=d, body=body, raw=d.data[:500], HDR=_hdrs())
 
@@ -574,4 +649,4 @@ def _hdrs() -> dict[str, str]:
             "reason": names.HDR_REASON}
 
 
-__all__ = ["CSP", "Pages", "Target", "build_app", "schema_fields"]
+__all__ = ["CSP", "SESSION_COOKIE", "Pages", "Sessions", "Target", "build_app", "is_https", "schema_fields"]
