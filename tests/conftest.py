@@ -170,7 +170,9 @@ async def dead_letters(nats_url: str) -> list[tuple[dict[str, str], bytes]]:
     try:
         js = nc.jetstream()
         info = await js.stream_info(names.DLQ_STREAM)
-        out = []
+        out: list[tuple[dict[str, str], bytes]] = []
+        if not info.state.messages:
+            return out
         for seq in range(info.state.first_seq, info.state.last_seq + 1):
             try:
                 m = await js.get_msg(names.DLQ_STREAM, seq)

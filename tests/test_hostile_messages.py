@@ -636,3 +636,19 @@ async def test_ack_failures_are_logged_with_the_task_id(heddle_servers, caplog):
     assert level("task-acked-twice") == "DEBUG"
     assert level("task-on-a-closed-connection") == "DEBUG"
     assert level("task-not-from-a-stream") == "WARNING"
+
+
+def test_a_task_carrying_its_own_status_header_is_routed_and_run_not_taken_for_a_pull_status(
+    heddle_app, heddle_servers
+):
+    @heddle_app.task(name=_ECHO)
+    def echo(x: Any) -> Any:
+        return x
+
+    tid = _uid("status-header")
+    headers = {**_task_headers(heddle_app, tid, _ECHO), "Status": "404", "Description": "No Messages"}
+    _ensure_streams(heddle_app)
+    _publish(heddle_servers.nats_url, [(names.INCOMING_SUBJECT, encoder.encode(TaskMessage(id=tid, task=_ECHO,
+                                                                                            args=[7])), headers)])
+    with running_actors(heddle_app, _router_actors(heddle_app)):
+        assert heddle_app.AsyncResult(tid).get(timeout=PROMPT_S) == 7

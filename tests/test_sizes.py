@@ -106,3 +106,15 @@ async def test_a_message_too_large_to_dead_letter_with_its_reason_is_kept_by_ref
     finally:
         await app.aclose()
         await conns.close()
+
+
+def test_arguments_nested_deeper_than_a_worker_decodes_fail_at_the_call_site(heddle_app: heddle.Heddle) -> None:
+    @heddle_app.task
+    def take(data: list) -> int:  # type: ignore[type-arg]
+        return len(data)
+
+    deep: list = []  # type: ignore[type-arg]
+    for _ in range(200):
+        deep = [deep]
+    with pytest.raises(heddle.EncodeError, match="cannot be sent: .*deep"):
+        take.delay(deep)

@@ -9,6 +9,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -21,16 +22,17 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
 from heddle import names
-from heddle.errors import BrokerError, BrokerUnavailable, MessageTooLarge
+from heddle.errors import BrokerError, BrokerUnavailable, ConfigError, MessageTooLarge
 from heddle.redact import redact
-from heddle.settings import Settings
+from heddle.settings import Settings, nats_server_urls, readable_file, server_endpoint
 
 log = logging.getLogger("heddle.broker")
 
 # Publish-ack waits are pipelined; this bounds how many are in flight per connection.
 _MAX_PENDING_PUBLISHES = 8192
-# Header bytes a message may carry without being measured (Heddle's own are far fewer).
-_HEADERS_ROOM = 16 * 1024
+# Header bytes a message may carry without being measured: JetStream stores at most
+# 64 KiB of headers, so a payload this far below max_payload always fits.
+_HEADERS_ROOM = 65 * 1024
 _NATS_HDR_LINE = b"NATS/1.0\r\n"
 # How often unacknowledged publishes are checked against their deadline.
 _ACK_SWEEP_S = 0.5
@@ -78,6 +80,106 @@ def _refused_credentials(exc: BaseException) -> bool:
     # 'Authorization Violation', 'Authentication Timeout', 'User Authentication Expired'.
     text = str(exc).lower()
     return "authorization violation" in text or "authentication" in text
+
+
+def connect_options(settings: Settings) -> dict[str, Any]:
+    """nats-py ``connect()`` options for the credentials and TLS in ``settings``.
+
+    Credentials inside ``NATS_URL`` stay there (nats-py reads them from the URL).
+    TLS files are read here, so a missing or unreadable one fails before any
+    connection with the variable to fix.
+
+    Raises:
+        ConfigError: A file named by ``NATS_NKEY``, ``NATS_CREDS`` or ``NATS_TLS_*``
+            cannot be read, or is not what it should be.
+    """
+    a = settings.nats_auth
+    opts: dict[str, Any] = {}
+    if a.inbox_prefix:
+        opts["inbox_prefix"] = a.inbox_prefix
+    if a.user:
+        opts["user"], opts["password"] = a.user, a.password
+    if a.token:
+        opts["token"] = a.token
+    if a.nkey or a.creds:
+        try:
+            import nkeys  # noqa: F401 - nats-py signs the server's nonce with it
+        except ImportError:
+            raise ConfigError(
+                "NATS_NKEY and NATS_CREDS need the nkeys package: pip install 'nats-py[nkeys]'"
+            ) from None
+    if a.nkey:
+        opts["nkeys_seed"] = readable_file("NATS_NKEY", a.nkey)
+    if a.creds:
+        opts["user_credentials"] = readable_file("NATS_CREDS", a.creds)
+    if settings.nats_tls:
+        ca = readable_file("NATS_TLS_CA", a.tls_ca) if a.tls_ca else None
+        try:
+            ctx = ssl.create_default_context(cafile=ca)
+        except ssl.SSLError as exc:
+            raise ConfigError(f"NATS_TLS_CA={a.tls_ca} is not a PEM CA certificate ({exc.reason or exc})") from None
+        if a.tls_cert and a.tls_key:
+            cert = readable_file("NATS_TLS_CERT", a.tls_cert)
+            key = readable_file("NATS_TLS_KEY", a.tls_key)
+            try:
+                ctx.load_cert_chain(cert, key)
+            except ssl.SSLError as exc:
+                raise ConfigError(
+                    f"NATS_TLS_CERT={a.tls_cert} and NATS_TLS_KEY={a.tls_key} are not a PEM certificate and "
+                    f"its private key ({exc.reason or exc})"
+                ) from None
+        opts["tls"] = ctx
+    return opts
+
+
+def _connect_failure(settings: Settings, exc: BaseException, said: BaseException | None) -> BrokerError:
+    """The error for a first connection that failed: a refused login or TLS names the variable to fix."""
+    url = settings.nats_url
+    where = ", ".join(server_endpoint(u) for u in nats_server_urls(url)) or redact(url)
+    told = redact(str(said or exc), *settings.secrets())
+    login = settings.nats_login
+    if said is not None and isinstance(said, ssl.SSLError) or isinstance(exc, ssl.SSLError):
+        a = settings.nats_auth
+        low = told.lower()
+        if "certificate required" in low or "alert" in low and "certificate" in low:
+            fix = (
+                "nats-server asks for a client certificate: set NATS_TLS_CERT and NATS_TLS_KEY to one signed "
+                "by the CA in its tls { ca_file }" if not a.tls_cert else
+                f"nats-server refused the client certificate NATS_TLS_CERT={a.tls_cert}: it must be signed by "
+                f"the CA in the server's tls {{ ca_file }}"
+            )
+        elif "verify" in low:
+            fix = (
+                f"nats-server's certificate is not signed by NATS_TLS_CA={a.tls_ca}, or does not name the "
+                f"host of NATS_URL; set NATS_TLS_CA to the CA that signed it" if a.tls_ca else
+                "nats-server's certificate is not signed by a CA this system trusts: set NATS_TLS_CA to the "
+                "CA file that signed it"
+            )
+        else:
+            fix = "check NATS_TLS_CA, NATS_TLS_CERT and NATS_TLS_KEY against the server's tls { } block"
+        return BrokerError(f"TLS failed for {where} while connecting ({told}). Fix: {fix}.")
+    if said is None and not _refused_credentials(exc):
+        return translate(exc, url, "connecting")
+    a = settings.nats_auth
+    if login == "NATS_CREDS":
+        fix = f"NATS_CREDS={a.creds}: the server does not accept its user JWT (wrong account or operator, expired?)"
+    elif login == "NATS_NKEY":
+        fix = f"NATS_NKEY={a.nkey}: the public key of this seed is not a user in the server's authorization config"
+    elif login == "NATS_PASSWORD":
+        fix = f"NATS_PASSWORD (or NATS_USER={a.user}): the server does not know this user with this password"
+    elif login == "NATS_TOKEN":
+        fix = "NATS_TOKEN: the server's authorization { token } is another"
+    elif login == "NATS_URL":
+        fix = f"the user:password@ (or token@) in NATS_URL={redact(url)}"
+    else:
+        fix = (
+            "nothing: no credentials are set, and the server requires them. Set NATS_USER and NATS_PASSWORD, "
+            "NATS_TOKEN, NATS_NKEY or NATS_CREDS (or user:password@ in NATS_URL)"
+        )
+    return BrokerError(
+        f"authentication failed: authorization failed for {where} while connecting ({told}). "
+        f"Fix {fix}; or the server's authorization config."
+    )
 
 
 class Broker:
@@ -147,7 +249,9 @@ class Broker:
         """Connect, retrying forever on later disconnects; fail fast on the first."""
 
         shown = redact(self.url)
-        refused: list[BaseException] = []  # what the server said when it refused the login
+        options = connect_options(self.settings)
+        # What the server said when it refused the login, or why TLS failed.
+        refused: list[BaseException] = []
 
         async def disconnected() -> None:
             self.disconnected_at = time.monotonic()
@@ -166,7 +270,7 @@ class Broker:
         async def error(exc: Exception) -> None:
             # Permission violations and protocol errors are worth seeing; a reconnect
             # attempt that fails is said once by disconnected() above.
-            if _refused_credentials(exc):
+            if _refused_credentials(exc) or isinstance(exc, ssl.SSLError):
                 refused[:] = [exc]
             if isinstance(exc, nats.errors.Error) and not isinstance(exc, nats.errors.ConnectionClosedError):
                 log.warning("nats-server at %s reported: %s", shown, redact(str(exc), self.url))
@@ -198,9 +302,19 @@ class Broker:
                 reconnected_cb=reconnected,
                 error_cb=error,
                 closed_cb=closed,
+                **options,
             )
         except Exception as exc:
-            raise translate(exc, self.url, "connecting", refused[0] if refused else None) from exc
+            raise _connect_failure(self.settings, exc, refused[0] if refused else None) from exc
+        if self.settings.nats_tls and not self.nc._server_info.get("tls_required"):
+            # nats-py speaks plain text to a server that does not ask for TLS, whatever
+            # the URL's scheme: never let "tls://" or NATS_TLS_CA quietly mean nothing.
+            await self.close()
+            self._closing = False
+            raise BrokerError(
+                f"nats-server at {shown} does not use TLS, but this process asks for it (a tls:// URL or "
+                f"NATS_TLS_CA, NATS_TLS_CERT); enable tls {{ }} on the server, or use nats:// and unset NATS_TLS_*"
+            )
         # Once connected, reconnect forever: a restarted nats-server must never
         # leave a worker silently disconnected.
         self.nc.options["max_reconnect_attempts"] = -1
@@ -714,7 +828,9 @@ _PENDING_RETRY_S = 0.02
 def _status(msg: Msg) -> str | None:
     """The status code of a pull-request status message; None for a stream message."""
     headers = msg.headers
-    if headers is None:
+    # A status from the server comes with no reply subject; a stream message always has
+    # one (its ack subject), so a user's own "Status" header is never taken for one.
+    if headers is None or msg.reply:
         return None
     return headers.get(api.Header.STATUS)
 

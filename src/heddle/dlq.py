@@ -23,7 +23,8 @@ from rich.table import Table
 
 from heddle import names
 from heddle.app import Heddle
-from heddle.errors import BrokerError, HeddleError
+from heddle.errors import BrokerError, DecodeError, HeddleError
+from heddle.messages import decode as bounded_decode
 from heddle.messages import task_decoder
 
 
@@ -168,8 +169,8 @@ def _print_one(console: Console, d: DeadLetter) -> None:
     for k, v in sorted(d.headers.items()):
         console.print(f"  {k}: {v}")
     try:
-        tm = task_decoder.decode(d.data)
+        tm = bounded_decode(task_decoder, d.data)
         body: Any = {"task": tm.task, "id": tm.id, "args": tm.args, "kwargs": tm.kwargs}
         console.print("  payload:", body)
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except DecodeError:
         console.print(f"  payload ({len(d.data)} bytes, not a task message): {d.data[:200]!r}")

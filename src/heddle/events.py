@@ -37,6 +37,8 @@ from typing import TYPE_CHECKING, Any, Final
 import msgspec
 
 from heddle import names
+from heddle.errors import DecodeError
+from heddle.messages import decode as bounded_decode
 
 if TYPE_CHECKING:
     from heddle.broker import Broker
@@ -146,32 +148,32 @@ def describe(subject: str, data: bytes) -> dict[str, Any] | None:
     """
     try:
         if subject.startswith(names.TASK_EVENTS_PREFIX):
-            ev = task_event_decoder.decode(data)
+            ev = bounded_decode(task_event_decoder, data)
             out = msgspec.structs.asdict(ev)
             raw = out.pop("payload")
             if len(raw):
                 from heddle.messages import task_decoder
 
-                tm = task_decoder.decode(bytes(raw))
+                tm = bounded_decode(task_decoder, bytes(raw))
                 out["args"], out["kwargs"] = tm.args, tm.kwargs
                 out["submitted_at"] = tm.submitted_at
             return {"kind": "task", **out}
         if subject.startswith(names.WORKER_EVENTS_PREFIX):
-            return {"kind": "worker", **msgspec.structs.asdict(worker_event_decoder.decode(data))}
+            return {"kind": "worker", **msgspec.structs.asdict(bounded_decode(worker_event_decoder, data))}
         if subject.startswith(names.GOAL_EVENTS_PREFIX):
             goal_id = subject[len(names.GOAL_EVENTS_PREFIX):]
             if not data:
                 return {"kind": "goal", "state": "ended", "id": goal_id, "at": time.time()}
             from heddle.graph import node_state_decoder
 
-            node = msgspec.structs.asdict(node_state_decoder.decode(data))
+            node = msgspec.structs.asdict(bounded_decode(node_state_decoder, data))
             return {"kind": "goal", "id": goal_id, "at": time.time(), **node, "node_task_id": node["task_id"]}
         if subject.startswith(names.LLM_EVENTS_PREFIX):
             from heddle.llm.worker import event_decoder
 
-            llm = msgspec.structs.asdict(event_decoder.decode(data))
+            llm = msgspec.structs.asdict(bounded_decode(event_decoder, data))
             return {"kind": "llm", "state": "ok" if llm["ok"] else "error", "id": llm["task_id"], **llm}
-    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
+    except (DecodeError, UnicodeDecodeError):
         return None
     return None
 

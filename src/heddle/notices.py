@@ -33,11 +33,10 @@ import time
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
-import msgspec
-
 from heddle import names
-from heddle.errors import HeddleError
+from heddle.errors import DecodeError, HeddleError
 from heddle.messages import READY_STATES, ResultRecord, record_decoder
+from heddle.messages import decode as bounded_decode
 
 if TYPE_CHECKING:
     from heddle.broker import Broker
@@ -276,8 +275,8 @@ class Watches:
 def _valid_record(task_id: str, data: bytes) -> ResultRecord | None:
     """The record in ``data`` if it is this task's final record; None for anything else."""
     try:
-        record = record_decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError, ValueError):
+        record = bounded_decode(record_decoder, data)
+    except DecodeError:
         return None
     if record.id != task_id or record.state not in READY_STATES:
         return None

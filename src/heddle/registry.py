@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from heddle import events, names
-from heddle.errors import BrokerError
+from heddle.errors import BrokerError, DecodeError
+from heddle.messages import decode as bounded_decode
 
 if TYPE_CHECKING:
     from nats.aio.msg import Msg
@@ -152,7 +153,7 @@ class Registry:
             with contextlib.suppress(Exception):
                 entry = await kv.get(key)
                 if entry.value:
-                    self._seen[key] = (now, _info_decoder.decode(entry.value))
+                    self._seen[key] = (now, bounded_decode(_info_decoder, entry.value))
         self._rebuild()
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
 
@@ -171,8 +172,8 @@ class Registry:
             self._seen.pop(key, None)
         else:
             try:
-                self._seen[key] = (time.monotonic(), _info_decoder.decode(msg.data))
-            except (msgspec.DecodeError, msgspec.ValidationError):
+                self._seen[key] = (time.monotonic(), bounded_decode(_info_decoder, msg.data))
+            except DecodeError:
                 return
         self._rebuild()
 

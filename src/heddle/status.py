@@ -25,8 +25,9 @@ from rich.text import Text
 from heddle import events, names
 from heddle.app import Heddle
 from heddle.audit import AuditReport, unfinished
-from heddle.errors import HeddleError
+from heddle.errors import DecodeError, HeddleError
 from heddle.messages import ResultRecord, task_decoder
+from heddle.messages import decode as bounded_decode
 from heddle.redact import redact
 from heddle.registry import ALIVE_TTL_S, WorkerInfo
 
@@ -118,8 +119,8 @@ async def list_workers(app: Heddle) -> list[WorkerRow]:
         if not m.data or (m.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
             continue
         try:
-            wi = _info_decoder.decode(m.data)
-        except (msgspec.DecodeError, msgspec.ValidationError):
+            wi = bounded_decode(_info_decoder, m.data)
+        except DecodeError:
             continue
         seen = _epoch(m.time) or wi.started_at
         if now - seen <= ALIVE_TTL_S:
@@ -370,9 +371,9 @@ async def inspect_task(app: Heddle, task_id: str) -> TaskView:
         view.dead_letter_id, headers, data = dl[0], dl[1], dl[2]
         view.dead_letter_reason = headers.get(names.HDR_REASON, "")
         try:
-            tm = task_decoder.decode(data)
+            tm = bounded_decode(task_decoder, data)
             view.args, view.kwargs = tm.args, tm.kwargs
-        except (msgspec.DecodeError, msgspec.ValidationError):
+        except DecodeError:
             pass
     return view
 

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar, ov
 import msgspec
 
 from heddle import names
-from heddle.errors import EncodeError, HeddleError, TaskOptionError
-from heddle.messages import TaskMessage, encoder
+from heddle.errors import DecodeError, EncodeError, HeddleError, TaskOptionError
+from heddle.messages import TaskMessage, check_payload, encoder
 from heddle.results import AsyncResult
 from heddle.settings import Settings, check_name
 
@@ -321,6 +321,12 @@ def check_message_size(settings: Settings, what: str, payload: bytes) -> None:
             f"{settings.max_message_bytes:,} (setting max_message_bytes, below nats-server's max_payload); "
             f"pass large data by reference (a path, a URL, an object-store key) instead"
         )
+    try:
+        # The limits every consumer decodes under (depth, inflated size): a message a
+        # worker would dead-letter is refused here instead.
+        check_payload(payload)
+    except DecodeError as exc:
+        raise EncodeError(f"{what}: its arguments cannot be sent: {exc}") from None
 
 
 def _eta_epoch(countdown: float | None, eta: datetime | float | None) -> float | None:

@@ -284,7 +284,7 @@ class Worker:
                 # crash between store and ack, or a revoked task): do not run again,
                 # but announce the stored result for whoever sent this copy.
                 if claim.final_record:
-                    await self.conns.broker.publish_core(names.result_subject(tm.id), claim.final_record)
+                    await self.conns.notify(tm.id, claim.final_record)
                 await acknowledge(msg, "ack", tm.id)
                 continue
             running = self.inflight.get(tm.id)
@@ -494,7 +494,8 @@ class Worker:
             else:
                 wrote = next(it)
                 if wrote:
-                    await broker.publish_core(names.result_subject(job.message.id), rec)
+                    # Never raises: a lost notice costs waiters a re-read, not the result.
+                    await self.conns.notify(job.message.id, rec)
                     if o.state == FAILURE:
                         self.stats["failed"] += 1
                         self.metrics.failed(msg.subject, job.message.task, o.finished_at - job.started_at)
