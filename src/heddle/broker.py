@@ -134,51 +134,17 @@ def connect_options(settings: Settings) -> dict[str, Any]:
 
 def _connect_failure(settings: Settings, exc: BaseException, said: BaseException | None) -> BrokerError:
     """The error for a first connection that failed: a refused login or TLS names the variable to fix."""
-    url = settings.nats_url
-    where = ", ".join(server_endpoint(u) for u in nats_server_urls(url)) or redact(url)
+    where = ", ".join(server_endpoint(u) for u in nats_server_urls(settings.nats_url))
     told = redact(str(said or exc), *settings.secrets())
-    login = settings.nats_login
-    if said is not None and isinstance(said, ssl.SSLError) or isinstance(exc, ssl.SSLError):
-        a = settings.nats_auth
-        low = told.lower()
-        if "certificate required" in low or "alert" in low and "certificate" in low:
-            fix = (
-                "nats-server asks for a client certificate: set NATS_TLS_CERT and NATS_TLS_KEY to one signed "
-                "by the CA in its tls { ca_file }" if not a.tls_cert else
-                f"nats-server refused the client certificate NATS_TLS_CERT={a.tls_cert}: it must be signed by "
-                f"the CA in the server's tls {{ ca_file }}"
-            )
-        elif "verify" in low:
-            fix = (
-                f"nats-server's certificate is not signed by NATS_TLS_CA={a.tls_ca}, or does not name the "
-                f"host of NATS_URL; set NATS_TLS_CA to the CA that signed it" if a.tls_ca else
-                "nats-server's certificate is not signed by a CA this system trusts: set NATS_TLS_CA to the "
-                "CA file that signed it"
-            )
-        else:
-            fix = "check NATS_TLS_CA, NATS_TLS_CERT and NATS_TLS_KEY against the server's tls { } block"
-        return BrokerError(f"TLS failed for {where} while connecting ({told}). Fix: {fix}.")
+    if isinstance(said, ssl.SSLError) or isinstance(exc, ssl.SSLError):
+        return BrokerError(f"TLS failed for {where} while connecting ({told}). Fix: {settings.tls_fix('nats', told)}.")
     if said is None and not _refused_credentials(exc):
-        return translate(exc, url, "connecting")
-    a = settings.nats_auth
-    if login == "NATS_CREDS":
-        fix = f"NATS_CREDS={a.creds}: the server does not accept its user JWT (wrong account or operator, expired?)"
-    elif login == "NATS_NKEY":
-        fix = f"NATS_NKEY={a.nkey}: the public key of this seed is not a user in the server's authorization config"
-    elif login == "NATS_PASSWORD":
-        fix = f"NATS_PASSWORD (or NATS_USER={a.user}): the server does not know this user with this password"
-    elif login == "NATS_TOKEN":
-        fix = "NATS_TOKEN: the server's authorization { token } is another"
-    elif login == "NATS_URL":
-        fix = f"the user:password@ (or token@) in NATS_URL={redact(url)}"
-    else:
-        fix = (
-            "nothing: no credentials are set, and the server requires them. Set NATS_USER and NATS_PASSWORD, "
-            "NATS_TOKEN, NATS_NKEY or NATS_CREDS (or user:password@ in NATS_URL)"
-        )
+        return translate(exc, settings.nats_url, "connecting")
+    shown = redact(settings.nats_url)
+    at = f" at nats-server {shown}" if "@" in shown else ""  # which URL's user:*** was refused
     return BrokerError(
-        f"authentication failed: authorization failed for {where} while connecting ({told}). "
-        f"Fix {fix}; or the server's authorization config."
+        f"authentication failed{at}: authorization failed for {where} while connecting ({told}). "
+        f"{settings.login_fix('nats')}."
     )
 
 
@@ -249,9 +215,11 @@ class Broker:
         """Connect, retrying forever on later disconnects; fail fast on the first."""
 
         shown = redact(self.url)
+        secrets = self.settings.secrets()
         options = connect_options(self.settings)
         # What the server said when it refused the login, or why TLS failed.
         refused: list[BaseException] = []
+        tls_failed = asyncio.Event()
 
         async def disconnected() -> None:
             self.disconnected_at = time.monotonic()
@@ -272,45 +240,63 @@ class Broker:
             # attempt that fails is said once by disconnected() above.
             if _refused_credentials(exc) or isinstance(exc, ssl.SSLError):
                 refused[:] = [exc]
+                if isinstance(exc, ssl.SSLError) and self.nc is None:
+                    tls_failed.set()
             if isinstance(exc, nats.errors.Error) and not isinstance(exc, nats.errors.ConnectionClosedError):
-                log.warning("nats-server at %s reported: %s", shown, redact(str(exc), self.url))
+                log.warning("nats-server at %s reported: %s", shown, redact(str(exc), *secrets))
             else:
-                log.debug("nats error: %s", redact(repr(exc), self.url))
+                log.debug("nats error: %s", redact(repr(exc), *secrets))
 
         async def closed() -> None:
             if self._closing:
                 return
             nc = self.nc
             why = repr(nc.last_error) if nc is not None and nc.last_error is not None else "no reason given"
-            self.lost = redact(f"the connection to nats-server at {shown} was closed for good ({why})", self.url)
+            self.lost = redact(f"the connection to nats-server at {shown} was closed for good ({why})", *secrets)
             log.error("%s; this process cannot reach the bus again and must be restarted", self.lost)
             self.lost_event.set()
 
+        options.update(
+            name=self.name,
+            connect_timeout=self.settings.connect_timeout_s,
+            allow_reconnect=True,
+            # A few attempts for the first connection so a wrong URL fails fast;
+            # raised to "forever" below once connected.
+            max_reconnect_attempts=2,
+            reconnect_time_wait=0.25,
+            ping_interval=5,
+            max_outstanding_pings=3,
+            disconnected_cb=disconnected,
+            reconnected_cb=reconnected,
+            error_cb=error,
+            closed_cb=closed,
+        )
+        nc = NATS()
+        connecting = asyncio.ensure_future(nc.connect(self.url, **options))
+        # nats-py never returns from a failed TLS handshake (it waits for the closing of
+        # a socket it handed to the handshake): stop at the first TLS error instead.
+        failing = asyncio.ensure_future(tls_failed.wait())
         try:
-            self.nc = await nats.connect(
-                self.url,
-                name=self.name,
-                connect_timeout=self.settings.connect_timeout_s,
-                allow_reconnect=True,
-                # A few attempts for the first connection so a wrong URL fails fast;
-                # raised to "forever" below once connected.
-                max_reconnect_attempts=2,
-                reconnect_time_wait=0.25,
-                ping_interval=5,
-                max_outstanding_pings=3,
-                disconnected_cb=disconnected,
-                reconnected_cb=reconnected,
-                error_cb=error,
-                closed_cb=closed,
-                **options,
-            )
+            await asyncio.wait((connecting, failing), return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            connecting.cancel()
+            raise
+        finally:
+            failing.cancel()
+        if not connecting.done():
+            connecting.cancel()
+            with contextlib.suppress(BaseException):
+                await connecting
+            raise _connect_failure(self.settings, refused[0], refused[0])
+        try:
+            connecting.result()
         except Exception as exc:
             raise _connect_failure(self.settings, exc, refused[0] if refused else None) from exc
+        self.nc = nc
         if self.settings.nats_tls and not self.nc._server_info.get("tls_required"):
             # nats-py speaks plain text to a server that does not ask for TLS, whatever
             # the URL's scheme: never let "tls://" or NATS_TLS_CA quietly mean nothing.
             await self.close()
-            self._closing = False
             raise BrokerError(
                 f"nats-server at {shown} does not use TLS, but this process asks for it (a tls:// URL or "
                 f"NATS_TLS_CA, NATS_TLS_CERT); enable tls {{ }} on the server, or use nats:// and unset NATS_TLS_*"

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from heddle import metrics
 from heddle.errors import HealthServerError, HeddleError
 from heddle.redact import redact as _redact
+from heddle.settings import DEFAULT_HEALTH_HOST
 
 if TYPE_CHECKING:
     from heddle.app import Connections
@@ -57,7 +58,8 @@ READINESS_PATH = "/readyz"
 METRICS_PATH = "/metrics"
 PATHS = (LIVENESS_PATH, READINESS_PATH, METRICS_PATH)
 
-DEFAULT_HOST = "0.0.0.0"
+# Where a HealthServer made directly listens; actor processes use HEDDLE_HEALTH_HOST.
+DEFAULT_HOST = DEFAULT_HEALTH_HOST
 _READ_TIMEOUT_S = 5.0
 _JSON = "application/json"
 
@@ -417,9 +419,11 @@ class HealthServer:
 
 
 async def start_health_server(
-    actors: Sequence[HealthTarget], settings: Settings, port: int | None = None, host: str = DEFAULT_HOST
+    actors: Sequence[HealthTarget], settings: Settings, port: int | None = None, host: str | None = None
 ) -> HealthServer | None:
     """Start the health server of an actor process, on ``port`` or ``settings.health_port``.
+
+    It listens on ``host``, else ``settings.health_host`` (``HEDDLE_HEALTH_HOST``).
 
     Returns None (and serves nothing) when neither names a port.
 
@@ -429,6 +433,7 @@ async def start_health_server(
     port = settings.health_port if port is None else port
     if port is None:
         return None
+    host = settings.health_host if host is None else host
     server = HealthServer(actors, port=port, host=host, liveness_timeout_s=settings.liveness_timeout_s)
     await server.start()
     log.info("health server on http://%s:%d (%s)", host, server.port, " ".join(PATHS))

@@ -45,7 +45,7 @@ from heddle.messages import (
     record_decoder,
 )
 from heddle.redact import redact
-from heddle.settings import Settings
+from heddle.settings import Settings, readable_file, server_endpoint
 
 if TYPE_CHECKING:
     from heddle.app import Heddle
@@ -172,7 +172,34 @@ class ResultBackend:
         return self.settings.valkey_url
 
     async def connect(self) -> None:
-        """Connect and load the Lua scripts; raise BackendUnavailable if unreachable."""
+        """Connect and load the Lua scripts; raise BackendUnavailable if unreachable.
+
+        Credentials come from ``VALKEY_URL`` or ``VALKEY_USERNAME``/``VALKEY_PASSWORD``;
+        TLS from a ``valkeys://`` (``rediss://``) URL, with ``VALKEY_TLS_CA`` and, for
+        mutual TLS, ``VALKEY_TLS_CERT``/``VALKEY_TLS_KEY``. A refused login or a failed
+        TLS handshake says which of them to fix, and never what they hold.
+
+        Raises:
+            ConfigError: A ``VALKEY_TLS_*`` file cannot be read.
+            BackendError: The server refused the login or the TLS handshake.
+            BackendUnavailable: The server cannot be reached.
+        """
+        a = self.settings.valkey_auth
+        options: dict[str, Any] = {}
+        if a.username:
+            options["username"] = a.username
+        if a.password:
+            options["password"] = a.password
+        tls = self.url.partition("://")[0].lower() in ("valkeys", "rediss")
+        if tls:
+            # valkey-py checks the chain but not the host name unless told; a URL's
+            # ?ssl_check_hostname=false still wins (query options override these).
+            options["ssl_check_hostname"] = True
+        for key, var, path in (("ssl_ca_certs", "VALKEY_TLS_CA", a.tls_ca),
+                               ("ssl_certfile", "VALKEY_TLS_CERT", a.tls_cert),
+                               ("ssl_keyfile", "VALKEY_TLS_KEY", a.tls_key)):
+            if path:
+                options[key] = readable_file(var, path)
         # A bounded pool: a burst of concurrent result reads waits for a free connection
         # (up to the socket timeout) instead of opening one connection per waiter.
         pool = valkey_async.BlockingConnectionPool.from_url(
@@ -182,12 +209,33 @@ class ResultBackend:
             socket_connect_timeout=self.settings.connect_timeout_s,
             socket_timeout=max(10.0, self.settings.connect_timeout_s),
             health_check_interval=10,
+            **options,
         )
         self.client = valkey_async.Valkey.from_pool(pool)
         try:
             await self.client.ping()
             await self._load_scripts()
         except Exception as exc:
+            where = server_endpoint(self.url)
+            told = redact(str(exc), *self.settings.secrets()).rstrip(".")
+            if isinstance(exc, vexc.AuthenticationError | vexc.AuthorizationError
+                          | vexc.AuthenticationWrongNumberOfArgsError):
+                shown = redact(self.url)
+                at = f" at valkey-server {shown}" if "@" in shown else ""  # which URL's user:*** was refused
+                raise BackendError(
+                    f"authentication failed{at}: authorization failed for {where} while connecting ({told}). "
+                    f"{self.settings.login_fix('valkey')}."
+                ) from exc
+            low = told.lower()
+            if tls and any(w in low for w in ("ssl", "certificate", "handshake", "closed by server")):
+                raise BackendError(
+                    f"TLS failed for {where} while connecting ({told}). Fix: {self.settings.tls_fix('valkey', told)}."
+                ) from exc
+            if tls and "timeout" in low:
+                raise BackendUnavailable(
+                    f"cannot reach valkey-server at {redact(self.url)} over TLS while connecting ({told}): is it "
+                    f"reachable, and does it speak TLS on this port (its tls-port)? For plain text use valkey://."
+                ) from exc
             raise _translate(exc, self.url, "connecting") from exc
 
     def register_script(self, name: str, lua: str) -> None:

