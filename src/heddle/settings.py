@@ -342,7 +342,7 @@ class Settings:
                         f"the host of {var}_URL; set {var}_TLS_CA to the CA that signed it")
             return (f"{server}-server's certificate is not signed by a CA this system trusts: set {var}_TLS_CA to "
                     f"the CA file that signed it")
-        if "certificate" in low or "alert" in low or "closed by server" in low:
+        if any(w in low for w in ("certificate", "alert", "closed by server", "reset by peer")):
             # An unwanted or missing client certificate: TLS 1.3 servers check it after the
             # client's side of the handshake is done, so some clients see only a closed socket.
             if a.tls_cert:
@@ -442,6 +442,17 @@ def _userinfo(url: str) -> tuple[str, str]:
         return unquote(parts.username or ""), unquote(parts.password or "")
     except ValueError:
         return ("", "") if "@" not in url.partition("://")[2] else ("?", "")
+
+
+def tls_failure(said: str) -> bool:
+    """Whether an error from a connection over TLS reads like a failed handshake.
+
+    A server that refuses a client certificate under TLS 1.3 does so after the
+    client's half of the handshake, so the client may see only a closed or reset
+    connection.
+    """
+    low = said.lower()
+    return any(w in low for w in ("ssl", "certificate", "handshake", "closed by server", "reset by peer"))
 
 
 def readable_file(var: str, path: str) -> str:
