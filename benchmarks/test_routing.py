@@ -79,7 +79,7 @@ async def through_routers(servers: Any, n: int, routers: int, log_dir: Path) -> 
     wtype = f"route{uuid.uuid4().hex[:6]}"
     app = Heddle("benchrouting", nats_url=servers.nats_url, valkey_url=servers.valkey_url)
     await app.connect()
-    conns = await app._connections()
+    conns = await app.connections()
     # A real announcement of a worker type, so the routers have somewhere to send.
     beat = Heartbeat(conns.broker, WorkerInfo(
         id=worker_id(), worker_type=wtype, tiers=["*"], default_tier="standard", concurrency=1,

@@ -6,10 +6,10 @@ import pytest
 
 import heddle
 from heddle import names
-from heddle.app import Connections
 from heddle.broker import Broker
-from heddle.results import ResultBackend
+from heddle.connections import Connections
 from heddle.settings import Settings
+from heddle.store import ResultBackend
 from heddle.testing import free_port
 
 
@@ -74,7 +74,7 @@ def test_sending_without_a_server_fails_at_the_call_site_with_a_clear_error():
 
 async def test_a_result_store_never_overwrites_a_final_state(heddle_servers):
     from heddle.messages import FAILURE, SUCCESS, ResultRecord
-    from heddle.results import StoreRequest, encode_record
+    from heddle.store import StoreRequest, encode_record
 
     conns = Connections(Settings(nats_url=heddle_servers.nats_url, valkey_url=heddle_servers.valkey_url), "t")
     await conns.start()
@@ -107,7 +107,7 @@ async def test_scripts_are_reloaded_after_valkey_forgets_them(heddle_servers):
 async def test_a_burst_of_concurrent_result_reads_shares_a_bounded_pool_of_connections(heddle_servers):
     import asyncio
 
-    from heddle.results import _MAX_CONNECTIONS
+    from heddle.store import _MAX_CONNECTIONS
 
     backend = ResultBackend(Settings(valkey_url=heddle_servers.valkey_url))
     await backend.connect()

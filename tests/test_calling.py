@@ -145,9 +145,9 @@ def test_a_200_task_burst_completes_with_every_result_retrievable(heddle_app, he
 def test_results_whose_watch_was_evicted_are_still_read_promptly(heddle_app, heddle_worker, monkeypatch):
     # Past the cap on open result watches, the oldest are dropped; their get() must not
     # wait for a notice that can no longer come.
-    import heddle.app
+    import heddle.connections
 
-    monkeypatch.setattr(heddle.app, "_MAX_WATCHES", 5)
+    monkeypatch.setattr(heddle.connections, "MAX_WATCHES", 5)
 
     @heddle_app.task
     def triple(x: int) -> int:

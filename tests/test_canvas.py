@@ -246,7 +246,7 @@ def test_revoking_a_graph_stops_it_and_revokes_its_running_node(g):
 
 def test_a_lost_result_notice_is_caught_by_reading_valkey_again(g):
     from heddle.messages import ResultRecord
-    from heddle.results import StoreRequest, encode_record
+    from heddle.store import StoreRequest, encode_record
 
     r = (g.slow.s(1, 30.0) | g.add.s(1)).delay()
     wait_for(lambda: "0" in r.nodes(), T, "the first node to be dispatched")
@@ -254,11 +254,11 @@ def test_a_lost_result_notice_is_caught_by_reading_valkey_again(g):
 
     async def store_without_notice() -> None:
         # What a worker does, minus the notice (as if it was published while NATS reconnected).
-        conns = await g.app._connections()
+        conns = await g.app.connections()
         record = ResultRecord(id=tid, state=heddle.SUCCESS, result=41)
         await conns.backend.store(StoreRequest(tid, heddle.SUCCESS, encode_record(record)))
 
-    g.app._portal.call(store_without_notice(), 10)
+    g.app.run_sync(store_without_notice(), 10)
     assert r.get(timeout=T) == 42
     g.app.AsyncResult(tid).revoke()  # stop the real, 30 s task
 

@@ -72,7 +72,7 @@ async def test_a_yaml_worker_answers_send_task_by_name_with_usage_in_result_meta
     events: list[bytes] = []
     got_event = asyncio.Event()
     async with aworker(app, tier="local"):
-        conns = await client._connections()
+        conns = await client.connections()
 
         async def on_event(msg):
             events.append(msg.data)

@@ -14,7 +14,7 @@ import valkey.asyncio as valkey_async
 import heddle
 from heddle import names
 from heddle.messages import SUCCESS, ResultRecord
-from heddle.results import encode_record
+from heddle.store import encode_record
 
 T = 15.0
 

@@ -24,7 +24,7 @@ import pytest
 
 import heddle
 from heddle import names
-from heddle.app import Connections
+from heddle.connections import Connections
 from heddle.health import HealthServer, redact_text
 from heddle.health import redact as health_redact
 from heddle.redact import redact

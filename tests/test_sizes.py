@@ -11,7 +11,7 @@ import pytest
 
 import heddle
 from heddle import names
-from heddle.app import Connections
+from heddle.connections import Connections
 from heddle.settings import Settings
 from heddle.testing import EmbeddedServers, running_worker
 from tests.conftest import dead_letters
@@ -116,5 +116,5 @@ def test_arguments_nested_deeper_than_a_worker_decodes_fail_at_the_call_site(hed
     deep: list = []  # type: ignore[type-arg]
     for _ in range(200):
         deep = [deep]
-    with pytest.raises(heddle.EncodeError, match="cannot be sent: .*deep"):
+    with pytest.raises(heddle.EncodeError, match=r"cannot be sent: .*deep"):
         take.delay(deep)

@@ -54,7 +54,7 @@ def test_status_shows_streams_consumers_the_live_worker_and_dead_letters(
     assert task(shop, "add").delay(1, 2).get(timeout=10) == 3
     status_app = Heddle("status", nats_url=heddle_servers.nats_url, valkey_url=heddle_servers.valkey_url)
     try:
-        st = status_app._portal.call(gather_status(status_app, sample_s=0))
+        st = status_app.run_sync(gather_status(status_app, sample_s=0))
     finally:
         status_app.close()
     assert {s.name for s in st.streams} >= {"HEDDLE_TASKS", "HEDDLE_DLQ", "HEDDLE_GOALS"}
@@ -83,7 +83,7 @@ def test_inspect_shows_a_failed_tasks_error_args_and_timeline(shop: Heddle, hedd
     wait_for(lambda: r.state == "FAILURE", 10, "the failure")
     app = Heddle("inspect", nats_url=heddle_servers.nats_url, valkey_url=heddle_servers.valkey_url)
     try:
-        view = wait_for(lambda: (v := app._portal.call(inspect_task(app, r.id))).dead_letter_id and v, 10,
+        view = wait_for(lambda: (v := app.run_sync(inspect_task(app, r.id))).dead_letter_id and v, 10,
                         "the dead letter")
     finally:
         app.close()

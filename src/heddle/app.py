@@ -4,115 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
-import os
-import socket
 import threading
-import time
-import uuid
 import weakref
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any, TypeVar, overload
+from typing import Any, TypeVar, overload
 
-from heddle import names
-from heddle.audit import SubmissionLog
-from heddle.broker import Broker
+from heddle.connections import Connections, client_name
 from heddle.errors import DuplicateTaskError, HeddleError
-from heddle.messages import REVOKED, ResultRecord, RevokeNotice, encoder
-from heddle.notices import Watch, Watches
 from heddle.redact import redact
 from heddle.results import AsyncResult as _AsyncResult
-from heddle.results import ResultBackend, StoreRequest, encode_record
+from heddle.send import send_by_name
 from heddle.settings import Settings, check_name
-
-if TYPE_CHECKING:
-    from heddle.task import P, R, Task, TaskDecorator
+from heddle.task import P, R, Task, TaskDecorator
 
 T = TypeVar("T")
-log = logging.getLogger("heddle.app")
 
 # Tasks declared with module-level ``@heddle.task``; every app adopts them.
 _shared_tasks: list[Task[Any, Any]] = []
 _apps: weakref.WeakSet[Heddle] = weakref.WeakSet()
-
-# Result-notice subscriptions made at send time and never waited on are dropped
-# beyond this many per connection, oldest first, so a fire-and-forget producer
-# does not grow without bound (heddle.notices.Watches).
-_MAX_WATCHES = 50_000
-
-
-def _client_name(app_name: str) -> str:
-    return f"heddle-{app_name}@{socket.gethostname()}:{os.getpid()}"
-
-
-class Connections:
-    """One NATS connection and one Valkey pool, bound to one event loop."""
-
-    def __init__(self, settings: Settings, name: str) -> None:
-        self.broker = Broker(settings, name)
-        self.backend = ResultBackend(settings)
-        self.watches = Watches(self.broker, self.backend, _MAX_WATCHES)
-        self.submissions = SubmissionLog(self.backend)
-        self.broker.spill = self.backend.keep_payload
-        self._streams_ready = False
-
-    async def start(self) -> None:
-        """Connect both; close what was opened if either fails."""
-        await self.broker.connect()
-        try:
-            await self.backend.connect()
-        except BaseException:
-            await self.broker.close()
-            raise
-
-    async def ensure_streams(self) -> None:
-        """Create the streams once per connection."""
-        if not self._streams_ready:
-            await self.broker.ensure_streams()
-            self._streams_ready = True
-
-    async def watch(self, task_id: str) -> Watch:
-        """Subscribe to a task's result notice before its message is published."""
-        return await self.watches.watch(task_id)
-
-    def release_watch(self, task_id: str) -> None:
-        """Stop watching a task's result notice (its result is read some other way)."""
-        self.watches.release(task_id)
-
-    async def store_final(self, record: ResultRecord) -> bool:
-        """Store a final (or RETRY) record unless a final one is there, then announce it.
-
-        The one path for every actor that ends a task: worker, router, orchestrator,
-        revoke. Returns False (and announces nothing) if a final state was stored first.
-        """
-        data = encode_record(record)
-        if not await self.backend.store(StoreRequest(record.id, record.state, data)):
-            return False
-        await self.notify(record.id, data)
-        return True
-
-    async def notify(self, task_id: str, record: bytes) -> None:
-        """Announce a stored final record to whoever waits on it (heddle.notices).
-
-        A record too large for one NATS message is announced empty: waiters read the
-        store. Never raises: the record is stored, and waiters re-read the store when a
-        notice is lost, so a failed notice costs latency, not the result.
-        """
-        subject = names.result_subject(task_id)
-        try:
-            if len(record) + 1024 > self.broker.max_payload:
-                record = b""
-            await self.broker.publish_core(subject, record)
-        except HeddleError as exc:
-            log.warning("could not announce the result of task %s (%s); waiters will read it from Valkey",
-                        task_id, exc)
-
-    async def close(self) -> None:
-        """Close both connections."""
-        await self.watches.close()
-        await self.backend.close()
-        await self.broker.close()
-
 
 class _Portal:
     """A background event loop thread that runs client coroutines for sync callers."""
@@ -244,8 +153,6 @@ class Heddle:
         Options: ``name``, ``retries``, ``retry_backoff``, ``retry_backoff_max``,
         ``retry_jitter``, ``retry_delay``, ``autoretry_for``, ``timeout``, ``tier``.
         """
-        from heddle.task import Task
-
         def decorate(f: Any) -> Any:
             t: Task[Any, Any] = Task(f, app=self, **options)
             self.register(t)
@@ -266,11 +173,11 @@ class Heddle:
 
     def _adopt(self, task: Task[Any, Any]) -> None:
         self.register(task)
-        task._bind_shared(self)
+        task.bind_shared(self)
 
     # -- connections ---------------------------------------------------------------
 
-    async def _connections(self) -> Connections:
+    async def connections(self) -> Connections:
         """The connections bound to the running loop, connecting on first use."""
         loop = asyncio.get_running_loop()
         fut = self._conns.get(loop)
@@ -285,11 +192,11 @@ class Heddle:
         return await asyncio.shield(fut)
 
     async def _open(self) -> Connections:
-        conns = Connections(self.settings, _client_name(self.name))
+        conns = Connections(self.settings, client_name(self.name))
         await conns.start()
         return conns
 
-    def _adopt_connections(self, conns: Connections) -> None:
+    def use_connections(self, conns: Connections) -> None:
         """Use an already open Connections (a worker's) for this loop."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Connections] = loop.create_future()
@@ -298,7 +205,7 @@ class Heddle:
 
     async def connect(self) -> None:
         """Open connections on the running loop now (otherwise done on first use)."""
-        conns = await self._connections()
+        conns = await self.connections()
         await conns.ensure_streams()
 
     async def aclose(self) -> None:
@@ -314,10 +221,15 @@ class Heddle:
         """Close the connections used by sync callers and stop their thread."""
         if self._portal._loop is not None:
             with contextlib.suppress(Exception):
-                self._portal.call(self.aclose(), 10)
+                self.run_sync(self.aclose(), 10)
         self._portal.stop()
 
-    def _refuse_blocking_in_loop(self, what: str, instead: str) -> None:
+    def run_sync(self, coro: Coroutine[Any, Any, T], timeout_s: float | None = None) -> T:
+        """Run ``coro`` on this app's background loop for a sync caller; block until it is done."""
+        return self._portal.call(coro, timeout_s)
+
+    def refuse_blocking_in_loop(self, what: str, instead: str) -> None:
+        """Raise if ``what`` (a blocking call) is made from a running event loop; name ``instead``."""
         try:
             asyncio.get_running_loop()
         except RuntimeError:
@@ -330,39 +242,19 @@ class Heddle:
 
     # -- sending -------------------------------------------------------------------
 
-    def _dispatch(self, result: _AsyncResult[Any], send: Callable[[], Coroutine[Any, Any, Any]]) -> None:
+    def dispatch(self, result: _AsyncResult[Any], send: Coroutine[Any, Any, None]) -> None:
         """Run a send: on the caller's loop (not awaited) or, for sync callers, via the portal."""
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
         if loop is not None and not self._portal.in_portal():
-            task = loop.create_task(send())
+            task = loop.create_task(send)
             self._pending_sends.add(task)
             task.add_done_callback(self._pending_sends.discard)
-            result._sent = task
+            result.track_send(task)
             return
-        self._portal.call(send(), self.settings.connect_timeout_s * 3 + 10)
-
-    async def _send(
-        self,
-        result: _AsyncResult[Any],
-        subject: str,
-        payload: bytes,
-        headers: dict[str, str],
-    ) -> None:
-        conns = await self._connections()
-        await conns.ensure_streams()
-        watch = result._watch = await conns.watch(result.id)
-        result._loop = asyncio.get_running_loop()
-        audited = conns.submissions.record(result.id)  # written while the message is published
-        ack = await conns.broker.publish(subject, payload, headers)
-        await audited
-        # A new message always ends in a notice (a worker that finds the result
-        # already stored sends the stored one again), so waiting needs no Valkey
-        # read unless the notice is lost (heddle.notices covers that); a duplicate
-        # dropped by JetStream may have finished long ago.
-        watch.fresh = watch.fresh or not ack.duplicate
+        self.run_sync(send, self.settings.connect_timeout_s * 3 + 10)
 
     def AsyncResult(self, task_id: str, task_name: str = "") -> _AsyncResult[Any]:
         """A handle on an existing task by id."""
@@ -380,18 +272,4 @@ class Heddle:
         A dict as ``args`` is one input object, as YAML LLM workers take it:
         ``app.send_task("summarizer", {"text": ...})``.
         """
-        from heddle.task import send_by_name
-
         return send_by_name(self, name, args, kwargs, **options)
-
-    async def _revoke(self, task_id: str, task_name: str) -> None:
-        conns = await self._connections()
-        now = time.time()
-        await conns.store_final(ResultRecord(id=task_id, state=REVOKED, task=task_name, finished_at=now))
-        await conns.broker.publish_core(names.REVOKE_SUBJECT, encoder.encode(RevokeNotice(id=task_id)))
-        await conns.broker.flush()
-
-
-def new_task_id() -> str:
-    """A fresh task id."""
-    return uuid.uuid4().hex

@@ -30,7 +30,7 @@ from heddle.errors import HeddleError
 from heddle.messages import READY_STATES
 
 if TYPE_CHECKING:
-    from heddle.results import ResultBackend
+    from heddle.store import ResultBackend
 
 log = logging.getLogger("heddle.audit")
 

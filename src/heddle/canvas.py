@@ -50,9 +50,10 @@ from heddle.graph import (
 )
 from heddle.messages import encoder
 from heddle.results import AsyncResult
+from heddle.send import check_message_size, encode_args, new_task_id, send_by_name, submit
 
 if TYPE_CHECKING:
-    from heddle.app import Heddle
+    from heddle.connections import Client
 
 __all__ = ["GraphResult", "Signature", "chain", "chord", "group", "submit_goal", "xmap", "xstarmap"]
 
@@ -80,7 +81,7 @@ class Signature:
         kwargs: dict[str, Any] | None = None,
         options: dict[str, Any] | None = None,
         immutable: bool = False,
-        app: Heddle | None = None,
+        app: Client | None = None,
     ) -> None:
         self.task = task
         self.args = tuple(args)
@@ -123,7 +124,7 @@ class Signature:
             return self._copy(self.args, self.kwargs, self.options)
         return self._copy(tuple(args) + self.args, {**self.kwargs, **(kwargs or {})}, self.options)
 
-    def _app(self) -> Heddle:
+    def _app(self) -> Client:
         if self.app is None:
             raise HeddleError(f"signature {self!r} has no app; build it with task.s(...)")
         return self.app
@@ -153,9 +154,7 @@ class Signature:
                 f"node task ids come from the graph's id (pass task_id= to the graph's apply_async) "
                 f"and nodes start when their inputs are ready; allowed: {', '.join(sorted(_NODE_OPTIONS))}"
             )
-        from heddle.task import _encode_args
-
-        _encode_args(self.task, self.args, self.kwargs)
+        encode_args(self.task, self.args, self.kwargs)
         task = app.tasks.get(self.task)
         worker_type = self.options.get("worker_type")
         if worker_type is None:
@@ -211,7 +210,7 @@ class Signature:
         opts = {**sig.options, **options}
         if task is not None:
             return task.apply_async(sig.args, sig.kwargs, **opts)
-        return app.send_task(sig.task, sig.args, sig.kwargs, **opts)
+        return send_by_name(app, sig.task, sig.args, sig.kwargs, **opts)
 
 
 def _errback(owner: object, errback: object) -> Signature:
@@ -259,7 +258,7 @@ def _pipe(left: Signature | _Canvas, right: object) -> _Canvas:
     return chain(*steps)
 
 
-def _find_app(parts: Iterable[Signature | _Canvas]) -> Heddle | None:
+def _find_app(parts: Iterable[Signature | _Canvas]) -> Client | None:
     for p in parts:
         app = p.app if isinstance(p, Signature) else p._find_app()
         if app is not None:
@@ -275,11 +274,11 @@ class _Canvas:
     def _parts(self) -> list[Signature | _Canvas]:
         raise NotImplementedError
 
-    def _find_app(self) -> Heddle | None:
+    def _find_app(self) -> Client | None:
         return _find_app(self._parts())
 
     @property
-    def app(self) -> Heddle | None:
+    def app(self) -> Client | None:
         """The app of the first signature in the graph."""
         return self._find_app()
 
@@ -313,7 +312,7 @@ class _Canvas:
         kwargs: dict[str, Any] | None = None,
         *,
         task_id: str | None = None,
-        app: Heddle | None = None,
+        app: Client | None = None,
     ) -> GraphResult:
         """Submit the graph as a goal and return its handle.
 
@@ -437,10 +436,8 @@ class xmap(_Canvas):  # Celery's name
         return [self.task]
 
     def to_node(self) -> MapNode:
-        from heddle.task import _encode_args
-
         if self.items is not None:
-            _encode_args(f"{self.task.task} (map items)", tuple(self.items), {})
+            encode_args(f"{self.task.task} (map items)", tuple(self.items), {})
         items = [list(i) for i in self.items] if self.star and self.items is not None else self.items
         return MapNode(task=self.task.to_node(), items=items, star=self.star, on_error=self._errback_node())
 
@@ -455,7 +452,7 @@ class xstarmap(xmap):  # Celery's name
 
 
 def submit_goal(
-    app: Heddle,
+    app: Client,
     graph: Node,
     *,
     args: tuple[Any, ...] = (),
@@ -469,8 +466,6 @@ def submit_goal(
     A lone task node is wrapped in a one-step chain, so the goal's own result
     (stored under the goal id) and the task's are never the same record.
     """
-    from heddle.app import new_task_id
-    from heddle.task import _encode_args, check_message_size
 
     if goal_id is not None and (not isinstance(goal_id, str) or not _GOAL_ID_RE.match(goal_id)):
         raise TypeError(
@@ -479,7 +474,7 @@ def submit_goal(
         )
     if isinstance(graph, TaskNode):
         graph = ChainNode(steps=[graph])
-    _encode_args("graph input", tuple(args), dict(kwargs or {}))
+    encode_args("graph input", tuple(args), dict(kwargs or {}))
     gid = goal_id or new_task_id()
     label = name or (graph.name if isinstance(graph, PipelineNode) else "")
     msg = GoalMessage(
@@ -495,7 +490,7 @@ def submit_goal(
     check_message_size(app.settings, f"graph {label or gid!r}", payload)
     headers = {names.HDR_MSG_ID: gid, names.HDR_TASK: label or "heddle.graph"}
     result = GraphResult(gid, app, graph=graph, goal_id=gid, path="", task_name=label or "graph")
-    app._dispatch(result, lambda: app._send(result, names.GOALS_SUBJECT, payload, headers))
+    submit(app, result, names.GOALS_SUBJECT, payload, headers)
     return result
 
 
@@ -521,7 +516,7 @@ class GraphResult(AsyncResult[Any]):
     def __init__(
         self,
         task_id: str,
-        app: Heddle,
+        app: Client,
         graph: Node | None = None,
         goal_id: str | None = None,
         path: str = "",
@@ -537,11 +532,11 @@ class GraphResult(AsyncResult[Any]):
         return f"<GraphResult {self.task_name}[{self.goal_id}]{where}>"
 
     @classmethod
-    async def aload(cls, app: Heddle, goal_id: str) -> GraphResult:
+    async def aload(cls, app: Client, goal_id: str) -> GraphResult:
         """A handle on an existing goal by id, with its graph read from the checkpoint."""
         from heddle.graph_store import GoalStore
 
-        conns = await app._connections()
+        conns = await app.connections()
         cp = await GoalStore(conns.backend, app.settings.result_ttl_s).load(goal_id)
         graph = cp.goal_message.graph if cp.goal_message is not None else None
         return cls(goal_id, app, graph=graph, goal_id=goal_id)
@@ -593,13 +588,13 @@ class GraphResult(AsyncResult[Any]):
         """Every node's checkpoint, by path (only nodes that have started)."""
         from heddle.graph_store import GoalStore
 
-        conns = await self.app._connections()
+        conns = await self.app.connections()
         cp = await GoalStore(conns.backend, self.app.settings.result_ttl_s).load(self.goal_id)
         return cp.nodes
 
     def nodes(self) -> dict[str, NodeState]:
         """Every node's checkpoint, by path (see :meth:`anodes`)."""
-        return self.app._portal.call(self.anodes(), 30.0)
+        return self.app.run_sync(self.anodes(), 30.0)
 
     def timeline(self) -> list[dict[str, Any]]:
         """Per-node timing of a finished goal: path, name, state, started, ended, wall_s, tier, worker."""

@@ -47,7 +47,7 @@ class DeadLetter(msgspec.Struct, frozen=True):
 
 async def list_dead_letters(app: Heddle, limit: int | None = None) -> list[DeadLetter]:
     """The newest ``limit`` dead letters (all if None), oldest first."""
-    conns = await app._connections()
+    conns = await app.connections()
     await conns.ensure_streams()
     js = conns.broker.js
     assert js is not None
@@ -66,7 +66,7 @@ async def list_dead_letters(app: Heddle, limit: int | None = None) -> list[DeadL
 
 
 async def _get(app: Heddle, seq: int, missing_ok: bool = False) -> DeadLetter | None:
-    conns = await app._connections()
+    conns = await app.connections()
     try:
         m = await conns.broker.get_stream_msg(names.DLQ_STREAM, seq)
     except BrokerError:
@@ -92,7 +92,7 @@ async def get_dead_letter(app: Heddle, seq: int) -> DeadLetter:
 
 async def replay(app: Heddle, seq: int, by: str | None = None) -> str:
     """Send one dead letter back to the router; returns what happened, in words."""
-    conns = await app._connections()
+    conns = await app.connections()
     dl = await get_dead_letter(app, seq)
     marker = f"{names.REPLAY_KEY_PREFIX}{seq}"
     done = await conns.backend.get_text(marker)

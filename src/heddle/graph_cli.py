@@ -197,7 +197,7 @@ async def _submit(app: Heddle, pipeline: Pipeline, context: dict[str, Any], args
 
 async def _show_progress(app: Heddle, result: GraphResult, pipeline: Pipeline, waiter: asyncio.Future[Any]) -> None:
     """Redraw the stage table on every node transition the orchestrator announces."""
-    conns = await app._connections()
+    conns = await app.connections()
     changed = asyncio.Event()
 
     async def on_event(_msg: Any) -> None:

@@ -60,7 +60,8 @@ from heddle.pipeline import PipelineError, StagePlan, build_plan
 from heddle.results import AsyncResult
 
 if TYPE_CHECKING:
-    from heddle.app import Connections, Heddle
+    from heddle.app import Heddle
+    from heddle.connections import Connections
 
 log = logging.getLogger("heddle.orchestrator")
 
@@ -208,7 +209,7 @@ class GoalRun:
         prefix = child_path(path, "")
         for st in list(self.nodes.values()):
             if st.state == DISPATCHED and not st.composite and (not path or st.path.startswith(prefix)):
-                await self.app._revoke(st.task_id, st.name)
+                await self.conns.revoke(st.task_id, st.name)
                 await self.mark(msgspec.structs.replace(st, state=REVOKED_NODE, reason=reason))
 
     # -- evaluation ----------------------------------------------------------------------
@@ -372,7 +373,7 @@ class GoalRun:
         stage: bool = False,
     ) -> Any:
         """Dispatch (unless the checkpoint says it was) and await one task node, with retries."""
-        from heddle.task import send
+        from heddle.send import send
 
         st = self.nodes.get(path)
         attempt = st.attempt if st is not None else 0
@@ -410,7 +411,7 @@ class GoalRun:
                         await self.mark(st)
                     return record.result
                 if record is None:
-                    await self.app._revoke(tid, task)
+                    await self.conns.revoke(tid, task)
                     error = ErrorInfo(type="heddle.TaskTimeout",
                                       message=f"no result within {timeout_s:g}s; the task was revoked")
                 elif record.state == REVOKED:

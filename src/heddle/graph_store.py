@@ -28,7 +28,7 @@ from heddle.errors import DecodeError
 from heddle.graph import GoalMessage, GoalState, NodeState, goal_decoder, goal_state_decoder, node_state_decoder
 from heddle.messages import encoder
 from heddle.redact import redact
-from heddle.results import ResultBackend
+from heddle.store import ResultBackend
 
 log = logging.getLogger("heddle.orchestrator")
 

@@ -48,7 +48,7 @@ from heddle.redact import redact as _redact
 from heddle.settings import DEFAULT_HEALTH_HOST
 
 if TYPE_CHECKING:
-    from heddle.app import Connections
+    from heddle.connections import Connections
     from heddle.settings import Settings
 
 log = logging.getLogger("heddle.health")

@@ -40,7 +40,7 @@ from heddle.messages import decode as bounded_decode
 
 if TYPE_CHECKING:
     from heddle.broker import Broker
-    from heddle.results import ResultBackend
+    from heddle.store import ResultBackend
 
 log = logging.getLogger("heddle.notices")
 

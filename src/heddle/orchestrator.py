@@ -48,7 +48,8 @@ from heddle.worker import acknowledge
 if TYPE_CHECKING:
     from nats.aio.msg import Msg
 
-    from heddle.app import Connections, Heddle
+    from heddle.app import Heddle
+    from heddle.connections import Connections
 
 log = logging.getLogger("heddle.orchestrator")
 
@@ -129,7 +130,7 @@ class Orchestrator:
 
     async def run(self) -> None:
         """Connect, run goals until :meth:`request_stop`, then hand back the unfinished ones."""
-        conns = await self.app._connections()
+        conns = await self.app.connections()
         self.conns = conns
         await conns.ensure_streams()
         self.store = GoalStore(conns.backend, self.settings.result_ttl_s)

@@ -206,7 +206,7 @@ async def check_nats(settings: Settings, timeout_s: float | None = None) -> list
 
 async def check_valkey(settings: Settings, timeout_s: float | None = None) -> Check:
     """The Valkey check: TCP, then PING and loading Heddle's scripts."""
-    from heddle.results import ResultBackend
+    from heddle.store import ResultBackend
 
     timeout_s = timeout_s or settings.connect_timeout_s
     url = settings.valkey_url

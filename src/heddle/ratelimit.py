@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from heddle import names
-from heddle.results import ResultBackend
 from heddle.rules import RateLimit
+from heddle.store import ResultBackend
 
 # KEYS: reservation key, then one key per bucket. ARGV: reserve (1/0), then
 # rate and burst per bucket. Returns "0" to pass now, "-1" if over the limit

@@ -47,7 +47,8 @@ from heddle.worker import acknowledge, dead_letter_exhausted
 if TYPE_CHECKING:
     from nats.aio.msg import Msg
 
-    from heddle.app import Connections, Heddle
+    from heddle.app import Heddle
+    from heddle.connections import Connections
 
 log = logging.getLogger("heddle.router")
 
@@ -159,7 +160,7 @@ class Router:
 
     async def run(self) -> None:
         """Consume and route until :meth:`request_stop`."""
-        conns = await self.app._connections()
+        conns = await self.app.connections()
         self.conns = conns
         await conns.ensure_streams()
 

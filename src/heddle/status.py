@@ -94,7 +94,7 @@ def _epoch(value: Any) -> float:
 
 async def list_workers(app: Heddle) -> list[WorkerRow]:
     """Workers whose last heartbeat is younger than the registry's TTL, by type."""
-    conns = await app._connections()
+    conns = await app.connections()
     js = conns.broker.js
     assert js is not None
     stream = f"KV_{names.WORKERS_BUCKET}"
@@ -140,7 +140,7 @@ async def gather_status(
         older_than_s: The audit lists tasks sent longer ago than this without a final state.
         audit_limit: At most this many of them (the oldest first); the total is always counted.
     """
-    conns = await app._connections()
+    conns = await app.connections()
     await conns.ensure_streams()
     broker = conns.broker
     counts: dict[str, int] = {}
@@ -258,7 +258,7 @@ async def tail_events(
 
     Stops after ``count`` events or ``timeout_s`` seconds (both optional).
     """
-    conns = await app._connections()
+    conns = await app.connections()
     queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
 
     async def cb(msg: Any) -> None:
@@ -342,7 +342,7 @@ class TaskView(msgspec.Struct):
 
 async def find_dead_letter(app: Heddle, task_id: str, scan: int = 1000) -> tuple[int, dict[str, str], bytes] | None:
     """The newest dead letter of ``task_id`` among the last ``scan`` ones."""
-    conns = await app._connections()
+    conns = await app.connections()
     await conns.ensure_streams()
     js = conns.broker.js
     assert js is not None
@@ -363,7 +363,7 @@ async def find_dead_letter(app: Heddle, task_id: str, scan: int = 1000) -> tuple
 
 async def inspect_task(app: Heddle, task_id: str) -> TaskView:
     """A task's state, record, and (from its dead-letter copy, if any) arguments."""
-    conns = await app._connections()
+    conns = await app.connections()
     state, record = await conns.backend.read(task_id)
     view = TaskView(task_id, state, record)
     dl = await find_dead_letter(app, task_id)
@@ -451,7 +451,7 @@ def run_status_command(args: argparse.Namespace, console: Console) -> int:
                 if args.limit < 1:
                     raise HeddleError(f"--limit must be >= 1, got {args.limit}")
                 if args.audit:
-                    conns = await app._connections()
+                    conns = await app.connections()
                     report = await unfinished(conns.backend, args.older_than, args.limit)
                     if args.json:
                         print(json.dumps(msgspec.to_builtins(report)))

@@ -2,25 +2,22 @@
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import random
-import time
 from collections.abc import Callable, Coroutine, Iterable
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar, overload
 
 import msgspec
 
 from heddle import names
-from heddle.errors import DecodeError, EncodeError, HeddleError, TaskOptionError
-from heddle.messages import TaskMessage, check_payload, encoder
+from heddle.canvas import Signature, xmap, xstarmap
+from heddle.errors import HeddleError, TaskOptionError
 from heddle.results import AsyncResult
-from heddle.settings import Settings, check_name
+from heddle.send import send, unknown_options_error
 
 if TYPE_CHECKING:
-    from heddle.app import Heddle
-    from heddle.canvas import Signature, xmap, xstarmap
+    from heddle.connections import Client
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -48,20 +45,10 @@ TASK_OPTIONS = frozenset(
         "tier",
     }
 )
-_APPLY_OPTIONS = frozenset({"countdown", "eta", "task_id", "headers", "tier", "worker_type"})
 # Deliveries kept in reserve above a task's retries for crash redeliveries and
 # countdown deferrals, so that retries never run into JetStream's MaxDeliver.
 _DELIVERY_RESERVE = 4
 
-
-def _unknown(kind: str, given: set[str], known: frozenset[str], where: str) -> TaskOptionError:
-    parts = []
-    for opt in sorted(given):
-        close = difflib.get_close_matches(opt, known, n=1)
-        parts.append(f"{opt!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-    return TaskOptionError(
-        f"unknown {kind} {', '.join(parts)} for {where}; known {kind}s: {', '.join(sorted(known))}"
-    )
 
 
 class TaskOptions(msgspec.Struct, frozen=True, kw_only=True):
@@ -102,7 +89,7 @@ class TaskOptions(msgspec.Struct, frozen=True, kw_only=True):
 def _validate_options(where: str, options: dict[str, Any], max_deliver: int | None) -> TaskOptions:
     unknown = set(options) - TASK_OPTIONS
     if unknown:
-        raise _unknown("option", unknown, TASK_OPTIONS, where)
+        raise unknown_options_error("option", unknown, TASK_OPTIONS, where)
     opts = {k: v for k, v in options.items() if k != "name"}
     retries = opts.get("retries", 0)
     if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
@@ -153,7 +140,7 @@ class Task(Generic[P, R]):
     and ``apply_async`` send it to a worker and return an :class:`AsyncResult`.
     """
 
-    def __init__(self, fn: Callable[P, Any], *, app: Heddle | None = None, **options: Any) -> None:
+    def __init__(self, fn: Callable[P, Any], *, app: Client | None = None, **options: Any) -> None:
         if not callable(fn):
             raise TaskOptionError(f"@task must decorate a function, got {fn!r}")
         self.fn = fn
@@ -184,7 +171,7 @@ class Task(Generic[P, R]):
         return self.fn(*args, **kwargs)
 
     @property
-    def app(self) -> Heddle:
+    def app(self) -> Client:
         """The app this task sends through (for shared tasks: the last app that adopted it)."""
         if self._app is None:
             raise HeddleError(
@@ -193,7 +180,8 @@ class Task(Generic[P, R]):
             )
         return self._app
 
-    def _bind_shared(self, app: Heddle) -> None:
+    def bind_shared(self, app: Client) -> None:
+        """Send a shared (``@heddle.task``) task through ``app``; an app's own task keeps its app."""
         if self._shared:
             self._app = app
 
@@ -264,14 +252,10 @@ class Task(Generic[P, R]):
 
     def s(self, *args: Any, **kwargs: Any) -> Signature:
         """A signature: this task with (partial) arguments, for later or for task graphs."""
-        from heddle.canvas import Signature
-
         return Signature(task=self.name, args=tuple(args), kwargs=kwargs, app=self.app)
 
     def si(self, *args: Any, **kwargs: Any) -> Signature:
         """An immutable signature: in a chain it ignores the previous task's result."""
-        from heddle.canvas import Signature
-
         return Signature(task=self.name, args=tuple(args), kwargs=kwargs, immutable=True, app=self.app)
 
     def map(self, items: Iterable[Any] | None = None) -> xmap:
@@ -279,141 +263,8 @@ class Task(Generic[P, R]):
 
         Without ``items``, inside a chain, the elements are those of the previous result.
         """
-        from heddle.canvas import xmap
-
         return xmap(self.s(), items)
 
     def starmap(self, items: Iterable[Any] | None = None) -> xstarmap:
         """Like :meth:`map`, but each element is the list of arguments of one call."""
-        from heddle.canvas import xstarmap
-
         return xstarmap(self.s(), items)
-
-
-def _encode_args(task: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
-    """Check encodability and name the first argument that fails."""
-    for i, a in enumerate(args):
-        try:
-            encoder.encode(a)
-        except (TypeError, msgspec.EncodeError, OverflowError) as exc:
-            raise EncodeError(
-                f"argument {i} of task {task!r} ({type(a).__name__}) cannot be sent: {exc}. "
-                f"Pass plain data (str, int, float, bool, None, list, dict, datetime, "
-                f"msgspec.Struct, dataclass); never objects that need pickle"
-            ) from None
-    for k, v in kwargs.items():
-        try:
-            encoder.encode(v)
-        except (TypeError, msgspec.EncodeError, OverflowError) as exc:
-            raise EncodeError(
-                f"argument {k!r} of task {task!r} ({type(v).__name__}) cannot be sent: {exc}. "
-                f"Pass plain data (str, int, float, bool, None, list, dict, datetime, "
-                f"msgspec.Struct, dataclass); never objects that need pickle"
-            ) from None
-    return list(args), kwargs
-
-
-def check_message_size(settings: Settings, what: str, payload: bytes) -> None:
-    """Refuse, at the call site, a message larger than ``settings.max_message_bytes``."""
-    if len(payload) > settings.max_message_bytes:
-        raise EncodeError(
-            f"{what}: its arguments encode to {len(payload):,} bytes, over the limit of "
-            f"{settings.max_message_bytes:,} (setting max_message_bytes, below nats-server's max_payload); "
-            f"pass large data by reference (a path, a URL, an object-store key) instead"
-        )
-    try:
-        # The limits every consumer decodes under (depth, inflated size): a message a
-        # worker would dead-letter is refused here instead.
-        check_payload(payload)
-    except DecodeError as exc:
-        raise EncodeError(f"{what}: its arguments cannot be sent: {exc}") from None
-
-
-def _eta_epoch(countdown: float | None, eta: datetime | float | None) -> float | None:
-    if countdown is not None and eta is not None:
-        raise TypeError("pass countdown= or eta=, not both")
-    if countdown is not None:
-        if not isinstance(countdown, int | float) or countdown < 0:
-            raise TypeError(f"countdown must be seconds >= 0, got {countdown!r}")
-        return time.time() + float(countdown)
-    if isinstance(eta, datetime):
-        if eta.tzinfo is None:
-            raise TypeError("eta must be timezone-aware, e.g. datetime.now(timezone.utc) + delta")
-        return eta.astimezone(UTC).timestamp()
-    if eta is not None:
-        return float(eta)
-    return None
-
-
-def send(
-    app: Heddle,
-    name: str,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    *,
-    countdown: float | None = None,
-    eta: datetime | float | None = None,
-    task_id: str | None = None,
-    headers: dict[str, str] | None = None,
-    tier: str | None = None,
-    worker_type: str | None = None,
-) -> AsyncResult[Any]:
-    """Encode and send one task message; the single path every caller goes through."""
-    from heddle.app import new_task_id
-
-    if tier is not None and tier not in names.TIERS:
-        raise TypeError(f"tier must be one of {', '.join(names.TIERS)}, got {tier!r}")
-    if task_id is not None:
-        names.check_task_id(task_id)
-    hdrs = dict(headers or {})
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in hdrs.items()):
-        raise TypeError("headers must map str to str")
-    enc_args, enc_kwargs = _encode_args(name, args, kwargs)
-    tid = task_id or new_task_id()
-    msg = TaskMessage(
-        id=tid,
-        task=name,
-        args=enc_args,
-        kwargs=enc_kwargs,
-        eta=_eta_epoch(countdown, eta),
-        tier=tier,
-        headers=hdrs,
-        submitted_at=time.time(),
-    )
-    payload = encoder.encode(msg)
-    check_message_size(app.settings, f"task {name!r}", payload)
-    # The router reads only these headers; the payload goes through it untouched.
-    wire_headers = {
-        names.HDR_MSG_ID: tid,
-        names.HDR_TASK: name,
-        names.HDR_WORKER_TYPE: check_name("worker_type", worker_type) if worker_type else app.worker_type,
-    }
-    if tier:
-        wire_headers[names.HDR_TIER_REQUESTED] = tier
-    subject = names.INCOMING_SUBJECT
-    result: AsyncResult[Any] = AsyncResult(tid, app, name)
-    app._dispatch(result, lambda: app._send(result, subject, payload, wire_headers))
-    return result
-
-
-def send_by_name(
-    app: Heddle,
-    name: str,
-    args: tuple[Any, ...] | list[Any] | dict[str, Any] = (),
-    kwargs: dict[str, Any] | None = None,
-    **options: Any,
-) -> AsyncResult[Any]:
-    """``app.send_task``: send by name without the task's code."""
-    unknown = set(options) - _APPLY_OPTIONS
-    if unknown:
-        raise _unknown("option", unknown, _APPLY_OPTIONS, f"send_task({name!r})")
-    if "worker_type" not in options and name not in app.tasks and "." not in name:
-        # A bare name that is not one of this app's tasks names a worker type of its
-        # own, such as a YAML LLM worker (``send_task("summarizer", ...)``).
-        options["worker_type"] = name
-    if isinstance(args, dict):
-        # One input object, as YAML LLM workers take it: send_task("summarizer", {"text": ...}).
-        # tuple(args) would silently send the dict's keys instead.
-        args = (args,)
-    return send(app, name, tuple(args), dict(kwargs or {}), **options)
-

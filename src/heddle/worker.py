@@ -47,13 +47,14 @@ from heddle.messages import (
 )
 from heddle.metrics import WorkerMetrics
 from heddle.registry import Heartbeat, WorkerInfo, worker_id
-from heddle.results import StoreRequest, encode_record
+from heddle.store import StoreRequest, encode_record
 from heddle.version import __version__
 
 if TYPE_CHECKING:
     from nats.aio.msg import Msg
 
-    from heddle.app import Connections, Heddle
+    from heddle.app import Heddle
+    from heddle.connections import Connections
     from heddle.task import Task
 
 log = logging.getLogger("heddle.worker")
@@ -182,7 +183,7 @@ class Worker:
 
     async def run(self) -> None:
         """Connect, consume until :meth:`request_stop`, then drain and disconnect."""
-        conns = await self.app._connections()
+        conns = await self.app.connections()
         self.conns = conns
         broker = conns.broker
         await conns.ensure_streams()

@@ -19,7 +19,7 @@ import valkey
 import heddle
 from heddle import names
 from heddle.messages import READY_STATES, SUCCESS, ResultRecord
-from heddle.results import decode_record
+from heddle.store import decode_record
 from tests.conftest import executions
 
 CHAOS = "tests.apps.chaos"

@@ -136,7 +136,7 @@ class _Runner:
             at=time.time(),
         )
         try:
-            conns = await self.app._connections()
+            conns = await self.app.connections()
             await conns.broker.publish_core(self.subject, _event_encoder.encode(event))
         except Exception as exc:
             log.debug("could not publish LLM event: %r", exc)

@@ -36,9 +36,9 @@ from heddle.pipeline import Pipeline, PipelineError, Plan, build_plan, load_pipe
 from heddle.workshop.web import Pages
 
 if TYPE_CHECKING:
-    from heddle.app import Connections
+    from heddle.connections import Connections
+    from heddle.messages import ResultRecord
     from heddle.registry import WorkerInfo
-    from heddle.results import ResultRecord
     from heddle.workshop.server import Workshop
 
 _CONTEXT_REF = re.compile(r"\bgoal\.context\.([A-Za-z_][A-Za-z0-9_]*)")

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from heddle import events, names
-from heddle.app import Connections, Heddle
+from heddle.app import Heddle
+from heddle.connections import Connections
 from heddle.errors import ConfigError, HeddleError
 from heddle.registry import Registry
 from heddle.workshop.state import RecentTasks, Throughput
@@ -210,7 +211,7 @@ class Workshop:
                 yield
 
         sock = self._bind()
-        conns = await self.app._connections()
+        conns = await self.app.connections()
         self.conns = conns
         try:
             await conns.ensure_streams()

@@ -47,7 +47,7 @@ from heddle.messages import decode as bounded_decode
 from heddle.redact import redact
 
 if TYPE_CHECKING:
-    from heddle.app import Connections
+    from heddle.connections import Connections
     from heddle.llm.config import WorkerConfig
     from heddle.workshop.server import Workshop
 

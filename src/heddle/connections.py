@@ -1,0 +1,155 @@
+"""One event loop's connections: NATS (:mod:`heddle.broker`) and Valkey (:mod:`heddle.store`),
+with the services every actor and client shares on them (result watches, the audit log).
+
+Actors, the CLI and the Workshop are handed a :class:`Connections`; the send path, result
+handles and graphs reach theirs through a :class:`Client` (an app).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Coroutine, Mapping
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+from heddle import names
+from heddle.audit import SubmissionLog
+from heddle.broker import Broker
+from heddle.errors import HeddleError
+from heddle.messages import REVOKED, ResultRecord, RevokeNotice, encoder
+from heddle.notices import Watch, Watches
+from heddle.settings import Settings
+from heddle.store import ResultBackend, StoreRequest, encode_record
+
+if TYPE_CHECKING:
+    from heddle.results import AsyncResult
+
+T = TypeVar("T")
+log = logging.getLogger("heddle.connections")
+
+# Result-notice subscriptions made at send time and never waited on are dropped
+# beyond this many per connection, oldest first, so a fire-and-forget producer
+# does not grow without bound (heddle.notices.Watches).
+MAX_WATCHES = 50_000
+
+
+def client_name(app_name: str) -> str:
+    """The connection name nats-server shows for a process of app ``app_name``."""
+    return f"heddle-{app_name}@{socket.gethostname()}:{os.getpid()}"
+
+
+class Connections:
+    """One NATS connection and one Valkey pool, bound to one event loop."""
+
+    def __init__(self, settings: Settings, name: str) -> None:
+        self.broker = Broker(settings, name)
+        self.backend = ResultBackend(settings)
+        self.watches = Watches(self.broker, self.backend, MAX_WATCHES)
+        self.submissions = SubmissionLog(self.backend)
+        self.broker.spill = self.backend.keep_payload
+        self._streams_ready = False
+
+    async def start(self) -> None:
+        """Connect both; close what was opened if either fails."""
+        await self.broker.connect()
+        try:
+            await self.backend.connect()
+        except BaseException:
+            await self.broker.close()
+            raise
+
+    async def ensure_streams(self) -> None:
+        """Create the streams once per connection."""
+        if not self._streams_ready:
+            await self.broker.ensure_streams()
+            self._streams_ready = True
+
+    async def watch(self, task_id: str) -> Watch:
+        """Subscribe to a task's result notice before its message is published."""
+        return await self.watches.watch(task_id)
+
+    def release_watch(self, task_id: str) -> None:
+        """Stop watching a task's result notice (its result is read some other way)."""
+        self.watches.release(task_id)
+
+    async def store_final(self, record: ResultRecord) -> bool:
+        """Store a final (or RETRY) record unless a final one is there, then announce it.
+
+        The one path for every actor that ends a task: worker, router, orchestrator,
+        revoke. Returns False (and announces nothing) if a final state was stored first.
+        """
+        data = encode_record(record)
+        if not await self.backend.store(StoreRequest(record.id, record.state, data)):
+            return False
+        await self.notify(record.id, data)
+        return True
+
+    async def notify(self, task_id: str, record: bytes) -> None:
+        """Announce a stored final record to whoever waits on it (heddle.notices).
+
+        A record too large for one NATS message is announced empty: waiters read the
+        store. Never raises: the record is stored, and waiters re-read the store when a
+        notice is lost, so a failed notice costs latency, not the result.
+        """
+        subject = names.result_subject(task_id)
+        try:
+            if len(record) + 1024 > self.broker.max_payload:
+                record = b""
+            await self.broker.publish_core(subject, record)
+        except HeddleError as exc:
+            log.warning("could not announce the result of task %s (%s); waiters will read it from Valkey",
+                        task_id, exc)
+
+    async def revoke(self, task_id: str, task_name: str = "") -> None:
+        """Store REVOKED (a pending task never runs) and tell workers (a running one is cancelled)."""
+        now = time.time()
+        await self.store_final(ResultRecord(id=task_id, state=REVOKED, task=task_name, finished_at=now))
+        await self.broker.publish_core(names.REVOKE_SUBJECT, encoder.encode(RevokeNotice(id=task_id)))
+        await self.broker.flush()
+
+    async def close(self) -> None:
+        """Close both connections."""
+        await self.watches.close()
+        await self.backend.close()
+        await self.broker.close()
+
+
+class Client(Protocol):
+    """What the send path, result handles and graphs need from an app (:class:`heddle.Heddle` is one).
+
+    It names the app's settings and tasks, gives the connections of the running
+    loop, and runs coroutines for sync callers.
+    """
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def settings(self) -> Settings: ...
+
+    @property
+    def worker_type(self) -> str: ...
+
+    @property
+    def tasks(self) -> Mapping[str, Any]: ...
+
+    async def connections(self) -> Connections:
+        """The connections bound to the running loop, connecting on first use."""
+        ...
+
+    def run_sync(self, coro: Coroutine[Any, Any, T], timeout_s: float | None = None) -> T:
+        """Run ``coro`` for a sync caller and block until it is done."""
+        ...
+
+    def refuse_blocking_in_loop(self, what: str, instead: str) -> None:
+        """Raise if a blocking call is made from a running event loop."""
+        ...
+
+    def dispatch(self, result: AsyncResult[Any], send: Coroutine[Any, Any, None]) -> None:
+        """Run a send on the caller's loop (not awaited) or, for sync callers, to the end."""
+        ...
+
+
+__all__ = ["MAX_WATCHES", "Client", "Connections", "client_name"]

@@ -1,0 +1,194 @@
+"""The send path: validate, encode and publish a task or a graph, in one place.
+
+``Task.apply_async``, ``app.send_task``, canvas graphs and the orchestrator's
+nodes all send through here, downward: this module knows the app only as a
+:class:`~heddle.connections.Client` and publishes through its connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import difflib
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from heddle import names
+from heddle.errors import DecodeError, EncodeError, TaskOptionError
+from heddle.messages import TaskMessage, check_payload, encoder
+from heddle.results import AsyncResult
+from heddle.settings import Settings, check_name
+
+if TYPE_CHECKING:
+    from heddle.connections import Client
+
+APPLY_OPTIONS = frozenset({"countdown", "eta", "task_id", "headers", "tier", "worker_type"})
+
+
+def new_task_id() -> str:
+    """A fresh task id."""
+    return uuid.uuid4().hex
+
+
+def unknown_options_error(kind: str, given: set[str], known: frozenset[str], where: str) -> TaskOptionError:
+    """The error for options nobody knows, with the closest known one for each."""
+    parts = []
+    for opt in sorted(given):
+        close = difflib.get_close_matches(opt, known, n=1)
+        parts.append(f"{opt!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return TaskOptionError(
+        f"unknown {kind} {', '.join(parts)} for {where}; known {kind}s: {', '.join(sorted(known))}"
+    )
+
+
+def encode_args(task: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
+    """Check encodability and name the first argument that fails."""
+    for i, a in enumerate(args):
+        try:
+            encoder.encode(a)
+        except (TypeError, msgspec.EncodeError, OverflowError) as exc:
+            raise EncodeError(
+                f"argument {i} of task {task!r} ({type(a).__name__}) cannot be sent: {exc}. "
+                f"Pass plain data (str, int, float, bool, None, list, dict, datetime, "
+                f"msgspec.Struct, dataclass); never objects that need pickle"
+            ) from None
+    for k, v in kwargs.items():
+        try:
+            encoder.encode(v)
+        except (TypeError, msgspec.EncodeError, OverflowError) as exc:
+            raise EncodeError(
+                f"argument {k!r} of task {task!r} ({type(v).__name__}) cannot be sent: {exc}. "
+                f"Pass plain data (str, int, float, bool, None, list, dict, datetime, "
+                f"msgspec.Struct, dataclass); never objects that need pickle"
+            ) from None
+    return list(args), kwargs
+
+
+def check_message_size(settings: Settings, what: str, payload: bytes) -> None:
+    """Refuse, at the call site, a message larger than ``settings.max_message_bytes``."""
+    if len(payload) > settings.max_message_bytes:
+        raise EncodeError(
+            f"{what}: its arguments encode to {len(payload):,} bytes, over the limit of "
+            f"{settings.max_message_bytes:,} (setting max_message_bytes, below nats-server's max_payload); "
+            f"pass large data by reference (a path, a URL, an object-store key) instead"
+        )
+    try:
+        # The limits every consumer decodes under (depth, inflated size): a message a
+        # worker would dead-letter is refused here instead.
+        check_payload(payload)
+    except DecodeError as exc:
+        raise EncodeError(f"{what}: its arguments cannot be sent: {exc}") from None
+
+
+def eta_epoch(countdown: float | None, eta: datetime | float | None) -> float | None:
+    """Epoch seconds to run at, from ``countdown`` or ``eta`` (None: now)."""
+    if countdown is not None and eta is not None:
+        raise TypeError("pass countdown= or eta=, not both")
+    if countdown is not None:
+        if not isinstance(countdown, int | float) or countdown < 0:
+            raise TypeError(f"countdown must be seconds >= 0, got {countdown!r}")
+        return time.time() + float(countdown)
+    if isinstance(eta, datetime):
+        if eta.tzinfo is None:
+            raise TypeError("eta must be timezone-aware, e.g. datetime.now(timezone.utc) + delta")
+        return eta.astimezone(UTC).timestamp()
+    if eta is not None:
+        return float(eta)
+    return None
+
+
+def send(
+    app: Client,
+    name: str,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    *,
+    countdown: float | None = None,
+    eta: datetime | float | None = None,
+    task_id: str | None = None,
+    headers: dict[str, str] | None = None,
+    tier: str | None = None,
+    worker_type: str | None = None,
+) -> AsyncResult[Any]:
+    """Encode and send one task message; the single path every caller goes through."""
+    if tier is not None and tier not in names.TIERS:
+        raise TypeError(f"tier must be one of {', '.join(names.TIERS)}, got {tier!r}")
+    if task_id is not None:
+        names.check_task_id(task_id)
+    hdrs = dict(headers or {})
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in hdrs.items()):
+        raise TypeError("headers must map str to str")
+    enc_args, enc_kwargs = encode_args(name, args, kwargs)
+    tid = task_id or new_task_id()
+    msg = TaskMessage(
+        id=tid,
+        task=name,
+        args=enc_args,
+        kwargs=enc_kwargs,
+        eta=eta_epoch(countdown, eta),
+        tier=tier,
+        headers=hdrs,
+        submitted_at=time.time(),
+    )
+    payload = encoder.encode(msg)
+    check_message_size(app.settings, f"task {name!r}", payload)
+    # The router reads only these headers; the payload goes through it untouched.
+    wire_headers = {
+        names.HDR_MSG_ID: tid,
+        names.HDR_TASK: name,
+        names.HDR_WORKER_TYPE: check_name("worker_type", worker_type) if worker_type else app.worker_type,
+    }
+    if tier:
+        wire_headers[names.HDR_TIER_REQUESTED] = tier
+    subject = names.INCOMING_SUBJECT
+    return submit(app, AsyncResult(tid, app, name), subject, payload, wire_headers)
+
+
+def send_by_name(
+    app: Client,
+    name: str,
+    args: tuple[Any, ...] | list[Any] | dict[str, Any] = (),
+    kwargs: dict[str, Any] | None = None,
+    **options: Any,
+) -> AsyncResult[Any]:
+    """``app.send_task``: send by name without the task's code."""
+    unknown = set(options) - APPLY_OPTIONS
+    if unknown:
+        raise unknown_options_error("option", unknown, APPLY_OPTIONS, f"send_task({name!r})")
+    if "worker_type" not in options and name not in app.tasks and "." not in name:
+        # A bare name that is not one of this app's tasks names a worker type of its
+        # own, such as a YAML LLM worker (``send_task("summarizer", ...)``).
+        options["worker_type"] = name
+    if isinstance(args, dict):
+        # One input object, as YAML LLM workers take it: send_task("summarizer", {"text": ...}).
+        # tuple(args) would silently send the dict's keys instead.
+        args = (args,)
+    return send(app, name, tuple(args), dict(kwargs or {}), **options)
+
+
+def submit(
+    app: Client, result: AsyncResult[Any], subject: str, payload: bytes, headers: dict[str, str]
+) -> AsyncResult[Any]:
+    """Publish an encoded message for ``result``: on the caller's loop, or to the end for sync callers."""
+    app.dispatch(result, publish(app, result, subject, payload, headers))
+    return result
+
+
+async def publish(app: Client, result: AsyncResult[Any], subject: str, payload: bytes,
+                  headers: dict[str, str]) -> None:
+    """Watch the result, record the send for the audit, and publish; done once JetStream stored it."""
+    conns = await app.connections()
+    await conns.ensure_streams()
+    watch = await conns.watch(result.id)
+    result.watch_from(watch, asyncio.get_running_loop())
+    audited = conns.submissions.record(result.id)  # written while the message is published
+    ack = await conns.broker.publish(subject, payload, headers)
+    await audited
+    # A new message always ends in a notice (a worker that finds the result
+    # already stored sends the stored one again), so waiting needs no Valkey
+    # read unless the notice is lost (heddle.notices covers that); a duplicate
+    # dropped by JetStream may have finished long ago.
+    watch.fresh = watch.fresh or not ack.duplicate
