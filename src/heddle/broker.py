@@ -11,7 +11,7 @@ import contextlib
 import logging
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import nats
@@ -551,6 +551,73 @@ class Broker:
             headers[names.HDR_PAYLOAD_REF] = await self.spill(payload)
             payload = b""
         await self.publish(names.DEAD_LETTER_SUBJECT, payload, headers)
+
+    async def publish_many(
+        self, messages: Sequence[tuple[str, bytes, dict[str, str]]], timeout_s: float = 10.0
+    ) -> list[Any]:
+        """Publish to JetStream, pipelined, and wait for every ack at once (the router's batch).
+
+        Returns, per message in order, the stream's ack or the exception (never raises
+        for one message: the caller decides what a failed one means). One deadline for
+        the whole batch: a wait per message costs a Task, a waiter and a timer each.
+        """
+        js = self._js()
+        futures: list[asyncio.Future[Any]] = []
+        loop = asyncio.get_running_loop()
+        for subject, payload, headers in messages:
+            try:
+                futures.append(await js.publish_async(subject, payload, headers=headers))
+            except Exception as exc:
+                failed: asyncio.Future[Any] = loop.create_future()
+                failed.set_exception(translate(exc, self.url, f"publishing to {subject}"))
+                futures.append(failed)
+        if futures:
+            _, pending = await asyncio.wait(futures, timeout=timeout_s)
+            for f in pending:
+                f.cancel()
+        out: list[Any] = []
+        for (subject, _, _), f in zip(messages, futures, strict=True):
+            if f.cancelled():
+                out.append(BrokerError(f"no ack from JetStream within {timeout_s:g}s for {subject}"))
+            else:
+                out.append(f.exception() or f.result())
+        return out
+
+    async def stream_info(self, stream: str, subjects_filter: str | None = None) -> api.StreamInfo:
+        """A stream's state; BrokerError if it does not exist or the server does not answer."""
+        try:
+            return await self._js().stream_info(stream, subjects_filter=subjects_filter)
+        except Exception as exc:
+            raise translate(exc, self.url, f"reading stream {stream}") from exc
+
+    async def consumers_info(self, stream: str) -> list[api.ConsumerInfo]:
+        """Every consumer of a stream with its counters."""
+        try:
+            return list(await self._js().consumers_info(stream))
+        except Exception as exc:
+            raise translate(exc, self.url, f"listing the consumers of {stream}") from exc
+
+    async def last_stream_msg(self, stream: str, subject: str) -> api.RawStreamMsg:
+        """The newest stored message on ``subject`` (a KV key's current entry, say)."""
+        try:
+            return await self._js().get_last_msg(stream, subject)
+        except Exception as exc:
+            raise translate(exc, self.url, f"reading the last message on {subject}") from exc
+
+    async def key_value(self, bucket: str, *, ttl_s: float, description: str = "") -> Any:
+        """A JetStream key-value bucket, created (history 1, entries expiring after ``ttl_s``) if missing."""
+        js = self._js()
+        try:
+            return await js.key_value(bucket)
+        except Exception:
+            pass
+        try:
+            return await js.create_key_value(bucket=bucket, ttl=ttl_s, history=1, description=description)
+        except Exception:
+            try:
+                return await js.key_value(bucket)  # created by another process meanwhile
+            except Exception as exc:
+                raise translate(exc, self.url, f"opening key-value bucket {bucket}") from exc
 
     async def get_stream_msg(self, stream: str, seq: int) -> api.RawStreamMsg:
         """Fetch one stored message by sequence number."""

@@ -36,6 +36,16 @@ class TaskContext:
 _current: ContextVar[TaskContext | None] = ContextVar("heddle_current_task", default=None)
 
 
+def set_current_task(ctx: TaskContext | None) -> None:
+    """Make ``ctx`` the running task of this coroutine or thread (the worker does, per task)."""
+    _current.set(ctx)
+
+
+def task_context() -> TaskContext | None:
+    """The running task's context, or None outside a task (unlike :func:`current_task`, never raises)."""
+    return _current.get()
+
+
 def current_task() -> TaskContext:
     """The context of the task running in this coroutine or thread.
 

@@ -49,9 +49,7 @@ async def list_dead_letters(app: Heddle, limit: int | None = None) -> list[DeadL
     """The newest ``limit`` dead letters (all if None), oldest first."""
     conns = await app.connections()
     await conns.ensure_streams()
-    js = conns.broker.js
-    assert js is not None
-    info = await js.stream_info(names.DLQ_STREAM)
+    info = await conns.broker.stream_info(names.DLQ_STREAM)
     first, last = info.state.first_seq, info.state.last_seq
     if info.state.messages == 0:
         return []

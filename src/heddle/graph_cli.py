@@ -180,7 +180,7 @@ async def _submit(app: Heddle, pipeline: Pipeline, context: dict[str, Any], args
         await waiter
     finally:
         await app.aclose()
-    record = result._record
+    record = result.final_record
     assert record is not None
     return {
         "goal_id": result.id,

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from heddle import events, names
-from heddle.errors import BrokerError, DecodeError
+from heddle.errors import DecodeError
 from heddle.messages import decode as bounded_decode
 
 if TYPE_CHECKING:
@@ -66,18 +66,7 @@ def worker_id() -> str:
 
 
 async def _bucket(broker: Broker) -> Any:
-    js = broker.js
-    if js is None:
-        raise BrokerError("broker is not connected")
-    try:
-        return await js.key_value(names.WORKERS_BUCKET)
-    except Exception:
-        try:
-            return await js.create_key_value(
-                bucket=names.WORKERS_BUCKET, ttl=ALIVE_TTL_S * 2, history=1, description="heddle workers"
-            )
-        except Exception:
-            return await js.key_value(names.WORKERS_BUCKET)  # created by someone else meanwhile
+    return await broker.key_value(names.WORKERS_BUCKET, ttl_s=ALIVE_TTL_S * 2, description="heddle workers")
 
 
 class Heartbeat:

@@ -381,10 +381,8 @@ class Router:
     async def _forward(self, go: list[_Go]) -> None:
         assert self.conns is not None
         broker = self.conns.broker
-        js = broker.js
-        assert js is not None
         sent: list[_Go] = []
-        futures = []
+        outgoing: list[tuple[str, bytes, dict[str, str]]] = []
         for item in go:
             msg, route, headers, task_id, msg_id = item
             out = dict(headers)
@@ -400,22 +398,8 @@ class Router:
                 await self._dead_letter(msg, headers, task_id, str(exc))
                 continue
             sent.append(item)
-            try:
-                futures.append(await js.publish_async(route.subject, msg.data, headers=out))
-            except Exception as exc:
-                futures.append(_failed(exc))
-        # One timeout for the whole batch: asyncio.wait_for per future inside gather
-        # costs a Task, a waiter and a timer per routed message.
-        if futures:
-            _done, pending = await asyncio.wait(futures, timeout=_PUBLISH_TIMEOUT_S)
-            for f in pending:
-                f.cancel()
-        results: list[Any] = []
-        for f in futures:
-            if f.cancelled():
-                results.append(TimeoutError())
-            else:
-                results.append(f.exception() or f.result())
+            outgoing.append((route.subject, msg.data, out))
+        results = await broker.publish_many(outgoing, _PUBLISH_TIMEOUT_S)
         for (msg, route, headers, task_id, _), res in zip(sent, results, strict=True):
             if isinstance(res, BaseException):
                 # Not stored downstream: leave it for another try. The routed copy's
@@ -514,9 +498,3 @@ def _usable(task_id: str) -> str:
         return names.check_task_id(task_id)
     except TaskIdError:
         return ""
-
-
-def _failed(exc: BaseException) -> asyncio.Future[Any]:
-    fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-    fut.set_exception(exc)
-    return fut

@@ -95,26 +95,25 @@ def _epoch(value: Any) -> float:
 async def list_workers(app: Heddle) -> list[WorkerRow]:
     """Workers whose last heartbeat is younger than the registry's TTL, by type."""
     conns = await app.connections()
-    js = conns.broker.js
-    assert js is not None
+    broker = conns.broker
     stream = f"KV_{names.WORKERS_BUCKET}"
     try:
-        info = await js.stream_info(stream)
-    except Exception:
+        info = await broker.stream_info(stream)
+    except HeddleError:
         return []
     subjects = info.state.subjects or {}
     if not subjects:
         try:
-            info = await js.stream_info(stream, subjects_filter=f"$KV.{names.WORKERS_BUCKET}.>")
+            info = await broker.stream_info(stream, subjects_filter=f"$KV.{names.WORKERS_BUCKET}.>")
             subjects = info.state.subjects or {}
-        except Exception:
+        except HeddleError:
             subjects = {}
     rows: list[WorkerRow] = []
     now = time.time()
     for subject in subjects:
         try:
-            m = await js.get_last_msg(stream, subject)
-        except Exception:
+            m = await broker.last_stream_msg(stream, subject)
+        except HeddleError:
             continue
         if not m.data or (m.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
             continue
@@ -150,21 +149,19 @@ async def gather_status(
         counts[state] = counts.get(state, 0) + 1
 
     sub = await broker.subscribe(names.TASK_EVENTS_PREFIX + "*", cb=count) if sample_s > 0 else None
-    js = broker.js
-    assert js is not None
     streams, consumers = [], []
     dead = 0
     for name in STREAMS:
         try:
-            si = await js.stream_info(name)
-        except Exception:
+            si = await broker.stream_info(name)
+        except HeddleError:
             continue
         streams.append(StreamRow(name, si.state.messages, si.state.bytes, si.state.consumer_count))
         if name == names.DLQ_STREAM:
             dead = si.state.messages
         try:
-            infos = await js.consumers_info(name)
-        except Exception:
+            infos = await broker.consumers_info(name)
+        except HeddleError:
             infos = []
         for ci in infos:
             consumers.append(ConsumerRow(
@@ -344,16 +341,14 @@ async def find_dead_letter(app: Heddle, task_id: str, scan: int = 1000) -> tuple
     """The newest dead letter of ``task_id`` among the last ``scan`` ones."""
     conns = await app.connections()
     await conns.ensure_streams()
-    js = conns.broker.js
-    assert js is not None
-    info = await js.stream_info(names.DLQ_STREAM)
+    info = await conns.broker.stream_info(names.DLQ_STREAM)
     if not info.state.messages:
         return None
     first = max(info.state.first_seq, info.state.last_seq - scan + 1)
     for seq in range(info.state.last_seq, first - 1, -1):
         try:
-            m = await js.get_msg(names.DLQ_STREAM, seq)
-        except Exception:
+            m = await conns.broker.get_stream_msg(names.DLQ_STREAM, seq)
+        except HeddleError:
             continue
         headers = dict(m.headers or {})
         if headers.get(names.HDR_TASK_ID) == task_id:

@@ -26,8 +26,7 @@ import msgspec
 
 from heddle import events, names
 from heddle.broker import Feed
-from heddle.context import TaskContext
-from heddle.context import _current as _current_task
+from heddle.context import TaskContext, set_current_task
 from heddle.errors import BackendError, BrokerError, DecodeError, EncodeError, HeddleError, TaskIdError, TaskTimeout
 from heddle.messages import (
     FAILURE,
@@ -397,7 +396,7 @@ class Worker:
             worker=self.name,
         )
         # This coroutine runs in its own asyncio task, so the context var is local to it.
-        _current_task.set(ctx)
+        set_current_task(ctx)
         try:
             if task.is_async:
                 coro = task.fn(*tm.args, **tm.kwargs)

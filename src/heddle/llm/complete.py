@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from heddle.context import _current as _current_task
+from heddle.context import task_context
 from heddle.errors import ConfigError, LLMInputError, LLMOutputError
 from heddle.llm.backends import backend_for_tier
 from heddle.llm.backends.base import ChatReply, ChatRequest
@@ -294,7 +294,7 @@ async def complete(
 def _add_to_task_meta(c: Completion) -> None:
     """Add a call's usage to the running task's result metadata (summed over calls)."""
     record_llm_tokens(c.model, c.input_tokens, c.output_tokens)  # /metrics, in a task or not
-    ctx = _current_task.get()
+    ctx = task_context()
     if ctx is None:
         return
     meta = ctx.meta

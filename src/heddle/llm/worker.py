@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from heddle import names
-from heddle.context import _current as _current_task
+from heddle.context import task_context
 from heddle.errors import LLMInputError
 from heddle.llm.backends import check_tier
 from heddle.llm.complete import Completion, complete
@@ -84,7 +84,7 @@ class _Runner:
         self.subject = names.llm_event_subject(config.name)
 
     async def run(self, payload: Any, fields: dict[str, Any]) -> Any:
-        ctx = _current_task.get()
+        ctx = task_context()
         tier = (ctx.tier if ctx is not None and ctx.tier else None) or self.tier
         started = time.monotonic()
         try:
@@ -118,7 +118,7 @@ class _Runner:
 
     async def _announce(self, task_id: str, tier: str, c: Completion | None, started: float, error: str) -> None:
         """Publish the call's event; events are best effort and never fail the task."""
-        ctx = _current_task.get()
+        ctx = task_context()
         meta = ctx.meta if ctx is not None else {}
         event = LLMCallEvent(
             task_id=task_id,

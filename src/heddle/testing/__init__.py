@@ -40,11 +40,12 @@ __all__ = [
     "nats_server_binary",
     "running_actors",
     "running_worker",
+    "start_actors",
     "valkey_server_binary",
 ]
 
 
-async def _start_actors(actors: list[Any]) -> list[asyncio.Future[Any]]:
+async def start_actors(actors: list[Any]) -> list[asyncio.Future[Any]]:
     """Start actors; return their run futures once all are ready (or one failed)."""
     runners = [asyncio.ensure_future(a.run()) for a in actors]
     waits = [asyncio.ensure_future(a.ready.wait()) for a in actors]
@@ -96,7 +97,7 @@ def running_actors(
             actors = make()
             holder["loop"], holder["actors"] = loop, actors
             try:
-                runners = await _start_actors(actors)
+                runners = await start_actors(actors)
                 started.set()
                 await asyncio.gather(*runners)
             finally:
@@ -157,7 +158,7 @@ async def aworker(
 ) -> AsyncIterator[Worker]:
     """Run a worker for ``app`` (all tiers, or only ``tier``) and a router on the current loop."""
     actors = _actors(app, concurrency, grace_s, tier, router)
-    runners = await _start_actors(actors)
+    runners = await start_actors(actors)
     try:
         yield actors[0]
     finally:

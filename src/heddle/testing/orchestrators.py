@@ -15,7 +15,7 @@ import contextlib
 from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING
 
-from heddle.testing import _start_actors, running_actors
+from heddle.testing import running_actors, start_actors
 
 if TYPE_CHECKING:
     from heddle.app import Heddle
@@ -30,7 +30,7 @@ async def aorchestrator(app: Heddle, max_concurrent_goals: int = 16) -> AsyncIte
     from heddle.orchestrator import Orchestrator
 
     orch = Orchestrator(app, max_concurrent_goals=max_concurrent_goals)
-    (runner,) = await _start_actors([orch])
+    (runner,) = await start_actors([orch])
     try:
         yield orch
     finally:

@@ -423,14 +423,13 @@ def build_app(ws: Workshop) -> ASGIApp:
         from heddle.workshop.state import chart_points
 
         c = await conns()
-        js = c.broker._js()
         queues = []
         dead = 0
         try:
-            for ci in await js.consumers_info(names.TASKS_STREAM):
+            for ci in await c.broker.consumers_info(names.TASKS_STREAM):
                 queues.append({"name": ci.name, "pending": ci.num_pending or 0,
                                "ack_pending": ci.num_ack_pending or 0, "redelivered": ci.num_redelivered or 0})
-            dead = (await js.stream_info(names.DLQ_STREAM)).state.messages
+            dead = (await c.broker.stream_info(names.DLQ_STREAM)).state.messages
         except Exception as exc:  # shown, not raised: the overview keeps updating
             queues.append({"name": f"unavailable: {exc}", "pending": 0, "ack_pending": 0, "redelivered": 0})
         workers = sorted(ws.registry.workers() if ws.registry else [], key=lambda i: (i.worker_type, i.id))
