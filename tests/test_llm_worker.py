@@ -11,8 +11,8 @@ import pytest
 import heddle
 from heddle import names
 from heddle.errors import LLMInputError
+from heddle.events import llm_event_decoder as event_decoder
 from heddle.llm import handle, worker_app
-from heddle.llm.worker import event_decoder
 from heddle.testing import aworker
 from tests.fake_providers import FakeProvider, Reply, settings_for
 

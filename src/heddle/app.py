@@ -9,7 +9,7 @@ import weakref
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar, overload
 
-from heddle.connections import Connections, client_name
+from heddle.connections import Connections, TracksSend, client_name
 from heddle.errors import DuplicateTaskError, HeddleError
 from heddle.redact import redact
 from heddle.results import AsyncResult as _AsyncResult
@@ -242,7 +242,7 @@ class Heddle:
 
     # -- sending -------------------------------------------------------------------
 
-    def dispatch(self, result: _AsyncResult[Any], send: Coroutine[Any, Any, None]) -> None:
+    def dispatch(self, result: TracksSend, send: Coroutine[Any, Any, None]) -> None:
         """Run a send: on the caller's loop (not awaited) or, for sync callers, via the portal."""
         try:
             loop = asyncio.get_running_loop()

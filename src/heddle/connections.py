@@ -12,7 +12,7 @@ import os
 import socket
 import time
 from collections.abc import Coroutine, Mapping
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from heddle import names
 from heddle.audit import SubmissionLog
@@ -22,9 +22,6 @@ from heddle.messages import REVOKED, ResultRecord, RevokeNotice, encoder
 from heddle.notices import Watch, Watches
 from heddle.settings import Settings
 from heddle.store import ResultBackend, StoreRequest, encode_record
-
-if TYPE_CHECKING:
-    from heddle.results import AsyncResult
 
 T = TypeVar("T")
 log = logging.getLogger("heddle.connections")
@@ -116,6 +113,12 @@ class Connections:
         await self.broker.close()
 
 
+class TracksSend(Protocol):
+    """A result handle that waits for its own publish (``AsyncResult``)."""
+
+    def track_send(self, sending: Any) -> None: ...
+
+
 class Client(Protocol):
     """What the send path, result handles and graphs need from an app (:class:`heddle.Heddle` is one).
 
@@ -147,9 +150,9 @@ class Client(Protocol):
         """Raise if a blocking call is made from a running event loop."""
         ...
 
-    def dispatch(self, result: AsyncResult[Any], send: Coroutine[Any, Any, None]) -> None:
+    def dispatch(self, result: TracksSend, send: Coroutine[Any, Any, None]) -> None:
         """Run a send on the caller's loop (not awaited) or, for sync callers, to the end."""
         ...
 
 
-__all__ = ["MAX_WATCHES", "Client", "Connections", "client_name"]
+__all__ = ["MAX_WATCHES", "Client", "Connections", "TracksSend", "client_name"]

@@ -13,7 +13,7 @@ subject                                 payload (msgpack)
                                         offline
 ``heddle.events.goals.{goal_id}``       :class:`heddle.graph.NodeState` (goal and
                                         stage progress; empty when the goal ends)
-``heddle.events.llm.{worker_type}``     :class:`heddle.llm.worker.LLMCallEvent`
+``heddle.events.llm.{worker_type}``     :class:`LLMCallEvent`
 =====================================  =========================================
 
 Who sends what: the router sends ``received`` (with the task message itself
@@ -114,8 +114,28 @@ class WorkerEvent(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
 
 
 encoder: Final = msgspec.msgpack.Encoder()
+class LLMCallEvent(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Published (msgpack) on ``heddle.events.llm.{worker_type}`` after each task of an LLM worker."""
+
+    v: int = 1
+    task_id: str
+    worker_type: str
+    tier: str
+    ok: bool
+    backend: str = ""
+    model: str = ""
+    input_tokens: int = 0
+    output_tokens: int = 0
+    latency_s: float = 0.0
+    llm_calls: int = 0
+    cost_usd: float | None = None
+    error: str = ""
+    at: float = 0.0
+
+
 task_event_decoder: Final = msgspec.msgpack.Decoder(TaskEvent)
 worker_event_decoder: Final = msgspec.msgpack.Decoder(WorkerEvent)
+llm_event_decoder: Final = msgspec.msgpack.Decoder(LLMCallEvent)
 
 TASK_SUBJECTS: Final = {s: f"{names.TASK_EVENTS_PREFIX}{s}" for s in TASK_STATES}
 WORKER_SUBJECTS: Final = {s: f"{names.WORKER_EVENTS_PREFIX}{s}" for s in WORKER_STATES}
@@ -169,9 +189,7 @@ def describe(subject: str, data: bytes) -> dict[str, Any] | None:
             node = msgspec.structs.asdict(bounded_decode(node_state_decoder, data))
             return {"kind": "goal", "id": goal_id, "at": time.time(), **node, "node_task_id": node["task_id"]}
         if subject.startswith(names.LLM_EVENTS_PREFIX):
-            from heddle.llm.worker import event_decoder
-
-            llm = msgspec.structs.asdict(bounded_decode(event_decoder, data))
+            llm = msgspec.structs.asdict(bounded_decode(llm_event_decoder, data))
             return {"kind": "llm", "state": "ok" if llm["ok"] else "error", "id": llm["task_id"], **llm}
     except (DecodeError, UnicodeDecodeError):
         return None

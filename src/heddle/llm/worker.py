@@ -9,7 +9,7 @@ the model call is open and cancellation on revoke.
 Per task: validate the input (invalid → FAILURE "invalid input", no model
 call) → :func:`heddle.llm.complete` with the system prompt and the output
 schema (extract, validate, one repair) → the output object. Usage goes into
-the result metadata and an :class:`LLMCallEvent` on
+the result metadata and an :class:`~heddle.events.LLMCallEvent` on
 ``heddle.events.llm.{name}``.
 """
 
@@ -27,6 +27,7 @@ import msgspec
 from heddle import names
 from heddle.context import task_context
 from heddle.errors import LLMInputError
+from heddle.events import LLMCallEvent
 from heddle.llm.backends import check_tier
 from heddle.llm.complete import Completion, complete
 from heddle.llm.config import WorkerConfig, load_worker_config
@@ -44,27 +45,7 @@ __all__ = ["LLMCallEvent", "LLMWorkerHandle", "handle", "worker_app"]
 log = logging.getLogger("heddle.llm")
 
 
-class LLMCallEvent(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
-    """Published (msgpack) on ``heddle.events.llm.{worker_type}`` after each task of an LLM worker."""
-
-    v: int = 1
-    task_id: str
-    worker_type: str
-    tier: str
-    ok: bool
-    backend: str = ""
-    model: str = ""
-    input_tokens: int = 0
-    output_tokens: int = 0
-    latency_s: float = 0.0
-    llm_calls: int = 0
-    cost_usd: float | None = None
-    error: str = ""
-    at: float = 0.0
-
-
 _event_encoder = msgspec.msgpack.Encoder()
-event_decoder = msgspec.msgpack.Decoder(LLMCallEvent)
 
 
 def _invalid_input(name: str, detail: str) -> LLMInputError:
