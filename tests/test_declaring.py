@@ -141,17 +141,24 @@ def test_send_task_rejects_unknown_options():
         app.send_task("x.y", count_down=3)
 
 
-def test_a_shared_task_binds_to_the_app_that_adopts_it():
-    @heddle.task
-    def shared_thing(x: int) -> int:
-        return x
+def test_a_shared_task_belongs_to_the_one_app_that_includes_its_module():
+    import importlib
 
-    app = heddle.Heddle("adopter")
-    assert app.tasks[shared_thing.name] is shared_thing
-    assert shared_thing.app is app
-    later = heddle.Heddle("later")
-    assert shared_thing.app is later
-    assert shared_thing.name in later.tasks
+    import tests.apps.shared as shared
+
+    shared = importlib.reload(shared)  # fresh, unbound task objects for this test
+    with pytest.raises(heddle.HeddleError, match=r"not bound to an app; .*app.include\('tests.apps.shared'\)"):
+        shared.shout.delay("x")
+    other = heddle.Heddle("bystander")  # an app that does not include the module gets nothing
+    assert shared.shout.name not in other.tasks
+    app = heddle.Heddle("includer")
+    assert {t.name for t in app.include("tests.apps.shared")} == {shared.shout.name, "shared.whisper"}
+    assert shared.shout.app is app and app.tasks["shared.whisper"] is shared.whisper
+    assert app.include(shared) == [shared.shout, shared.whisper]  # including twice is harmless
+    with pytest.raises(heddle.ConfigError, match=r"already included by app 'includer'; a shared task belongs to one"):
+        heddle.Heddle("second").include(shared)
+    with pytest.raises(heddle.ConfigError, match=r"cannot include 'no\.such\.module'"):
+        app.include("no.such.module")
 
 
 def test_signatures_carry_arguments_and_immutability():
@@ -243,3 +250,22 @@ def test_a_type_checker_catches_wrong_argument_types(tmp_path):
     assert any(":13:" in e and 'type "str"; expected "int"' in e for e in errors), out.stdout
     assert any(":14:" in e and 'type "int"; expected "str"' in e for e in errors), out.stdout
     assert any(":17:" in e and 'has type "int", variable has type "str"' in e for e in errors)
+
+
+def test_the_app_that_dash_a_loads_includes_the_shared_tasks_of_its_module(tmp_path, monkeypatch):
+    from heddle.cli import load_app
+
+    (tmp_path / "shopmix.py").write_text(
+        "import heddle\n"
+        "app = heddle.Heddle('shopmix')\n"
+        "@app.task\n"
+        "def add(x: int, y: int) -> int:\n"
+        "    return x + y\n"
+        "@heddle.task\n"
+        "def slow_echo(text: str) -> str:\n"
+        "    return text\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    app = load_app("shopmix")
+    assert sorted(app.tasks) == ["shopmix.add", "shopmix.slow_echo"]
+    assert app.tasks["shopmix.slow_echo"].app is app

@@ -118,7 +118,6 @@ async def test_workers_announce_themselves_online_with_heartbeats_and_offline(
     async with aworker(app, router=False):
         online = await recorder.wait(lambda e: e["kind"] == "worker" and e["worker_type"] == app.name)
         assert online[0]["state"] == "online" and online[0]["tiers"] == ["*"]
-        # Shared @heddle.task tasks from other test modules are adopted too; ours must be there.
         assert sorted(app.tasks) == sorted(online[0]["tasks"]) and online[0]["concurrency"] == 8
         assert any(t.endswith(".add") for t in online[0]["tasks"])
         await recorder.wait(lambda e: e["kind"] == "worker" and e["worker_type"] == app.name

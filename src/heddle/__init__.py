@@ -16,7 +16,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, overload
 
 from heddle import llm as llm  # heddle.llm.complete, YAML LLM workers (backends load lazily)
-from heddle.app import Heddle, _apps, _shared_tasks
+from heddle.app import Heddle
 from heddle.canvas import GraphResult, Signature, chain, chord, group
 from heddle.context import TaskContext, current_task
 from heddle.errors import (
@@ -98,18 +98,15 @@ def task(**options: Any) -> TaskDecorator: ...
 
 
 def task(fn: Any = None, /, **options: Any) -> Any:
-    """Declare a shared task, not tied to one app.
+    """Declare a shared task: a task of a module that does not name its app.
 
-    Every :class:`Heddle` app adopts shared tasks (those declared before it and
-    after it); calls go through the app that adopted the task last, so a
-    module of shared tasks works with whichever app the worker loads.
+    It belongs to the one app that includes its module: ``app.include("shop.tasks")``,
+    or the app ``heddle worker -A shop.tasks`` loads (which includes the module it
+    loads). There is no process-wide registry: until an app includes it, sending it
+    raises an error that says how to bind it.
     """
 
     def decorate(f: Any) -> Any:
-        t: Task[Any, Any] = Task(f, app=None, **options)
-        _shared_tasks.append(t)
-        for app in list(_apps):
-            app._adopt(t)
-        return t
+        return Task(f, app=None, **options)
 
     return decorate(fn) if fn is not None else decorate

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import threading
-import weakref
 from collections.abc import Callable, Coroutine
+from types import ModuleType
 from typing import Any, TypeVar, overload
 
 from heddle.connections import Connections, TracksSend, client_name
-from heddle.errors import DuplicateTaskError, HeddleError
+from heddle.errors import ConfigError, DuplicateTaskError, HeddleError
 from heddle.redact import redact
 from heddle.results import AsyncResult as _AsyncResult
 from heddle.send import send_by_name
@@ -18,10 +19,6 @@ from heddle.settings import Settings, check_name
 from heddle.task import P, R, Task, TaskDecorator
 
 T = TypeVar("T")
-
-# Tasks declared with module-level ``@heddle.task``; every app adopts them.
-_shared_tasks: list[Task[Any, Any]] = []
-_apps: weakref.WeakSet[Heddle] = weakref.WeakSet()
 
 class _Portal:
     """A background event loop thread that runs client coroutines for sync callers."""
@@ -111,9 +108,6 @@ class Heddle:
         self._conns: dict[asyncio.AbstractEventLoop, asyncio.Future[Connections]] = {}
         self._portal = _Portal()
         self._pending_sends: set[asyncio.Task[Any]] = set()
-        for t in _shared_tasks:
-            self._adopt(t)
-        _apps.add(self)
 
     def __repr__(self) -> str:
         return f"<Heddle {self.name!r} nats={redact(self.settings.nats_url)} tasks={len(self.tasks)}>"
@@ -171,9 +165,28 @@ class Heddle:
             )
         self.tasks[task.name] = task
 
-    def _adopt(self, task: Task[Any, Any]) -> None:
-        self.register(task)
-        task.bind_shared(self)
+    def include(self, *modules: ModuleType | str) -> list[Task[Any, Any]]:
+        """Bind the shared (``@heddle.task``) tasks of ``modules`` to this app; return them.
+
+        ``heddle worker -A module`` includes the module it loads; a client that sends
+        shared tasks includes their modules once: ``app.include("shop.tasks")``.
+
+        Raises:
+            ConfigError: A module cannot be imported, or one of its shared tasks is
+                already bound to another app.
+        """
+        found: list[Task[Any, Any]] = []
+        for m in modules:
+            try:
+                module = importlib.import_module(m) if isinstance(m, str) else m
+            except ImportError as exc:
+                raise ConfigError(f"app {self.name!r} cannot include {m!r}: {exc}") from exc
+            for value in list(vars(module).values()):
+                if isinstance(value, Task) and value.is_shared and value not in found:
+                    value.bind_shared(self)
+                    self.register(value)
+                    found.append(value)
+        return found
 
     # -- connections ---------------------------------------------------------------
 

@@ -46,12 +46,13 @@ def load_app(spec: str) -> Heddle:
         obj = getattr(module, attr, None)
         if not isinstance(obj, Heddle):
             raise ConfigError(f"{module_name}:{attr} is {type(obj).__name__}, not a heddle.Heddle app")
+        obj.include(module)  # the module's shared @heddle.task tasks belong to the app -A names
         return obj
     apps = {k: v for k, v in vars(module).items() if isinstance(v, Heddle)}
-    if "app" in apps:
-        return apps["app"]
-    if len(apps) == 1:
-        return next(iter(apps.values()))
+    chosen = apps.get("app") or (next(iter(apps.values())) if len(apps) == 1 else None)
+    if chosen is not None:
+        chosen.include(module)
+        return chosen
     if not apps:
         raise ConfigError(
             f"module {module_name!r} defines no heddle.Heddle app; add `app = heddle.Heddle('name')` "

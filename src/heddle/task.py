@@ -12,7 +12,7 @@ import msgspec
 
 from heddle import names
 from heddle.canvas import Signature, xmap, xstarmap
-from heddle.errors import HeddleError, TaskOptionError
+from heddle.errors import ConfigError, HeddleError, TaskOptionError
 from heddle.results import AsyncResult
 from heddle.send import send, unknown_options_error
 
@@ -175,15 +175,33 @@ class Task(Generic[P, R]):
         """The app this task sends through (for shared tasks: the last app that adopted it)."""
         if self._app is None:
             raise HeddleError(
-                f"shared task {self.name!r} is not bound to an app; create one with "
-                f"heddle.Heddle('name') (it adopts every @heddle.task) before calling it"
+                f"shared task {self.name!r} is not bound to an app; include its module in the app "
+                f"that sends it: app.include({self.fn.__module__!r}) (heddle worker -A does this for "
+                f"the module it loads)"
             )
         return self._app
 
+    @property
+    def is_shared(self) -> bool:
+        """True for a ``@heddle.task`` task (bound by ``app.include``), False for ``@app.task``."""
+        return self._shared
+
     def bind_shared(self, app: Client) -> None:
-        """Send a shared (``@heddle.task``) task through ``app``; an app's own task keeps its app."""
-        if self._shared:
-            self._app = app
+        """Bind a shared (``@heddle.task``) task to ``app``; it sends through that app from now on.
+
+        Raises:
+            ConfigError: It is already bound to another app (a shared task belongs to
+                one app; include its module in one app only, or declare it with ``@app.task``).
+        """
+        if not self._shared:
+            return
+        if self._app is not None and self._app is not app:
+            raise ConfigError(
+                f"shared task {self.name!r} is already included by app {self._app.name!r}; a shared task "
+                f"belongs to one app: include {self.fn.__module__!r} in one app only, or declare the task "
+                f"with @app.task"
+            )
+        self._app = app
 
     # -- sending -------------------------------------------------------------------
 
