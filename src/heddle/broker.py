@@ -216,6 +216,7 @@ class Broker:
 
         shown = redact(self.url)
         secrets = self.settings.secrets()
+        user = self.settings.nats_auth.user
         options = connect_options(self.settings)
         # What the server said when it refused the login, or why TLS failed.
         refused: list[BaseException] = []
@@ -242,8 +243,13 @@ class Broker:
                 refused[:] = [exc]
                 if isinstance(exc, ssl.SSLError) and self.nc is None:
                     tls_failed.set()
-            if isinstance(exc, nats.errors.Error) and not isinstance(exc, nats.errors.ConnectionClosedError):
-                log.warning("nats-server at %s reported: %s", shown, redact(str(exc), *secrets))
+            said = redact(str(exc), *secrets)
+            if "permissions violation" in said:
+                # The connection stays open; only this publish or subscription was dropped.
+                log.warning("nats-server at %s refused %s a permission: %s (docs/security.md says what each "
+                            "role may do)", shown, f"NATS user {user!r}" if user else "this connection", said)
+            elif isinstance(exc, nats.errors.Error) and not isinstance(exc, nats.errors.ConnectionClosedError):
+                log.warning("nats-server at %s reported: %s", shown, said)
             else:
                 log.debug("nats error: %s", redact(repr(exc), *secrets))
 

@@ -446,6 +446,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from heddle.workshop.cli import add_workshop_command
 
     add_workshop_command(sub, add_actor_args)  # workshop
+    from heddle.auth import add_auth_command
+
+    add_auth_command(sub)  # auth nats
     args = parser.parse_args(argv)
     return _dispatch(args, argv[1:])
 
@@ -490,6 +493,10 @@ def _dispatch(args: Any, rest: Sequence[str]) -> int:
             from heddle.dlq import run_dlq_command
 
             return run_dlq_command(args, console)
+        if args.command == "auth":
+            from heddle.auth import run_auth_command
+
+            return run_auth_command(args)
     except HeddleError as exc:
         console.print(f"[bold red]error:[/] {escape(redact(str(exc)))}")
         return 2

@@ -30,7 +30,7 @@ from heddle import names
 from heddle.errors import BackendError, BackendUnavailable, DecodeError
 from heddle.messages import PENDING, READY_STATES, ResultRecord, encoder, record_decoder
 from heddle.redact import redact
-from heddle.settings import Settings, readable_file, server_endpoint
+from heddle.settings import Settings, readable_file, server_endpoint, tls_failure
 
 _FINAL = "st == 'SUCCESS' or st == 'FAILURE' or st == 'REVOKED'"
 _MAX_CONNECTIONS = 64  # per process and event loop; Valkey allows 10,000 clients by default
@@ -206,7 +206,7 @@ class ResultBackend:
                     f"{self.settings.login_fix('valkey')}."
                 ) from exc
             low = told.lower()
-            if tls and any(w in low for w in ("ssl", "certificate", "handshake", "closed by server")):
+            if tls and tls_failure(told):
                 raise BackendError(
                     f"TLS failed for {where} while connecting ({told}). Fix: {self.settings.tls_fix('valkey', told)}."
                 ) from exc
