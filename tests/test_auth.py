@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import http.client
 import json
@@ -296,6 +297,35 @@ def test_a_tls_url_to_a_server_without_tls_is_refused_rather_than_sent_in_plain_
     with EmbeddedNats("127.0.0.1", None, None) as n:
         text = refused_nats(nats_url=f"tls://127.0.0.1:{n.port}")
     assert "does not use TLS" in text
+
+
+def test_a_password_is_never_sent_to_a_server_that_does_not_use_tls_when_tls_is_asked_for():
+    """A fake server greets without TLS and records every byte: the password must not be among them."""
+    received = bytearray()
+
+    async def main() -> str:
+        async def greet(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(b'INFO {"server_id":"fake","version":"2.10.0","proto":1,"max_payload":1048576,'
+                         b'"headers":true,"auth_required":true}\r\n')
+            await writer.drain()
+            with contextlib.suppress(Exception):
+                while data := await reader.read(4096):
+                    received.extend(data)
+            writer.close()
+
+        server = await asyncio.start_server(greet, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            with pytest.raises(BrokerError) as caught:
+                await asyncio.wait_for(_connect_nats(nats_url=f"tls://127.0.0.1:{port}", nats_user="heddle",
+                                                     nats_password=PASSWORD), 15)
+            return str(caught.value)
+        finally:
+            server.close()
+
+    text = asyncio.run(main())
+    assert "does not use TLS" in text
+    assert PASSWORD.encode() not in bytes(received)
 
 
 @pytest.mark.parametrize("mode", ["url", "password", "token", "nkey", "creds"])

@@ -132,8 +132,14 @@ def connect_options(settings: Settings) -> dict[str, Any]:
     return opts
 
 
+class _PlainTextServer(nats.errors.Error):
+    """The server does not use TLS, but this process asks for it: its password or token is kept back."""
+
+
 def _connect_failure(settings: Settings, exc: BaseException, said: BaseException | None) -> BrokerError:
     """The error for a first connection that failed: a refused login or TLS names the variable to fix."""
+    if isinstance(said, _PlainTextServer):
+        return BrokerError(str(said))
     where = ", ".join(server_endpoint(u) for u in nats_server_urls(settings.nats_url))
     told = redact(str(said or exc), *settings.secrets())
     if isinstance(said, ssl.SSLError) or isinstance(exc, ssl.SSLError):
@@ -239,9 +245,9 @@ class Broker:
         async def error(exc: Exception) -> None:
             # Permission violations and protocol errors are worth seeing; a reconnect
             # attempt that fails is said once by disconnected() above.
-            if _refused_credentials(exc) or isinstance(exc, ssl.SSLError):
+            if _refused_credentials(exc) or isinstance(exc, ssl.SSLError | _PlainTextServer):
                 refused[:] = [exc]
-                if isinstance(exc, ssl.SSLError) and self.nc is None:
+                if isinstance(exc, ssl.SSLError | _PlainTextServer) and self.nc is None:
                     tls_failed.set()
             said = redact(str(exc), *secrets)
             if "permissions violation" in said:
@@ -278,9 +284,29 @@ class Broker:
             closed_cb=closed,
         )
         nc = NATS()
+        plain_text = (
+            f"nats-server at {shown} does not use TLS, but this process asks for it (a tls:// URL or NATS_TLS_CA, "
+            f"NATS_TLS_CERT); enable tls {{ }} on the server, or use nats:// and unset NATS_TLS_*"
+        )
+        if self.settings.nats_tls:
+            # nats-py speaks plain text to a server that does not ask for TLS, whatever the
+            # URL's scheme: hand the password or token over only once the server said TLS.
+            # nats-py asks for them when it writes CONNECT, after the TLS upgrade.
+            def guarded(value: str) -> Callable[[], str]:
+                def give() -> str:
+                    if not nc._server_info.get("tls_required"):
+                        raise _PlainTextServer(plain_text)
+                    return value
+
+                return give
+
+            for key in ("user", "password", "token"):
+                if options.get(key):
+                    options[key] = guarded(options[key])
         connecting = asyncio.ensure_future(nc.connect(self.url, **options))
         # nats-py never returns from a failed TLS handshake (it waits for the closing of
-        # a socket it handed to the handshake): stop at the first TLS error instead.
+        # a socket it handed to the handshake): stop at the first TLS error instead (and
+        # at a server without TLS, which would only be tried again).
         failing = asyncio.ensure_future(tls_failed.wait())
         try:
             await asyncio.wait((connecting, failing), return_when=asyncio.FIRST_COMPLETED)
@@ -300,13 +326,10 @@ class Broker:
             raise _connect_failure(self.settings, exc, refused[0] if refused else None) from exc
         self.nc = nc
         if self.settings.nats_tls and not self.nc._server_info.get("tls_required"):
-            # nats-py speaks plain text to a server that does not ask for TLS, whatever
-            # the URL's scheme: never let "tls://" or NATS_TLS_CA quietly mean nothing.
+            # Logged in without a password (an nkey, a .creds file, a URL's): still never
+            # let "tls://" or NATS_TLS_CA quietly mean plain text.
             await self.close()
-            raise BrokerError(
-                f"nats-server at {shown} does not use TLS, but this process asks for it (a tls:// URL or "
-                f"NATS_TLS_CA, NATS_TLS_CERT); enable tls {{ }} on the server, or use nats:// and unset NATS_TLS_*"
-            )
+            raise BrokerError(plain_text)
         # Once connected, reconnect forever: a restarted nats-server must never
         # leave a worker silently disconnected.
         self.nc.options["max_reconnect_attempts"] = -1
