@@ -419,7 +419,8 @@ def test_valkey_password_from_the_environment_logs_in_and_a_wrong_one_names_it(n
 
 
 def test_a_valkey_acl_user_logs_in_from_valkey_username_or_the_url(nats):
-    users = [f"heddle on >{ACL_PASSWORD} ~* &* +@all", "default off"]
+    # The ACL user docs/security.md recommends: Heddle's keys only, no admin commands.
+    users = [f"heddle on >{ACL_PASSWORD} ~heddle:* &* +@all -@admin -@dangerous +script|load +info", "default off"]
     with EmbeddedValkey("127.0.0.1", None, None, users=users) as v:
         round_trip(v.url, nats_url=nats.url, valkey_username="heddle", valkey_password=ACL_PASSWORD)
         round_trip(f"valkey://heddle:{ACL_PASSWORD}@127.0.0.1:{v.port}/0", nats_url=nats.url)
