@@ -8,7 +8,7 @@ consumer); each is refused by nats-server, logged by Heddle at WARNING with the
 subject, and never reaches the role it would have fooled. Then client, router,
 worker and orchestrator, each with nothing but its own role's file, run tasks, a
 failing task and a chain end to end, and the operator's commands run as the
-workshop role.
+workshop role, as does the Workshop itself.
 """
 
 from __future__ import annotations
@@ -314,6 +314,28 @@ def test_client_router_worker_and_orchestrator_do_their_work_with_their_own_cred
     assert heddle.group(add.s(i, i) for i in range(3)).delay().get(timeout=60) == [0, 2, 4]
     # Only the clients' own result-notice subscriptions were refused (they read Valkey
     # instead, docs/security.md); the actors never hit a permission.
+    others = [v for v in violations(caplog) if 'subscription to "heddle.results.' not in v]
+    assert others == []
+
+
+def test_the_workshop_serves_its_pages_with_the_workshop_role_only(bus, actors, caplog):
+    pytest.importorskip("starlette")
+    import httpx
+
+    from heddle.workshop import Workshop
+
+    done = actors["client"].tasks["roles.add"].delay(20, 22)
+    assert done.get(timeout=30) == 42
+    app = bus.app("workshop", "workshop")
+    ws = Workshop(app, port=0, config_dirs=[ROOT / "configs"])
+    with running_actors(app, lambda: [ws]):
+        paths = ("/", "/tasks", "/dlq", f"/tasks/{done.id}")
+        pages = {path: httpx.get(f"{ws.url}{path}", timeout=30) for path in paths}
+    app.close()
+    for path, page in pages.items():
+        assert page.status_code == 200, (path, page.text[:500])
+    assert names.ROUTER_CONSUMER in pages["/"].text  # read from JetStream: CONSUMER.LIST
+    assert "42" in pages[f"/tasks/{done.id}"].text
     others = [v for v in violations(caplog) if 'subscription to "heddle.results.' not in v]
     assert others == []
 
