@@ -9,6 +9,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import re
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -132,6 +133,22 @@ def connect_options(settings: Settings) -> dict[str, Any]:
     return opts
 
 
+# A permission refused again within this long is logged at debug (counted in the next warning).
+_VIOLATION_LOG_S = 60.0
+_VIOLATION = re.compile(r'for (\w+) to "([^"]*)"')
+
+
+def _violation_kind(said: str) -> str:
+    """``subscription heddle.results.*`` for a refused ``heddle.results.<id>``: one kind per subject family."""
+    m = _VIOLATION.search(said)
+    if m is None:
+        return said
+    tokens = m.group(2).split(".")
+    if len(tokens) > 2 and tokens[-1] not in ("*", ">"):
+        tokens[-1] = "…"
+    return f"{m.group(1)} {'.'.join(tokens)}"
+
+
 class _PlainTextServer(nats.errors.Error):
     """The server does not use TLS, but this process asks for it: its password or token is kept back."""
 
@@ -223,6 +240,7 @@ class Broker:
         shown = redact(self.url)
         secrets = self.settings.secrets()
         user = self.settings.nats_auth.user
+        violations: dict[str, tuple[float, int]] = {}  # kind -> (logged at, refused since)
         options = connect_options(self.settings)
         # What the server said when it refused the login, or why TLS failed.
         refused: list[BaseException] = []
@@ -252,8 +270,18 @@ class Broker:
             said = redact(str(exc), *secrets)
             if "permissions violation" in said:
                 # The connection stays open; only this publish or subscription was dropped.
-                log.warning("nats-server at %s refused %s a permission: %s (docs/security.md says what each "
-                            "role may do)", shown, f"NATS user {user!r}" if user else "this connection", said)
+                # One line a minute per kind (heddle.results.* for every task a client sends).
+                kind = _violation_kind(said)
+                now = time.monotonic()
+                last, more = violations.get(kind, (-_VIOLATION_LOG_S, 0))
+                if now - last < _VIOLATION_LOG_S:
+                    violations[kind] = (last, more + 1)
+                    log.debug("nats-server at %s refused a permission: %s", shown, said)
+                    return
+                violations[kind] = (now, 0)
+                log.warning("nats-server at %s refused %s a permission: %s%s (docs/security.md says what each "
+                            "role may do)", shown, f"NATS user {user!r}" if user else "this connection", said,
+                            f"; {more} more like it in the last minute" if more else "")
             elif isinstance(exc, nats.errors.Error) and not isinstance(exc, nats.errors.ConnectionClosedError):
                 log.warning("nats-server at %s reported: %s", shown, said)
             else:
