@@ -606,7 +606,7 @@ def test_a_bad_goal_is_dead_lettered_and_the_next_goal_runs(heddle_app, heddle_s
 
 
 async def test_ack_failures_are_logged_with_the_task_id(heddle_servers, caplog):
-    from heddle.worker import acknowledge
+    from heddle.actor import acknowledge
 
     worker_type = _uid("acks")
     subject = names.task_subject(worker_type, "standard")
@@ -621,7 +621,7 @@ async def test_ack_failures_are_logged_with_the_task_id(heddle_servers, caplog):
     await nc.publish(f"{subject}.core", b"not from a stream")
     not_a_stream_message = await asyncio.wait_for(core, 5)
 
-    with caplog.at_level(logging.DEBUG, logger="heddle.worker"):
+    with caplog.at_level(logging.DEBUG, logger="heddle.actor"):
         assert await acknowledge(first, "ack", "task-acked")
         assert not await acknowledge(first, "ack", "task-acked-twice")
         assert not await acknowledge(not_a_stream_message, "nak", "task-not-from-a-stream")

@@ -146,6 +146,10 @@ class Client(Protocol):
         """Run ``coro`` for a sync caller and block until it is done."""
         ...
 
+    async def aclose(self) -> None:
+        """Close the connections of the running loop."""
+        ...
+
     def refuse_blocking_in_loop(self, what: str, instead: str) -> None:
         """Raise if a blocking call is made from a running event loop."""
         ...

@@ -60,8 +60,7 @@ from heddle.pipeline import PipelineError, StagePlan, build_plan
 from heddle.results import AsyncResult
 
 if TYPE_CHECKING:
-    from heddle.app import Heddle
-    from heddle.connections import Connections
+    from heddle.connections import Client, Connections
 
 log = logging.getLogger("heddle.orchestrator")
 
@@ -103,7 +102,7 @@ class GoalRun:
     """
 
     def __init__(
-        self, app: Heddle, conns: Connections, goal: GoalMessage, store: GoalStore, orchestrator: str
+        self, app: Client, conns: Connections, goal: GoalMessage, store: GoalStore, orchestrator: str
     ) -> None:
         self.app = app
         self.conns = conns

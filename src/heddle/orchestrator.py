@@ -22,28 +22,25 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from heddle import names
-from heddle.broker import Feed
+from heddle.actor import Actor, acknowledge
 from heddle.errors import DecodeError, HeddleError, TaskIdError
 from heddle.graph import GOAL_FAILED, GOAL_REVOKED, GOAL_SUCCEEDED, goal_decoder
 from heddle.graph_run import GoalRun
 from heddle.graph_store import GoalStore, check_durability
 from heddle.messages import (
-    FAILURE,
     READY_STATES,
     SUCCESS,
-    ErrorInfo,
     ResultRecord,
     check_version,
-    copyable_headers,
     decode,
     revoke_decoder,
     usable_task_id,
 )
-from heddle.worker import acknowledge
 
 if TYPE_CHECKING:
     from nats.aio.msg import Msg
@@ -69,8 +66,8 @@ class _Active:
     revoked: bool = False
 
 
-class Orchestrator:
-    """Runs goals.
+class Orchestrator(Actor):
+    """Runs goals (an :class:`~heddle.actor.Actor` on ``heddle-orchestrator``).
 
     Args:
         app: Any app: gives settings and connections; node tasks name their own worker types.
@@ -87,23 +84,14 @@ class Orchestrator:
     ) -> None:
         if not isinstance(max_concurrent_goals, int) or max_concurrent_goals < 1:
             raise HeddleError(f"max_concurrent_goals must be an int >= 1, got {max_concurrent_goals!r}")
-        self.app = app
-        self.settings = app.settings
+        super().__init__(app)
         self.max_concurrent_goals = max_concurrent_goals
         self.name = name or f"orchestrator@{socket.gethostname()}:{os.getpid()}"
-        self.ready = asyncio.Event()
-        self.last_tick = time.monotonic()
         self.active: dict[str, _Active] = {}
         self.stats = {"received": 0, "succeeded": 0, "failed": 0, "revoked": 0, "resumed": 0, "peak_active": 0}
         #: The start-up warning about Valkey durability, if there was one.
         self.durability_warning: str | None = None
-        self.conns: Connections | None = None
         self.store: GoalStore | None = None
-        self._stop = asyncio.Event()
-        self._slot_freed = asyncio.Event()
-        self._feed: Feed | None = None
-        self._subs: list[Any] = []
-        self._bg: list[asyncio.Task[Any]] = []
 
     def __repr__(self) -> str:
         return f"<Orchestrator {self.name} active={len(self.active)}/{self.max_concurrent_goals}>"
@@ -112,77 +100,53 @@ class Orchestrator:
     actor_kind = "orchestrator"
 
     @property
-    def consumers(self) -> list[tuple[str, str]]:
-        """The (stream, durable consumer) pairs this actor reads."""
-        return [(names.GOALS_STREAM, names.ORCHESTRATOR_CONSUMER)]
-
-    @property
     def inflight(self) -> dict[str, _Active]:
         """Goals in progress here."""
         return self.active
 
     # -- lifecycle -----------------------------------------------------------------------
 
-    def request_stop(self) -> None:
-        """Stop fetching and hand running goals back (safe to call from a signal handler)."""
-        self._stop.set()
-        self._slot_freed.set()
+    what = "goals"
+    exhausted_why = "its orchestrators probably crash or hang on it"
 
-    async def run(self) -> None:
-        """Connect, run goals until :meth:`request_stop`, then hand back the unfinished ones."""
-        conns = await self.app.connections()
-        self.conns = conns
-        await conns.ensure_streams()
+    async def ensure_consumer(self, conns: Connections) -> tuple[str, str]:
+        durable = await conns.broker.ensure_named_consumer(
+            names.ORCHESTRATOR_CONSUMER, names.GOALS_SUBJECT, max_deliver=self.max_deliver,
+            stream=names.GOALS_STREAM,
+        )
+        return durable, names.GOALS_STREAM
+
+    @property
+    def filter_subject(self) -> str:
+        return names.GOALS_SUBJECT
+
+    def free_slots(self) -> int:
+        # Goals beyond the bound stay in the stream for this or another orchestrator.
+        return self.max_concurrent_goals - len(self.active)
+
+    def in_progress(self) -> Iterable[tuple[Msg, str]]:
+        return ((a.msg, a.run.goal.id) for a in self.active.values())
+
+    async def on_start(self, conns: Connections) -> None:
         self.store = GoalStore(conns.backend, self.settings.result_ttl_s)
         self.durability_warning = await check_durability(conns.backend)
         if self.durability_warning:
             log.warning("!" * 78)
             log.warning("!! %s", self.durability_warning)
             log.warning("!" * 78)
-
-        async def ensure() -> tuple[str, str]:
-            durable = await conns.broker.ensure_named_consumer(
-                names.ORCHESTRATOR_CONSUMER, names.GOALS_SUBJECT, max_deliver=self.settings.max_deliver,
-                stream=names.GOALS_STREAM,
-            )
-            return durable, names.GOALS_STREAM
-
-        self._feed = Feed(conns.broker, ensure, self._stop, "goals", _BACKOFF_S)
-        await self._feed.start()
         self._subs.append(await conns.broker.subscribe(names.REVOKE_SUBJECT, cb=self._on_revoke))
-        await conns.broker.flush()
-        loop = asyncio.get_running_loop()
-        self._bg = [loop.create_task(self._progress_loop(), name="heddle-goal-progress")]
-        self.ready.set()
         # Deliberately not the worker's "consuming" wording: process supervisors and
         # tests wait for that line to know the *worker* is subscribed.
         log.info("orchestrator %s taking goals from %s (at most %d at once)",
                  self.name, names.GOALS_SUBJECT, self.max_concurrent_goals)
-        try:
-            await self._fetch_loop()
-        finally:
-            await self._shutdown()
 
-    # -- fetching ------------------------------------------------------------------------
-
-    async def _fetch_loop(self) -> None:
-        while not self._stop.is_set():
-            self.last_tick = time.monotonic()
-            free = self.max_concurrent_goals - len(self.active)
-            if free <= 0:
-                # Goals beyond the bound stay in the stream for this or another orchestrator.
-                self._slot_freed.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._slot_freed.wait(), _FETCH_TIMEOUT_S)
-                continue
-            assert self._feed is not None
-            msgs = await self._feed.fetch(free, _FETCH_TIMEOUT_S)
-            for msg in msgs:
-                try:
-                    await self._accept(msg)
-                except Exception:
-                    # Never let one goal stop the loop; an unacked message comes back.
-                    log.exception("failed to accept a goal message")
+    async def handle(self, msgs: list[Msg]) -> None:
+        for msg in msgs:
+            try:
+                await self._accept(msg)
+            except Exception:
+                # Never let one goal stop the loop; an unacked message comes back.
+                log.exception("failed to accept a goal message")
 
     async def _accept(self, msg: Msg) -> None:
         assert self.conns is not None and self.store is not None
@@ -237,28 +201,7 @@ class Orchestrator:
 
     async def _reject(self, msg: Msg, reason: str, goal_id: str) -> None:
         """Dead-letter a goal that can never run, fail its result, and ack it."""
-        assert self.conns is not None
-        broker = self.conns.broker
-        seq = msg.metadata.sequence.stream
-        log.warning("dead-lettering goal message #%d (goal %s): %s", seq, goal_id or "without a usable id", reason)
-        try:
-            await broker.dead_letter(
-                msg.data,
-                reason,
-                task_id=goal_id,
-                subject=msg.subject,
-                dedup_key=f"{names.GOALS_STREAM}:{seq}",
-                original_headers=copyable_headers(msg.headers),
-            )
-            if goal_id:
-                record = ResultRecord(id=goal_id, state=FAILURE, task="graph", worker=self.name,
-                                      error=ErrorInfo(type="heddle.DeadLettered", message=reason),
-                                      finished_at=time.time())
-                await self._store_result(record)
-        except HeddleError as exc:
-            log.warning("could not dead-letter goal message #%d (%s); leaving it for redelivery", seq, exc)
-            return
-        await acknowledge(msg, "ack", goal_id or f"#{seq}", logger=log)
+        await self.reject(msg, reason, task_id=goal_id, task_name="graph")
 
     # -- running -------------------------------------------------------------------------
 
@@ -294,7 +237,7 @@ class Orchestrator:
         finally:
             if self.active.get(goal_id) is active:
                 del self.active[goal_id]
-            self._slot_freed.set()
+            self.slot_freed()
 
     async def _finish(self, run: GoalRun, record: ResultRecord) -> None:
         """Store the goal's result like a task result, then its final checkpoint."""
@@ -311,14 +254,6 @@ class Orchestrator:
     async def _store_result(self, record: ResultRecord) -> None:
         assert self.conns is not None
         await self.conns.store_final(record)
-
-    async def _progress_loop(self) -> None:
-        """Tell JetStream that running goals are alive, so AckWait can stay short."""
-        interval = max(0.2, self.settings.ack_wait_s / 3)
-        while True:
-            await asyncio.sleep(interval)
-            for active in list(self.active.values()):
-                await acknowledge(active.msg, "in_progress", active.run.goal.id, logger=log)
 
     # -- control -------------------------------------------------------------------------
 
@@ -350,7 +285,7 @@ class Orchestrator:
 
     # -- shutdown ------------------------------------------------------------------------
 
-    async def _shutdown(self) -> None:
+    async def on_stop(self) -> None:
         """Stop walking running goals and nak them for prompt resumption elsewhere."""
         running = [a for a in self.active.values() if a.task is not None and not a.revoked]
         for a in running:
@@ -361,16 +296,4 @@ class Orchestrator:
             for a in running:
                 await acknowledge(a.msg, "nak", a.run.goal.id, logger=log)
             log.info("handed %d unfinished goal(s) back to the stream", len(running))
-        for t in self._bg:
-            t.cancel()
-        await asyncio.gather(*self._bg, return_exceptions=True)
-        # Goal messages delivered but never fetched are nak'd too.
-        if self._feed is not None:
-            await self._feed.close()
-        if self.conns is not None:
-            with contextlib.suppress(Exception):
-                await self.conns.broker.flush(timeout_s=2)
-        for sub in self._subs:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
         log.info("orchestrator %s stopped: %s", self.name, self.stats)

@@ -35,14 +35,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from heddle import events, names
-from heddle.broker import Feed
+from heddle.actor import Actor, acknowledge, seq_of
 from heddle.errors import ConfigError, HeddleError, MessageTooLarge, TaskIdError
-from heddle.messages import FAILURE, MAX_HEADER_CHARS, ErrorInfo, ResultRecord, headers_size
+from heddle.messages import MAX_HEADER_CHARS, headers_size
 from heddle.ratelimit import Ask, RateLimiter, bucket_key
 from heddle.registry import Registry
 from heddle.rules import RouterRules, RulesError, load_rules
 from heddle.settings import check_name
-from heddle.worker import acknowledge, dead_letter_exhausted
 
 if TYPE_CHECKING:
     from nats.aio.msg import Msg
@@ -86,8 +85,8 @@ class Route:
 _Go = tuple["Msg", Route, dict[str, str], str, str]
 
 
-class Router:
-    """Routes incoming tasks to worker subjects.
+class Router(Actor):
+    """Routes incoming tasks to worker subjects (an :class:`~heddle.actor.Actor` on ``heddle-router``).
 
     Args:
         app: Any app; gives settings and connections.
@@ -109,40 +108,24 @@ class Router:
     ) -> None:
         if not isinstance(max_deliver, int) or max_deliver < 1:
             raise HeddleError(f"max_deliver must be an int >= 1, got {max_deliver!r}")
-        self.app = app
+        super().__init__(app)
+        self.name = "router"  # recorded as the "worker" of the results it fails
         self.max_deliver = max_deliver
-        self.settings = app.settings
         self.rules_path = Path(rules_path) if rules_path else None
         # Reload on file changes too (watchfiles); SIGHUP always reloads.
         self.watch_rules = watch_rules
         if rules is None:
             rules = load_rules(self.rules_path) if self.rules_path else RouterRules()
         self.rules = rules
-        self.ready = asyncio.Event()
-        self.last_tick = time.monotonic()
         self.stats = {"routed": 0, "delayed": 0, "dead_lettered": 0, "waiting": 0}
-        self.conns: Connections | None = None
         self.registry: Registry | None = None
         self._limiter: RateLimiter | None = None
-        self._stop = asyncio.Event()
-        self._feed: Feed | None = None
         self._cache: dict[tuple[str, str | None], Route] = {}
         self._registry_version: Any = None
         # Payloads above this have their headers measured (set from max_payload at start).
         self._measure_headers_above = 0
-        self._bg: list[asyncio.Task[Any]] = []
-        self._subs: list[Any] = []
-
-    @property
-    def consumers(self) -> list[tuple[str, str]]:
-        """The (stream, durable consumer) pairs this actor reads (for readiness and lag metrics)."""
-        return [(names.TASKS_STREAM, names.ROUTER_CONSUMER)]
 
     # -- lifecycle -----------------------------------------------------------------
-
-    def request_stop(self) -> None:
-        """Stop fetching; messages not yet routed stay in the stream."""
-        self._stop.set()
 
     def reload(self) -> bool:
         """Re-read the rules file; keep the old rules if the new ones are invalid."""
@@ -158,22 +141,23 @@ class Router:
         log.warning("router rules reloaded from %s", self.rules_path)
         return True
 
-    async def run(self) -> None:
-        """Consume and route until :meth:`request_stop`."""
-        conns = await self.app.connections()
-        self.conns = conns
-        await conns.ensure_streams()
+    what = "incoming tasks"
+    exhausted_why = "the router replicas that took it crashed or stalled before routing it"
 
-        async def ensure() -> tuple[str, str]:
-            durable = await conns.broker.ensure_named_consumer(
-                names.ROUTER_CONSUMER, names.INCOMING_SUBJECT, max_deliver=self.max_deliver
-            )
-            return durable, names.TASKS_STREAM
+    async def ensure_consumer(self, conns: Connections) -> tuple[str, str]:
+        durable = await conns.broker.ensure_named_consumer(
+            names.ROUTER_CONSUMER, names.INCOMING_SUBJECT, max_deliver=self.max_deliver
+        )
+        return durable, names.TASKS_STREAM
 
-        self._feed = Feed(conns.broker, ensure, self._stop, "incoming tasks", _BACKOFF_S)
-        await self._feed.start()
-        advisory = names.MAX_DELIVERIES_ADVISORY.format(stream=names.TASKS_STREAM, consumer=names.ROUTER_CONSUMER)
-        self._subs.append(await conns.broker.subscribe(advisory, cb=self._on_max_deliveries))
+    @property
+    def filter_subject(self) -> str:
+        return names.INCOMING_SUBJECT
+
+    def on_exhausted(self) -> None:
+        self.stats["dead_lettered"] += 1
+
+    async def on_start(self, conns: Connections) -> None:
         self.registry = Registry(conns.broker)
         await self.registry.start()
         self._limiter = RateLimiter(conns.backend)
@@ -184,22 +168,17 @@ class Router:
                 self._bg.append(loop.create_task(self._watch_rules()))
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.add_signal_handler(signal.SIGHUP, self.reload)
-        self.ready.set()
         log.info("router consuming %s", names.INCOMING_SUBJECT)
-        try:
-            await self._loop()
-        finally:
-            if self.rules_path is not None:
-                with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                    loop.remove_signal_handler(signal.SIGHUP)
-            for t in self._bg:
-                t.cancel()
-            await asyncio.gather(*self._bg, return_exceptions=True)
-            for sub in self._subs:
-                with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
+
+    async def on_stop(self) -> None:
+        if self.rules_path is not None:
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        if self.registry is not None:
             await self.registry.stop()
-            await self._feed.close()
+
+    async def handle(self, msgs: list[Msg]) -> None:
+        await self.route_batch(msgs)
 
     async def _watch_rules(self) -> None:
         import watchfiles
@@ -208,19 +187,6 @@ class Router:
         async for _changes in watchfiles.awatch(self.rules_path.parent, stop_event=self._stop):
             if any(Path(p).resolve() == self.rules_path.resolve() for _, p in _changes):
                 self.reload()
-
-    async def _loop(self) -> None:
-        while not self._stop.is_set():
-            self.last_tick = time.monotonic()
-            assert self._feed is not None
-            msgs = await self._feed.fetch(_MAX_BATCH, _FETCH_TIMEOUT_S)
-            if not msgs:
-                continue
-            try:
-                await self.route_batch(msgs)
-            except Exception:
-                # Never let one batch stop the loop; unacked messages come back after AckWait.
-                log.exception("failed to route a batch of %d messages", len(msgs))
 
     # -- deciding ------------------------------------------------------------------
 
@@ -288,7 +254,7 @@ class Router:
             try:
                 item = await self._classify(msg)
             except Exception as exc:
-                log.exception("could not route message #%d", _seq(msg))
+                log.exception("could not route message #%d", seq_of(msg))
                 await self._give_back(msg, {}, "", _BACKOFF_S, f"the router failed on it: {exc!r}")
                 continue
             if item is None:
@@ -375,7 +341,7 @@ class Router:
         # usable one gets one from its stream sequence, the same on every redelivery.
         msg_id = headers.get(names.HDR_MSG_ID, "")
         if msg_id != task_id and not _usable(msg_id):
-            msg_id = f"{task_id}:in{_seq(msg)}"
+            msg_id = f"{task_id}:in{seq_of(msg)}"
         return msg, route, headers, task_id, msg_id
 
     async def _forward(self, go: list[_Go]) -> None:
@@ -431,65 +397,11 @@ class Router:
                 f"delivered {delivered} times without being routed (MaxDeliver {self.max_deliver}): {why}",
             )
             return
-        await acknowledge(msg, "nak", task_id or f"#{_seq(msg)}", delay=delay, logger=log)
-
-    async def _on_max_deliveries(self, msg: Msg) -> None:
-        """Dead-letter an incoming message whose last delivery no replica acknowledged."""
-        assert self.conns is not None
-        if await dead_letter_exhausted(
-            self.conns,
-            msg.data,
-            stream=names.TASKS_STREAM,
-            consumer=names.ROUTER_CONSUMER,
-            filter_subject=names.INCOMING_SUBJECT,
-            max_deliver=self.max_deliver,
-            actor="router",
-            why="the router replicas that took it crashed or stalled before routing it",
-            logger=log,
-        ):
-            self.stats["dead_lettered"] += 1
+        await acknowledge(msg, "nak", task_id or f"#{seq_of(msg)}", delay=delay, logger=log)
 
     async def _dead_letter(self, msg: Msg, headers: dict[str, str], task_id: str, reason: str) -> None:
-        assert self.conns is not None
-        broker = self.conns.broker
-        seq = _seq(msg)
-        log.warning("dead-lettering message #%d (task %s): %s", seq, task_id or "without a usable id", reason)
-        try:
-            await broker.dead_letter(
-                msg.data,
-                reason,
-                task_id=task_id,
-                subject=msg.subject,
-                dedup_key=f"{names.TASKS_STREAM}:{seq}",
-                original_headers=headers,
-            )
-            if task_id:
-                await self.conns.store_final(ResultRecord(
-                    id=task_id,
-                    state=FAILURE,
-                    task=headers.get(names.HDR_TASK, ""),
-                    error=ErrorInfo(type="heddle.Unroutable", message=reason),
-                    worker="router",
-                    finished_at=time.time(),
-                ))
-        except HeddleError as exc:
-            log.warning("could not dead-letter message #%d (%s); leaving it for redelivery", seq, exc)
-            return
-        await acknowledge(msg, "ack", task_id or f"#{seq}", logger=log)
-        self.stats["dead_lettered"] += 1
-        await events.publish(  # heddle.events hook
-            broker,
-            events.task_event(events.DEAD_LETTERED, task_id, task=headers.get(names.HDR_TASK, "")[:200],
-                              worker_type=headers.get(names.HDR_WORKER_TYPE, "")[:200], worker="router",
-                              error=reason),
-        )
-
-
-def _seq(msg: Msg) -> int:
-    try:
-        return msg.metadata.sequence.stream
-    except Exception:
-        return 0
+        await self.reject(msg, reason, task_id=task_id, task_name=headers.get(names.HDR_TASK, ""),
+                          error_type="heddle.Unroutable", worker_type=headers.get(names.HDR_WORKER_TYPE, ""))
 
 
 def _usable(task_id: str) -> str:

@@ -18,6 +18,7 @@ import os
 import socket
 import time
 import traceback
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from heddle import events, names
-from heddle.broker import Feed
+from heddle.actor import Actor, acknowledge, seq_of
 from heddle.context import TaskContext, set_current_task
 from heddle.errors import BackendError, BrokerError, DecodeError, EncodeError, HeddleError, TaskIdError, TaskTimeout
 from heddle.messages import (
@@ -39,7 +40,6 @@ from heddle.messages import (
     check_version,
     copyable_headers,
     decode,
-    decode_advisory,
     revoke_decoder,
     task_decoder,
     usable_task_id,
@@ -107,8 +107,8 @@ def _error_info(exc: BaseException) -> ErrorInfo:
     )
 
 
-class Worker:
-    """Runs one app's tasks.
+class Worker(Actor):
+    """Runs one app's tasks (an :class:`~heddle.actor.Actor` on the worker type's consumer).
 
     Args:
         app: The app whose tasks to run; it consumes ``heddle.tasks.{app.name}.*``.
@@ -130,8 +130,7 @@ class Worker:
     ) -> None:
         if concurrency < 1:
             raise HeddleError(f"concurrency must be >= 1, got {concurrency}")
-        self.app = app
-        self.settings = app.settings
+        super().__init__(app)
         self.concurrency = concurrency
         self.grace_s = grace_s
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
@@ -144,60 +143,40 @@ class Worker:
         self.default_tier = default_tier or tier or app.settings.default_tier
         self._heartbeat: Heartbeat | None = None
         self.inflight: dict[str, Job] = {}
-        self.conns: Connections | None = None
-        self.ready = asyncio.Event()
         self.stats = {"received": 0, "succeeded": 0, "failed": 0, "retried": 0, "dead_lettered": 0}
         self.metrics = WorkerMetrics(self.worker_type)
-        self._stop = asyncio.Event()
-        self._slot_freed = asyncio.Event()
         self._outcomes: list[Outcome] = []
         self._outcome_ready = asyncio.Event()
-        self._feed: Feed | None = None
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="heddle-task")
-        self._bg: list[asyncio.Task[Any]] = []
-        self._subs: list[Any] = []
-        self._last_tick = time.monotonic()
         # Sync tasks still running in their threads when the grace period ended: their
         # messages are nak'd, but a thread cannot be stopped, and the interpreter waits
         # for it at exit unless the process exits hard (the CLI does).
         self.abandoned_threads = 0
 
-    # -- lifecycle -----------------------------------------------------------------
+    what = "tasks"
+    exhausted_why = "the task probably crashes or hangs its worker"
 
-    def request_stop(self) -> None:
-        """Stop fetching and drain (safe to call from a signal handler)."""
-        self._stop.set()
-        self._slot_freed.set()
+    # -- the actor's parts ---------------------------------------------------------
 
-    @property
-    def last_tick(self) -> float:
-        """Monotonic time the fetch loop last went round (for liveness probes)."""
-        return self._last_tick
+    async def ensure_consumer(self, conns: Connections) -> tuple[str, str]:
+        return await conns.broker.ensure_consumer(self.worker_type, self.tier), names.TASKS_STREAM
 
     @property
-    def consumers(self) -> list[tuple[str, str]]:
-        """``(stream, durable)`` of the consumer this worker takes tasks from (for readiness and metrics)."""
-        durable = self._feed.durable if self._feed is not None else ""
-        return [(names.TASKS_STREAM, durable)] if durable else []
+    def filter_subject(self) -> str:
+        return names.worker_filter(self.worker_type, self.tier)
 
-    async def run(self) -> None:
-        """Connect, consume until :meth:`request_stop`, then drain and disconnect."""
-        conns = await self.app.connections()
-        self.conns = conns
+    def free_slots(self) -> int:
+        return self.concurrency - len(self.inflight)
+
+    def in_progress(self) -> Iterable[tuple[Msg, str]]:
+        return ((job.msg, job.message.id) for job in self.inflight.values())
+
+    def on_exhausted(self) -> None:
+        self.stats["dead_lettered"] += 1
+
+    async def on_start(self, conns: Connections) -> None:
         broker = conns.broker
-        await conns.ensure_streams()
-
-        async def ensure() -> tuple[str, str]:
-            return await broker.ensure_consumer(self.worker_type, self.tier), names.TASKS_STREAM
-
-        self._feed = feed = Feed(broker, ensure, self._stop, "tasks", _BACKOFF_S)
-        await feed.start()
         self._subs.append(await broker.subscribe(names.REVOKE_SUBJECT, cb=self._on_revoke))
-        advisory = names.MAX_DELIVERIES_ADVISORY.format(
-            stream=names.TASKS_STREAM, consumer=feed.durable
-        )
-        self._subs.append(await broker.subscribe(advisory, cb=self._on_max_deliveries))
-        await broker.flush()
         # Announce this worker before reporting ready, so routers route to it.
         self._heartbeat = Heartbeat(
             broker,
@@ -215,43 +194,11 @@ class Worker:
             ),
         )
         await self._heartbeat.start()
-        loop = asyncio.get_running_loop()
-        self._bg = [
-            loop.create_task(self._flush_loop(), name="heddle-flush"),
-            loop.create_task(self._progress_loop(), name="heddle-progress"),
-        ]
-        self.ready.set()
-        log.info("worker %s consuming %s", self.name, names.worker_filter(self.worker_type, self.tier))
-        try:
-            await self._fetch_loop()
-        finally:
-            await self._drain()
+        self._bg.append(asyncio.get_running_loop().create_task(self._flush_loop(), name="heddle-flush"))
+        log.info("worker %s consuming %s", self.name, self.filter_subject)
 
-    # -- fetching ------------------------------------------------------------------
-
-    async def _fetch_loop(self) -> None:
-        while not self._stop.is_set():
-            self._last_tick = time.monotonic()
-            free = self.concurrency - len(self.inflight)
-            if free <= 0:
-                self._slot_freed.clear()
-                # Wake now and then: a worker full of long tasks is still a live loop.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._slot_freed.wait(), _FETCH_TIMEOUT_S)
-                continue
-            assert self._feed is not None
-            msgs = await self._feed.fetch(min(free, _MAX_BATCH), _FETCH_TIMEOUT_S)
-            if not msgs:
-                continue
-            try:
-                await self._accept(msgs)
-            except Exception:
-                # Never let one batch stop the loop; unacked messages come back after AckWait.
-                log.exception("failed to accept a batch of %d messages", len(msgs))
-
-    async def _sleep_unless_stopped(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stop.wait(), seconds)
+    async def handle(self, msgs: list[Msg]) -> None:
+        await self._accept(msgs)
 
     async def _accept(self, msgs: list[Msg]) -> None:
         assert self.conns is not None
@@ -263,7 +210,7 @@ class Worker:
             try:
                 admitted = await self._admit(msg, now)
             except Exception:
-                log.exception("could not take message #%d; it is redelivered", _seq(msg))
+                log.exception("could not take message #%d; it is redelivered", seq_of(msg))
                 continue
             if admitted is not None:
                 batch.append(admitted)
@@ -275,7 +222,7 @@ class Worker:
             log.warning("cannot claim %d tasks (%s); naking for redelivery", len(batch), exc)
             for msg, tm, _ in batch:
                 await acknowledge(msg, "nak", tm.id, delay=_BACKOFF_S * 2)
-            await self._sleep_unless_stopped(_BACKOFF_S)
+            await self.sleep_unless_stopped(_BACKOFF_S)
             return
         loop = asyncio.get_running_loop()
         for (msg, tm, task), claim in zip(batch, claims, strict=True):
@@ -345,29 +292,7 @@ class Worker:
         # cannot be a subject token names nothing: it goes in no subject and no key.
         task_id = usable_task_id(tm.id if tm else None, names.task_id_of(headers))
         task_name = (tm.task if tm else headers.get(names.HDR_TASK, ""))[:_NAME_IN_REASON]
-        seq = _seq(msg)
-        log.warning("dead-lettering message #%d (task %s): %s", seq, task_id or "without a usable id", reason)
-        try:
-            await self.conns.broker.dead_letter(
-                msg.data,
-                reason,
-                task_id=task_id,
-                subject=msg.subject,
-                dedup_key=f"{names.TASKS_STREAM}:{seq}",
-                original_headers=copyable_headers(headers),
-            )
-            if task_id:
-                await self._fail_record(task_id, task_name, "heddle.DeadLettered", reason)
-        except HeddleError as exc:
-            log.warning("could not dead-letter message #%d (%s); leaving it for redelivery", seq, exc)
-            return
-        await acknowledge(msg, "ack", task_id or f"#{seq}")
-        self.stats["dead_lettered"] += 1
-        await events.publish(  # heddle.events hook
-            self.conns.broker,
-            events.task_event(events.DEAD_LETTERED, task_id, task=task_name, worker_type=self.worker_type,
-                              worker=self.name, error=reason),
-        )
+        await self.reject(msg, reason, task_id=task_id, task_name=task_name, worker_type=self.worker_type)
 
     async def _fail_record(self, task_id: str, task_name: str, err_type: str, reason: str) -> None:
         assert self.conns is not None
@@ -557,15 +482,7 @@ class Worker:
     def _finish(self, job: Job) -> None:
         if self.inflight.get(job.message.id) is job:
             del self.inflight[job.message.id]
-        self._slot_freed.set()
-
-    async def _progress_loop(self) -> None:
-        """Tell JetStream that running tasks are alive, so AckWait can stay short."""
-        interval = max(0.2, self.settings.ack_wait_s / 3)
-        while True:
-            await asyncio.sleep(interval)
-            for job in list(self.inflight.values()):
-                await acknowledge(job.msg, "in_progress", job.message.id)
+        self.slot_freed()
 
     # -- control -------------------------------------------------------------------
 
@@ -582,25 +499,10 @@ class Worker:
             job.runner.cancel()
         # A sync task cannot be interrupted: it is marked, and its result discarded.
 
-    async def _on_max_deliveries(self, msg: Msg) -> None:
-        """Dead-letter a message JetStream gave up on (it stays in a work-queue stream otherwise)."""
-        assert self.conns is not None and self._feed is not None
-        if await dead_letter_exhausted(
-            self.conns,
-            msg.data,
-            stream=names.TASKS_STREAM,
-            consumer=self._feed.durable,
-            filter_subject=names.worker_filter(self.worker_type, self.tier),
-            max_deliver=self.settings.max_deliver,
-            actor=self.name,
-            why="the task probably crashes or hangs its worker",
-        ):
-            self.stats["dead_lettered"] += 1
-
     # -- shutdown ------------------------------------------------------------------
 
-    async def _drain(self) -> None:
-        """Finish in-flight work within the grace period, nak the rest, then disconnect."""
+    async def on_stop(self) -> None:
+        """Finish in-flight work within the grace period, nak the rest, store every outcome."""
         deadline = time.monotonic() + self.grace_s
         while self.inflight and time.monotonic() < deadline:
             self._slot_freed.clear()
@@ -622,168 +524,11 @@ class Worker:
             await asyncio.wait(runners, timeout=5)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._flush(), 10)
-        for t in self._bg:
-            t.cancel()
-        await asyncio.gather(*self._bg, return_exceptions=True)
         if self._heartbeat is not None:
             await self._heartbeat.stop()
-        # Unsubscribe the pull subscription before closing (nats-py's drain waits for
-        # its queue to empty otherwise); what it still holds is nak'd for redelivery.
-        if self._feed is not None:
-            await self._feed.close()
-        # nats-py buffers acks and naks; a round trip makes sure the server has them
-        # before the process exits (the CLI exits hard when threads were abandoned).
-        if self.conns is not None:
-            with contextlib.suppress(Exception):
-                await self.conns.broker.flush(timeout_s=2)
-        for sub in self._subs:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
         self._pool.shutdown(wait=False, cancel_futures=True)
         log.info("worker %s stopped: %s", self.name, self.stats)
 
 
 def _call(fn: Any, args: list[Any], kwargs: dict[str, Any]) -> Any:
     return fn(*args, **kwargs)
-
-
-def _seq(msg: Msg) -> int:
-    """A JetStream message's stream sequence number (0 if it has none)."""
-    try:
-        return msg.metadata.sequence.stream
-    except Exception:
-        return 0
-
-
-# nats-py's exception for an ack on a closed connection, by name: only broker.py imports
-# nats-py. The connection's loss is logged by the broker itself.
-_CLOSED = "ConnectionClosedError"
-
-
-async def acknowledge(
-    msg: Msg, action: str, task_id: str, *, delay: float | None = None, logger: logging.Logger = log
-) -> bool:
-    """``ack``, ``nak`` (redeliver after ``delay``), ``term`` or ``in_progress`` a message; never raises.
-
-    Every failure is logged with ``task_id``: at debug level when it is routine (the
-    message was acknowledged already, a redelivery race; or the connection is
-    closed, which the broker reports itself), else as a warning. The worker, the
-    router and the orchestrator acknowledge through here.
-
-    Returns:
-        True if the acknowledgement was sent.
-    """
-    try:
-        if action == "in_progress":
-            await msg.in_progress()
-        elif msg.is_acked:
-            logger.debug("not %sing the message of task %s: it was acknowledged already", action, task_id)
-            return False
-        elif action == "ack":
-            await msg.ack()
-        elif action == "nak":
-            await msg.nak(delay=delay)
-        elif action == "term":
-            await msg.term()
-        else:
-            raise ValueError(f"unknown acknowledgement {action!r}; use ack, nak, term or in_progress")
-    except Exception as exc:
-        level = logging.DEBUG if type(exc).__name__ == _CLOSED else logging.WARNING
-        logger.log(level, "could not %s the message of task %s: %r", action, task_id, exc)
-        return False
-    return True
-
-
-def subject_matches(subject: str, pattern: str) -> bool:
-    """True if ``subject`` matches the NATS subject ``pattern`` (``*`` one token, ``>`` the rest)."""
-    tokens = subject.split(".")
-    for i, want in enumerate(pattern.split(".")):
-        if want == ">":
-            return len(tokens) > i
-        if i >= len(tokens) or (want != "*" and want != tokens[i]):
-            return False
-    return len(tokens) == pattern.count(".") + 1
-
-
-async def dead_letter_exhausted(
-    conns: Connections,
-    advisory: bytes,
-    *,
-    stream: str,
-    consumer: str,
-    filter_subject: str,
-    max_deliver: int,
-    actor: str,
-    why: str,
-    logger: logging.Logger = log,
-) -> bool:
-    """Dead-letter the message a max-deliveries advisory names, if the advisory is this consumer's.
-
-    nats-py leaves a message past MaxDeliver in a work-queue stream, so the worker
-    and the router act on JetStream's advisory (``$JS.EVENT.ADVISORY.CONSUMER.
-    MAX_DELIVERIES.{stream}.{consumer}``): copy the message to the dead-letter
-    stream with the reason, fail its result, delete it. Anyone on the bus can
-    publish on that subject, so the advisory must name this ``stream`` and
-    ``consumer``, count at least ``max_deliver`` deliveries, and point at a
-    message on ``filter_subject``; any other is ignored with a warning.
-
-    Returns:
-        True if this call dead-lettered the message.
-    """
-    try:
-        adv = decode_advisory(advisory)
-    except DecodeError as exc:
-        logger.warning("ignoring max-deliveries advisory that is not one (%s): %r", exc, advisory[:200])
-        return False
-    if adv.stream != stream or adv.consumer != consumer:
-        logger.warning("ignoring max-deliveries advisory for %r/%r: this is %s/%s",
-                       adv.stream[:100], adv.consumer[:100], stream, consumer)
-        return False
-    seq = adv.stream_seq
-    if adv.deliveries < max_deliver:
-        logger.warning("ignoring max-deliveries advisory for #%d: %d deliveries, below MaxDeliver %d",
-                       seq, adv.deliveries, max_deliver)
-        return False
-    broker = conns.broker
-    try:
-        stored = await broker.get_stream_msg(stream, seq)
-    except HeddleError:
-        return False  # gone: acked at last, or handled by another replica
-    subject = stored.subject or ""
-    if not subject_matches(subject, filter_subject):
-        logger.warning("ignoring max-deliveries advisory for #%d: it is on %s, not %s",
-                       seq, subject[:200], filter_subject)
-        return False
-    data = stored.data or b""
-    headers = stored.headers or {}
-    try:
-        tm: TaskMessage | None = decode(task_decoder, data)
-    except DecodeError:
-        tm = None
-    task_id = usable_task_id(tm.id if tm else None, names.task_id_of(headers))
-    task_name = (tm.task if tm else headers.get(names.HDR_TASK, ""))[:_NAME_IN_REASON]
-    reason = f"delivered {adv.deliveries} times without being acknowledged (MaxDeliver); {why}"
-    logger.warning("dead-lettering message #%d (task %s): %s", seq, task_id or "without a usable id", reason)
-    try:
-        await broker.dead_letter(
-            data,
-            reason,
-            task_id=task_id,
-            subject=subject,
-            dedup_key=f"{stream}:{seq}",
-            original_headers=copyable_headers(headers),
-        )
-        if task_id:
-            await conns.store_final(ResultRecord(
-                id=task_id,
-                state=FAILURE,
-                task=task_name,
-                error=ErrorInfo(type="heddle.MaxDeliveriesExceeded", message=reason),
-                worker=actor,
-                finished_at=time.time(),
-            ))
-        await broker.delete_stream_msg(stream, seq)
-    except HeddleError as exc:
-        logger.warning("could not dead-letter message #%d: %s", seq, exc)
-        return False
-    return True
