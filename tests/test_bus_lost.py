@@ -10,9 +10,9 @@ import uuid
 import pytest
 
 from heddle import Heddle
-from heddle.cli import run_actors
 from heddle.errors import BrokerUnavailable
 from heddle.health import HealthServer, probe
+from heddle.runtime import run_actors
 from heddle.testing import EmbeddedServers
 from heddle.worker import Worker
 

@@ -253,7 +253,7 @@ def test_a_type_checker_catches_wrong_argument_types(tmp_path):
 
 
 def test_the_app_that_dash_a_loads_includes_the_shared_tasks_of_its_module(tmp_path, monkeypatch):
-    from heddle.cli import load_app
+    from heddle.runtime import load_app
 
     (tmp_path / "shopmix.py").write_text(
         "import heddle\n"

@@ -4,64 +4,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import importlib
 import logging
 import os
 import shlex
-import signal
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from heddle import names
 from heddle.app import Heddle
-from heddle.errors import BrokerUnavailable, ConfigError, HeddleError
-from heddle.health import redact_text, start_health_server
+from heddle.cli.common import add_actor_args, console, port_number, preflight
+from heddle.errors import ConfigError, HeddleError
 from heddle.redact import redact
+from heddle.runtime import Actor, install_loop_policy, load_app, run_actor_process, run_actors
 
 if TYPE_CHECKING:
     from heddle.worker import Worker
 
-console = Console(stderr=True)
-
-
-def load_app(spec: str) -> Heddle:
-    """Import ``module[:attribute]`` and return its :class:`Heddle` app."""
-    module_name, _, attr = spec.partition(":")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        raise ConfigError(
-            f"cannot import {module_name!r} given to -A: {exc}. Run from the directory that "
-            f"contains it, or add that directory to PYTHONPATH"
-        ) from exc
-    if attr:
-        obj = getattr(module, attr, None)
-        if not isinstance(obj, Heddle):
-            raise ConfigError(f"{module_name}:{attr} is {type(obj).__name__}, not a heddle.Heddle app")
-        obj.include(module)  # the module's shared @heddle.task tasks belong to the app -A names
-        return obj
-    apps = {k: v for k, v in vars(module).items() if isinstance(v, Heddle)}
-    chosen = apps.get("app") or (next(iter(apps.values())) if len(apps) == 1 else None)
-    if chosen is not None:
-        chosen.include(module)
-        return chosen
-    if not apps:
-        raise ConfigError(
-            f"module {module_name!r} defines no heddle.Heddle app; add `app = heddle.Heddle('name')` "
-            f"or point -A at module:attribute"
-        )
-    raise ConfigError(
-        f"module {module_name!r} defines several apps ({', '.join(sorted(apps))}); "
-        f"choose one with -A {module_name}:NAME"
-    )
 
 
 def banner(app: Heddle, concurrency: int, extra: dict[str, str] | None = None, tier: str | None = None) -> None:
@@ -93,28 +55,6 @@ def banner(app: Heddle, concurrency: int, extra: dict[str, str] | None = None, t
     )
 
 
-def _install_loop_policy() -> None:
-    with contextlib.suppress(ImportError):
-        import uvloop
-
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-
-
-class Actor(Protocol):
-    """A loop hosted by an actor process: the worker, the router, the orchestrator."""
-
-    ready: asyncio.Event
-
-    @property
-    def last_tick(self) -> float:
-        """Monotonic time the actor's message loop last went round (``/healthz``)."""
-        ...
-
-    async def run(self) -> None: ...
-
-    def request_stop(self) -> None: ...
-
-
 def _make_router(app: Heddle, args: argparse.Namespace) -> Actor:
     from heddle.router import Router
     from heddle.rules import find_rules_path
@@ -134,74 +74,12 @@ def hosted_actors(app: Heddle, args: argparse.Namespace) -> list[Actor]:
     workshop = getattr(args, "workshop", None)  # heddle dev: the Workshop web UI
     if workshop is not None:
         actors.append(workshop)
-    from heddle.graph_cli import make_orchestrator
+    from heddle.cli.graphs import make_orchestrator
 
     orchestrator = make_orchestrator(app, args)  # unless --no-orchestrator
     if orchestrator is not None:
         actors.append(orchestrator)
     return actors
-
-
-async def run_actors(app: Heddle, actors: list[Actor], health_port: int | None) -> None:
-    """Run actors until SIGTERM/SIGINT, then drain all of them; health and metrics served meanwhile.
-
-    If one actor fails (at start-up, say), the others are stopped and drained too.
-    """
-    health = await start_health_server(actors, app.settings, health_port)
-
-    def stop_all() -> None:
-        if health is not None:
-            health.mark_draining()
-        for actor in actors:
-            actor.request_stop()
-
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop_all)
-    runs = [asyncio.ensure_future(a.run()) for a in actors]
-    lost = asyncio.ensure_future(_bus_lost(actors))
-    try:
-        pending: set[asyncio.Future[Any]] = {*runs, lost}
-        while not all(r.done() for r in runs):
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            if any(not t.cancelled() and t.exception() is not None for t in done):
-                stop_all()
-                break
-        await asyncio.gather(*runs)
-        if lost.done() and not lost.cancelled() and lost.exception() is not None:
-            raise lost.exception()  # type: ignore[misc]
-    finally:
-        lost.cancel()
-        if health is not None:
-            await health.stop()
-        await app.aclose()
-
-
-async def _bus_lost(actors: list[Actor]) -> None:
-    """Raise once any actor's NATS connection is closed for good (nats-py will not reconnect).
-
-    The process cannot do its work again: it drains and exits with the error, so a
-    supervisor (Kubernetes, systemd) starts a fresh one.
-    """
-    while True:
-        brokers = {id(c.broker): c.broker for a in actors if (c := getattr(a, "conns", None)) is not None}
-        for broker in brokers.values():
-            if broker.lost:
-                raise BrokerUnavailable(f"{redact_text(broker.lost, broker.url)}; exiting so it can be restarted")
-        waits = [asyncio.ensure_future(b.lost_event.wait()) for b in brokers.values()]
-        # Actors connect after start-up: look again now and then for new connections.
-        waits.append(asyncio.ensure_future(asyncio.sleep(1.0)))
-        try:
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for w in waits:
-                w.cancel()
-
-
-def run_actor_process(app: Heddle, actor: Actor, health_port: int | None) -> None:
-    """The main loop of a one-actor process (``heddle router``, ``orchestrator``, ``workshop``)."""
-    _install_loop_policy()
-    asyncio.run(run_actors(app, [actor], health_port))
 
 
 async def serve(app: Heddle, args: argparse.Namespace) -> Worker:
@@ -243,46 +121,10 @@ def _add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loglevel", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     p.add_argument("--quiet", action="store_true", help="no start-up banner")
     _add_router_args(p)
-    from heddle.graph_cli import add_orchestrator_args
+    from heddle.cli.graphs import add_orchestrator_args
 
     add_orchestrator_args(p)  # --no-orchestrator, --max-concurrent-goals
     add_actor_args(p)
-
-
-def _port(text: str) -> int:
-    if not text.isdigit() or not 0 <= int(text) <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a TCP port number (0-65535), got {text!r}")
-    return int(text)
-
-
-def add_actor_args(p: argparse.ArgumentParser) -> None:
-    """Options every actor command takes: pre-flight checks and the health server's port."""
-    p.add_argument(
-        "--skip-preflight", action="store_true", help="start without first checking NATS, JetStream and Valkey"
-    )
-    p.add_argument(
-        "--health-port",
-        type=_port,
-        default=None,
-        help="serve /healthz, /readyz and /metrics on this port (default $HEDDLE_HEALTH_PORT; none if unset)",
-    )
-
-
-def preflight(args: argparse.Namespace, app: Heddle, *, valkey: bool = True) -> None:
-    """Check NATS, JetStream (and Valkey) before an actor starts, unless --skip-preflight."""
-    if getattr(args, "skip_preflight", False):
-        return
-    from rich.text import Text
-
-    from heddle.errors import PreflightError
-    from heddle.preflight import require
-
-    try:
-        require(app.settings, valkey=valkey)
-    except PreflightError as exc:
-        # Unwrapped: the report's lines are long (URLs) and must stay greppable.
-        console.print(Text.assemble(("error: ", "bold red"), redact(str(exc))), soft_wrap=True)
-        raise SystemExit(2) from None
 
 
 def _add_router_args(p: argparse.ArgumentParser, hosted: bool = True) -> None:
@@ -314,7 +156,7 @@ def _run_worker(args: argparse.Namespace, argv_for_reload: Sequence[str]) -> int
     preflight(args, app)
     if not args.quiet:
         banner(app, args.concurrency, extra, tier=args.tier)
-    _install_loop_policy()
+    install_loop_policy()
     worker = asyncio.run(serve(app, args))
     _exit_if_threads_abandoned(worker)
     return 0
@@ -336,14 +178,14 @@ def _run_dev(args: argparse.Namespace) -> int:
         app, args.llm_workers = llm.split(args, load_app(args.app) if args.app else None)
         app.configure(nats_url=servers.nats_url, valkey_url=servers.valkey_url)
         llm.configure(servers.nats_url, servers.valkey_url)
-        from heddle.workshop.cli import dev_workshop
+        from heddle.cli.workshop import dev_workshop
 
         args.workshop = dev_workshop(args)  # None with --no-workshop
         if args.workshop is not None:
             console.print(f"  Workshop {redact(args.workshop.url)}", markup=False)
         if not args.quiet:
             banner(app, args.concurrency, tier=args.tier)
-        _install_loop_policy()
+        install_loop_policy()
         worker = asyncio.run(serve(app, args))
     console.print("heddle dev: stopped")
     _exit_if_threads_abandoned(worker)
@@ -412,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     d.add_argument("--loglevel", default="INFO")
     d.add_argument("--quiet", action="store_true")
     _add_router_args(d)
-    from heddle.workshop.cli import add_dev_workshop_args
+    from heddle.cli.workshop import add_dev_workshop_args
 
     add_dev_workshop_args(d)  # --no-workshop, --workshop-port
     r = sub.add_parser("router", help="run a router: heddle.tasks.incoming -> worker subjects")
@@ -421,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_actor_args(r)
     hc = sub.add_parser("healthcheck", help="exit 0 if this host's actor process is live (or --ready), else 1")
     hc.add_argument("--ready", action="store_true", help="check /readyz instead of /healthz")
-    hc.add_argument("--port", type=_port, default=None, help="health port (default $HEDDLE_HEALTH_PORT)")
+    hc.add_argument("--port", type=port_number, default=None, help="health port (default $HEDDLE_HEALTH_PORT)")
     hc.add_argument("--host", default="127.0.0.1", help="health server address (default 127.0.0.1)")
     hc.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer (default 3)")
     pf = sub.add_parser("preflight", help="check NATS, JetStream and Valkey from here, then exit")
@@ -437,13 +279,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     dr.add_argument("id", type=int, nargs="?", help="dead-letter id")
     dr.add_argument("--all", action="store_true", help="replay every dead letter")
     add_llm_commands(sub)  # validate, models
-    from heddle.graph_cli import add_graph_commands
+    from heddle.cli.graphs import add_graph_commands
 
     add_graph_commands(sub)  # orchestrator, submit
     from heddle.status import add_status_commands
 
     add_status_commands(sub)  # status, events, inspect
-    from heddle.workshop.cli import add_workshop_command
+    from heddle.cli.workshop import add_workshop_command
 
     add_workshop_command(sub, add_actor_args)  # workshop
     from heddle.auth import add_auth_command
@@ -472,7 +314,7 @@ def _dispatch(args: Any, rest: Sequence[str]) -> int:
 
             return run_llm_command(args)
         if args.command in ("orchestrator", "submit"):
-            from heddle.graph_cli import run_graph_command
+            from heddle.cli.graphs import run_graph_command
 
             return run_graph_command(args)
         if args.command == "router":
@@ -486,7 +328,7 @@ def _dispatch(args: Any, rest: Sequence[str]) -> int:
 
             return run_status_command(args, console)
         if args.command == "workshop":
-            from heddle.workshop.cli import run_workshop_command
+            from heddle.cli.workshop import run_workshop_command
 
             return run_workshop_command(args)
         if args.command == "dlq":

@@ -1,6 +1,6 @@
 """Command line for goals: ``heddle orchestrator``, ``heddle submit``, and the worker's orchestrator flags.
 
-``heddle.cli`` wires these in; they live here to keep the CLI module small.
+``heddle.cli`` wires these in.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def make_orchestrator(app: Heddle, args: argparse.Namespace) -> Orchestrator | N
 
 def add_graph_commands(sub: Any) -> None:
     """``heddle orchestrator`` and ``heddle submit``."""
-    from heddle.cli import add_actor_args
+    from heddle.cli.common import add_actor_args
 
     o = sub.add_parser("orchestrator", help="run an orchestrator: task graphs and pipelines from heddle.goals.incoming")
     o.add_argument("-A", "--app", default=None,
@@ -93,7 +93,8 @@ def run_graph_command(args: argparse.Namespace) -> int:
 
 def _run_orchestrator(args: argparse.Namespace) -> int:
     from heddle.app import Heddle
-    from heddle.cli import load_app, preflight, run_actor_process
+    from heddle.cli.common import preflight
+    from heddle.runtime import load_app, run_actor_process
 
     logging.basicConfig(level=args.loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = load_app(args.app) if args.app else Heddle("orchestrator")
@@ -133,7 +134,7 @@ def _parse_input(text: str) -> dict[str, Any]:
 
 def _submit_app(args: argparse.Namespace, pipeline: Pipeline) -> Heddle:
     from heddle.app import Heddle
-    from heddle.cli import load_app
+    from heddle.runtime import load_app
 
     if args.app:
         return load_app(args.app)

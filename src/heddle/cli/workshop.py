@@ -56,7 +56,8 @@ def run_workshop_command(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port must be 0-65535, got {args.port}")
     ws = Workshop(host=args.host, port=args.port, config_dirs=args.configs, eval_db=args.eval_db)
-    from heddle.cli import preflight, run_actor_process
+    from heddle.cli.common import preflight
+    from heddle.runtime import run_actor_process
 
     preflight(args, ws.app)
     print(f"heddle workshop on http://{args.host}:{args.port}  (nats {redact(ws.app.settings.nats_url)})", flush=True)
