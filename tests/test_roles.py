@@ -375,3 +375,33 @@ def test_heddle_auth_nats_writes_private_files_with_fresh_passwords_each_run(tmp
     assert all(again[r] != first[r]["NATS_PASSWORD"] for r in ROLES)
     assert len(set(again.values())) == len(ROLES)
 
+
+
+def test_heddle_auth_nats_with_nkeys_puts_only_public_keys_in_the_include_and_keeps_the_permissions(tmp_path, caplog):
+    out = heddle_cli("auth", "nats", "--out", str(tmp_path / "k"), "--nkeys", env={})
+    assert out.returncode == 0, out.stderr
+    conf = (tmp_path / "k" / "nats-auth.conf").read_text()
+    seeds = {r: (tmp_path / "k" / f"{r}.nk").read_text().strip() for r in ROLES}
+    assert all(seed.startswith("SU") and seed not in conf for seed in seeds.values())
+    assert "password" not in conf.split("authorization", 1)[1]
+    env = {r: read_env(tmp_path / "k" / f"{r}.env") for r in ROLES}
+    assert all(Path(env[r]["NATS_NKEY"]) == (tmp_path / "k" / f"{r}.nk").resolve() for r in ROLES)
+
+    async def attempt(url: str) -> None:
+        settings = {r: dict(nats_url=url, nats_nkey=env[r]["NATS_NKEY"], nats_inbox_prefix=env[r]["NATS_INBOX_PREFIX"])
+                    for r in ROLES}
+        for role in ROLES:  # each logs in and may ask JetStream for its account
+            broker = Broker(Settings.load(connect_timeout_s=3, **settings[role]), f"nkey-{role}")
+            await broker.connect()
+            try:
+                await broker.account_info()
+                if role == "client":
+                    subject = names.result_subject(uuid.uuid4().hex)
+                    await broker.publish_core(subject, b"forged")
+                    await broker.flush()
+                    await until(lambda s=subject: refused(caplog, "publish", s), "the forged notice refused")
+            finally:
+                await broker.close()
+
+    with EmbeddedNats("127.0.0.1", None, None, config=conf) as nats:
+        asyncio.run(attempt(nats.url))

@@ -5,10 +5,12 @@ API calls each role uses (read from the code: ``names`` holds every subject) and
 writes them as nats-server permissions:
 
 * ``DIR/nats-auth.conf``: an ``authorization { users = [...] }`` block for
-  nats-server to ``include``, one user per role with fresh random passwords;
-* ``DIR/<role>.env``: that role's ``NATS_USER``, ``NATS_PASSWORD`` and
-  ``NATS_INBOX_PREFIX`` (and ``NATS_URL`` with ``--url``), for ``--env-file``,
-  ``kubectl create secret --from-env-file`` or ``set -a; . DIR/worker.env``.
+  nats-server to ``include``, one user per role with fresh random passwords
+  (or, with ``--nkeys``, the public keys of fresh nkeys, whose seeds go to
+  ``DIR/<role>.nk``);
+* ``DIR/<role>.env``: that role's ``NATS_USER``, ``NATS_PASSWORD`` (or
+  ``NATS_NKEY``) and ``NATS_INBOX_PREFIX`` (and ``NATS_URL`` with ``--url``), for
+  ``--env-file``, ``kubectl create secret --from-env-file`` or ``set -a; . DIR/worker.env``.
 
 Each role has its own reply-inbox prefix (``_INBOX_worker``, ...): JetStream API
 replies and pull-consumer deliveries go to the requester's inbox, so a role
@@ -165,22 +167,29 @@ def _quoted(subjects: Sequence[str]) -> str:
     return "[" + ", ".join(f'"{s}"' for s in dict.fromkeys(subjects)) + "]"
 
 
-def nats_auth_conf(passwords: dict[str, str]) -> str:
-    """The nats-server ``authorization`` block: one user per role in ``passwords``."""
+def nats_auth_conf(passwords: dict[str, str] | None = None, nkeys: dict[str, str] | None = None) -> str:
+    """The nats-server ``authorization`` block: one user per role, by password or by nkey.
+
+    Args:
+        passwords: role -> password.
+        nkeys: role -> the public key of its nkey (``U...``): the block then holds no secret.
+    """
     perms = role_permissions()
+    secret = passwords is not None
     lines = [
         "# Heddle's NATS users, one per role, each allowed only what that role does.",
-        "# Written by `heddle auth nats`; include it from nats-server's config. It holds passwords:",
-        "# keep it as private as the server's config (a Kubernetes Secret, mode 0600).",
+        "# Written by `heddle auth nats`; include it from nats-server's config.",
+        "# It holds passwords: keep it as private as the server's config (a Kubernetes Secret, mode 0600)."
+        if secret else "# Users are nkeys: this file holds public keys only.",
         "authorization {",
         "  users = [",
     ]
-    for role, password in passwords.items():
+    logins = passwords if passwords is not None else nkeys or {}
+    for role, login in logins.items():
         p = perms[role]
         lines += [
             "    {",
-            f'      user: "{role}"',
-            f'      password: "{password}"',
+            *((f'      user: "{role}"', f'      password: "{login}"') if secret else (f'      nkey: "{login}"',)),
             "      permissions: {",
             f"        publish: {{ allow: {_quoted(p.publish)}"
             + (f", deny: {_quoted(p.publish_deny)}" if p.publish_deny else "") + " }",
@@ -193,12 +202,16 @@ def nats_auth_conf(passwords: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-def role_env(role: str, password: str, url: str | None = None) -> str:
-    """``role``'s ``NATS_*`` variables as an env file (``KEY=value`` lines)."""
-    lines = [f"# Heddle NATS login of the {role} role, written by `heddle auth nats`. A password: keep it private."]
+def role_env(role: str, password: str | None = None, url: str | None = None, nkey_path: str | None = None) -> str:
+    """``role``'s ``NATS_*`` variables as an env file (``KEY=value`` lines): a password, or an nkey seed file."""
+    lines = [f"# Heddle NATS login of the {role} role, written by `heddle auth nats`. Keep it private."]
     if url:
         lines.append(f"NATS_URL={url}")
-    lines += [f"NATS_USER={role}", f"NATS_PASSWORD={password}", f"NATS_INBOX_PREFIX={inbox_prefix(role)}", ""]
+    if nkey_path:
+        lines.append(f"NATS_NKEY={nkey_path}")
+    else:
+        lines += [f"NATS_USER={role}", f"NATS_PASSWORD={password}"]
+    lines += [f"NATS_INBOX_PREFIX={inbox_prefix(role)}", ""]
     return "\n".join(lines)
 
 
@@ -210,20 +223,34 @@ def _write_private(path: Path, text: str) -> None:
     os.chmod(path, 0o600)  # an existing file keeps its mode through O_CREAT
 
 
-def write_nats_auth(out: Path, url: str | None = None) -> list[Path]:
-    """Write ``out/nats-auth.conf`` and ``out/<role>.env`` with fresh passwords; return the paths.
+def write_nats_auth(out: Path, url: str | None = None, *, use_nkeys: bool = False) -> list[Path]:
+    """Write ``out/nats-auth.conf`` and ``out/<role>.env`` with fresh credentials; return the paths.
 
-    Running it again makes new passwords (credential rotation): replace the server's
-    include and every role's variables together.
+    With ``use_nkeys`` each role gets an nkey instead of a password: its seed in
+    ``out/<role>.nk`` (``NATS_NKEY`` names it), and the include holds public keys only.
+    Running it again makes new credentials (rotation): replace the server's include
+    and every role's files together.
     """
     out.mkdir(parents=True, exist_ok=True, mode=0o700)
-    passwords = {role: secrets.token_urlsafe(_PASSWORD_BYTES) for role in ROLES}
     written = [out / "nats-auth.conf"]
-    _write_private(written[0], nats_auth_conf(passwords))
-    for role, password in passwords.items():
-        path = out / f"{role}.env"
-        _write_private(path, role_env(role, password, url))
-        written.append(path)
+    if not use_nkeys:
+        passwords = {role: secrets.token_urlsafe(_PASSWORD_BYTES) for role in ROLES}
+        _write_private(written[0], nats_auth_conf(passwords=passwords))
+        for role, password in passwords.items():
+            written.append(out / f"{role}.env")
+            _write_private(written[-1], role_env(role, password, url))
+        return written
+    import nkeys
+
+    publics: dict[str, str] = {}
+    for role in ROLES:
+        seed = nkeys.encode_seed(secrets.token_bytes(32), nkeys.PREFIX_BYTE_USER)
+        publics[role] = nkeys.from_seed(bytearray(seed)).public_key.decode()
+        seed_path = (out / f"{role}.nk").resolve()
+        _write_private(seed_path, seed.decode() + "\n")
+        written.append(out / f"{role}.env")
+        _write_private(written[-1], role_env(role, url=url, nkey_path=str(seed_path)))
+    _write_private(written[0], nats_auth_conf(nkeys=publics))
     return written
 
 
@@ -240,13 +267,16 @@ def add_auth_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     )
     n.add_argument("--out", required=True, type=Path, help="directory to write into (created, mode 0700)")
     n.add_argument("--url", default=None, help="also write NATS_URL=URL into every <role>.env")
+    n.add_argument("--nkeys", action="store_true",
+                   help="nkeys instead of passwords: seeds in DIR/<role>.nk, public keys only in nats-auth.conf")
 
 
 def run_auth_command(args: argparse.Namespace) -> int:
     """Run ``heddle auth nats``; print what was written, never a password."""
-    written = write_nats_auth(args.out, url=args.url)
+    written = write_nats_auth(args.out, url=args.url, use_nkeys=args.nkeys)
     print(f"wrote {written[0]} (include it in nats-server's config, then reload it) and:")
+    login = "NATS_NKEY (its seed beside it, .nk)" if args.nkeys else "NATS_USER, NATS_PASSWORD"
     for path in written[1:]:
-        print(f"  {path}  ({path.stem}: NATS_USER, NATS_PASSWORD, NATS_INBOX_PREFIX)")
-    print("These files hold passwords: keep them private, and delete them once stored in your secret store.")
+        print(f"  {path}  ({path.stem}: {login}, NATS_INBOX_PREFIX)")
+    print("They hold secrets: keep them private, and delete them once stored in your secret store.")
     return 0
