@@ -1,6 +1,6 @@
 """Pulling from a durable consumer: a fetched message is handed over as soon as it arrives.
 
-The worker, router and orchestrator loops all fetch through :class:`heddle.broker.Puller`.
+The worker, router and orchestrator loops all fetch through :class:`heddle.pull.Puller`.
 nats-py's own ``fetch(batch > 1)`` could hold messages it already had for the whole
 fetch timeout (the ~1 s stalls before a burst of deliveries); these tests give each
 fetch a long timeout and require delivery in well under half of it, so a stall fails
@@ -20,7 +20,8 @@ import pytest
 
 import heddle
 from heddle import names
-from heddle.broker import Broker, Feed, Puller
+from heddle.broker import Broker
+from heddle.pull import Feed, Puller
 from heddle.settings import Settings
 
 # Long, so that a fetch sitting on a message until its timeout cannot pass for noise.
@@ -46,7 +47,7 @@ class Consumer:
         return sent
 
     async def puller(self) -> Puller:
-        return await self.broker.pull_subscribe(self.durable)
+        return Puller(await self.broker.pull_subscribe(self.durable), self.durable, self.broker.url)
 
     async def waiting_requests(self) -> int:
         return (await self.broker.consumer_info(names.TASKS_STREAM, self.durable)).num_waiting
@@ -267,3 +268,26 @@ async def test_a_feed_whose_consumer_was_deleted_re_creates_it_and_goes_on(consu
         await msgs[0].ack()
     finally:
         await feed.close()
+
+
+async def test_the_nats_py_internals_puller_relies_on_are_there(heddle_servers) -> None:
+    # Puller reads a pull subscription's private parts (its queue, inbox and next-message
+    # subject) and does nats-py's own bookkeeping of them. Pinned here: an upgrade of
+    # nats-py that renames them fails this test, not production.
+    from importlib.metadata import version
+
+    broker = Broker(Settings(nats_url=heddle_servers.nats_url), "pin")
+    await broker.connect()
+    try:
+        await broker.ensure_streams()
+        durable = await broker.ensure_named_consumer("pin-" + uuid.uuid4().hex[:8], "heddle.tasks.pin.*",
+                                                     max_deliver=3)
+        psub = await broker.pull_subscribe(durable)
+        assert version("nats-py").startswith("2.")
+        assert isinstance(psub._sub._pending_queue, asyncio.Queue)
+        assert isinstance(psub._sub._pending_size, int)
+        assert psub._nms.startswith("$JS.API.CONSUMER.MSG.NEXT.") and psub._deliver
+        assert callable(psub._nc.publish)
+        await psub.unsubscribe()
+    finally:
+        await broker.close()

@@ -10,11 +10,6 @@ Example:
     >>> # heddle-worker -A shop.tasks
 """
 
-from __future__ import annotations
-
-from collections.abc import Callable, Coroutine
-from typing import Any, overload
-
 from heddle import llm as llm  # heddle.llm.complete, YAML LLM workers (backends load lazily)
 from heddle.app import Heddle
 from heddle.canvas import GraphResult, Signature, chain, chord, group
@@ -42,7 +37,8 @@ from heddle.messages import FAILURE, PENDING, RETRY, REVOKED, STARTED, SUCCESS
 from heddle.pipeline import Pipeline
 from heddle.results import AsyncResult
 from heddle.settings import Settings
-from heddle.task import P, R, Task, TaskDecorator, TaskOptions
+from heddle.task import Task, TaskOptions
+from heddle.task import shared_task as task
 from heddle.version import __version__
 from heddle.worker import Worker
 
@@ -87,26 +83,3 @@ __all__ = [
     "group",
     "task",
 ]
-
-
-@overload
-def task(fn: Callable[P, Coroutine[Any, Any, R]], /) -> Task[P, R]: ...
-@overload
-def task(fn: Callable[P, R], /) -> Task[P, R]: ...
-@overload
-def task(**options: Any) -> TaskDecorator: ...
-
-
-def task(fn: Any = None, /, **options: Any) -> Any:
-    """Declare a shared task: a task of a module that does not name its app.
-
-    It belongs to the one app that includes its module: ``app.include("shop.tasks")``,
-    or the app ``heddle worker -A shop.tasks`` loads (which includes the module it
-    loads). There is no process-wide registry: until an app includes it, sending it
-    raises an error that says how to bind it.
-    """
-
-    def decorate(f: Any) -> Any:
-        return Task(f, app=None, **options)
-
-    return decorate(fn) if fn is not None else decorate

@@ -1,7 +1,7 @@
 """The actor loop: what the worker, the router and the orchestrator share.
 
 One loop for every JetStream consumer Heddle runs: connect, bind the durable
-consumer (:class:`~heddle.broker.Feed`, re-bound after reconnects), fetch as many
+consumer (:class:`~heddle.pull.Feed`, re-bound after reconnects), fetch as many
 messages as there are free slots, hand each batch to the actor's :meth:`Actor.handle`,
 keep in-flight messages alive with in-progress acks, dead-letter what JetStream
 gives up on (one MaxDeliver policy, :func:`dead_letter_exhausted`), and stop on
@@ -19,7 +19,6 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from heddle import events, names
-from heddle.broker import Feed
 from heddle.errors import DecodeError, HeddleError
 from heddle.messages import (
     FAILURE,
@@ -32,10 +31,10 @@ from heddle.messages import (
     task_decoder,
     usable_task_id,
 )
+from heddle.pull import Feed
 
 if TYPE_CHECKING:
-    from nats.aio.msg import Msg
-
+    from heddle.broker import Message as Msg
     from heddle.connections import Client, Connections
 
 log = logging.getLogger("heddle.actor")

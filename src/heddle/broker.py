@@ -29,6 +29,10 @@ from heddle.settings import Settings, nats_server_urls, readable_file, server_en
 
 log = logging.getLogger("heddle.broker")
 
+#: A message as consumers receive it (nats-py's): the type actors handle, named here so
+#: that nothing outside this module imports nats-py.
+Message = Msg
+
 # Publish-ack waits are pipelined; this bounds how many are in flight per connection.
 _MAX_PENDING_PUBLISHES = 8192
 # Header bytes a message may carry without being measured: JetStream stores at most
@@ -483,13 +487,14 @@ class Broker:
             raise translate(exc, self.url, f"creating consumer {durable}") from exc
         return durable
 
-    async def pull_subscribe(self, durable: str, stream: str = names.TASKS_STREAM) -> Puller:
+    async def pull_subscribe(self, durable: str, stream: str = names.TASKS_STREAM) -> Any:
+        """Bind a pull subscription (nats-py's) to an existing durable consumer; see :mod:`heddle.pull`."""
         """Bind a pull subscription to an existing durable consumer."""
         try:
             psub = await self._js().pull_subscribe_bind(durable=durable, stream=stream)
         except Exception as exc:
             raise translate(exc, self.url, f"binding to consumer {durable}") from exc
-        return Puller(psub, durable, self.url)
+        return psub
 
     async def publish(
         self, subject: str, payload: bytes, headers: dict[str, str], timeout_s: float = 5.0
@@ -497,7 +502,8 @@ class Broker:
         """Publish to JetStream and wait for the stream's ack (pipelined with other publishes)."""
         fut = await self.publish_start(subject, payload, headers, timeout_s)
         try:
-            return await fut
+            ack: api.PubAck = await fut
+            return ack
         except Exception as exc:
             raise translate(exc, self.url, f"publishing to {subject}") from exc
 
@@ -707,248 +713,3 @@ class Broker:
             raise BrokerError(f"consumer {durable} does not exist on stream {stream} at {redact(self.url)}") from exc
         except Exception as exc:
             raise translate(exc, self.url, f"reading consumer {durable} on {stream}") from exc
-
-
-class Puller:
-    """A pull subscription on a durable consumer whose :meth:`fetch` never sits on a message.
-
-    Not nats-py's ``PullSubscription.fetch(batch > 1)``: when its first, no-wait
-    pull request is refused with "408 Requests Pending" (another replica's
-    request is waiting for the pending messages; routine when two processes share
-    a consumer) or is answered by a status an earlier request left in the shared
-    inbox, it falls back to a plain pull for ``batch`` messages and returns only
-    once ``batch`` have arrived or the request expires; it also waits out the
-    timeout whenever its request stays open after the first messages (MaxAckPending
-    reached). Messages that arrive meanwhile wait in the client: the ~1 s stalls
-    before a burst of deliveries (a router held ~220 tasks for 0.95 s). It can
-    raise a bare ``TimeoutError`` that looks like a broken consumer, and takes
-    "409 Consumer Deleted" for "no messages yet".
-
-    Here every pull request is one-shot (``no_wait`` with ``expires``: the server
-    waits up to ``expires`` for the first message, sends what it has, and ends the
-    request with a status), at most one request is open at a time, and
-    :meth:`fetch` returns as soon as one message is in, with whatever else has
-    arrived. A request still open when a fetch returns is taken over by the next
-    fetch rather than doubled, so a worker never has more messages coming than the
-    slots it asked for.
-    """
-
-    def __init__(self, psub: JetStreamContext.PullSubscription, durable: str, url: str) -> None:
-        self.psub = psub
-        self.durable = durable
-        self._url = url
-        self._sub = psub._sub
-        self._queue: asyncio.Queue[Msg] = psub._sub._pending_queue
-        self._next_subject = psub._nms
-        self._inbox = psub._deliver
-        # The open pull request: messages it may still deliver (0: none open), and
-        # when to stop expecting its closing status (lost in a reconnect, say).
-        self._open = 0
-        self._open_until = 0.0
-        # An error status found while collecting messages, raised by the next fetch.
-        self._failed: BrokerError | None = None
-
-    async def fetch(self, batch: int, timeout_s: float) -> list[Msg]:
-        """Up to ``batch`` messages, as soon as there is one; ``[]`` after ``timeout_s`` without any.
-
-        Raises:
-            BrokerError: The server refused the pull (e.g. the consumer was deleted);
-                re-bind the consumer.
-        """
-        try:
-            return await self._fetch(batch, timeout_s)
-        except (BrokerError, asyncio.CancelledError):
-            raise
-        except Exception as exc:
-            raise translate(exc, self._url, f"pulling from consumer {self.durable}") from exc
-
-    async def _fetch(self, batch: int, timeout_s: float) -> list[Msg]:
-        msgs = self._take(batch)
-        if msgs:
-            return msgs
-        if self._failed is not None:
-            failed, self._failed = self._failed, None
-            raise failed
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        while True:
-            now = loop.time()
-            if now >= deadline:
-                return []
-            if not self._open or now >= self._open_until:
-                await self._request(batch, timeout_s)
-            try:
-                async with asyncio.timeout_at(min(deadline, self._open_until)):
-                    msg = await self._queue.get()
-            except TimeoutError:
-                continue
-            self._taken(msg)
-            status = _status(msg)
-            if status is None:
-                self._open = max(0, self._open - 1)
-                return [msg, *self._take(batch - 1)]
-            self._end(msg, status)
-            if self._failed is not None:
-                failed, self._failed = self._failed, None
-                raise failed
-            if status == api.StatusCode.REQUEST_TIMEOUT and _description(msg) == "Requests Pending":
-                # Other requests (another replica's) are waiting for every pending
-                # message: ask again shortly, after they have taken them.
-                await asyncio.sleep(min(_PENDING_RETRY_S, max(0.0, deadline - loop.time())))
-
-    async def _request(self, batch: int, expires_s: float) -> None:
-        req = b'{"batch":%d,"expires":%d,"no_wait":true}' % (batch, int(expires_s * 1e9))
-        await self.psub._nc.publish(self._next_subject, req, reply=self._inbox)
-        self._open = batch
-        self._open_until = asyncio.get_running_loop().time() + expires_s + _REQUEST_GRACE_S
-
-    def _take(self, n: int) -> list[Msg]:
-        """Messages already delivered, without waiting; statuses close the open request."""
-        msgs: list[Msg] = []
-        queue = self._queue
-        while len(msgs) < n and not queue.empty():
-            msg = queue.get_nowait()
-            self._taken(msg)
-            status = _status(msg)
-            if status is None:
-                msgs.append(msg)
-            else:
-                self._end(msg, status)
-        self._open = max(0, self._open - len(msgs))
-        return msgs
-
-    def _taken(self, msg: Msg) -> None:
-        # The bookkeeping nats-py's own next_msg() does: the pending size feeds its
-        # slow-consumer limit, and Subscription.drain() joins the queue.
-        self._sub._pending_size -= len(msg.data)
-        self._queue.task_done()
-
-    def _end(self, msg: Msg, status: str) -> None:
-        """A status message: the request it answers is over; keep an error for the caller."""
-        if status == api.StatusCode.CONTROL_MESSAGE:  # an idle heartbeat: the request goes on
-            return
-        self._open = 0
-        # 408 is "Request Timeout" (expired) or "Requests Pending" (refused).
-        if status not in (api.StatusCode.NO_MESSAGES, api.StatusCode.REQUEST_TIMEOUT):
-            self._failed = BrokerError(
-                redact(
-                    f"nats-server at {redact(self._url)} refused a pull from consumer {self.durable}: "
-                    f"{status} {_description(msg)}",
-                    self._url,
-                )
-            )
-
-    async def close(self) -> None:
-        """Unsubscribe, and nak what was delivered but never fetched so it is redelivered at once."""
-        with contextlib.suppress(Exception):
-            await self.psub.unsubscribe()
-        for msg in self._take(self._queue.qsize()):
-            with contextlib.suppress(Exception):
-                await msg.nak()
-
-
-class Feed:
-    """The durable consumer an actor's loop pulls from, bound again whenever it may be stale.
-
-    One for the worker, the router and the orchestrator. After a reconnect (pull
-    requests in flight are gone, and a restarted server may have lost the
-    consumer) and after any failed pull, the next :meth:`fetch` re-creates the
-    streams and the consumer and binds a new :class:`Puller`. A failed pull is
-    logged and waited out (``backoff_s``, or until ``stop`` is set), never
-    raised: a bad moment on the server never ends an actor's loop.
-
-    Args:
-        broker: The connected broker.
-        ensure: Creates or updates the consumer; returns ``(durable, stream)``.
-        stop: The actor's stop event (cuts a back-off short).
-        what: What is fetched, for log lines ("tasks", "goals").
-        backoff_s: How long to wait after a failed pull.
-    """
-
-    def __init__(
-        self,
-        broker: Broker,
-        ensure: Callable[[], Awaitable[tuple[str, str]]],
-        stop: asyncio.Event,
-        what: str,
-        backoff_s: float = 0.5,
-    ) -> None:
-        self.broker = broker
-        self._ensure = ensure
-        self._stop = stop
-        self.what = what
-        self.backoff_s = backoff_s
-        self.durable = ""
-        self._puller: Puller | None = None
-        self._stale = False
-
-    async def start(self) -> None:
-        """Bind the first time, and follow reconnects; errors here are raised (fail fast at start)."""
-        await self._bind()
-        self.broker.on_reconnect(self._on_reconnect)
-
-    async def _on_reconnect(self) -> None:
-        self._stale = True
-
-    async def _bind(self) -> Puller:
-        old, self._puller = self._puller, None
-        if old is not None:
-            await old.close()
-        self.durable, stream = await self._ensure()
-        self._puller = puller = await self.broker.pull_subscribe(self.durable, stream)
-        return puller
-
-    async def fetch(self, batch: int, timeout_s: float) -> list[Msg]:
-        """Up to ``batch`` messages as soon as there is one; ``[]`` after a timeout or a failed pull."""
-        try:
-            puller = self._puller
-            if self._stale or puller is None:
-                self._stale = False
-                await self.broker.ensure_streams()
-                puller = await self._bind()
-                log.warning("re-bound pull consumer %s", self.durable)
-            return await puller.fetch(batch, timeout_s)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.warning(
-                "fetching %s failed (%s); retrying in %.1fs",
-                self.what,
-                redact(repr(exc), self.broker.url),
-                self.backoff_s,
-            )
-            self._stale = True
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), self.backoff_s)
-            return []
-
-    async def close(self) -> None:
-        """Unsubscribe; what was delivered but never fetched is nak'd for redelivery."""
-        if self._puller is not None:
-            await self._puller.close()
-
-
-# A pull request whose closing status has not come this long after it expired is
-# taken to be gone (its connection dropped, say).
-_REQUEST_GRACE_S = 0.5
-# After "408 Requests Pending", how long before asking again.
-_PENDING_RETRY_S = 0.02
-
-
-def _status(msg: Msg) -> str | None:
-    """The status code of a pull-request status message; None for a stream message."""
-    headers = msg.headers
-    # A status from the server comes with no reply subject; a stream message always has
-    # one (its ack subject), so a user's own "Status" header is never taken for one.
-    if headers is None or msg.reply:
-        return None
-    return headers.get(api.Header.STATUS)
-
-
-def _description(msg: Msg) -> str:
-    return (msg.headers or {}).get(api.Header.DESCRIPTION, "").strip()
-
-
-def _expire(fut: asyncio.Future[Any]) -> None:
-    if not fut.done():
-        fut.set_exception(TimeoutError())

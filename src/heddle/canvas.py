@@ -209,7 +209,8 @@ class Signature:
         task = app.tasks.get(sig.task)
         opts = {**sig.options, **options}
         if task is not None:
-            return task.apply_async(sig.args, sig.kwargs, **opts)
+            result: AsyncResult[Any] = task.apply_async(sig.args, sig.kwargs, **opts)
+            return result
         return send_by_name(app, sig.task, sig.args, sig.kwargs, **opts)
 
 

@@ -142,7 +142,7 @@ class SafeConfigLoader(yaml.SafeLoader):
 
     def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
         if self.check_event(yaml.AliasEvent):
-            alias = self.peek_event()
+            alias: Any = self.peek_event()  # type: ignore[no-untyped-call]
             mark = alias.start_mark
             self.alias_count += 1
             if self.alias_count > MAX_YAML_ALIASES:
@@ -157,7 +157,8 @@ class SafeConfigLoader(yaml.SafeLoader):
         self._depth += 1
         try:
             if self._depth > MAX_YAML_DEPTH:
-                raise YAMLLimitError(problem=_too_deep_message(), problem_mark=self.peek_event().start_mark)
+                event: Any = self.peek_event()  # type: ignore[no-untyped-call]
+                raise YAMLLimitError(problem=_too_deep_message(), problem_mark=event.start_mark)
             node = super().compose_node(parent, index)
         finally:
             self._depth -= 1

@@ -26,16 +26,18 @@ import ast
 import difflib
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
+
+from heddle.errors import ConfigError
 
 _IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _CONSTANTS = {"true": True, "false": False, "null": None, "none": None, "True": True, "False": False, "None": None}
 RESERVED_NAMES = frozenset({"goal", "len", *_CONSTANTS})
 
 
-class PathError(ValueError):
+class PathError(ConfigError, ValueError):
     """Raised when a path or condition is malformed, or names a value that is not there."""
 
 
@@ -280,7 +282,8 @@ def _eval(node: ast.expr, scope: dict[str, Any]) -> Any:
         left = _eval(node.left, scope)
         for op, comp in zip(node.ops, node.comparators, strict=True):
             right = _eval(comp, scope)
-            if not _CMP[type(op)](left, right):
+            compare: Callable[[Any, Any], bool] = _CMP[type(op)]
+            if not compare(left, right):
                 return False
             left = right
         return True

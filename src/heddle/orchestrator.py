@@ -43,9 +43,8 @@ from heddle.messages import (
 )
 
 if TYPE_CHECKING:
-    from nats.aio.msg import Msg
-
     from heddle.app import Heddle
+    from heddle.broker import Message as Msg
     from heddle.connections import Connections
 
 log = logging.getLogger("heddle.orchestrator")

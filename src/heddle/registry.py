@@ -25,9 +25,8 @@ from heddle.errors import DecodeError
 from heddle.messages import decode as bounded_decode
 
 if TYPE_CHECKING:
-    from nats.aio.msg import Msg
-
     from heddle.broker import Broker
+    from heddle.broker import Message as Msg
 
 log = logging.getLogger("heddle.registry")
 

@@ -104,7 +104,8 @@ class AsyncResult(Generic[R]):
         deadline = None if timeout is None else time.monotonic() + timeout
         await self.sent()
         record = await self._wait(asyncio.get_running_loop(), deadline, timeout)
-        return self._outcome(record, propagate)
+        value: R = self._outcome(record, propagate)
+        return value
 
     async def _wait(self, loop: Any, deadline: float | None, timeout: float | None) -> ResultRecord:
         if self._record is not None:

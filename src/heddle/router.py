@@ -44,9 +44,8 @@ from heddle.rules import RouterRules, RulesError, load_rules
 from heddle.settings import check_name
 
 if TYPE_CHECKING:
-    from nats.aio.msg import Msg
-
     from heddle.app import Heddle
+    from heddle.broker import Message as Msg
     from heddle.connections import Connections
 
 log = logging.getLogger("heddle.router")

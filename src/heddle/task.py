@@ -80,7 +80,7 @@ class TaskOptions(msgspec.Struct, frozen=True, kw_only=True):
         if self.retry_backoff is False:
             return self.retry_delay
         base = 1.0 if self.retry_backoff is True else float(self.retry_backoff)
-        delay = min(self.retry_backoff_max, base * (2**retry_number))
+        delay: float = min(self.retry_backoff_max, base * (2**retry_number))
         if self.retry_jitter:
             delay = delay / 2 + random.uniform(0, delay / 2)
         return delay
@@ -286,3 +286,26 @@ class Task(Generic[P, R]):
     def starmap(self, items: Iterable[Any] | None = None) -> xstarmap:
         """Like :meth:`map`, but each element is the list of arguments of one call."""
         return xstarmap(self.s(), items)
+
+
+@overload
+def shared_task(fn: Callable[P, Coroutine[Any, Any, R]], /) -> Task[P, R]: ...
+@overload
+def shared_task(fn: Callable[P, R], /) -> Task[P, R]: ...
+@overload
+def shared_task(**options: Any) -> TaskDecorator: ...
+
+
+def shared_task(fn: Any = None, /, **options: Any) -> Any:
+    """Declare a shared task: a task of a module that does not name its app.
+
+    It belongs to the one app that includes its module: ``app.include("shop.tasks")``,
+    or the app ``heddle worker -A shop.tasks`` loads (which includes the module it
+    loads). There is no process-wide registry: until an app includes it, sending it
+    raises an error that says how to bind it.
+    """
+
+    def decorate(f: Any) -> Any:
+        return Task(f, app=None, **options)
+
+    return decorate(fn) if fn is not None else decorate

@@ -50,9 +50,8 @@ from heddle.store import StoreRequest, encode_record
 from heddle.version import __version__
 
 if TYPE_CHECKING:
-    from nats.aio.msg import Msg
-
     from heddle.app import Heddle
+    from heddle.broker import Message as Msg
     from heddle.connections import Connections
     from heddle.task import Task
 

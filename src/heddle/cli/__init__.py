@@ -111,7 +111,7 @@ def _worker_parser(prog: str) -> argparse.ArgumentParser:
 
 
 def _add_worker_args(p: argparse.ArgumentParser) -> None:
-    from heddle.llm.commands import add_worker_source_args
+    from heddle.cli.llm import add_worker_source_args
 
     p.add_argument("-A", "--app", default=None, help="module[:attribute] holding the heddle.Heddle app (or --config)")
     add_worker_source_args(p)
@@ -150,7 +150,7 @@ def _run_worker(args: argparse.Namespace, argv_for_reload: Sequence[str]) -> int
             watch_filter=watchfiles.PythonFilter(),
         )
         return 0
-    from heddle.llm.commands import worker_from_args
+    from heddle.cli.llm import worker_from_args
 
     app, extra = worker_from_args(args, load_app)  # -A module, or --config / WORKER_CONFIG (LLM worker)
     preflight(args, app)
@@ -166,7 +166,7 @@ def _run_dev(args: argparse.Namespace) -> int:
     from heddle.testing.servers import EmbeddedServers
 
     logging.basicConfig(level=args.loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from heddle.llm.commands import DevLLM
+    from heddle.cli.llm import DevLLM
 
     with EmbeddedServers() as servers, DevLLM(args, console.print) as llm:
         os.environ["NATS_URL"] = servers.nats_url
@@ -240,7 +240,7 @@ def _run_preflight(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``heddle`` command."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    from heddle.llm.commands import add_llm_commands, add_worker_source_args
+    from heddle.cli.llm import add_llm_commands, add_worker_source_args
 
     parser = argparse.ArgumentParser(prog="heddle", description="Heddle task queue.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -310,7 +310,7 @@ def _dispatch(args: Any, rest: Sequence[str]) -> int:
         if args.command == "dev":
             return _run_dev(args)
         if args.command in ("validate", "models"):
-            from heddle.llm.commands import run_llm_command
+            from heddle.cli.llm import run_llm_command
 
             return run_llm_command(args)
         if args.command in ("orchestrator", "submit"):

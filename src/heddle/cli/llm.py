@@ -1,4 +1,4 @@
-"""The command-line side of LLM workers, used by :mod:`heddle.cli`.
+"""The command-line side of LLM workers (``heddle worker --config``, ``heddle validate``, ``heddle models``).
 
 * ``heddle worker --config FILE --tier TIER`` (or ``WORKER_CONFIG`` + ``MODEL_TIER``)
 * ``heddle dev --config FILE...``: the embedded local model when the local tier needs one
