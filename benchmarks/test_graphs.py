@@ -26,7 +26,7 @@ from typing import Any
 from harness import median, run_async
 from rich.table import Table
 
-from heddle.canvas import chain, chord, group
+from heddle.graphs.canvas import chain, chord, group
 
 REPEATS = 15
 CHAIN_N = 10

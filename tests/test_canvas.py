@@ -14,8 +14,8 @@ import msgspec
 import pytest
 
 import heddle
-from heddle.canvas import GraphResult, chain, chord, group
-from heddle.graph import (
+from heddle.graphs.canvas import GraphResult, chain, chord, group
+from heddle.graphs.model import (
     ChainNode,
     GoalMessage,
     GroupNode,

@@ -16,8 +16,8 @@ import pytest
 import heddle
 from heddle.configfile import MAX_CONFIG_BYTES, MAX_YAML_ALIASES, load_yaml
 from heddle.errors import ConfigFileError
+from heddle.graphs.pipeline import load_pipeline
 from heddle.llm.config import load_worker_config
-from heddle.pipeline import load_pipeline
 from heddle.router import Router
 from heddle.rules import RulesError, load_rules
 from heddle.validate import validate_file

@@ -29,7 +29,7 @@ import valkey
 
 import heddle
 from heddle import names
-from heddle.graph import GoalMessage, TaskNode
+from heddle.graphs.model import GoalMessage, TaskNode
 from heddle.messages import FAILURE, PENDING, TaskMessage, encoder
 from heddle.router import Router
 from heddle.rules import RouterRules

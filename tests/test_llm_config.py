@@ -182,7 +182,7 @@ def test_heddle_validate_prints_every_error_with_file_and_line_and_exits_non_zer
 
 
 def test_the_shipped_worker_configs_and_the_llm_pipeline_are_valid():
-    from heddle.pipeline import validate_pipeline_file
+    from heddle.graphs.pipeline import validate_pipeline_file
 
     for folder in (ROOT / "configs" / "workers", ROOT / "examples" / "llm"):
         files = sorted(f for f in folder.glob("*.yaml") if f.name != "pipeline.yaml")

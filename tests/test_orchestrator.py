@@ -19,8 +19,8 @@ import pytest
 import valkey
 
 import heddle
-from heddle.canvas import chain
-from heddle.graph import node_task_id
+from heddle.graphs.canvas import chain
+from heddle.graphs.model import node_task_id
 from heddle.testing import EmbeddedServers, aworker, running_worker
 from heddle.testing.orchestrators import aorchestrator, running_orchestrator
 from tests.apps.graphs import define

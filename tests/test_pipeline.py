@@ -15,8 +15,8 @@ from types import SimpleNamespace
 import pytest
 
 import heddle
-from heddle.graph import PipelineNode, StageSpec
-from heddle.pipeline import Pipeline, PipelineError, load_pipeline, validate_pipeline_file
+from heddle.graphs.model import PipelineNode, StageSpec
+from heddle.graphs.pipeline import Pipeline, PipelineError, load_pipeline, validate_pipeline_file
 from heddle.testing import EmbeddedServers, running_worker
 from heddle.testing.orchestrators import running_orchestrator
 from tests.apps.graphs import define

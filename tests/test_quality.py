@@ -83,7 +83,7 @@ def test_heddle_exports_exactly_its_all():
 # Exceptions used only as signals inside one mechanism, never raised to a caller.
 _INTERNAL_SIGNALS = {
     "heddle.configfile.YAMLLimitError",  # PyYAML's composer must see its own error type; reported as ConfigIssue
-    "heddle.graph_run.NodeFailure",  # a node failed: turned into the goal's FAILURE record
+    "heddle.graphs.run.NodeFailure",  # a node failed: turned into the goal's FAILURE record
     "heddle.llm.backends.base.AttemptFailed",  # one HTTP attempt failed: retried or turned into LLMBackendError
     "heddle.llm.extract.NoJSONFound",  # the model's text held no JSON: turned into LLMOutputError
 }

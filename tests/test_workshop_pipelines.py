@@ -18,8 +18,8 @@ import httpx
 import pytest
 
 from heddle import Heddle
-from heddle.graph import PipelineNode, StageSpec
-from heddle.pipeline import Pipeline, load_pipeline
+from heddle.graphs.model import PipelineNode, StageSpec
+from heddle.graphs.pipeline import Pipeline, load_pipeline
 from heddle.registry import WorkerInfo
 from heddle.testing import EmbeddedServers, running_worker
 from heddle.testing.orchestrators import running_orchestrator

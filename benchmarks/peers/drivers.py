@@ -251,7 +251,7 @@ class HeddleDriver(Driver):
         return {"heddle": self.sync_round_trips(n), "heddle, async caller": self.loop.run(self._async_round_trips(n))}
 
     def fan_out(self, width: int) -> float:
-        from heddle.canvas import chord, group
+        from heddle.graphs.canvas import chord, group
 
         noop = self.module.noop
 

@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import nats
 
-from heddle.canvas import chord, group
 from heddle.events import describe
+from heddle.graphs.canvas import chord, group
 from heddle.testing import EmbeddedServers
 from peers.drivers import HeddleDriver
 from peers.workers import PeerWorker

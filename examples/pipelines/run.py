@@ -42,7 +42,7 @@ def heddle_cli(*args: str) -> subprocess.CompletedProcess[str]:
 def demo() -> None:
     from tasks import app
 
-    from heddle.pipeline import load_pipeline
+    from heddle.graphs.pipeline import load_pipeline
 
     console.rule("[bold]validate")
     if heddle_cli("validate", "claims.yaml").returncode != 0:

@@ -12,7 +12,6 @@ Example:
 
 from heddle import llm as llm  # heddle.llm.complete, YAML LLM workers (backends load lazily)
 from heddle.app import Heddle
-from heddle.canvas import GraphResult, Signature, chain, chord, group
 from heddle.context import TaskContext, current_task
 from heddle.errors import (
     BackendError,
@@ -33,8 +32,9 @@ from heddle.errors import (
     TaskRevoked,
     TaskTimeout,
 )
+from heddle.graphs.canvas import GraphResult, Signature, chain, chord, group
+from heddle.graphs.pipeline import Pipeline
 from heddle.messages import FAILURE, PENDING, RETRY, REVOKED, STARTED, SUCCESS
-from heddle.pipeline import Pipeline
 from heddle.results import AsyncResult
 from heddle.settings import Settings
 from heddle.task import Task, TaskOptions

@@ -11,7 +11,7 @@ subject                                 payload (msgpack)
                                         :data:`TASK_STATES`
 ``heddle.events.worker.{state}``        :class:`WorkerEvent`; online, heartbeat,
                                         offline
-``heddle.events.goals.{goal_id}``       :class:`heddle.graph.NodeState` (goal and
+``heddle.events.goals.{goal_id}``       :class:`heddle.graphs.model.NodeState` (goal and
                                         stage progress; empty when the goal ends)
 ``heddle.events.llm.{worker_type}``     :class:`LLMCallEvent`
 =====================================  =========================================
@@ -184,7 +184,7 @@ def describe(subject: str, data: bytes) -> dict[str, Any] | None:
             goal_id = subject[len(names.GOAL_EVENTS_PREFIX):]
             if not data:
                 return {"kind": "goal", "state": "ended", "id": goal_id, "at": time.time()}
-            from heddle.graph import node_state_decoder
+            from heddle.graphs.model import node_state_decoder
 
             node = msgspec.structs.asdict(bounded_decode(node_state_decoder, data))
             return {"kind": "goal", "id": goal_id, "at": time.time(), **node, "node_task_id": node["task_id"]}

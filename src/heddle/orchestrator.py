@@ -6,7 +6,7 @@ goals at a time; the rest wait in the stream (they are never rejected). A goal
 message is acked only when the goal has ended and its result is stored; while
 it runs, in-progress acks keep it from redelivery, so AckWait can stay short
 and a dead orchestrator's goals come back quickly, to be resumed from their
-checkpoints by whichever orchestrator takes them (see :mod:`heddle.graph_run`).
+checkpoints by whichever orchestrator takes them (see :mod:`heddle.graphs.run`).
 
 On SIGTERM an orchestrator stops fetching, stops walking its goals and naks
 their messages at once: a goal is resumable, so handing it over is cheaper than
@@ -29,9 +29,9 @@ from typing import TYPE_CHECKING
 from heddle import names
 from heddle.actor import Actor, acknowledge
 from heddle.errors import DecodeError, HeddleError, TaskIdError
-from heddle.graph import GOAL_FAILED, GOAL_REVOKED, GOAL_SUCCEEDED, goal_decoder
-from heddle.graph_run import GoalRun
-from heddle.graph_store import GoalStore, check_durability
+from heddle.graphs.model import GOAL_FAILED, GOAL_REVOKED, GOAL_SUCCEEDED, goal_decoder
+from heddle.graphs.run import GoalRun
+from heddle.graphs.store import GoalStore, check_durability
 from heddle.messages import (
     READY_STATES,
     SUCCESS,

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar, ov
 import msgspec
 
 from heddle import names
-from heddle.canvas import Signature, xmap, xstarmap
 from heddle.errors import ConfigError, HeddleError, TaskOptionError
+from heddle.graphs.canvas import Signature, xmap, xstarmap
 from heddle.results import AsyncResult
 from heddle.send import send, unknown_options_error
 

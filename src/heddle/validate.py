@@ -4,7 +4,7 @@ Each file is parsed once (keeping line numbers, within the limits every config
 file is read under: :mod:`heddle.configfile`) and handed to the first
 :class:`ConfigKind` whose ``matches`` recognises the document by its keys:
 worker configs (``system_prompt``, ``input_schema``, ``output_schema``),
-pipelines (``stages``, checked by :func:`heddle.pipeline.check_pipeline`) and
+pipelines (``stages``, checked by :func:`heddle.graphs.pipeline.check_pipeline`) and
 router rules (``tier_overrides``, ``rate_limits``, ``fallback``,
 ``unknown_worker_grace_seconds``, checked by :func:`heddle.rules.check_rules_file`,
 the same check the router makes when it loads them).
@@ -63,13 +63,13 @@ def _is_worker(data: Any) -> bool:
 
 
 def _check_pipeline(data: Any, file: str) -> Sequence[Any]:
-    from heddle.pipeline import check_pipeline
+    from heddle.graphs.pipeline import check_pipeline
 
     return check_pipeline(data, file)
 
 
 def _is_pipeline(data: Any) -> bool:
-    from heddle.pipeline import looks_like_pipeline
+    from heddle.graphs.pipeline import looks_like_pipeline
 
     return looks_like_pipeline(data)
 

@@ -18,8 +18,8 @@ from collections import Counter
 import pytest
 
 import heddle
-from heddle.canvas import chain
-from heddle.graph import node_task_id
+from heddle.graphs.canvas import chain
+from heddle.graphs.model import node_task_id
 from heddle.messages import READY_STATES
 from tests.apps.graphs import define
 from tests.chaos._support import TIMEOUT_S, Results, emit, size

@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from heddle.errors import ConfigError
+from heddle.graphs.pipeline import load_pipeline
 from heddle.llm.config import load_worker_config
-from heddle.pipeline import load_pipeline
 from heddle.rules import load_rules
 
 ROOT = Path(__file__).resolve().parents[2]

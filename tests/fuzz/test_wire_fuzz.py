@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 import heddle
 from heddle import names
 from heddle.errors import DecodeError
-from heddle.graph import GoalMessage, TaskNode, goal_decoder
+from heddle.graphs.model import GoalMessage, TaskNode, goal_decoder
 from heddle.messages import TaskMessage, decode, encoder, task_decoder
 from heddle.router import Router
 from heddle.rules import RouterRules

@@ -20,15 +20,15 @@ from rich.table import Table
 
 from heddle import names
 from heddle.errors import ConfigError
-from heddle.graph import DISPATCHED, NodeState
+from heddle.graphs.model import DISPATCHED, NodeState
 from heddle.messages import STARTED, SUCCESS
 from heddle.orchestrator import DEFAULT_MAX_CONCURRENT_GOALS, Orchestrator
 from heddle.redact import redact
 
 if TYPE_CHECKING:
     from heddle.app import Heddle
-    from heddle.canvas import GraphResult
-    from heddle.pipeline import Pipeline
+    from heddle.graphs.canvas import GraphResult
+    from heddle.graphs.pipeline import Pipeline
 
 __all__ = ["add_graph_commands", "add_orchestrator_args", "make_orchestrator", "run_graph_command"]
 
@@ -148,7 +148,7 @@ def _submit_app(args: argparse.Namespace, pipeline: Pipeline) -> Heddle:
 
 
 def _run_submit(args: argparse.Namespace) -> int:
-    from heddle.pipeline import load_pipeline
+    from heddle.graphs.pipeline import load_pipeline
 
     pipeline = load_pipeline(args.pipeline)
     context = _parse_input(args.input)

@@ -36,7 +36,7 @@ from heddle.settings import LLMSettings, Settings
 
 if TYPE_CHECKING:
     from heddle.app import Heddle
-    from heddle.canvas import Signature
+    from heddle.graphs.canvas import Signature
     from heddle.results import AsyncResult
     from heddle.worker import Worker
 
@@ -244,7 +244,7 @@ class LLMWorkerHandle:
 
     def s(self, payload: dict[str, Any] | None = None, /, **fields: Any) -> Signature:
         """A signature for task graphs; with no input it takes the previous task's result."""
-        from heddle.canvas import Signature
+        from heddle.graphs.canvas import Signature
 
         args = () if payload is None and not fields else (self._payload(payload, fields),)
         options: dict[str, Any] = {"worker_type": self.name}

@@ -30,9 +30,9 @@ from starlette.routing import BaseRoute, Route
 
 from heddle.configfile import ConfigIssue, load_yaml
 from heddle.errors import HeddleError
-from heddle.graph import DISPATCHED, NODE_FINAL_STATES, SUCCEEDED, PipelineNode, StageSpec
+from heddle.graphs.model import DISPATCHED, NODE_FINAL_STATES, SUCCEEDED, PipelineNode, StageSpec
+from heddle.graphs.pipeline import Pipeline, PipelineError, Plan, build_plan, load_pipeline, looks_like_pipeline
 from heddle.messages import READY_STATES
-from heddle.pipeline import Pipeline, PipelineError, Plan, build_plan, load_pipeline, looks_like_pipeline
 from heddle.workshop.web import Pages
 
 if TYPE_CHECKING:
@@ -265,7 +265,7 @@ async def run_view(
     ws: Workshop, conns: Connections, goal_id: str, submitted: Submitted | None
 ) -> dict[str, Any] | None:
     """Everything the run page shows, read from the goal's checkpoint and stored results."""
-    from heddle.graph_store import GoalStore
+    from heddle.graphs.store import GoalStore
 
     cp = await GoalStore(conns.backend, ws.app.settings.result_ttl_s).load(goal_id)
     message = cp.goal_message
@@ -380,7 +380,7 @@ def routes(pages: Pages) -> list[BaseRoute]:
         try:
             context = parse_input(str(form.get("input") or ""), node)
             resolved = resolve_stages(node, ws.registry.workers() if ws.registry is not None else [])
-            from heddle.canvas import submit_goal
+            from heddle.graphs.canvas import submit_goal
 
             result = submit_goal(ws.app, resolved, context=context, name=node.name)
             await result.sent()

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from heddle import names
 from heddle.errors import HeddleError
-from heddle.graph import (
+from heddle.graphs.model import (
     ChainNode,
     ChordNode,
     GoalMessage,
@@ -489,7 +489,7 @@ def submit_goal(
     )
     payload = encoder.encode(msg)
     check_message_size(app.settings, f"graph {label or gid!r}", payload)
-    headers = {names.HDR_MSG_ID: gid, names.HDR_TASK: label or "heddle.graph"}
+    headers = {names.HDR_MSG_ID: gid, names.HDR_TASK: label or "heddle.graphs.model"}
     result = GraphResult(gid, app, graph=graph, goal_id=gid, path="", task_name=label or "graph")
     submit(app, result, names.GOALS_SUBJECT, payload, headers)
     return result
@@ -535,7 +535,7 @@ class GraphResult(AsyncResult[Any]):
     @classmethod
     async def aload(cls, app: Client, goal_id: str) -> GraphResult:
         """A handle on an existing goal by id, with its graph read from the checkpoint."""
-        from heddle.graph_store import GoalStore
+        from heddle.graphs.store import GoalStore
 
         conns = await app.connections()
         cp = await GoalStore(conns.backend, app.settings.result_ttl_s).load(goal_id)
@@ -587,7 +587,7 @@ class GraphResult(AsyncResult[Any]):
 
     async def anodes(self) -> dict[str, NodeState]:
         """Every node's checkpoint, by path (only nodes that have started)."""
-        from heddle.graph_store import GoalStore
+        from heddle.graphs.store import GoalStore
 
         conns = await self.app.connections()
         cp = await GoalStore(conns.backend, self.app.settings.result_ttl_s).load(self.goal_id)
@@ -606,7 +606,7 @@ class GraphResult(AsyncResult[Any]):
 
 
 def _label(node: Node) -> str:
-    from heddle.graph import node_label
+    from heddle.graphs.model import node_label
 
     return node_label(node)
 

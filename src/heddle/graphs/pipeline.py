@@ -24,7 +24,7 @@ Dependencies are inferred from the paths a stage reads (``input_mapping`` and
 parallel. A stage whose condition is false is skipped, and so is every stage
 that reads a skipped stage's output (``depends_on`` alone only orders). The
 goal's result is the ``output_mapping`` (default: every finished stage's
-output, by name). See :mod:`heddle.graph_paths` for paths and conditions.
+output, by name). See :mod:`heddle.graphs.paths` for paths and conditions.
 
 Validation walks the YAML node tree, so every problem carries its file and
 line, and all of them are reported at once (``heddle validate FILE...``).
@@ -41,8 +41,8 @@ from typing import TYPE_CHECKING, Any, TypeGuard
 from heddle import names
 from heddle.configfile import ConfigIssue, line_of, load_yaml, unknown_key_message
 from heddle.errors import ConfigFileError
-from heddle.graph import PipelineNode, StageSpec
-from heddle.graph_paths import (
+from heddle.graphs.model import PipelineNode, StageSpec
+from heddle.graphs.paths import (
     RESERVED_NAMES,
     Condition,
     Mapped,
@@ -55,8 +55,8 @@ from heddle.graph_paths import (
 )
 
 if TYPE_CHECKING:
-    from heddle.app import Heddle
-    from heddle.canvas import GraphResult
+    from heddle.connections import Client
+    from heddle.graphs.canvas import GraphResult
 
 __all__ = [
     "ConfigIssue",
@@ -482,7 +482,7 @@ class Pipeline:
         """The pipeline's name."""
         return self.node.name
 
-    def resolved(self, app: Heddle) -> PipelineNode:
+    def resolved(self, app: Client) -> PipelineNode:
         """The node with every ``task`` stage's worker type filled in for ``app``.
 
         As with ``send_task``: a task of the app, or a dotted name, runs on the
@@ -497,16 +497,16 @@ class Pipeline:
         return PipelineNode(name=self.node.name, stages=stages, output_mapping=self.node.output_mapping)
 
     def apply_async(
-        self, context: dict[str, Any] | None = None, *, app: Heddle, task_id: str | None = None
+        self, context: dict[str, Any] | None = None, *, app: Client, task_id: str | None = None
     ) -> GraphResult:
         """Submit the pipeline with ``context`` (read by ``goal.context.*`` paths).
 
         Returns:
-            A :class:`~heddle.canvas.GraphResult`; ``get()`` gives the output
+            A :class:`~heddle.graphs.canvas.GraphResult`; ``get()`` gives the output
             mapping, ``node(stage)`` a stage's own result, ``timeline()`` the
             per-stage timing once it has finished.
         """
-        from heddle.canvas import submit_goal
+        from heddle.graphs.canvas import submit_goal
 
         if context is not None and not isinstance(context, dict):
             raise TypeError(
@@ -514,7 +514,7 @@ class Pipeline:
             )
         return submit_goal(app, self.resolved(app), context=context or {}, name=self.node.name, goal_id=task_id)
 
-    def delay(self, context: dict[str, Any] | None = None, *, app: Heddle) -> GraphResult:
+    def delay(self, context: dict[str, Any] | None = None, *, app: Client) -> GraphResult:
         """Shortcut for :meth:`apply_async`."""
         return self.apply_async(context, app=app)
 

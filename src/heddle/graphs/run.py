@@ -2,7 +2,7 @@
 
 The walk is a recursive evaluation of the node tree (a pipeline is a DAG of
 stages inside one node). A task node is sent under its deterministic id
-(:func:`~heddle.graph.node_task_id`) and its result awaited; chains pass each
+(:func:`~heddle.graphs.model.node_task_id`) and its result awaited; chains pass each
 value on, groups and maps run their members concurrently and collect the
 results in order, a chord feeds the header's list to its body.
 
@@ -31,7 +31,7 @@ import msgspec
 
 from heddle import names
 from heddle.errors import ConfigError, EncodeError, ResultTimeout
-from heddle.graph import (
+from heddle.graphs.model import (
     DISPATCHED,
     FAILED,
     GOAL_RUNNING,
@@ -53,10 +53,10 @@ from heddle.graph import (
     node_label,
     node_task_id,
 )
-from heddle.graph_paths import PathError, Ref, value_of
-from heddle.graph_store import GoalStore
+from heddle.graphs.paths import PathError, Ref, value_of
+from heddle.graphs.pipeline import PipelineError, StagePlan, build_plan
+from heddle.graphs.store import GoalStore
 from heddle.messages import FAILURE, REVOKED, SUCCESS, ErrorInfo, ResultRecord, encoder
-from heddle.pipeline import PipelineError, StagePlan, build_plan
 from heddle.results import AsyncResult
 
 if TYPE_CHECKING:

@@ -8,7 +8,7 @@ orchestrator. Its graph is a tree of tagged msgspec Structs:
 * :class:`GroupNode`: members run in parallel, results collected in order;
 * :class:`ChordNode`: a group, then a body called with the list of results;
 * :class:`MapNode`: one task called for every element of a list;
-* :class:`PipelineNode`: the stages of a YAML pipeline (a DAG, see ``heddle.pipeline``).
+* :class:`PipelineNode`: the stages of a YAML pipeline (a DAG, see ``heddle.graphs.pipeline``).
 
 Every node has a *path*: ``""`` for the root, then child indexes joined by
 dots (``"1.0"``), stage names for pipeline stages, and ``e`` for a node's
@@ -108,7 +108,7 @@ class MapNode(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag
 
 
 class StageSpec(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
-    """One pipeline stage, as written in the pipeline file (see ``heddle.pipeline``).
+    """One pipeline stage, as written in the pipeline file (see ``heddle.graphs.pipeline``).
 
     Attributes:
         name: Stage name; also its node path.

@@ -1,8 +1,8 @@
 """Goal checkpoints in Valkey, behind the result backend's seam.
 
 One hash per goal, ``heddle:goal:{id}``: a field per node path holding its
-msgpack :class:`~heddle.graph.NodeState`, plus ``@goal`` (the
-:class:`~heddle.graph.GoalState`) and ``@graph`` (the goal message, so a
+msgpack :class:`~heddle.graphs.model.NodeState`, plus ``@goal`` (the
+:class:`~heddle.graphs.model.GoalState`) and ``@graph`` (the goal message, so a
 handle made from an id can show the graph). Writes go through a Lua script
 registered with :class:`~heddle.results.ResultBackend`, so a write and its
 expiry are one atomic step and valkey errors are translated in one place.
@@ -25,7 +25,7 @@ import msgspec
 
 from heddle import names
 from heddle.errors import DecodeError
-from heddle.graph import GoalMessage, GoalState, NodeState, goal_decoder, goal_state_decoder, node_state_decoder
+from heddle.graphs.model import GoalMessage, GoalState, NodeState, goal_decoder, goal_state_decoder, node_state_decoder
 from heddle.messages import encoder
 from heddle.redact import redact
 from heddle.store import ResultBackend
