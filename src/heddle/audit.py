@@ -8,11 +8,12 @@ others, running long, waiting out a countdown, or lost. :func:`unfinished`
 lists those with their stored state; ``heddle status --audit`` and the
 Workshop's Audit page show them.
 
-Sends are recorded in groups: every send made in one turn of the event loop
-shares one ``ZADD``, written while the message is being published (a group
-commit), so the audit costs no extra round trip per task. A send is recorded
-before ``sent()`` returns; if Valkey cannot be reached the send still succeeds
-and the gap is logged, since the message itself is safe in JetStream.
+Sends are recorded in groups: one ``ZADD`` for the sends of up to 50 ms (or
+1,000 sends), written in the background, so the audit costs no round trip on
+the send path. The trade: a client that dies within those 50 ms of a send
+leaves it out of the audit (its message is safe in JetStream and runs as
+usual); ``app.aclose()`` writes what is left. If Valkey cannot be reached the send still succeeds and the gap is
+logged.
 Entries older than the result TTL are dropped when the audit is read, as the
 records they would be compared with have expired too.
 """
@@ -34,6 +35,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("heddle.audit")
 
+# Sends are written to the audit set at most this long after they were made, or
+# as soon as this many are waiting: one ZADD for many sends, off the send path.
+FLUSH_S = 0.05
+FLUSH_AT = 1000
+
 
 class Unfinished(msgspec.Struct, frozen=True):
     """A submitted task with no final state yet."""
@@ -54,7 +60,7 @@ class AuditReport(msgspec.Struct, frozen=True):
 
 
 class SubmissionLog:
-    """Records sent task ids in groups: one ZADD per turn of the event loop.
+    """Records sent task ids in groups: one ZADD per :data:`FLUSH_S`, or per :data:`FLUSH_AT` sends.
 
     Args:
         backend: The result store the audit set lives in.
@@ -63,29 +69,39 @@ class SubmissionLog:
     def __init__(self, backend: ResultBackend) -> None:
         self.backend = backend
         self._batch: list[tuple[str, float]] = []
-        self._done: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._writes: set[asyncio.Task[None]] = set()
 
-    def record(self, task_id: str) -> asyncio.Future[None]:
-        """Add ``task_id`` to the next group; the future is done once the group is written."""
+    def record(self, task_id: str) -> None:
+        """Add ``task_id`` to the next group (written within :data:`FLUSH_S`, never awaited)."""
         self._batch.append((task_id, time.time()))
-        if self._done is None:
-            loop = asyncio.get_running_loop()
-            self._done = loop.create_future()
-            loop.call_soon(lambda: asyncio.ensure_future(self._write()))
-        return self._done
+        if len(self._batch) >= FLUSH_AT:
+            self._flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(FLUSH_S, self._flush)
 
-    async def _write(self) -> None:
+    def _flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         batch, self._batch = self._batch, []
-        done, self._done = self._done, None
+        if batch:
+            task = asyncio.ensure_future(self._write(batch))
+            self._writes.add(task)
+            task.add_done_callback(self._writes.discard)
+
+    async def _write(self, batch: list[tuple[str, float]]) -> None:
         try:
             await self.backend.record_submitted(batch)
         except HeddleError as exc:
             log.warning("%d sent tasks are not in the audit (%s); their messages are safe in JetStream",
                         len(batch), exc)
-        finally:
-            # Never hold a send back: the audit is a record, not a condition of sending.
-            if done is not None and not done.done():
-                done.set_result(None)
+
+    async def close(self) -> None:
+        """Write what is left (on close)."""
+        self._flush()
+        if self._writes:
+            await asyncio.gather(*list(self._writes), return_exceptions=True)
 
 
 async def unfinished(backend: ResultBackend, older_than_s: float, limit: int = 100) -> AuditReport:

@@ -108,6 +108,7 @@ class Connections:
 
     async def close(self) -> None:
         """Close both connections."""
+        await self.submissions.close()
         await self.watches.close()
         await self.backend.close()
         await self.broker.close()

@@ -114,7 +114,7 @@ async def replay(app: Heddle, seq: int, by: str | None = None) -> str:
     if dl.task_id:
         # The stored FAILURE would make the worker skip the task as already finished.
         await conns.backend.forget(dl.task_id)
-        await conns.submissions.record(dl.task_id)  # pending again: audited until final
+        conns.submissions.record(dl.task_id)  # pending again: audited until final
     await conns.broker.publish(names.INCOMING_SUBJECT, dl.data, headers)
     await conns.backend.set_once(marker, f"by {who} at {when}", app.settings.dlq_max_age_s)
     return f"replayed dead letter {seq} (task {dl.task_id or '?'}) by {who} at {when}"

@@ -184,9 +184,10 @@ async def publish(app: Client, result: AsyncResult[Any], subject: str, payload: 
     await conns.ensure_streams()
     watch = await conns.watch(result.id)
     result.watch_from(watch, asyncio.get_running_loop())
-    audited = conns.submissions.record(result.id)  # written while the message is published
+    # Recorded in the background, with the other sends of this turn of the loop: the
+    # audit never holds a send back (heddle.audit says what that trades).
+    conns.submissions.record(result.id)
     ack = await conns.broker.publish(subject, payload, headers)
-    await audited
     # A new message always ends in a notice (a worker that finds the result
     # already stored sends the stored one again), so waiting needs no Valkey
     # read unless the notice is lost (heddle.notices covers that); a duplicate
