@@ -185,7 +185,9 @@ def test_readyz_fails_while_nats_or_valkey_is_down_and_recovers_when_they_return
 
     fresh_servers.nats.stop()
     wait_for(lambda: status(port, "/readyz") == 503, 20, "/readyz to fail without nats-server")
-    assert f"NATS: not connected to {fresh_servers.nats_url}" in problems(port, "/readyz")
+    said = problems(port, "/readyz")
+    # What is wrong, never where the servers are: /readyz is for anyone who can reach the port.
+    assert "NATS: not connected to the server" in said and "nats://" not in said
     out = healthcheck("--ready", "--port", str(port))
     assert out.returncode == 1 and "NATS: not connected" in out.stderr
     # A broker outage is no reason to restart the worker: it stays live.

@@ -37,6 +37,7 @@ import contextlib
 import http.client
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -71,6 +72,10 @@ class HealthTarget(Protocol):
 
     @property
     def last_tick(self) -> float: ...
+
+
+# Any URL-like token: scheme://anything up to a space, quote or closing bracket.
+_URL = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s'\")\]]+")
 
 
 def redact(url: str) -> str:
@@ -279,8 +284,10 @@ class HealthServer:
 
     @staticmethod
     def _verdict(problems: list[str], ok: str, extra: dict[str, Any] | None = None) -> tuple[int, str, bytes]:
-        # Every message is redacted where it is made; this is the last line of defence.
-        doc = {"status": "fail" if problems else ok, "problems": [redact(p) for p in problems], **(extra or {})}
+        # A probe says what is wrong, not where the servers are (the logs do): anyone who
+        # can reach the health port reads this, so no URL, redacted or not, goes out.
+        doc = {"status": "fail" if problems else ok, "problems": [_URL.sub("the server", p) for p in problems],
+               **(extra or {})}
         return (503 if problems else 200), _JSON, (json.dumps(doc) + "\n").encode()
 
     # -- the checks --------------------------------------------------------------------
