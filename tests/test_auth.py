@@ -480,3 +480,18 @@ def test_the_health_server_listens_only_on_heddle_health_host(monkeypatch):
 
     host, on_host, elsewhere = asyncio.run(main())
     assert (host, on_host, elsewhere) == ("127.0.0.2", True, False)
+
+
+def test_heddle_healthcheck_probes_the_address_heddle_health_host_names(monkeypatch):
+    monkeypatch.setenv("HEDDLE_HEALTH_HOST", "127.0.0.2")
+    loop = asyncio.new_event_loop()
+    server = loop.run_until_complete(start_health_server([_Idle()], Settings.load(health_port=0)))
+    assert server is not None
+    try:
+        env = {k: v for k, v in os.environ.items() if k != "HEDDLE_HEALTH_PORT"}
+        out = subprocess.run([sys.executable, "-m", "heddle", "healthcheck", "--port", str(server.port)],
+                             env=env, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stdout + out.stderr
+    finally:
+        loop.run_until_complete(server.stop())
+        loop.close()

@@ -99,3 +99,10 @@ def test_heddle_dev_runs_servers_and_a_worker_and_stops_on_ctrl_c(tmp_path):
         code = proc.wait(30)
     assert code == 0, log.read_text()
     assert "heddle dev: stopped" in log.read_text()
+
+
+def test_heddle_version_prints_the_version():
+    from heddle.version import __version__
+
+    out = subprocess.run([sys.executable, "-m", "heddle", "--version"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == f"heddle {__version__}", out.stdout + out.stderr

@@ -119,7 +119,8 @@ def test_an_unencodable_argument_raises_encode_error_naming_it():
 
     with pytest.raises(heddle.EncodeError, match=r"argument 'data' of task .*store.* \(Opaque\)"):
         store.delay("a", data=Opaque())
-    with pytest.raises(heddle.EncodeError, match=r"argument 1 of task .*store.* \(object\)"):
+    # Positional too: the parameter's name, not its index.
+    with pytest.raises(heddle.EncodeError, match=r"argument 'data' of task .*store.* \(object\)"):
         store.apply_async(("a", object()))
 
 

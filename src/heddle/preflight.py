@@ -185,8 +185,9 @@ async def check_nats(settings: Settings, timeout_s: float | None = None) -> list
                     shown,
                     False,
                     f"{server} answers, but {detail}",
-                    "check the user and password (or token) in NATS_URL, nats://user:password@host:4222 "
-                    "(percent-encode @ : / in them), against the server's authorization config",
+                    "check the credentials against the server's authorization config: NATS_USER and "
+                    "NATS_PASSWORD, NATS_TOKEN, NATS_NKEY or NATS_CREDS, or nats://user:password@host:4222 "
+                    "in NATS_URL (percent-encode @ : / there)",
                 )
             ]
         low = detail.lower()
@@ -228,8 +229,8 @@ async def check_valkey(settings: Settings, timeout_s: float | None = None) -> Ch
         detail = redact(str(exc), url) or f"no answer from {shown} within {timeout_s * 2:g}s"
         low = detail.lower()
         fix = (
-            "check the user and password in VALKEY_URL (valkey://user:password@host:6379/0, or "
-            "valkey://:password@host:6379/0 for requirepass) against the server's requirepass or ACL users"
+            "check VALKEY_USERNAME and VALKEY_PASSWORD (or valkey://user:password@host:6379/0 in VALKEY_URL, "
+            "valkey://:password@... for requirepass) against the server's requirepass or ACL users"
             if "auth" in low or "wrongpass" in low or "password" in low
             else "check that VALKEY_URL points at a writable valkey-server (a primary, not a replica)"
         )

@@ -11,6 +11,7 @@ import asyncio
 import difflib
 import time
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -44,14 +45,17 @@ def unknown_options_error(kind: str, given: set[str], known: frozenset[str], whe
     )
 
 
-def encode_args(task: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
-    """Check encodability and name the first argument that fails."""
+def encode_args(
+    task: str, args: tuple[Any, ...], kwargs: dict[str, Any], arg_names: Sequence[str] = ()
+) -> tuple[list[Any], dict[str, Any]]:
+    """Check encodability and name the first argument that fails (by parameter name when known)."""
     for i, a in enumerate(args):
         try:
             encoder.encode(a)
         except (TypeError, msgspec.EncodeError, OverflowError) as exc:
+            which = f"argument {arg_names[i]!r}" if i < len(arg_names) else f"argument {i}"
             raise EncodeError(
-                f"argument {i} of task {task!r} ({type(a).__name__}) cannot be sent: {exc}. "
+                f"{which} of task {task!r} ({type(a).__name__}) cannot be sent: {exc}. "
                 f"Pass plain data (str, int, float, bool, None, list, dict, datetime, "
                 f"msgspec.Struct, dataclass); never objects that need pickle"
             ) from None
@@ -112,8 +116,12 @@ def send(
     headers: dict[str, str] | None = None,
     tier: str | None = None,
     worker_type: str | None = None,
+    arg_names: Sequence[str] = (),
 ) -> AsyncResult[Any]:
-    """Encode and send one task message; the single path every caller goes through."""
+    """Encode and send one task message; the single path every caller goes through.
+
+    ``arg_names`` are the task's positional parameter names, for errors that name them.
+    """
     if tier is not None and tier not in names.TIERS:
         raise TypeError(f"tier must be one of {', '.join(names.TIERS)}, got {tier!r}")
     if task_id is not None:
@@ -121,7 +129,7 @@ def send(
     hdrs = dict(headers or {})
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in hdrs.items()):
         raise TypeError("headers must map str to str")
-    enc_args, enc_kwargs = encode_args(name, args, kwargs)
+    enc_args, enc_kwargs = encode_args(name, args, kwargs, arg_names)
     tid = task_id or new_task_id()
     msg = TaskMessage(
         id=tid,

@@ -157,6 +157,11 @@ class Task(Generic[P, R]):
             self.signature = inspect.signature(fn, eval_str=True)
         except Exception:  # annotations naming things not importable here: keep them as text
             self.signature = inspect.signature(fn)
+        # Positional parameter names, for errors that name the argument that failed.
+        self._positional = tuple(
+            p.name for p in self.signature.parameters.values()
+            if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        )
         self._app = app
         self._shared = app is None
         self.__doc__ = fn.__doc__
@@ -260,6 +265,7 @@ class Task(Generic[P, R]):
             task_id=task_id,
             headers=headers,
             tier=tier or self.options.tier,
+            arg_names=self._positional,
         )
 
     async def aapply_async(self, *a: Any, **kw: Any) -> AsyncResult[R]:

@@ -212,14 +212,17 @@ def _run_healthcheck(args: argparse.Namespace) -> int:
     from heddle.settings import Settings
 
     try:
-        port = args.port if args.port is not None else Settings.load().health_port
+        settings = Settings.load()
     except ConfigError as exc:
         print(f"unhealthy: {exc}", file=sys.stderr)
         return 1
+    port = args.port if args.port is not None else settings.health_port
+    # The server listens on HEDDLE_HEALTH_HOST; a wildcard address is reached on loopback.
+    host = args.host or (settings.health_host if settings.health_host not in ("0.0.0.0", "::", "") else "127.0.0.1")
     if port is None:
         print("unhealthy: no health port; pass --port or set HEDDLE_HEALTH_PORT", file=sys.stderr)
         return 1
-    ok, said = probe(port, ready=args.ready, host=args.host, timeout_s=args.timeout)
+    ok, said = probe(port, ready=args.ready, host=host, timeout_s=args.timeout)
     print(f"{'ok' if ok else 'unhealthy'}: {said}", file=sys.stdout if ok else sys.stderr)
     return 0 if ok else 1
 
@@ -241,8 +244,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``heddle`` command."""
     argv = list(sys.argv[1:] if argv is None else argv)
     from heddle.cli.llm import add_llm_commands, add_worker_source_args
+    from heddle.version import __version__
 
     parser = argparse.ArgumentParser(prog="heddle", description="Heddle task queue.")
+    parser.add_argument("--version", action="version", version=f"heddle {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     w = sub.add_parser("worker", help="run a worker for an app's tasks")
     _add_worker_args(w)
@@ -264,7 +269,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     hc = sub.add_parser("healthcheck", help="exit 0 if this host's actor process is live (or --ready), else 1")
     hc.add_argument("--ready", action="store_true", help="check /readyz instead of /healthz")
     hc.add_argument("--port", type=port_number, default=None, help="health port (default $HEDDLE_HEALTH_PORT)")
-    hc.add_argument("--host", default="127.0.0.1", help="health server address (default 127.0.0.1)")
+    hc.add_argument("--host", default=None,
+                    help="health server address (default $HEDDLE_HEALTH_HOST, or 127.0.0.1 when it listens on all)")
     hc.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer (default 3)")
     pf = sub.add_parser("preflight", help="check NATS, JetStream and Valkey from here, then exit")
     pf.add_argument("--no-valkey", action="store_true", help="check only NATS and JetStream")
