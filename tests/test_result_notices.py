@@ -111,3 +111,19 @@ def test_task_ids_that_cannot_be_subject_tokens_are_refused_before_anything_is_s
 
 def test_an_id_with_dots_between_tokens_is_a_valid_task_id(heddle_app):
     assert heddle_app.AsyncResult("goal-1:0.2~1").id == "goal-1:0.2~1"
+
+
+async def test_a_watch_released_under_a_waiting_handle_does_not_end_its_wait(fresh_servers):
+    app = _app(fresh_servers)
+    try:
+        r = app.send_task("nobody.runs_this", (1,), worker_type="nobody")
+        await r.sent()
+        waiting = asyncio.ensure_future(r.aget(timeout=T))
+        conns = await app.connections()
+        while (w := conns.watches.get(r.id)) is None or not w.waiting:
+            await asyncio.sleep(0.01)  # until the handle waits on the watch
+        conns.release_watch(r.id)  # what a Workshop page does with a task it follows by events
+        await _store(fresh_servers, r.id, 44)
+        assert await waiting == 44
+    finally:
+        await app.aclose()

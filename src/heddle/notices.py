@@ -171,6 +171,19 @@ class Watches:
             w: The watch made when the task was sent (on this loop), if any.
             timeout_s: Seconds to wait; None waits forever.
         """
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            record, ended = await self._wait_once(task_id, w, deadline)
+            if record is not None or ended:
+                return record
+            # The watch was cancelled under us (released or evicted while another
+            # waiter used it): watch again, with a read, for the time that is left.
+            w = None
+
+    async def _wait_once(
+        self, task_id: str, w: Watch | None, deadline: float | None
+    ) -> tuple[ResultRecord | None, bool]:
+        """One wait on one watch: ``(record, ended)``; ``ended`` is False if the watch was cancelled."""
         if w is None or (w.done.done() and w.done.cancelled()) or (
             not w.done.done() and self._open.get(task_id) is not w
         ):
@@ -194,9 +207,13 @@ class Watches:
                     # The connection was open a moment ago; the sweeper reads again.
                     log.warning("cannot read the result of task %s yet (%s); waiting for its notice", task_id, exc)
             if not w.done.done():
+                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
                 # asyncio.wait leaves the future alone on timeout (wait_for would cancel it).
-                await asyncio.wait((w.done,), timeout=timeout_s)
-            return w.done.result() if w.done.done() and not w.done.cancelled() else None
+                await asyncio.wait((w.done,), timeout=remaining)
+            if w.done.done() and not w.done.cancelled():
+                return w.done.result(), True
+            timed_out = deadline is not None and time.monotonic() >= deadline
+            return None, timed_out or not w.done.cancelled()
         finally:
             w.waiting -= 1
 
