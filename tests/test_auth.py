@@ -484,8 +484,10 @@ def test_the_health_server_listens_only_on_heddle_health_host(monkeypatch):
 
 def test_heddle_healthcheck_probes_the_address_heddle_health_host_names(monkeypatch):
     monkeypatch.setenv("HEDDLE_HEALTH_HOST", "127.0.0.2")
+    actor = _Idle()
+    actor.last_tick = time.monotonic()  # live now (the class's tick is from import time)
     loop = asyncio.new_event_loop()
-    server = loop.run_until_complete(start_health_server([_Idle()], Settings.load(health_port=0)))
+    server = loop.run_until_complete(start_health_server([actor], Settings.load(health_port=0)))
     assert server is not None
     try:
         env = {k: v for k, v in os.environ.items() if k != "HEDDLE_HEALTH_PORT"}

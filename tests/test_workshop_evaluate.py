@@ -74,6 +74,12 @@ def start(client: httpx.Client, ws: Workshop, suite: dict[str, Any] | str, **for
     return int(r.headers["location"].rsplit("/", 1)[1])
 
 
+def aimed(suite: dict[str, Any], app: Heddle) -> dict[str, Any]:
+    """``suite`` aimed at ``app``'s own task by its full name: the session's servers may have
+    other apps' workers with a task of the same short name alive (an ambiguous target is refused)."""
+    return {**suite, "target": task_name(app, suite["target"])}
+
+
 def finished(client: httpx.Client, run_id: int) -> str:
     wait_for(lambda: 'data-state="finished"' in client.get(f"/fragments/eval-run/{run_id}").text, 30,
              f"run {run_id} to finish")
@@ -231,12 +237,12 @@ def test_a_python_task_suite_runs_through_a_real_worker_and_is_kept_across_resta
     db = tmp_path / "evals.sqlite3"
     with evaluating(heddle_servers, db) as (ws, client):
         offered(client, shop, "add")
-        run_id = start(client, ws, SUMS)
+        run_id = start(client, ws, aimed(SUMS, shop))
         page = finished(client, run_id)
         assert "3 of 3 cases done" in page and "2 of 3 passed" in page and ">0.67<" in page
         assert "case-pass" in row(page, "two and three") and "case-fail" in row(page, "deliberately wrong")
-        failed = start(client, ws, {"name": "errors", "target": "boom", "cases": [
-            {"name": "explodes", "input": ["x"], "expected": {"ok": True}}]})
+        failed = start(client, ws, aimed({"name": "errors", "target": "boom", "cases": [
+            {"name": "explodes", "input": ["x"], "expected": {"ok": True}}]}, shop))
         page = finished(client, failed)
         assert "builtins.ValueError: bad input x" in row(page, "explodes") and "✗ ok: missing" in page
     store = EvalStore(db)
@@ -305,8 +311,8 @@ def test_the_compare_page_shows_both_runs_and_marks_improved_and_regressed_cases
     ]}
     with evaluating(heddle_servers, tmp_path / "e.sqlite3") as (ws, client):
         offered(client, shop, "add")
-        a = start(client, ws, before)
-        b = start(client, ws, after)
+        a = start(client, ws, aimed(before, shop))
+        b = start(client, ws, aimed(after, shop))
         finished(client, a)
         finished(client, b)
         listing = client.get("/evaluate").text
@@ -419,7 +425,7 @@ def test_every_evaluate_page_sends_the_content_security_policy(
 ) -> None:
     with evaluating(heddle_servers, tmp_path / "e.sqlite3") as (ws, client):
         offered(client, shop, "add")
-        run_id = start(client, ws, SUMS)
+        run_id = start(client, ws, aimed(SUMS, shop))
         finished(client, run_id)
         for path in ("/evaluate", f"/evaluate/runs/{run_id}", f"/fragments/eval-run/{run_id}",
                      f"/evaluate/compare?a={run_id}&b={run_id}", "/static/evaluate.css"):
