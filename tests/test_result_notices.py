@@ -78,9 +78,11 @@ async def test_junk_and_another_tasks_record_on_a_result_subject_are_ignored(fre
         waiting = asyncio.ensure_future(r.aget(timeout=T))
         forged = encode_record(ResultRecord(id="someone-else", state=SUCCESS, task="t", result=666))
         not_final = encode_record(ResultRecord(id=r.id, state="STARTED", task="t"))
-        await _publish(fresh_servers, names.result_subject(r.id), b"\xc1junk", forged, not_final)
+        # On the subject the sender follows (its connection's notice token).
+        subject = names.notice_subject((await app.connections()).notice_token, r.id)
+        await _publish(fresh_servers, subject, b"\xc1junk", forged, not_final)
         real = await _store(fresh_servers, r.id, 43)
-        await _publish(fresh_servers, names.result_subject(r.id), real)
+        await _publish(fresh_servers, subject, real)
         assert await waiting == 43
     finally:
         await app.aclose()

@@ -152,7 +152,8 @@ async def refused_publish(bus: Bus, role: str, subject: str, listener: str, capl
 
 
 def test_a_client_cannot_publish_a_result_notice(bus, caplog):
-    asyncio.run(refused_publish(bus, "client", names.result_subject(uuid.uuid4().hex), "orchestrator", caplog))
+    forged = names.notice_subject(names.NO_SENDER, uuid.uuid4().hex)
+    asyncio.run(refused_publish(bus, "client", forged, "orchestrator", caplog))
 
 
 def test_a_client_cannot_publish_events(bus, caplog):
@@ -202,7 +203,7 @@ def test_a_client_cannot_subscribe_to_all_results(bus, caplog):
             await spy.subscribe(f"{names.RESULT_SUBJECT_PREFIX}>", cb=seen)
             await spy.subscribe(f"{names.RESULT_SUBJECT_PREFIX}*", cb=seen)
             await spy.flush()
-            await worker.publish_core(names.result_subject(uuid.uuid4().hex), b"a result")
+            await worker.publish_core(names.notice_subject(names.NO_SENDER, uuid.uuid4().hex), b"a result")
             await worker.flush()
             await until(lambda: refused(caplog, "subscription", "heddle.results.>")
                         and refused(caplog, "subscription", "heddle.results.*"), "both subscriptions refused")
@@ -396,7 +397,7 @@ def test_heddle_auth_nats_with_nkeys_puts_only_public_keys_in_the_include_and_ke
             try:
                 await broker.account_info()
                 if role == "client":
-                    subject = names.result_subject(uuid.uuid4().hex)
+                    subject = names.notice_subject(names.NO_SENDER, uuid.uuid4().hex)
                     await broker.publish_core(subject, b"forged")
                     await broker.flush()
                     await until(lambda s=subject: refused(caplog, "publish", s), "the forged notice refused")

@@ -6,7 +6,6 @@ nats-py exceptions are translated to :mod:`heddle.errors` here and nowhere else.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import re
@@ -24,6 +23,7 @@ from nats.js import JetStreamContext, api
 
 from heddle import names
 from heddle.errors import BrokerError, BrokerUnavailable, ConfigError, MessageTooLarge
+from heddle.pubacks import PubAcks, PublishAck
 from heddle.redact import redact
 from heddle.settings import Settings, nats_server_urls, readable_file, server_endpoint
 
@@ -39,8 +39,6 @@ _MAX_PENDING_PUBLISHES = 8192
 # 64 KiB of headers, so a payload this far below max_payload always fits.
 _HEADERS_ROOM = 65 * 1024
 _NATS_HDR_LINE = b"NATS/1.0\r\n"
-# How often unacknowledged publishes are checked against their deadline.
-_ACK_SWEEP_S = 0.5
 
 
 def translate(exc: BaseException, url: str, doing: str, refused: BaseException | None = None) -> BrokerError:
@@ -53,6 +51,8 @@ def translate(exc: BaseException, url: str, doing: str, refused: BaseException |
         refused: The error the server sent before ``exc`` (nats-py reports a
             refused login on the error callback, then raises NoServersError).
     """
+    if type(exc) is BrokerError:
+        return BrokerError(f"{exc}, while {doing}")  # said by heddle.pubacks, without the subject
     shown = redact(url)
     if refused is not None or _refused_credentials(exc):
         said = redact(str(refused or exc), url)
@@ -195,11 +195,10 @@ class Broker:
         self.lost: str | None = None
         self.lost_event = asyncio.Event()
         self._closing = False
-        self._acks: collections.deque[tuple[float, asyncio.Future[Any]]] = collections.deque()
+        self._pubacks = PubAcks(_MAX_PENDING_PUBLISHES)
         # Keeps a dead letter's payload elsewhere when it is too large to copy with its
         # headers; returns where (Connections sets it to the result store's).
         self.spill: Callable[[bytes], Awaitable[str]] | None = None
-        self._ack_sweeper: asyncio.Task[None] | None = None
 
     @property
     def url(self) -> str:
@@ -365,18 +364,14 @@ class Broker:
         # Once connected, reconnect forever: a restarted nats-server must never
         # leave a worker silently disconnected.
         self.nc.options["max_reconnect_attempts"] = -1
-        self.js = self.nc.jetstream(
-            timeout=self.settings.connect_timeout_s,
-            publish_async_max_pending=_MAX_PENDING_PUBLISHES,
-        )
+        self.js = self.nc.jetstream(timeout=self.settings.connect_timeout_s)
+        await self._pubacks.start(self.nc)
 
     async def close(self) -> None:
         """Flush pending publishes and close the connection."""
         nc, self.nc = self.nc, None
         self._closing = True
-        if self._ack_sweeper is not None:
-            self._ack_sweeper.cancel()
-            self._ack_sweeper = None
+        self._pubacks.close()
         if nc is None or nc.is_closed:
             return
         with contextlib.suppress(Exception):
@@ -498,44 +493,25 @@ class Broker:
 
     async def publish(
         self, subject: str, payload: bytes, headers: dict[str, str], timeout_s: float = 5.0
-    ) -> api.PubAck:
+    ) -> PublishAck:
         """Publish to JetStream and wait for the stream's ack (pipelined with other publishes)."""
         fut = await self.publish_start(subject, payload, headers, timeout_s)
         try:
-            ack: api.PubAck = await fut
-            return ack
+            return await fut
         except Exception as exc:
             raise translate(exc, self.url, f"publishing to {subject}") from exc
 
     async def publish_start(
         self, subject: str, payload: bytes, headers: dict[str, str], timeout_s: float = 5.0
-    ) -> asyncio.Future[Any]:
+    ) -> asyncio.Future[PublishAck]:
         """Publish to JetStream; return the future of the stream's ack (failed after ``timeout_s``)."""
-        js = self._js()
+        if self.nc is None:
+            raise BrokerError("broker is not connected; call connect() first")
         self.check_size(subject, payload, headers)
         try:
-            # nats-py wraps its semaphore acquire in asyncio.wait_for (a Task per call)
-            # whenever wait_stall is set: only set it when the pipeline is actually full.
-            stall = timeout_s if js.publish_async_pending() >= _MAX_PENDING_PUBLISHES else None
-            fut = await js.publish_async(subject, payload, headers=headers, wait_stall=stall)
+            return await self._pubacks.publish(self.nc, subject, payload, headers, timeout_s)
         except Exception as exc:
             raise translate(exc, self.url, f"publishing to {subject}") from exc
-        # One sweeper for every ack instead of a timer handle per message: deadlines
-        # are appended in order, so the expired ones are always at the left.
-        self._acks.append((time.monotonic() + timeout_s, fut))
-        if self._ack_sweeper is None:
-            self._ack_sweeper = asyncio.get_running_loop().create_task(self._sweep_acks())
-        return fut
-
-    async def _sweep_acks(self) -> None:
-        acks = self._acks
-        while True:
-            await asyncio.sleep(_ACK_SWEEP_S)
-            now = time.monotonic()
-            while acks and (acks[0][1].done() or acks[0][0] <= now):
-                _, fut = acks.popleft()
-                if not fut.done():
-                    fut.set_exception(TimeoutError())
 
     def translate_error(self, exc: BaseException, doing: str) -> BrokerError:
         """Translate a nats-py exception raised outside this module's calls."""
@@ -617,33 +593,27 @@ class Broker:
 
     async def publish_many(
         self, messages: Sequence[tuple[str, bytes, dict[str, str]]], timeout_s: float = 10.0
-    ) -> list[Any]:
+    ) -> list[PublishAck | BaseException]:
         """Publish to JetStream, pipelined, and wait for every ack at once (the router's batch).
 
         Returns, per message in order, the stream's ack or the exception (never raises
-        for one message: the caller decides what a failed one means). One deadline for
-        the whole batch: a wait per message costs a Task, a waiter and a timer each.
+        for one message: the caller decides what a failed one means).
         """
-        js = self._js()
-        futures: list[asyncio.Future[Any]] = []
+        futures: list[asyncio.Future[PublishAck]] = []
         loop = asyncio.get_running_loop()
         for subject, payload, headers in messages:
             try:
-                futures.append(await js.publish_async(subject, payload, headers=headers))
-            except Exception as exc:
-                failed: asyncio.Future[Any] = loop.create_future()
-                failed.set_exception(translate(exc, self.url, f"publishing to {subject}"))
+                futures.append(await self.publish_start(subject, payload, headers, timeout_s))
+            except BrokerError as exc:
+                failed: asyncio.Future[PublishAck] = loop.create_future()
+                failed.set_exception(exc)
                 futures.append(failed)
         if futures:
-            _, pending = await asyncio.wait(futures, timeout=timeout_s)
-            for f in pending:
-                f.cancel()
-        out: list[Any] = []
+            await asyncio.wait(futures)
+        out: list[PublishAck | BaseException] = []
         for (subject, _, _), f in zip(messages, futures, strict=True):
-            if f.cancelled():
-                out.append(BrokerError(f"no ack from JetStream within {timeout_s:g}s for {subject}"))
-            else:
-                out.append(f.exception() or f.result())
+            failure = f.exception()
+            out.append(f.result() if failure is None else translate(failure, self.url, f"publishing to {subject}"))
         return out
 
     async def stream_info(self, stream: str, subjects_filter: str | None = None) -> api.StreamInfo:

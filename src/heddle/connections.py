@@ -64,33 +64,48 @@ class Connections:
             self._streams_ready = True
 
     async def watch(self, task_id: str) -> Watch:
-        """Subscribe to a task's result notice before its message is published."""
+        """Subscribe to the result notice of a task sent elsewhere."""
         return await self.watches.watch(task_id)
+
+    async def expect(self, task_id: str) -> Watch:
+        """Watch the result of a task this connection sends with ``Heddle-Notify: {notice_token}``."""
+        return await self.watches.expect(task_id)
+
+    @property
+    def notice_token(self) -> str:
+        """The ``Heddle-Notify`` token of this connection's sends."""
+        return self.watches.token
 
     def release_watch(self, task_id: str) -> None:
         """Stop watching a task's result notice (its result is read some other way)."""
         self.watches.release(task_id)
 
-    async def store_final(self, record: ResultRecord) -> bool:
+    async def store_final(self, record: ResultRecord, sender: str = names.NO_SENDER) -> bool:
         """Store a final (or RETRY) record unless a final one is there, then announce it.
 
         The one path for every actor that ends a task: worker, router, orchestrator,
-        revoke. Returns False (and announces nothing) if a final state was stored first.
+        revoke. ``sender`` is the notice token of the task's message
+        (:func:`heddle.names.sender_of`). Returns False (and announces nothing) if a
+        final state was stored first.
         """
         data = encode_record(record)
         if not await self.backend.store(StoreRequest(record.id, record.state, data)):
             return False
-        await self.notify(record.id, data)
+        await self.notify(record.id, data, sender)
         return True
 
-    async def notify(self, task_id: str, record: bytes) -> None:
+    async def notify(self, task_id: str, record: bytes, sender: str = names.NO_SENDER) -> None:
         """Announce a stored final record to whoever waits on it (heddle.notices).
+
+        ``sender`` is the notice token the task was sent with (its connection follows
+        ``heddle.results.{sender}.*``); handles on tasks sent elsewhere follow
+        ``heddle.results.*.{id}``, so one notice reaches both.
 
         A record too large for one NATS message is announced empty: waiters read the
         store. Never raises: the record is stored, and waiters re-read the store when a
         notice is lost, so a failed notice costs latency, not the result.
         """
-        subject = names.result_subject(task_id)
+        subject = names.notice_subject(sender, task_id)
         try:
             if len(record) + 1024 > self.broker.max_payload:
                 record = b""
@@ -102,7 +117,9 @@ class Connections:
     async def revoke(self, task_id: str, task_name: str = "") -> None:
         """Store REVOKED (a pending task never runs) and tell workers (a running one is cancelled)."""
         now = time.time()
-        await self.store_final(ResultRecord(id=task_id, state=REVOKED, task=task_name, finished_at=now))
+        # A task this connection sent is announced on its own notice subscription.
+        sender = self.watches.token if self.watches.get(task_id) is not None else names.NO_SENDER
+        await self.store_final(ResultRecord(id=task_id, state=REVOKED, task=task_name, finished_at=now), sender)
         await self.broker.publish_core(names.REVOKE_SUBJECT, encoder.encode(RevokeNotice(id=task_id)))
         await self.broker.flush()
 

@@ -101,9 +101,35 @@ def result_key(task_id: str) -> str:
     return f"{RESULT_KEY_PREFIX}{task_id}"
 
 
-def result_subject(task_id: str) -> str:
+# A task's result notice goes to ``heddle.results.{sender}.{task_id}``: ``sender`` is the
+# token the sending connection put in ``Heddle-Notify`` (it follows every notice of its
+# own sends with one subscription, ``heddle.results.{sender}.*``), or NO_SENDER ("_")
+# when the message named none. A handle on someone else's task subscribes to
+# ``heddle.results.*.{task_id}``.
+NO_SENDER = "_"
+_SENDER_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
+_MAX_SENDER = 64
+
+
+def notice_subject(sender: str, task_id: str) -> str:
     """Core NATS subject a task's final result notice is published on."""
-    return f"{RESULT_SUBJECT_PREFIX}{task_id}"
+    return f"{RESULT_SUBJECT_PREFIX}{sender}.{task_id}"
+
+
+def result_subject(task_id: str) -> str:
+    """The subscription that takes a task's result notice, whoever sent the task."""
+    return f"{RESULT_SUBJECT_PREFIX}*.{task_id}"
+
+
+def sender_of(headers: dict[str, str] | None) -> str:
+    """The notice token a task message's ``Heddle-Notify`` header names, if it can be one; else "_".
+
+    Anyone on the bus can set the header, so only a plain subject token is taken.
+    """
+    token = headers.get(HDR_NOTIFY, "") if headers else ""
+    if token and len(token) <= _MAX_SENDER and _SENDER_CHARS.issuperset(token):
+        return token
+    return NO_SENDER
 
 # JetStream KV bucket of live workers (heartbeats with a TTL).
 WORKERS_BUCKET = "heddle_workers"
@@ -111,6 +137,8 @@ WORKERS_BUCKET = "heddle_workers"
 # Router.
 ROUTER_CONSUMER = "heddle-router"
 HDR_TIER_REQUESTED = "Heddle-Tier-Requested"
+# The sending connection's result-notice token (names.notice_subject).
+HDR_NOTIFY = "Heddle-Notify"
 HDR_ROUTE_REASON = "Heddle-Route-Reason"
 HDR_REPLAYED_BY = "Heddle-Replayed-By"
 HDR_REPLAYED_AT = "Heddle-Replayed-At"

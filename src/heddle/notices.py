@@ -1,7 +1,11 @@
 """Waiting for results: result-notice subscriptions, backed by the stored record.
 
 A worker stores a task's final record in Valkey, then publishes it as a notice on
-core NATS (``heddle.results.{id}``). The notice is only a wake-up call: core NATS
+core NATS, ``heddle.results.{sender}.{id}`` (:func:`heddle.names.notice_subject`):
+the sending connection's token rides in the task's ``Heddle-Notify`` header, and
+the connection takes the notices of all its sends with one subscription,
+``heddle.results.{token}.*`` (no subscription per task). A handle on a task sent
+elsewhere subscribes to ``heddle.results.*.{id}``. The notice is only a wake-up call: core NATS
 keeps nothing, so a notice published while this client is disconnected, or before
 its subscriptions are re-registered after a reconnect (a worker that reconnects
 first flushes its buffered notices into a server that does not know our
@@ -30,6 +34,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
@@ -85,6 +90,11 @@ class Watches:
         self._open: OrderedDict[str, Watch] = OrderedDict()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sweeper: asyncio.Task[None] | None = None
+        #: This connection's notice token: tasks sent with it in ``Heddle-Notify`` are
+        #: announced on ``heddle.results.{token}.{id}``.
+        self.token = uuid.uuid4().hex[:16]
+        self._mux: Any = None
+        self._mux_prefix = f"{names.RESULT_SUBJECT_PREFIX}{self.token}."
         broker.on_reconnect(self._on_reconnect)
 
     def __len__(self) -> int:
@@ -95,7 +105,7 @@ class Watches:
         return self._open.get(task_id)
 
     async def watch(self, task_id: str) -> Watch:
-        """The task's open watch, or a new one subscribed to its notice."""
+        """The task's open watch, or a new one subscribed to its notice (whoever sent the task)."""
         w = self._open.get(task_id)
         if w is not None and not w.done.done():
             return w
@@ -104,6 +114,40 @@ class Watches:
         await self._subscribe(w)
         await self._evict()
         return w
+
+    async def expect(self, task_id: str) -> Watch:
+        """A watch for a task this connection is about to send with ``Heddle-Notify: {token}``.
+
+        Its notice comes in on the connection's one notice subscription, made here
+        the first time (before the task's publish on the same connection, so the
+        server knows it before any worker can answer).
+        """
+        w = self._open.get(task_id)
+        if w is not None and not w.done.done():
+            return w
+        if self._mux is None:
+            self._mux = await self.broker.subscribe(self._mux_prefix + "*", cb=self._on_mux)
+        w = Watch(task_id, asyncio.get_running_loop().create_future())
+        self._open[task_id] = w
+        if len(self._open) > self.max_watches:
+            await self._evict()
+        return w
+
+    async def _on_mux(self, msg: Any) -> None:
+        w = self._open.get(msg.subject[len(self._mux_prefix):])
+        if w is None or w.done.done():
+            return
+        data = msg.data
+        if not data:
+            # An empty notice: the record was too large to announce; it is in the store.
+            self._spawn(self._read_all("after an empty notice", [w]))
+            return
+        record = _valid_record(w.task_id, data)
+        if record is not None:
+            self._settle(w, record)
+            return
+        log.warning("ignored a result notice for task %s that is not its final record (%d bytes)",
+                    w.task_id, len(data))
 
     async def _subscribe(self, w: Watch) -> None:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -243,8 +287,8 @@ class Watches:
         # nats-py has re-registered every subscription before calling this.
         self._spawn(self._read_all("after a reconnect"))
 
-    async def _read_all(self, why: str) -> None:
-        watches = [w for w in self._open.values() if not w.done.done()]
+    async def _read_all(self, why: str, some: list[Watch] | None = None) -> None:
+        watches = [w for w in (self._open.values() if some is None else some) if not w.done.done()]
         if not watches:
             return
         try:
@@ -279,6 +323,7 @@ class Watches:
 
     async def close(self) -> None:
         """Cancel every watch and the background work."""
+        self._mux = None
         for w in self._open.values():
             if not w.done.done():
                 w.done.cancel()

@@ -190,7 +190,8 @@ async def publish(app: Client, result: AsyncResult[Any], subject: str, payload: 
     """Watch the result, record the send for the audit, and publish; done once JetStream stored it."""
     conns = await app.connections()
     await conns.ensure_streams()
-    watch = await conns.watch(result.id)
+    watch = await conns.expect(result.id)
+    headers[names.HDR_NOTIFY] = conns.notice_token
     result.watch_from(watch, asyncio.get_running_loop())
     # Recorded in the background, with the other sends of this turn of the loop: the
     # audit never holds a send back (heddle.audit says what that trades).

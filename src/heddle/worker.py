@@ -230,7 +230,7 @@ class Worker(Actor):
                 # crash between store and ack, or a revoked task): do not run again,
                 # but announce the stored result for whoever sent this copy.
                 if claim.final_record:
-                    await self.conns.notify(tm.id, claim.final_record)
+                    await self.conns.notify(tm.id, claim.final_record, names.sender_of(msg.headers))
                 await acknowledge(msg, "ack", tm.id)
                 continue
             running = self.inflight.get(tm.id)
@@ -292,17 +292,6 @@ class Worker(Actor):
         task_id = usable_task_id(tm.id if tm else None, names.task_id_of(headers))
         task_name = (tm.task if tm else headers.get(names.HDR_TASK, ""))[:_NAME_IN_REASON]
         await self.reject(msg, reason, task_id=task_id, task_name=task_name, worker_type=self.worker_type)
-
-    async def _fail_record(self, task_id: str, task_name: str, err_type: str, reason: str) -> None:
-        assert self.conns is not None
-        await self.conns.store_final(ResultRecord(
-            id=task_id,
-            state=FAILURE,
-            task=task_name,
-            error=ErrorInfo(type=err_type, message=reason),
-            worker=self.name,
-            finished_at=time.time(),
-        ))
 
     # -- running -------------------------------------------------------------------
 
@@ -419,7 +408,7 @@ class Worker(Actor):
                 wrote = next(it)
                 if wrote:
                     # Never raises: a lost notice costs waiters a re-read, not the result.
-                    await self.conns.notify(job.message.id, rec)
+                    await self.conns.notify(job.message.id, rec, names.sender_of(msg.headers))
                     if o.state == FAILURE:
                         self.stats["failed"] += 1
                         self.metrics.failed(msg.subject, job.message.task, o.finished_at - job.started_at)
