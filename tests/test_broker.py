@@ -120,3 +120,40 @@ async def test_a_burst_of_concurrent_result_reads_shares_a_bounded_pool_of_conne
         assert after - before <= _MAX_CONNECTIONS
     finally:
         await backend.close()
+
+
+async def test_publishes_beyond_the_pending_bound_wait_their_turn_and_every_answer_is_read(heddle_servers):
+    import asyncio
+
+    import nats
+
+    from heddle.errors import BrokerError
+    from heddle.pubacks import PubAcks
+
+    nc = await nats.connect(heddle_servers.nats_url)
+    stream = f"PUBACKS_{free_port()}"
+    subject = f"pubacks.{stream.lower()}"
+    try:
+        await nc.jetstream().add_stream(name=stream, subjects=[subject])
+        acks = PubAcks(max_pending=8)
+        await acks.start(nc)
+        peak = 0
+
+        async def one(i: int) -> object:
+            nonlocal peak
+            fut = await acks.publish(nc, subject, b"x", {"Nats-Msg-Id": f"m{i}"}, 5.0)
+            peak = max(peak, len(acks))
+            return await fut
+
+        stored = await asyncio.gather(*(one(i) for i in range(300)))
+        assert sorted(a.seq for a in stored) == list(range(1, 301))
+        assert {a.stream for a in stored} == {stream} and not any(a.duplicate for a in stored)
+        assert peak <= 8
+        again = await (await acks.publish(nc, subject, b"x", {"Nats-Msg-Id": "m0"}, 5.0))
+        assert again.duplicate and again.seq == 1
+        with pytest.raises(BrokerError, match="no stream takes the subject"):
+            await (await acks.publish(nc, "pubacks.nobody.stores.this", b"x", None, 5.0))
+        acks.close()
+    finally:
+        await nc.jetstream().delete_stream(stream)
+        await nc.close()

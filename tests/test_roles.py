@@ -63,7 +63,8 @@ class Bus:
         """``role``'s login as Heddle(...) arguments, taken from its env file alone."""
         env = self.env[role]
         return {"nats_url": self.nats.url, "valkey_url": self.valkey.url, "nats_user": env["NATS_USER"],
-                "nats_password": env["NATS_PASSWORD"], "nats_inbox_prefix": env["NATS_INBOX_PREFIX"]}
+                "nats_password": env["NATS_PASSWORD"], "nats_inbox_prefix": env["NATS_INBOX_PREFIX"],
+                "direct_routing": env["HEDDLE_DIRECT_ROUTING"] == "1"}
 
     def app(self, role: str, name: str) -> heddle.Heddle:
         return heddle.Heddle(name, connect_timeout_s=3, **self.settings(role))

@@ -130,10 +130,11 @@ def role_permissions() -> dict[str, Permissions]:
             subscribe=(f"{inbox_prefix('worker')}.>", names.REVOKE_SUBJECT, _advisory("*")),
             subscribe_deny=(_advisory(names.ROUTER_CONSUMER),),
         ),
-        # Takes heddle.tasks.incoming, publishes routed copies, follows the workers bucket.
+        # Takes heddle.tasks.incoming, publishes routed copies, follows the workers bucket and
+        # announces its routing rules there (heddle.routes).
         "router": Permissions(
             publish=(
-                _INFO, *_streams("CREATE", "UPDATE"), *_KV_CREATE, *_KV_READ,
+                _INFO, *_streams("CREATE", "UPDATE"), *_KV_CREATE, *_KV_READ, _KV_SUBJECTS,
                 *_consumer(names.TASKS_STREAM, names.ROUTER_CONSUMER), *_messages(names.TASKS_STREAM),
                 names.ROUTED_SUBJECTS, names.DEAD_LETTER_SUBJECT, _RESULTS, f"{names.TASK_EVENTS_PREFIX}>",
             ),
@@ -211,7 +212,13 @@ def role_env(role: str, password: str | None = None, url: str | None = None, nke
         lines.append(f"NATS_NKEY={nkey_path}")
     else:
         lines += [f"NATS_USER={role}", f"NATS_PASSWORD={password}"]
-    lines += [f"NATS_INBOX_PREFIX={inbox_prefix(role)}", ""]
+    lines += [
+        f"NATS_INBOX_PREFIX={inbox_prefix(role)}",
+        # Tasks go through the router, which is allowed to publish to worker subjects:
+        # its rate limits then hold for every sender (heddle.routes).
+        "HEDDLE_DIRECT_ROUTING=0",
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -7,6 +7,8 @@ handles and graphs reach theirs through a :class:`Client` (an app).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -20,6 +22,8 @@ from heddle.broker import Broker
 from heddle.errors import HeddleError
 from heddle.messages import REVOKED, ResultRecord, RevokeNotice, encoder
 from heddle.notices import Watch, Watches
+from heddle.registry import Registry
+from heddle.routes import Routes
 from heddle.settings import Settings
 from heddle.store import ResultBackend, StoreRequest, encode_record
 
@@ -47,6 +51,7 @@ class Connections:
         self.submissions = SubmissionLog(self.backend)
         self.broker.spill = self.backend.keep_payload
         self._streams_ready = False
+        self._routes: asyncio.Future[Routes | None] | None = None
 
     async def start(self) -> None:
         """Connect both; close what was opened if either fails."""
@@ -62,6 +67,28 @@ class Connections:
         if not self._streams_ready:
             await self.broker.ensure_streams()
             self._streams_ready = True
+
+    async def route(self, subject: str, headers: dict[str, str]) -> str:
+        """Where to publish a task for ``heddle.tasks.incoming``: its worker's subject when it can go directly.
+
+        With ``direct_routing`` on, the first call starts following the workers bucket
+        (:mod:`heddle.routes`); ``headers`` get the routed headers when the task goes directly.
+        """
+        if not self.broker.settings.direct_routing:
+            return subject
+        if self._routes is None:
+            self._routes = asyncio.ensure_future(self._start_routes())
+        routes = await asyncio.shield(self._routes)
+        return routes.route(subject, headers) if routes is not None else subject
+
+    async def _start_routes(self) -> Routes | None:
+        registry = Registry(self.broker)
+        try:
+            await registry.start()
+        except HeddleError as exc:
+            log.warning("cannot follow the live workers (%s); every task goes through the router", exc)
+            return None
+        return Routes(registry, self.broker.settings.default_tier)
 
     async def watch(self, task_id: str) -> Watch:
         """Subscribe to the result notice of a task sent elsewhere."""
@@ -127,6 +154,12 @@ class Connections:
         """Close both connections."""
         await self.submissions.close()
         await self.watches.close()
+        if self._routes is not None:
+            routes = None
+            with contextlib.suppress(BaseException):
+                routes = await asyncio.wait_for(asyncio.shield(self._routes), 2)
+            if routes is not None:
+                await routes.registry.stop()
         await self.backend.close()
         await self.broker.close()
 

@@ -222,15 +222,26 @@ async def job_event(broker: Broker, state: str, job: Any, worker: Any, outcome: 
     await publish(broker, ev)
 
 
-def received(data: bytes, headers: dict[str, str], tier: str) -> TaskEvent:
-    """The router's ``received`` event for a routed message (headers only; the payload rides along as is)."""
+def worker_event(state: str, info: Any) -> WorkerEvent:
+    """A worker's ``online``, ``heartbeat`` or ``offline`` event (``info``: its ``heddle.registry.WorkerInfo``)."""
+    return WorkerEvent(
+        state=state, id=info.id, worker_type=info.worker_type, tiers=info.tiers, concurrency=info.concurrency,
+        host=info.host, pid=info.pid, tasks=info.tasks, at=time.time(),
+    )
+
+
+def received(data: bytes, headers: dict[str, str], tier: str, by: str = "router") -> TaskEvent:
+    """The ``received`` event of a routed message (headers only; the payload rides along as is).
+
+    ``by`` is the router, or the worker of a task sent to it directly (heddle.routes).
+    """
     return TaskEvent(
         state=RECEIVED,
         id=headers.get(names.HDR_TASK_ID) or headers.get(names.HDR_MSG_ID, ""),
         task=headers.get(names.HDR_TASK, ""),
         worker_type=headers.get(names.HDR_WORKER_TYPE, ""),
         tier=tier,
-        worker="router",
+        worker=by,
         at=time.time(),
         payload=payload_of(data),
     )

@@ -133,6 +133,10 @@ def sender_of(headers: dict[str, str] | None) -> str:
 
 # JetStream KV bucket of live workers (heartbeats with a TTL).
 WORKERS_BUCKET = "heddle_workers"
+# Entries of the routing rules each router announces, ``_routing={router id}``
+# (heddle.routes); worker entries are ``{worker_type}.{id}``, always with a dot, so
+# these are never one of them.
+ROUTING_RULES_PREFIX = "_routing="
 
 # Router.
 ROUTER_CONSUMER = "heddle-router"
@@ -140,6 +144,9 @@ HDR_TIER_REQUESTED = "Heddle-Tier-Requested"
 # The sending connection's result-notice token (names.notice_subject).
 HDR_NOTIFY = "Heddle-Notify"
 HDR_ROUTE_REASON = "Heddle-Route-Reason"
+# Set by the router on what it routes; a task sent directly (heddle.routes) has none,
+# and its worker announces its ``received`` event instead.
+HDR_ROUTED_BY = "Heddle-Routed-By"
 HDR_REPLAYED_BY = "Heddle-Replayed-By"
 HDR_REPLAYED_AT = "Heddle-Replayed-At"
 RATE_KEY_PREFIX = "heddle:rate:"

@@ -5,9 +5,10 @@ answers there with a small JSON document (``{"stream": ..., "seq": ...}`` or
 ``{"error": {...}}``). nats-py's ``publish_async`` does the same, but parses each
 answer into a dataclass through ``dataclasses.fields()`` and takes a semaphore
 per message, which together cost more client CPU than the rest of a task's send.
-Here the answer is decoded by a typed msgspec decoder built once, pending
-publishes are bounded by waiting on the oldest, and one sweeper fails the
-publishes whose answer is late.
+Here the answer is decoded by a typed msgspec decoder built once, a publish
+beyond the bound on pending ones waits its turn (first come, first served, and
+its deadline starts when it is published), and one sweeper fails the publishes
+whose answer is late.
 
 The connection is handed in (``heddle.broker`` owns it); nothing here imports nats-py.
 """
@@ -66,7 +67,7 @@ class PubAcks:
 
     Args:
         max_pending: Most publishes awaiting their answer; a publish beyond it waits
-            for the oldest to be answered (or to time out) first.
+            until one is answered (or times out).
     """
 
     def __init__(self, max_pending: int) -> None:
@@ -76,6 +77,10 @@ class PubAcks:
         self._tokens = itertools.count()
         self._pending: dict[str, asyncio.Future[PublishAck]] = {}
         self._deadlines: collections.deque[tuple[float, str]] = collections.deque()
+        # Publishes waiting for room, in arrival order.
+        self._waiting: collections.deque[asyncio.Future[None]] = collections.deque()
+        # Turns handed to waiting publishes that have not published yet.
+        self._granted = 0
         self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self, nc: Any) -> None:
@@ -90,21 +95,49 @@ class PubAcks:
         self, nc: Any, subject: str, payload: bytes, headers: dict[str, str] | None, timeout_s: float
     ) -> asyncio.Future[PublishAck]:
         """Publish with a reply subject; the future gets the stream's answer (TimeoutError after ``timeout_s``)."""
-        if len(self._pending) >= self.max_pending:
-            oldest = next(iter(self._pending.values()))
-            await asyncio.wait((oldest,), timeout=timeout_s)
+        if self._waiting or len(self._pending) >= self.max_pending:
+            turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiting.append(turn)
+            try:
+                await turn
+            except BaseException:
+                if turn.done() and not turn.cancelled():
+                    self._granted -= 1
+                    self._make_room()  # a turn handed over and not taken passes to the next
+                turn.cancel()
+                raise
+            self._granted -= 1
         token = format(next(self._tokens), "x")
         fut: asyncio.Future[PublishAck] = asyncio.get_running_loop().create_future()
-        await nc.publish(subject, payload, reply=self._prefix + token, headers=headers)
+        # Registered first: nc.publish may yield (a full flush queue), and the answer can
+        # come in meanwhile.
         self._pending[token] = fut
+        try:
+            await nc.publish(subject, payload, reply=self._prefix + token, headers=headers)
+        except BaseException:
+            del self._pending[token]
+            self._make_room()
+            raise
         # Deadlines are appended in order, so the expired ones are always at the left.
         self._deadlines.append((time.monotonic() + timeout_s, token))
         if self._sweeper is None:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep(), name="heddle-puback-sweep")
         return fut
 
+    def _make_room(self) -> None:
+        """Give the free places to the publishes waiting longest."""
+        free = self.max_pending - len(self._pending) - self._granted
+        while free > 0 and self._waiting:
+            turn = self._waiting.popleft()
+            if not turn.done():
+                turn.set_result(None)
+                self._granted += 1
+                free -= 1
+
     async def _on_reply(self, msg: Any) -> None:
         fut = self._pending.pop(msg.subject[len(self._prefix):], None)
+        if self._waiting:
+            self._make_room()
         if fut is None or fut.done():
             return
         if msg.headers and msg.headers.get("Status") == _NO_RESPONDERS:
@@ -136,6 +169,8 @@ class PubAcks:
                 fut = pending.pop(token, None)
                 if fut is not None and not fut.done():
                     fut.set_exception(TimeoutError())
+            if self._waiting:
+                self._make_room()
 
     def close(self) -> None:
         """Stop the sweeper; publishes still unanswered fail with TimeoutError."""
@@ -147,3 +182,4 @@ class PubAcks:
                 fut.set_exception(TimeoutError())
         self._pending.clear()
         self._deadlines.clear()
+        self._make_room()

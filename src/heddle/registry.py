@@ -16,13 +16,15 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from heddle import events, names
+from heddle import names
 from heddle.errors import DecodeError
 from heddle.messages import decode as bounded_decode
+from heddle.rules import RouterRules
 
 if TYPE_CHECKING:
     from heddle.broker import Broker
@@ -51,7 +53,35 @@ class WorkerInfo(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     tasks: list[str] = []
 
 
+class RoutingRules(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """What a client needs of a router's rules to route like it (published in the workers bucket).
+
+    Attributes:
+        tier_overrides: worker type -> tier, as in the rules.
+        fallback: tier -> tiers tried in order when no worker of it is alive.
+        limited_tiers: Tiers with a rate limit (their tasks go through the router).
+        limited_workers: Worker types with a rate limit (likewise).
+    """
+
+    v: int = 1
+    tier_overrides: dict[str, str] = {}
+    fallback: dict[str, list[str]] = {}
+    limited_tiers: list[str] = []
+    limited_workers: list[str] = []
+
+    @classmethod
+    def of(cls, rules: RouterRules) -> RoutingRules:
+        """The client's part of a router's rules."""
+        return cls(
+            tier_overrides=dict(rules.tier_overrides),
+            fallback={k: list(v) for k, v in rules.fallback.items()},
+            limited_tiers=sorted(rules.tier_limits),
+            limited_workers=sorted(rules.worker_limits),
+        )
+
+
 _info_decoder = msgspec.msgpack.Decoder(WorkerInfo)
+_rules_decoder = msgspec.msgpack.Decoder(RoutingRules)
 _encoder = msgspec.msgpack.Encoder()
 
 
@@ -71,9 +101,13 @@ async def _bucket(broker: Broker) -> Any:
 class Heartbeat:
     """Announces one worker until stopped."""
 
-    def __init__(self, broker: Broker, info: WorkerInfo) -> None:
+    def __init__(
+        self, broker: Broker, info: WorkerInfo, announce: Callable[[str, WorkerInfo], Awaitable[None]] | None = None
+    ) -> None:
         self.broker = broker
         self.info = info
+        # Told each state (online, heartbeat, offline): the worker publishes its events.
+        self._announce_cb = announce
         self.key = f"{info.worker_type}.{info.id}"
         self._task: asyncio.Task[None] | None = None
         self._kv: Any = None
@@ -82,15 +116,12 @@ class Heartbeat:
         """Announce now (before the worker reports ready) and keep announcing."""
         self._kv = await _bucket(self.broker)
         await self._kv.put(self.key, _encoder.encode(self.info))
-        await self._announce(events.ONLINE)  # heddle.events hook
+        await self._announce("online")
         self._task = asyncio.get_running_loop().create_task(self._beat())
 
     async def _announce(self, state: str) -> None:
-        i = self.info
-        await events.publish(self.broker, events.WorkerEvent(
-            state=state, id=i.id, worker_type=i.worker_type, tiers=i.tiers, concurrency=i.concurrency,
-            host=i.host, pid=i.pid, tasks=i.tasks, at=time.time(),
-        ))
+        if self._announce_cb is not None:
+            await self._announce_cb(state, self.info)
 
     async def _beat(self) -> None:
         payload = _encoder.encode(self.info)
@@ -98,7 +129,7 @@ class Heartbeat:
             await asyncio.sleep(HEARTBEAT_S)
             try:
                 await self._kv.put(self.key, payload)
-                await self._announce(events.HEARTBEAT)  # heddle.events hook
+                await self._announce("heartbeat")
             except Exception as exc:  # disconnected: the next beat tries again
                 log.debug("heartbeat failed: %r", exc)
 
@@ -111,15 +142,70 @@ class Heartbeat:
         if self._kv is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._kv.delete(self.key), 2)
-            await self._announce(events.OFFLINE)  # heddle.events hook
+            await self._announce("offline")
+
+
+class RulesAnnouncer:
+    """A router's :class:`RoutingRules` in the workers bucket, renewed with each heartbeat until stopped.
+
+    Clients that route directly (:mod:`heddle.routes`) follow them; an entry not
+    renewed expires like a worker's, and a client then sends through the router.
+    """
+
+    def __init__(self, broker: Broker, rules: RouterRules) -> None:
+        self.broker = broker
+        self.key = names.ROUTING_RULES_PREFIX + worker_id()
+        self._payload = _encoder.encode(RoutingRules.of(rules))
+        self._kv: Any = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Announce now (or, if that fails, at the next renewal) and keep announcing."""
+        self._kv = await _bucket(self.broker)
+        try:
+            await self._kv.put(self.key, self._payload)
+        except Exception as exc:  # clients send through the router meanwhile
+            log.warning("cannot announce the routing rules yet (%r); retrying every %.0fs", exc, HEARTBEAT_S)
+        self._task = asyncio.get_running_loop().create_task(self._renew())
+
+    def update(self, rules: RouterRules) -> None:
+        """Announce new rules (after a reload) at once."""
+        self._payload = _encoder.encode(RoutingRules.of(rules))
+        if self._task is not None:
+            self._task.cancel()
+            self._task = asyncio.get_running_loop().create_task(self._renew(at_once=True))
+
+    async def _renew(self, at_once: bool = False) -> None:
+        if not at_once:
+            await asyncio.sleep(HEARTBEAT_S)
+        while True:
+            try:
+                await self._kv.put(self.key, self._payload)
+            except Exception as exc:  # disconnected: the next renewal tries again
+                log.debug("announcing the routing rules failed: %r", exc)
+            await asyncio.sleep(HEARTBEAT_S)
+
+    async def stop(self) -> None:
+        """Stop announcing and withdraw the entry (clients send through the routers left)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        if self._kv is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._kv.delete(self.key), 2)
 
 
 class Registry:
-    """A router's live view of the workers that are alive."""
+    """A live view of the workers that are alive, and of the routing rules routers announce."""
 
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
         self._seen: dict[str, tuple[float, WorkerInfo]] = {}
+        self._rules: dict[str, tuple[float, RoutingRules]] = {}
+        #: The routing rules every live router announces, if they all announce the same
+        #: (None: no router announces any, or they disagree).
+        self.rules: RoutingRules | None = None
         self._sub: Any = None
         self._sweeper: asyncio.Task[None] | None = None
         # worker_type -> set of tiers served ("*" = all); rebuilt on every change.
@@ -141,7 +227,7 @@ class Registry:
             with contextlib.suppress(Exception):
                 entry = await kv.get(key)
                 if entry.value:
-                    self._seen[key] = (now, bounded_decode(_info_decoder, entry.value))
+                    self._take(key, entry.value, now)
         self._rebuild()
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
 
@@ -153,14 +239,22 @@ class Registry:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
 
+    def _take(self, key: str, value: bytes, now: float) -> None:
+        """Keep one entry of the bucket: a worker, or the routing rules (DecodeError if it is neither)."""
+        if key.startswith(names.ROUTING_RULES_PREFIX):
+            self._rules[key] = (now, bounded_decode(_rules_decoder, value))
+        else:
+            self._seen[key] = (now, bounded_decode(_info_decoder, value))
+
     async def _on_update(self, msg: Msg) -> None:
         key = msg.subject[self._prefix_len :]
         op = (msg.headers or {}).get("KV-Operation")
         if op in ("DEL", "PURGE") or not msg.data:
+            self._rules.pop(key, None)
             self._seen.pop(key, None)
         else:
             try:
-                self._seen[key] = (time.monotonic(), bounded_decode(_info_decoder, msg.data))
+                self._take(key, msg.data, time.monotonic())
             except DecodeError:
                 return
         self._rebuild()
@@ -170,8 +264,10 @@ class Registry:
             await asyncio.sleep(HEARTBEAT_S / 2)
             cutoff = time.monotonic() - ALIVE_TTL_S
             stale = [k for k, (seen, _) in self._seen.items() if seen < cutoff]
+            stale += [k for k, (seen, _) in self._rules.items() if seen < cutoff]
             for k in stale:
-                del self._seen[k]
+                self._seen.pop(k, None)
+                self._rules.pop(k, None)
             if stale:
                 self._rebuild()
 
@@ -183,6 +279,10 @@ class Registry:
             defaults.setdefault(info.worker_type, info.default_tier)
         self.tiers = {k: frozenset(v) for k, v in tiers.items()}
         self.default_tier = defaults
+        announced = [r for _, r in self._rules.values()]
+        rules = announced[0] if announced and all(r == announced[0] for r in announced) else None
+        if rules != self.rules:
+            self.rules = rules
 
     def workers(self) -> list[WorkerInfo]:
         """Every worker alive now."""

@@ -36,12 +36,12 @@ from typing import TYPE_CHECKING, Any
 
 from heddle import events, names
 from heddle.actor import Actor, acknowledge, seq_of
-from heddle.errors import ConfigError, HeddleError, MessageTooLarge, TaskIdError
+from heddle.errors import HeddleError, MessageTooLarge, TaskIdError
 from heddle.messages import MAX_HEADER_CHARS, headers_size
 from heddle.ratelimit import Ask, RateLimiter, bucket_key
-from heddle.registry import Registry
+from heddle.registry import Registry, RulesAnnouncer
+from heddle.routes import Route, decide
 from heddle.rules import RouterRules, RulesError, load_rules
-from heddle.settings import check_name
 
 if TYPE_CHECKING:
     from heddle.app import Heddle
@@ -66,18 +66,6 @@ _MAX_CACHED_ROUTES = 4096
 # adds) of max_payload can have headers that take its routed copy past max_payload.
 _JS_MAX_HEADER_BYTES = 64 * 1024
 _ROUTER_HEADER_BYTES = 16 * 1024
-
-
-class Route:
-    """A routing decision: the tier, or None and why not (``malformed``: never routable, no grace)."""
-
-    __slots__ = ("malformed", "reason", "subject", "tier")
-
-    def __init__(self, tier: str | None, reason: str, subject: str = "", malformed: bool = False) -> None:
-        self.tier = tier
-        self.reason = reason
-        self.subject = subject
-        self.malformed = malformed
 
 
 # One message to forward: (message, route, headers, task id, its routed copy's Nats-Msg-Id).
@@ -118,6 +106,7 @@ class Router(Actor):
         self.rules = rules
         self.stats = {"routed": 0, "delayed": 0, "dead_lettered": 0, "waiting": 0}
         self.registry: Registry | None = None
+        self._announcer: RulesAnnouncer | None = None
         self._limiter: RateLimiter | None = None
         self._cache: dict[tuple[str, str | None], Route] = {}
         self._registry_version: Any = None
@@ -137,6 +126,8 @@ class Router(Actor):
             return False
         self.rules = rules
         self._cache.clear()
+        if self._announcer is not None:
+            self._announcer.update(rules)
         log.warning("router rules reloaded from %s", self.rules_path)
         return True
 
@@ -159,6 +150,9 @@ class Router(Actor):
     async def on_start(self, conns: Connections) -> None:
         self.registry = Registry(conns.broker)
         await self.registry.start()
+        # What clients need to send tasks straight to workers when no rule needs this router.
+        self._announcer = RulesAnnouncer(conns.broker, self.rules)
+        await self._announcer.start()
         self._limiter = RateLimiter(conns.backend)
         self._measure_headers_above = conns.broker.max_payload - _JS_MAX_HEADER_BYTES - _ROUTER_HEADER_BYTES
         loop = asyncio.get_running_loop()
@@ -173,6 +167,8 @@ class Router(Actor):
         if self.rules_path is not None:
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        if self._announcer is not None:
+            await self._announcer.stop()
         if self.registry is not None:
             await self.registry.stop()
 
@@ -205,38 +201,9 @@ class Router(Actor):
 
     def _decide(self, worker_type: str, requested: str | None) -> Route:
         assert self.registry is not None
-        # Both become subject tokens; checked here, so once per distinct pair, not per message.
-        try:
-            check_name(names.HDR_WORKER_TYPE, worker_type)
-        except ConfigError as exc:
-            return Route(None, f"malformed envelope: {exc}", malformed=True)
-        if requested is not None and requested not in names.TIERS:
-            return Route(
-                None,
-                f"malformed envelope: {names.HDR_TIER_REQUESTED} {requested[:60]!r} is not a tier; "
-                f"use one of {', '.join(names.TIERS)}",
-                malformed=True,
-            )
         rules = self.rules
-        override = rules.tier_overrides.get(worker_type)
-        if override:
-            tier, reason = override, "rule override"
-        elif requested:
-            tier, reason = requested, "requested by task"
-        else:
-            tier = self.registry.default_tier.get(worker_type) or self.settings.default_tier
-            reason = "worker default"
-        if worker_type not in self.registry.tiers:
-            return Route(None, f"unknown worker type {worker_type!r}: no worker of that type is alive")
-        if self.registry.serves(worker_type, tier):
-            return Route(tier, reason, names.task_subject(worker_type, tier))
-        tried = [tier]
-        for fb in rules.fallback.get(tier, ()):
-            tried.append(fb)
-            if self.registry.serves(worker_type, fb):
-                return Route(fb, f"{reason}: {tier}, fallback to {fb} (no {tier} worker alive)",
-                             names.task_subject(worker_type, fb))
-        return Route(None, f"no worker alive for {worker_type!r} at tier {' or '.join(tried)}")
+        return decide(worker_type, requested, rules.tier_overrides, rules.fallback, self.registry,
+                      self.settings.default_tier)
 
     # -- routing -------------------------------------------------------------------
 
@@ -353,6 +320,7 @@ class Router(Actor):
             out = dict(headers)
             out[names.HDR_TIER] = route.tier  # type: ignore[assignment]
             out[names.HDR_ROUTE_REASON] = route.reason
+            out[names.HDR_ROUTED_BY] = "router"
             out[names.HDR_MSG_ID] = names.routed_msg_id(msg_id)
             # The routed copy's Nats-Msg-Id is its own dedup key; workers read the task id here.
             out[names.HDR_TASK_ID] = task_id

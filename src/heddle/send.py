@@ -196,6 +196,8 @@ async def publish(app: Client, result: AsyncResult[Any], subject: str, payload: 
     # Recorded in the background, with the other sends of this turn of the loop: the
     # audit never holds a send back (heddle.audit says what that trades).
     conns.submissions.record(result.id)
+    if subject == names.INCOMING_SUBJECT:
+        subject = await conns.route(subject, headers)
     ack = await conns.broker.publish(subject, payload, headers)
     # A new message always ends in a notice (a worker that finds the result
     # already stored sends the stored one again), so waiting needs no Valkey

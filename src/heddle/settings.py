@@ -207,6 +207,9 @@ class Settings:
             names such as ``nats_user=`` are accepted by :meth:`load` and :meth:`with_`).
         valkey_auth: Valkey credentials and TLS (``VALKEY_USERNAME`` ... ``VALKEY_TLS_KEY``;
             flat names such as ``valkey_password=`` likewise).
+        direct_routing: Send a task straight to its worker subject when no router rule
+            needs the router for it (env ``HEDDLE_DIRECT_ROUTING``, ``0`` to send every
+            task through the router; :mod:`heddle.routes`).
     """
 
     nats_url: str = DEFAULT_NATS_URL
@@ -226,6 +229,7 @@ class Settings:
     health_host: str = DEFAULT_HEALTH_HOST
     nats_auth: NatsAuth = field(default_factory=NatsAuth)
     valkey_auth: ValkeyAuth = field(default_factory=ValkeyAuth)
+    direct_routing: bool = True
     extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -374,6 +378,11 @@ class Settings:
         health_port = os.environ.get("HEDDLE_HEALTH_PORT", "").strip()
         if health_port:
             values["health_port"] = _port_from_env("HEDDLE_HEALTH_PORT", health_port)
+        direct = os.environ.get("HEDDLE_DIRECT_ROUTING", "").strip().lower()
+        if direct:
+            if direct not in _BOOLS:
+                raise ConfigError(f"HEDDLE_DIRECT_ROUTING must be 1 or 0 (true or false), got {direct!r}")
+            values["direct_routing"] = _BOOLS[direct]
         flat = {name: os.environ[var] for name, (_, _, var) in AUTH_SETTINGS.items() if os.environ.get(var)}
         for name, value in overrides.items():
             if value is None:
@@ -462,6 +471,9 @@ def readable_file(var: str, path: str) -> str:
     if not os.access(path, os.R_OK):
         raise ConfigError(f"{var}={path} cannot be read by this process (user id {os.getuid()}); fix its permissions")
     return path
+
+
+_BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
 
 def _port_from_env(var: str, text: str) -> int:

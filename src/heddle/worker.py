@@ -191,6 +191,7 @@ class Worker(Actor):
                 started_at=time.time(),
                 tasks=sorted(self.app.tasks),
             ),
+            lambda state, info: events.publish(broker, events.worker_event(state, info)),  # heddle.events hook
         )
         await self._heartbeat.start()
         self._bg.append(asyncio.get_running_loop().create_task(self._flush_loop(), name="heddle-flush"))
@@ -244,6 +245,11 @@ class Worker(Actor):
             job = Job(msg, tm, task, claim.retries, time.time())
             self.inflight[tm.id] = job
             job.runner = loop.create_task(self._execute(job))
+            headers = msg.headers or {}
+            if names.HDR_ROUTED_BY not in headers:
+                # Sent here directly (heddle.routes): no router announced it.
+                await events.publish(self.conns.broker, events.received(  # heddle.events hook
+                    msg.data, headers, headers.get(names.HDR_TIER, ""), by=self.name))
             await events.job_event(self.conns.broker, events.STARTED, job, self)  # heddle.events hook
 
     async def _admit(self, msg: Msg, now: float) -> tuple[Msg, TaskMessage, Task[Any, Any]] | None:
