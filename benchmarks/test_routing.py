@@ -23,7 +23,7 @@ from rich.table import Table
 from heddle import names
 from heddle.app import Heddle
 from heddle.registry import Heartbeat, WorkerInfo, worker_id
-from heddle.router import _ROUTER_MAX_DELIVER
+from heddle.router import DEFAULT_MAX_DELIVER
 
 HOP_STREAM = "BENCH_HOP"
 BATCH = 256
@@ -87,7 +87,7 @@ async def through_routers(servers: Any, n: int, routers: int, log_dir: Path) -> 
     await beat.start()
     js = conns.broker.js
     await conns.broker.ensure_named_consumer(
-        names.ROUTER_CONSUMER, names.INCOMING_SUBJECT, max_deliver=_ROUTER_MAX_DELIVER
+        names.ROUTER_CONSUMER, names.INCOMING_SUBJECT, max_deliver=DEFAULT_MAX_DELIVER
     )
     await _publish_many(js, names.INCOMING_SUBJECT, n, lambda i: {
         names.HDR_MSG_ID: f"{wtype}-{i}", names.HDR_WORKER_TYPE: wtype, names.HDR_TASK: "noop"})

@@ -1,25 +1,30 @@
 """Throughput: no-op tasks through one worker process, next to a raw nats-py baseline.
 
-Each round runs, back to back so that both see the same machine load:
+Each round runs, back to back so that all see the same machine load:
 
 1. the raw nats-py JetStream baseline (``baseline.throughput_round``);
-2. end to end: submit N async no-op tasks with ``apply_async`` from async code,
-   then wait for every result with ``aget`` while the worker runs them;
+2. the headline, as a user runs it: a worker started with default flags
+   (``heddle worker -A bench_app``) and a client on plain ``asyncio`` that submits
+   N async no-op tasks with ``apply_async``, then awaits every result with
+   ``aget`` while the worker runs them;
 3. the same with a sync no-op task (run in the worker's thread pool);
-4. split: the worker process is paused (SIGSTOP) while N tasks are submitted,
-   which measures the client's submission alone; then it is resumed (SIGCONT)
-   and timed until the router's and the worker's consumers have nothing
-   pending or unacked, which measures the worker process (it hosts the router
-   too) alone.
+4. split, on the same worker: the worker process is paused (SIGSTOP) while N
+   tasks are submitted, which measures the client's submission alone; then it
+   is resumed (SIGCONT) and timed until the consumers have nothing pending or
+   unacked, which measures the worker process alone;
+5. tuned, beside it: a worker with ``--concurrency HEDDLE_BENCH_TUNED_CONCURRENCY``
+   and a client on uvloop, end to end as in 2.
 
-CPU seconds used by each process (client, worker, nats-server, valkey-server)
-during the end-to-end phase show where the machine's two cores go.
+Each worker process is stopped after its part, so no two share the work. CPU
+seconds used by each process (client, worker, nats-server, valkey-server)
+during the headline end-to-end phase show where the machine's two cores go.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from functools import partial
 from typing import Any
 
 import baseline
@@ -123,17 +128,27 @@ async def _split(task: Any, n: int, worker: Any, nats_url: str) -> dict[str, flo
 
 
 def test_no_op_task_throughput_against_a_raw_nats_baseline(
-    servers: Any, worker: Any, bench_app: Any, bench_config: Any, report: Any
+    servers: Any, spawn_worker: Any, bench_app: Any, bench_config: Any, report: Any
 ) -> None:
     cfg = bench_config
     n = cfg.n
-    meter = CpuMeter({"client": os.getpid(), "worker": worker.pid, **server_pids(servers)})
     rounds: list[dict[str, Any]] = []
     for i in range(cfg.rounds):
         base = run_async(lambda: baseline.throughput_round(servers.nats_url, n))
-        e2e = run_async(lambda: _end_to_end(bench_app.noop, n, meter))
-        sync = run_async(lambda: _end_to_end(bench_app.noop_sync, n, meter))
-        split = run_async(lambda: _split(bench_app.noop, n, worker, servers.nats_url))
+        worker = spawn_worker()
+        try:
+            meter = CpuMeter({"client": os.getpid(), "worker": worker.pid, **server_pids(servers)})
+            e2e = run_async(partial(_end_to_end, bench_app.noop, n, meter))
+            sync = run_async(partial(_end_to_end, bench_app.noop_sync, n, meter))
+            split = run_async(partial(_split, bench_app.noop, n, worker, servers.nats_url))
+        finally:
+            worker.stop()
+        tuned_worker = spawn_worker(cfg.tuned_concurrency)
+        try:
+            tuned_meter = CpuMeter({"client": os.getpid(), "worker": tuned_worker.pid, **server_pids(servers)})
+            tuned = run_async(partial(_end_to_end, bench_app.noop, n, tuned_meter), uvloop=True)
+        finally:
+            tuned_worker.stop()
         r = {
             "baseline_msgs_per_s": n / base.total_s,
             "baseline_publish_per_s": n / base.publish_s,
@@ -141,12 +156,14 @@ def test_no_op_task_throughput_against_a_raw_nats_baseline(
             "async": e2e,
             "sync": sync,
             "split": split,
+            "tuned": tuned,
         }
         rounds.append(r)
         report.progress(
             f"round {i + 1}/{cfg.rounds}: baseline {r['baseline_msgs_per_s']:,.0f} msgs/s, "
-            f"heddle {e2e['tasks_per_s']:,.0f} tasks/s (sync task {sync['tasks_per_s']:,.0f}), "
-            f"submit-only {split['submit_only_per_s']:,.0f}/s, drain {split['drain_per_s']:,.0f}/s"
+            f"heddle defaults {e2e['tasks_per_s']:,.0f} tasks/s (sync task {sync['tasks_per_s']:,.0f}), "
+            f"tuned {tuned['tasks_per_s']:,.0f}, submit-only {split['submit_only_per_s']:,.0f}/s, "
+            f"drain {split['drain_per_s']:,.0f}/s"
         )
 
     def med(path: str) -> float:
@@ -160,10 +177,12 @@ def test_no_op_task_throughput_against_a_raw_nats_baseline(
 
     base_rate = med("baseline_msgs_per_s")
     heddle_rate = med("async/tasks_per_s")
+    tuned_rate = med("tuned/tasks_per_s")
     figures = {
         "n": n,
         "rounds": cfg.rounds,
-        "worker_concurrency": cfg.concurrency,
+        "worker_flags": "defaults",
+        "tuned_concurrency": cfg.tuned_concurrency,
         "baseline": {
             "msgs_per_s": base_rate,
             "publish_per_s": med("baseline_publish_per_s"),
@@ -172,56 +191,70 @@ def test_no_op_task_throughput_against_a_raw_nats_baseline(
         "heddle": {
             "tasks_per_s": heddle_rate,
             "sync_task_tasks_per_s": med("sync/tasks_per_s"),
+            "tuned_tasks_per_s": tuned_rate,
             "submit_per_s_while_worker_runs": med("async/submit_per_s"),
             "submit_only_per_s": med("split/submit_only_per_s"),
             "worker_drain_per_s": med("split/drain_per_s"),
             "apply_async_call_us": med("async/apply_async_calls_s") / n * 1e6,
-            "cpu_us_per_task": {name: med(f"async/cpu_s.{name}") / n * 1e6 for name in meter.pids},
+            "cpu_us_per_task": {name: med(f"async/cpu_s.{name}") / n * 1e6
+                                for name in ("client", "worker", "nats-server", "valkey-server")},
         },
         "ratio_heddle_to_baseline": heddle_rate / base_rate,
+        "ratio_tuned_to_baseline": tuned_rate / base_rate,
         "per_round": rounds,
     }
     report.add("throughput", figures)
 
-    t = Table(
-        title=f"Throughput: {n:,} no-op tasks, one worker process "
-        f"(--concurrency {cfg.concurrency}); median of {cfg.rounds} rounds"
-    )
+    t = Table(title=f"Throughput: {n:,} no-op tasks, one worker process; median of {cfg.rounds} rounds")
     t.add_column("measure")
     t.add_column("rate", justify="right")
+    t.add_column("x raw", justify="right")
     t.add_column("note")
     t.add_row(
         "raw nats-py JetStream: publish, fetch+ack",
         f"{base_rate:,.0f} msgs/s",
+        "1.00",
         f"publish {figures['baseline']['publish_per_s']:,.0f}/s, consume {figures['baseline']['consume_per_s']:,.0f}/s",
     )
     t.add_row(
-        "heddle end to end (async no-op)",
+        "heddle, default flags, asyncio client (async no-op)",
         f"{heddle_rate:,.0f} tasks/s",
-        f"target >= {TARGETS['end_to_end_tasks_per_s']:,.0f}",
+        f"{figures['ratio_heddle_to_baseline']:.2f}",
+        f"goal >= {TARGETS['end_to_end_tasks_per_s']:,.0f} and >= {TARGETS['end_to_end_ratio_to_raw']:.2f} x raw",
     )
     t.add_row(
-        "heddle end to end (sync no-op, thread pool)", f"{figures['heddle']['sync_task_tasks_per_s']:,.0f} tasks/s", ""
+        "heddle, default flags (sync no-op, thread pool)",
+        f"{figures['heddle']['sync_task_tasks_per_s']:,.0f} tasks/s",
+        f"{figures['heddle']['sync_task_tasks_per_s'] / base_rate:.2f}",
+        "",
     )
-    t.add_row("ratio heddle / baseline", f"{figures['ratio_heddle_to_baseline']:.2f}", "")
     t.add_row(
-        "submission while the worker runs",
+        f"heddle, --concurrency {cfg.tuned_concurrency}, uvloop client",
+        f"{tuned_rate:,.0f} tasks/s",
+        f"{figures['ratio_tuned_to_baseline']:.2f}",
+        "tuned",
+    )
+    t.add_row(
+        "submission while the worker runs (defaults)",
         f"{figures['heddle']['submit_per_s_while_worker_runs']:,.0f} tasks/s",
+        "",
         "apply_async + publish acks",
     )
     t.add_row(
         "submission alone (worker paused)",
         f"{figures['heddle']['submit_only_per_s']:,.0f} tasks/s",
+        "",
         f"apply_async() call itself {figures['heddle']['apply_async_call_us']:.0f} us",
     )
     t.add_row(
         "worker drain alone (N queued, worker resumed)",
         f"{figures['heddle']['worker_drain_per_s']:,.0f} tasks/s",
+        "",
         "measured at the stream: all acked",
     )
     report.show(t)
 
-    c = Table(title="CPU per task during the end-to-end phase (median)")
+    c = Table(title="CPU per task during the headline end-to-end phase (median)")
     c.add_column("process")
     c.add_column("CPU us / task", justify="right")
     c.add_column("share", justify="right")

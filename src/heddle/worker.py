@@ -57,6 +57,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("heddle.worker")
 
+# Tasks in flight per worker process unless --concurrency says otherwise. A waiting
+# async task costs a coroutine, so the worker fetches this many at once and keeps
+# JetStream, Valkey and the notices pipelined (16 held a no-op worker to ~70 % of
+# what 64 gets; beyond 64 gains little, docs/benchmarks.md). Sync tasks run in a
+# thread pool of the same size: for CPU-bound sync work set it near the core count
+# and run more processes.
+DEFAULT_CONCURRENCY = 64
 _MAX_BATCH = 256
 _FETCH_TIMEOUT_S = 1.0
 _BACKOFF_S = 0.5
@@ -121,7 +128,7 @@ class Worker(Actor):
         self,
         app: Heddle,
         *,
-        concurrency: int = 16,
+        concurrency: int = DEFAULT_CONCURRENCY,
         grace_s: float = 30.0,
         name: str | None = None,
         tier: str | None = None,

@@ -20,6 +20,7 @@ from heddle.cli.common import add_actor_args, console, port_number, preflight
 from heddle.errors import ConfigError, HeddleError
 from heddle.redact import redact
 from heddle.runtime import Actor, install_loop_policy, load_app, run_actor_process, run_actors
+from heddle.worker import DEFAULT_CONCURRENCY
 
 if TYPE_CHECKING:
     from heddle.worker import Worker
@@ -115,7 +116,9 @@ def _add_worker_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("-A", "--app", default=None, help="module[:attribute] holding the heddle.Heddle app (or --config)")
     add_worker_source_args(p)
-    p.add_argument("-c", "--concurrency", type=int, default=16, help="most tasks in flight (default 16)")
+    p.add_argument("-c", "--concurrency", type=int, default=DEFAULT_CONCURRENCY,
+                   help=f"most tasks in flight: async tasks on the event loop, sync ones in a thread pool of "
+                        f"this size (default {DEFAULT_CONCURRENCY}; near the core count for CPU-bound sync tasks)")
     p.add_argument("--grace", type=float, default=30.0, help="seconds in-flight tasks get on shutdown")
     p.add_argument("--reload", action="store_true", help="restart when .py files change (development)")
     p.add_argument("--loglevel", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
@@ -254,7 +257,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     d = sub.add_parser("dev", help="embedded nats-server + valkey-server + a worker, one command")
     d.add_argument("-A", "--app", default=None, help="module[:attribute] holding the heddle.Heddle app")
     add_worker_source_args(d, dev=True)  # --config FILE... (LLM workers), --tier, --local-model
-    d.add_argument("-c", "--concurrency", type=int, default=16)
+    d.add_argument("-c", "--concurrency", type=int, default=DEFAULT_CONCURRENCY,
+                   help=f"most tasks in flight (default {DEFAULT_CONCURRENCY})")
     d.add_argument("--grace", type=float, default=10.0)
     d.add_argument("--loglevel", default="INFO")
     d.add_argument("--quiet", action="store_true")
