@@ -122,11 +122,11 @@ def fanout_repeats() -> int:
 
 @pytest.fixture(scope="session")
 def celery_pool() -> tuple[str, int]:
-    """Celery's ``--pool`` and, for the pools that have one, ``--concurrency``."""
-    raw = os.environ.get("HEDDLE_PEERS_CELERY_CONCURRENCY", "8")
+    """Celery's ``--pool`` and, for the pools that have one, ``--concurrency`` (its defaults: prefork, one per CPU)."""
+    raw = os.environ.get("HEDDLE_PEERS_CELERY_CONCURRENCY", str(os.cpu_count() or 1))
     if not raw.isdigit() or int(raw) < 1:
         raise pytest.UsageError(f"HEDDLE_PEERS_CELERY_CONCURRENCY must be an integer >= 1, got {raw!r}")
-    return os.environ.get("HEDDLE_PEERS_CELERY_POOL", "solo"), int(raw)
+    return os.environ.get("HEDDLE_PEERS_CELERY_POOL", "prefork"), int(raw)
 
 
 @pytest.fixture(scope="session")

@@ -172,10 +172,15 @@ class HeddleDriver(Driver):
     caller = "sync"
     variants = ("heddle", "heddle, sync task", "heddle, async caller")
 
-    def __init__(self, servers: EmbeddedServers, concurrency: int) -> None:
+    def __init__(self, servers: EmbeddedServers, concurrency: int | None = None) -> None:
         self.servers = servers
         self.worker_concurrency = concurrency
-        self.concurrency = f"`--concurrency {concurrency}` (asyncio; sync tasks in its thread pool)"
+        if concurrency is None:
+            from heddle.worker import DEFAULT_CONCURRENCY
+
+            self.concurrency = f"default flags: {DEFAULT_CONCURRENCY} (asyncio; sync tasks in its thread pool)"
+        else:
+            self.concurrency = f"`--concurrency {concurrency}` (asyncio; sync tasks in its thread pool)"
         self.module = importlib.import_module("peers.heddle_app")
         self.app = self.module.app
         self.app.configure(nats_url=servers.nats_url, valkey_url=servers.valkey_url)
@@ -188,8 +193,7 @@ class HeddleDriver(Driver):
             "-A",
             "peers.heddle_app",
             "--quiet",
-            "--concurrency",
-            str(self.worker_concurrency),
+            *(("--concurrency", str(self.worker_concurrency)) if self.worker_concurrency is not None else ()),
             "--loglevel",
             "WARNING",
         ]
@@ -268,26 +272,26 @@ class HeddleDriver(Driver):
         self.app.close()
 
 
-class HeddleDefaultConcurrencyDriver(Driver):
-    """Heddle's throughput once more with ``heddle-worker``'s default ``--concurrency`` (16)."""
+class HeddleTunedDriver(Driver):
+    """Heddle's throughput once more with a tuned ``--concurrency`` (256), beside its defaults."""
 
-    name = "heddle -c 16"
+    name = "heddle -c 256"
     package = "heddle"
     caller = "sync"
     workloads = ("throughput",)
-    concurrency = "`--concurrency 16` (the CLI default)"
 
-    def __init__(self, heddle: HeddleDriver, concurrency: int = 16) -> None:
+    def __init__(self, heddle: HeddleDriver, concurrency: int = 256) -> None:
         self.heddle = heddle
         self.broker = heddle.broker
         self.fan_in = "(throughput only)"
         self.worker_concurrency = concurrency
+        self.concurrency = f"`--concurrency {concurrency}` (tuned)"
         self.variants = (f"heddle, --concurrency {concurrency}",)
 
     def worker_command(self) -> list[str]:
         cmd = self.heddle.worker_command()
-        cmd[cmd.index("--concurrency") + 1] = str(self.worker_concurrency)
-        return cmd
+        i = cmd.index("--quiet") + 1
+        return [*cmd[:i], "--concurrency", str(self.worker_concurrency), *cmd[i:]]
 
     def worker_env(self) -> dict[str, str]:
         return self.heddle.worker_env()
@@ -365,7 +369,7 @@ class TaskiqDriver(Driver):
     name = "taskiq"
     package = "taskiq"
     broker = "taskiq-nats PullBasedJetStreamBroker; results: taskiq-redis on valkey"
-    concurrency = "`--workers 1` (one worker process; default `--max-async-tasks 100`)"
+    concurrency = "defaults: `--workers 2` processes, `--max-async-tasks 100` each"
     fan_in = (
         "no canvas in taskiq: 100 `kiq()` gathered, each result awaited with `wait_result`, "
         "then one more task sent and awaited (the join is in the caller)"
@@ -380,7 +384,7 @@ class TaskiqDriver(Driver):
         self.loop.run(self.module.broker.startup())
 
     def worker_command(self) -> list[str]:
-        return [script("taskiq"), "worker", "peers.taskiq_app:broker", "--workers", "1", "--log-level", "WARNING"]
+        return [script("taskiq"), "worker", "peers.taskiq_app:broker", "--log-level", "WARNING"]  # its defaults
 
     def worker_env(self) -> dict[str, str]:
         return _peer_env(self.servers)
@@ -455,7 +459,7 @@ class DramatiqDriver(_BlockingDriver):
     name = "dramatiq"
     package = "dramatiq"
     broker = "Redis broker on valkey; Results middleware, Redis result backend"
-    concurrency = "`--processes 1 --threads 8` (one worker process, its default 8 threads)"
+    concurrency = "defaults: one process per CPU, 8 threads each"
     fan_in = (
         "`group(noop.message() x 100)` with `add_completion_callback(noop.message())` "
         "(GroupCallbacks middleware, a Redis barrier in the worker); the callback's result awaited"
@@ -468,7 +472,7 @@ class DramatiqDriver(_BlockingDriver):
         self.module = _import_app("peers.dramatiq_app", servers)
 
     def worker_command(self) -> list[str]:
-        return [script("dramatiq"), "peers.dramatiq_app", "--processes", "1", "--threads", "8"]
+        return [script("dramatiq"), "peers.dramatiq_app"]  # its defaults
 
     def worker_env(self) -> dict[str, str]:
         return _peer_env(self.servers)

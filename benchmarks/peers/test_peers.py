@@ -2,15 +2,16 @@
 
 Each framework runs with its usual broker on one pair of embedded servers
 (``heddle.testing.EmbeddedServers``: nats-server with JetStream, valkey-server)
-and one worker process, started through its own CLI as a subprocess:
+and its worker started through its own CLI, as a subprocess, with its defaults
+(Celery, taskiq and Dramatiq start one process per CPU or two; Heddle one):
 
 ==========  ===================================================  ==============================================
 framework   broker / result backend                              worker command
 ==========  ===================================================  ==============================================
-heddle      JetStream / Valkey                                   ``heddle-worker -A peers.heddle_app -c 256``
-celery      Redis protocol on valkey / redis backend             ``celery -A peers.celery_app worker -P solo``
-taskiq      taskiq-nats pull JetStream broker / taskiq-redis     ``taskiq worker peers.taskiq_app:broker -w 1``
-dramatiq    Redis broker / Results middleware, redis backend     ``dramatiq peers.dramatiq_app -p 1 -t 8``
+heddle      JetStream / Valkey                                   ``heddle-worker -A peers.heddle_app`` (defaults)
+celery      Redis protocol on valkey / redis backend             ``celery -A peers.celery_app worker`` (prefork)
+taskiq      taskiq-nats pull JetStream broker / taskiq-redis     ``taskiq worker peers.taskiq_app:broker``
+dramatiq    Redis broker / Results middleware, redis backend     ``dramatiq peers.dramatiq_app``
 ==========  ===================================================  ==============================================
 
 Per round, one framework after another (the order rotates every round, so no
@@ -24,8 +25,8 @@ another framework shares the two cores:
 2. ``HEDDLE_BENCH_LATENCY_N`` (500) sequential round trips, p50/p99;
 3. a 100-wide fan-out/fan-in, ``HEDDLE_PEERS_FANOUT_REPEATS`` (5) times.
 
-Heddle runs once more per round with ``heddle-worker``'s default
-``--concurrency 16`` (throughput only). The tables show medians over the
+Heddle runs once more per round with a tuned ``--concurrency 256``
+(throughput only). The tables show medians over the
 rounds; ratios are peer / Heddle of the same round's medians. Nothing about
 time is asserted.
 """
@@ -52,8 +53,8 @@ from .drivers import (
     CeleryDriver,
     DramatiqDriver,
     Driver,
-    HeddleDefaultConcurrencyDriver,
     HeddleDriver,
+    HeddleTunedDriver,
     TaskiqDriver,
 )
 from .workers import TreeCpuMeter
@@ -116,10 +117,10 @@ def test_heddle_against_celery_taskiq_and_dramatiq_in_the_same_run(
     peers_report: Any,
 ) -> None:
     cfg = bench_config
-    heddle = HeddleDriver(peer_servers, cfg.concurrency)
+    heddle = HeddleDriver(peer_servers)
     drivers: list[Driver] = [
         heddle,
-        HeddleDefaultConcurrencyDriver(heddle),
+        HeddleTunedDriver(heddle, cfg.tuned_concurrency),
         CeleryDriver(peer_servers, *celery_pool),
         TaskiqDriver(peer_servers),
         DramatiqDriver(peer_servers),

@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from heddle import events, names
+from heddle.background import cancel_and_wait
 from heddle.errors import DecodeError, HeddleError
 from heddle.messages import (
     FAILURE,
@@ -259,9 +260,7 @@ class Actor:
             self.on_exhausted()
 
     async def _unbind(self) -> None:
-        for t in self._bg:
-            t.cancel()
-        await asyncio.gather(*self._bg, return_exceptions=True)
+        await cancel_and_wait(*self._bg)
         self._bg.clear()
         # Unsubscribe the pull subscription before closing (nats-py's drain waits for
         # its queue to empty otherwise); what it still holds is nak'd for redelivery.

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from heddle import names
+from heddle.background import cancel_and_wait
 from heddle.errors import DecodeError
 from heddle.messages import decode as bounded_decode
 from heddle.rules import RouterRules
@@ -135,10 +136,7 @@ class Heartbeat:
 
     async def stop(self) -> None:
         """Stop announcing and withdraw the entry."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+        await cancel_and_wait(self._task)
         if self._kv is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._kv.delete(self.key), 2)
@@ -172,10 +170,12 @@ class RulesAnnouncer:
         """Announce new rules (after a reload) at once."""
         self._payload = _encoder.encode(RoutingRules.of(rules))
         if self._task is not None:
-            self._task.cancel()
-            self._task = asyncio.get_running_loop().create_task(self._renew(at_once=True))
+            old = self._task
+            old.cancel()
+            self._task = asyncio.get_running_loop().create_task(self._renew(at_once=True, after=old))
 
-    async def _renew(self, at_once: bool = False) -> None:
+    async def _renew(self, at_once: bool = False, after: asyncio.Task[None] | None = None) -> None:
+        await cancel_and_wait(after)  # the loop this one replaces
         if not at_once:
             await asyncio.sleep(HEARTBEAT_S)
         while True:
@@ -187,10 +187,7 @@ class RulesAnnouncer:
 
     async def stop(self) -> None:
         """Stop announcing and withdraw the entry (clients send through the routers left)."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+        await cancel_and_wait(self._task)
         if self._kv is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._kv.delete(self.key), 2)
@@ -233,8 +230,7 @@ class Registry:
 
     async def stop(self) -> None:
         """Stop following the bucket."""
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        await cancel_and_wait(self._sweeper)
         if self._sub is not None:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
