@@ -129,3 +129,19 @@ async def test_a_watch_released_under_a_waiting_handle_does_not_end_its_wait(fre
         assert await waiting == 44
     finally:
         await app.aclose()
+
+
+async def test_a_task_id_with_dots_gets_its_notice_on_the_senders_subscription(fresh_servers):
+    # Graph node ids hold dots ("{goal}:0.3"): several subject tokens after the sender's.
+    app = _app(fresh_servers)
+    try:
+        tid = f"{uuid.uuid4().hex}:0.3"
+        r = app.send_task("nobody.runs_this", (1,), worker_type="nobody", task_id=tid)
+        await r.sent()
+        waiting = asyncio.ensure_future(r.aget(timeout=T))
+        # Announced, never stored: only the notice can end this wait.
+        notice = encode_record(ResultRecord(id=tid, state=SUCCESS, task="t", result=44))
+        await _publish(fresh_servers, names.notice_subject((await app.connections()).notice_token, tid), notice)
+        assert await waiting == 44
+    finally:
+        await app.aclose()

@@ -103,7 +103,8 @@ def result_key(task_id: str) -> str:
 
 # A task's result notice goes to ``heddle.results.{sender}.{task_id}``: ``sender`` is the
 # token the sending connection put in ``Heddle-Notify`` (it follows every notice of its
-# own sends with one subscription, ``heddle.results.{sender}.*``), or NO_SENDER ("_")
+# own sends with one subscription, ``heddle.results.{sender}.>``: a task id may hold
+# dots), or NO_SENDER ("_")
 # when the message named none. A handle on someone else's task subscribes to
 # ``heddle.results.*.{task_id}``.
 NO_SENDER = "_"

@@ -4,7 +4,7 @@ A worker stores a task's final record in Valkey, then publishes it as a notice o
 core NATS, ``heddle.results.{sender}.{id}`` (:func:`heddle.names.notice_subject`):
 the sending connection's token rides in the task's ``Heddle-Notify`` header, and
 the connection takes the notices of all its sends with one subscription,
-``heddle.results.{token}.*`` (no subscription per task). A handle on a task sent
+``heddle.results.{token}.>`` (no subscription per task). A handle on a task sent
 elsewhere subscribes to ``heddle.results.*.{id}``. The notice is only a wake-up call: core NATS
 keeps nothing, so a notice published while this client is disconnected, or before
 its subscriptions are re-registered after a reconnect (a worker that reconnects
@@ -126,7 +126,8 @@ class Watches:
         if w is not None and not w.done.done():
             return w
         if self._mux is None:
-            self._mux = await self.broker.subscribe(self._mux_prefix + "*", cb=self._on_mux)
+            # ">": a task id may hold dots (graph nodes: ``{goal}:0.3``), so it can be several tokens.
+            self._mux = await self.broker.subscribe(self._mux_prefix + ">", cb=self._on_mux)
         w = Watch(task_id, asyncio.get_running_loop().create_future())
         self._open[task_id] = w
         if len(self._open) > self.max_watches:
