@@ -106,3 +106,37 @@ def test_heddle_version_prints_the_version():
 
     out = subprocess.run([sys.executable, "-m", "heddle", "--version"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == f"heddle {__version__}", out.stdout + out.stderr
+
+
+def test_a_mistyped_app_attribute_names_what_the_module_has(tmp_path):
+    (tmp_path / "shopattr.py").write_text("import heddle\napp = heddle.Heddle('shopattr')\n")
+    out = run_cli("worker", "-A", "shopattr:ap", cwd=tmp_path)
+    assert out.returncode == 2
+    assert "module 'shopattr' has no attribute 'ap' (its apps: app)" in out.stderr
+    assert "NoneType" not in out.stderr
+
+
+def test_a_module_whose_own_import_fails_shows_where_not_pythonpath_advice(tmp_path):
+    (tmp_path / "shopbroken.py").write_text("import heddle\nimport a_dependency_nobody_installed\n")
+    out = run_cli("worker", "-A", "shopbroken", cwd=tmp_path)
+    assert out.returncode == 2
+    assert "importing 'shopbroken' given to -A failed, in its own code" in out.stderr
+    assert 'shopbroken.py", line 2' in out.stderr and "a_dependency_nobody_installed" in out.stderr
+    assert "PYTHONPATH" not in out.stderr
+    (tmp_path / "shopraises.py").write_text("x = 1\nraise RuntimeError('no config file')\n")
+    out = run_cli("worker", "-A", "shopraises", cwd=tmp_path)
+    assert out.returncode == 2
+    assert 'shopraises.py", line 2' in out.stderr and "RuntimeError: no config file" in out.stderr
+
+
+def test_heddle_dev_help_says_what_it_does_and_every_option_has_help(tmp_path):
+    out = run_cli("dev", "--help", cwd=tmp_path)
+    assert out.returncode == 0
+    text = " ".join(out.stdout.split())
+    assert "Start nats-server and valkey-server on free loopback ports" in text
+    lines = out.stdout.splitlines()
+    options = [i for i, line in enumerate(lines) if line.startswith("  -")]
+    for i in options:
+        # argparse puts the help on the option's line, or on the next one when the option is long.
+        here = lines[i].strip().split("  ", 1)
+        assert len(here) == 2 or lines[i + 1].startswith(" " * 10), f"no help for {lines[i].strip()}"

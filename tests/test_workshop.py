@@ -206,3 +206,25 @@ def test_heddle_workshop_serves_until_sigterm_and_then_exits_cleanly(heddle_serv
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_a_taken_port_is_traded_for_a_free_one_or_named_with_the_flag_that_sets_it(caplog) -> None:
+    import socket
+
+    from heddle.errors import HeddleError
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        busy = taken.getsockname()[1]
+        dev = Workshop(port=busy, port_flag="--workshop-port", fallback_port=True)
+        sock = dev.bind()
+        try:
+            assert dev.port != busy and sock.getsockname()[1] == dev.port and dev.url.endswith(f":{dev.port}")
+            assert f"port {busy} is taken" in caplog.text and "--workshop-port" in caplog.text
+        finally:
+            sock.close()
+        with pytest.raises(HeddleError, match=f"127.0.0.1:{busy}.*choose another port with --workshop-port"):
+            Workshop(port=busy, port_flag="--workshop-port").bind()
+        with pytest.raises(HeddleError, match="choose another port with --port"):
+            Workshop(port=busy).bind()

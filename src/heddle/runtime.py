@@ -12,6 +12,7 @@ import importlib
 import os
 import signal
 import sys
+import traceback
 from typing import Any, Protocol
 
 from heddle.app import Heddle
@@ -27,17 +28,28 @@ def load_app(spec: str) -> Heddle:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        raise ConfigError(
-            f"cannot import {module_name!r} given to -A: {exc}. Run from the directory that "
-            f"contains it, or add that directory to PYTHONPATH"
-        ) from exc
+        missing = exc.name or ""
+        if missing and (module_name == missing or module_name.startswith(missing + ".")):
+            raise ConfigError(
+                f"cannot import {module_name!r} given to -A: {exc}. Run from the directory that "
+                f"contains it, or add that directory to PYTHONPATH"
+            ) from exc
+        # Found, but an import inside it failed: that import is what to fix.
+        raise ConfigError(f"importing {module_name!r} given to -A failed, in its own code:\n{_user_traceback(exc)}"
+                          f"Install {missing!r} or fix that import") from exc
+    except Exception as exc:
+        raise ConfigError(f"importing {module_name!r} given to -A failed, in its own code:\n{_user_traceback(exc)}"
+                          f"Fix the error above") from exc
+    apps = {k: v for k, v in vars(module).items() if isinstance(v, Heddle)}
     if attr:
-        obj = getattr(module, attr, None)
+        if not hasattr(module, attr):
+            has = f"its apps: {', '.join(sorted(apps))}" if apps else "it defines no heddle.Heddle app"
+            raise ConfigError(f"module {module_name!r} has no attribute {attr!r} ({has})")
+        obj = getattr(module, attr)
         if not isinstance(obj, Heddle):
             raise ConfigError(f"{module_name}:{attr} is {type(obj).__name__}, not a heddle.Heddle app")
         obj.include(module)  # the module's shared @heddle.task tasks belong to the app -A names
         return obj
-    apps = {k: v for k, v in vars(module).items() if isinstance(v, Heddle)}
     chosen = apps.get("app") or (next(iter(apps.values())) if len(apps) == 1 else None)
     if chosen is not None:
         chosen.include(module)
@@ -51,6 +63,16 @@ def load_app(spec: str) -> Heddle:
         f"module {module_name!r} defines several apps ({', '.join(sorted(apps))}); "
         f"choose one with -A {module_name}:NAME"
     )
+
+
+def _user_traceback(exc: BaseException) -> str:
+    """``exc``'s traceback without the import machinery's frames: where the user's code failed."""
+    te = traceback.TracebackException.from_exception(exc)
+    machinery = (__file__, importlib.__file__)
+    te.stack = traceback.StackSummary.from_list(
+        [f for f in te.stack if f.filename not in machinery and not f.filename.startswith("<frozen importlib")]
+    )
+    return "".join(te.format())
 
 
 def install_loop_policy() -> None:

@@ -254,14 +254,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     w = sub.add_parser("worker", help="run a worker for an app's tasks")
     _add_worker_args(w)
-    d = sub.add_parser("dev", help="embedded nats-server + valkey-server + a worker, one command")
+    d = sub.add_parser(
+        "dev",
+        help="embedded nats-server + valkey-server + a worker, one command",
+        description="Start nats-server and valkey-server on free loopback ports, then a worker for -A's "
+                    "tasks and/or --config's LLM workers in this process, with a router, an orchestrator "
+                    "and the Workshop. For development on one machine; the servers keep nothing after exit.",
+    )
     d.add_argument("-A", "--app", default=None, help="module[:attribute] holding the heddle.Heddle app")
     add_worker_source_args(d, dev=True)  # --config FILE... (LLM workers), --tier, --local-model
     d.add_argument("-c", "--concurrency", type=int, default=DEFAULT_CONCURRENCY,
                    help=f"most tasks in flight (default {DEFAULT_CONCURRENCY})")
-    d.add_argument("--grace", type=float, default=10.0)
-    d.add_argument("--loglevel", default="INFO")
-    d.add_argument("--quiet", action="store_true")
+    d.add_argument("--grace", type=float, default=10.0,
+                   help="seconds in-flight tasks get to finish on Ctrl-C (default 10)")
+    d.add_argument("--loglevel", default="INFO", help="DEBUG, INFO, WARNING, ERROR (default INFO)")
+    d.add_argument("--quiet", action="store_true", help="no start-up banner")
     _add_router_args(d)
     from heddle.cli.workshop import add_dev_workshop_args
 
@@ -350,7 +357,8 @@ def _dispatch(args: Any, rest: Sequence[str]) -> int:
 
             return run_auth_command(args)
     except HeddleError as exc:
-        console.print(f"[bold red]error:[/] {escape(redact(str(exc)))}")
+        # Not wrapped at the console's width: an error may quote a traceback or a path.
+        console.print(f"[bold red]error:[/] {escape(redact(str(exc)))}", soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -19,7 +19,8 @@ def add_workshop_command(sub: Any, add_actor_args: Callable[[argparse.ArgumentPa
     w = sub.add_parser("workshop", help="web UI: overview, tasks, try a worker, dead letters")
     w.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; "
                    "anything else needs HEDDLE_WORKSHOP_TOKEN)")
-    w.add_argument("--port", type=int, default=8080, help="TCP port (default 8080)")
+    w.add_argument("--port", type=int, default=None,
+                   help="TCP port (default 8080, or a free one when 8080 is taken)")
     w.add_argument("--configs", action="append", type=Path, default=None,
                    help="directory of YAML worker configs and pipelines (repeatable; default configs/)")
     w.add_argument("--eval-db", type=Path, default=None, metavar="PATH",
@@ -31,7 +32,8 @@ def add_workshop_command(sub: Any, add_actor_args: Callable[[argparse.ArgumentPa
 def add_dev_workshop_args(p: argparse.ArgumentParser) -> None:
     """``heddle dev`` options for its hosted Workshop."""
     p.add_argument("--no-workshop", action="store_true", help="do not serve the Workshop")
-    p.add_argument("--workshop-port", type=int, default=8080, help="Workshop port on 127.0.0.1 (default 8080)")
+    p.add_argument("--workshop-port", type=int, default=None,
+                   help="Workshop port on 127.0.0.1 (default 8080, or a free one when 8080 is taken)")
 
 
 def dev_workshop(args: argparse.Namespace) -> Any:
@@ -43,7 +45,13 @@ def dev_workshop(args: argparse.Namespace) -> Any:
     except ImportError as exc:
         logging.getLogger("heddle.workshop").warning(_MISSING_EXTRA.format(exc))
         return None
-    return Workshop(port=getattr(args, "workshop_port", 8080))
+    from heddle.workshop.server import DEFAULT_PORT
+
+    port = getattr(args, "workshop_port", None)
+    ws = Workshop(port=DEFAULT_PORT if port is None else port, port_flag="--workshop-port",
+                  fallback_port=port is None)
+    ws.bind()  # so the URL shown is the one served
+    return ws
 
 
 def run_workshop_command(args: argparse.Namespace) -> int:
@@ -53,14 +61,18 @@ def run_workshop_command(args: argparse.Namespace) -> int:
         from heddle.workshop.server import Workshop
     except ImportError as exc:
         raise ConfigError(_MISSING_EXTRA.format(exc)) from None
-    if not 0 <= args.port <= 65535:
+    if args.port is not None and not 0 <= args.port <= 65535:
         raise ConfigError(f"--port must be 0-65535, got {args.port}")
-    ws = Workshop(host=args.host, port=args.port, config_dirs=args.configs, eval_db=args.eval_db)
+    from heddle.workshop.server import DEFAULT_PORT
+
+    ws = Workshop(host=args.host, port=DEFAULT_PORT if args.port is None else args.port, config_dirs=args.configs,
+                  eval_db=args.eval_db, fallback_port=args.port is None)
     from heddle.cli.common import preflight
     from heddle.runtime import run_actor_process
 
     preflight(args, ws.app)
-    print(f"heddle workshop on http://{args.host}:{args.port}  (nats {redact(ws.app.settings.nats_url)})", flush=True)
+    ws.bind()  # before the URL is shown: a taken port fails here, naming --port
+    print(f"heddle workshop on {ws.url}  (nats {redact(ws.app.settings.nats_url)})", flush=True)
 
     run_actor_process(ws.app, ws, args.health_port)
     return 0

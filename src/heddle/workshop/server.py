@@ -88,6 +88,8 @@ class Workshop:
         config_dirs: list[Path] | None = None,
         max_tasks: int = 2000,
         eval_db: Path | None = None,
+        port_flag: str = "--port",
+        fallback_port: bool = False,
     ) -> None:
         token = token if token is not None else (os.environ.get(TOKEN_ENV) or None)
         check_bind(host, token)
@@ -99,6 +101,11 @@ class Workshop:
         self.app = app or Heddle("workshop")
         self.host = host
         self.port = port
+        # The option that sets the port, named when it is busy; with fallback_port a busy
+        # port is traded for a free one (heddle dev beside another heddle dev).
+        self.port_flag = port_flag
+        self.fallback_port = fallback_port
+        self._sock: socket.socket | None = None
         self.token = token
         # Browsers hold a signed, expiring session, never the token (see web.Sessions).
         self.sessions = Sessions(token, ttl_s) if token else None
@@ -183,21 +190,34 @@ class Workshop:
 
     # -- running ------------------------------------------------------------------------------
 
-    def _bind(self) -> socket.socket:
+    def bind(self) -> socket.socket:
+        """Take the port now (before the URL is shown); :meth:`run` serves on it.
+
+        Raises:
+            HeddleError: The port is taken (or not allowed), and no other may be used.
+        """
+        if self._sock is not None:
+            return self._sock
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((self.host, self.port))
         except OSError as exc:
-            sock.close()
-            raise HeddleError(
-                f"the Workshop cannot listen on {self.host}:{self.port}: {exc.strerror or exc}; "
-                f"choose another with --port"
-            ) from None
+            busy = self.port
+            if not self.fallback_port:
+                sock.close()
+                raise HeddleError(
+                    f"the Workshop cannot listen on {self.host}:{busy}: {exc.strerror or exc}; "
+                    f"choose another port with {self.port_flag}"
+                ) from None
+            sock.bind((self.host, 0))
+            log.warning("port %d is taken (another heddle dev?); the Workshop listens on port %d instead "
+                        "(%s chooses one)", busy, sock.getsockname()[1], self.port_flag)
         sock.listen(128)
         sock.setblocking(False)
         self.port = int(sock.getsockname()[1])
+        self._sock = sock
         return sock
 
     async def run(self) -> None:
@@ -210,7 +230,7 @@ class Workshop:
             def capture_signals(self) -> Iterator[None]:
                 yield
 
-        sock = self._bind()
+        sock = self.bind()
         conns = await self.app.connections()
         self.conns = conns
         try:
