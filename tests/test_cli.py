@@ -9,6 +9,8 @@ import sys
 import uuid
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import ROOT, wait_for
 
 
@@ -140,3 +142,21 @@ def test_heddle_dev_help_says_what_it_does_and_every_option_has_help(tmp_path):
         # argparse puts the help on the option's line, or on the next one when the option is long.
         here = lines[i].strip().split("  ", 1)
         assert len(here) == 2 or lines[i + 1].startswith(" " * 10), f"no help for {lines[i].strip()}"
+
+
+def test_without_the_workshop_extra_heddle_dev_goes_on_and_heddle_workshop_names_the_extra(monkeypatch, caplog):
+    import argparse
+
+    from heddle.cli.workshop import dev_workshop, run_workshop_command
+    from heddle.errors import ConfigError
+
+    # What a base install (no jinja2) looks like to the Workshop's web modules.
+    for name in [m for m in sys.modules if m.startswith(("heddle.workshop.web", "heddle.workshop.evaluate",
+                                                         "heddle.workshop.pipelines"))]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "jinja2", None)
+    assert dev_workshop(argparse.Namespace(no_workshop=False, workshop_port=None)) is None
+    assert "pip install 'heddle[workshop]'" in caplog.text and "goes on without it" in caplog.text
+    args = argparse.Namespace(loglevel="INFO", port=None, host="127.0.0.1", configs=None, eval_db=None)
+    with pytest.raises(ConfigError, match=r"pip install 'heddle\[workshop\]'"):
+        run_workshop_command(args)

@@ -40,16 +40,17 @@ def dev_workshop(args: argparse.Namespace) -> Any:
     """The Workshop ``heddle dev`` hosts (None with --no-workshop or without the extra)."""
     if getattr(args, "no_workshop", False):
         return None
-    try:
-        from heddle.workshop.server import Workshop
-    except ImportError as exc:
-        logging.getLogger("heddle.workshop").warning(_MISSING_EXTRA.format(exc))
-        return None
-    from heddle.workshop.server import DEFAULT_PORT
-
     port = getattr(args, "workshop_port", None)
-    ws = Workshop(port=DEFAULT_PORT if port is None else port, port_flag="--workshop-port",
-                  fallback_port=port is None)
+    try:
+        # The web modules (jinja2, starlette) are imported when a Workshop is made.
+        from heddle.workshop.server import DEFAULT_PORT, Workshop
+
+        ws = Workshop(port=DEFAULT_PORT if port is None else port, port_flag="--workshop-port",
+                      fallback_port=port is None)
+    except ImportError as exc:
+        logging.getLogger("heddle.workshop").warning(
+            "%s; heddle dev goes on without it", _MISSING_EXTRA.format(exc))
+        return None
     ws.bind()  # so the URL shown is the one served
     return ws
 
@@ -57,16 +58,16 @@ def dev_workshop(args: argparse.Namespace) -> Any:
 def run_workshop_command(args: argparse.Namespace) -> int:
     """Serve the Workshop until SIGINT/SIGTERM."""
     logging.basicConfig(level=args.loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        from heddle.workshop.server import Workshop
-    except ImportError as exc:
-        raise ConfigError(_MISSING_EXTRA.format(exc)) from None
     if args.port is not None and not 0 <= args.port <= 65535:
         raise ConfigError(f"--port must be 0-65535, got {args.port}")
-    from heddle.workshop.server import DEFAULT_PORT
+    try:
+        # The web modules (jinja2, starlette) are imported when a Workshop is made.
+        from heddle.workshop.server import DEFAULT_PORT, Workshop
 
-    ws = Workshop(host=args.host, port=DEFAULT_PORT if args.port is None else args.port, config_dirs=args.configs,
-                  eval_db=args.eval_db, fallback_port=args.port is None)
+        ws = Workshop(host=args.host, port=DEFAULT_PORT if args.port is None else args.port,
+                      config_dirs=args.configs, eval_db=args.eval_db, fallback_port=args.port is None)
+    except ImportError as exc:
+        raise ConfigError(_MISSING_EXTRA.format(exc)) from None
     from heddle.cli.common import preflight
     from heddle.runtime import run_actor_process
 
