@@ -106,6 +106,11 @@ def test_wrong_arguments_fail_at_the_call_site():
         add.delay(1, 2, 3)
     with pytest.raises(TypeError, match="missing a required argument: 'y'"):
         add.delay(1)
+    # Celery's habit of passing the arguments to apply_async one by one.
+    with pytest.raises(TypeError, match=r"add.apply_async\(args, kwargs\) takes the positional arguments as one "
+                                        r"tuple or list .* add.apply_async\(\(1, 2\)\) or add.delay\(1, 2\); "
+                                        r"got args of type int and kwargs of type int"):
+        add.apply_async(1, 2)
 
 
 def test_an_unencodable_argument_raises_encode_error_naming_it():

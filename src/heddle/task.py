@@ -247,6 +247,14 @@ class Task(Generic[P, R]):
             TypeError: The arguments do not fit the function's signature.
             EncodeError: An argument cannot be encoded; the message names it.
         """
+        if not isinstance(args, tuple | list) or not isinstance(kwargs, dict | None):
+            short = self.name.rpartition(".")[2]
+            raise TypeError(
+                f"{short}.apply_async(args, kwargs) takes the positional arguments as one tuple or list and "
+                f"the keyword arguments as one dict, e.g. {short}.apply_async((1, 2)) or {short}.delay(1, 2); "
+                f"got args of type {type(args).__name__}"
+                + (f" and kwargs of type {type(kwargs).__name__}" if kwargs is not None else "")
+            )
         kwargs = dict(kwargs or {})
         args = tuple(args)
         try:
