@@ -131,3 +131,14 @@ def test_events_tails_live_events_filtered_by_task_and_state(shop: Heddle, heddl
 def test_events_rejects_an_unknown_state(heddle_servers: EmbeddedServers) -> None:
     out = heddle(heddle_servers, "events", "--state", "exploded", "--count", "1")
     assert out.returncode == 2 and "unknown --state exploded" in out.stderr
+
+
+def test_heddle_events_shows_worker_heartbeats_only_when_asked():
+    from heddle.status import matches
+
+    beat = {"kind": "worker", "state": "heartbeat", "id": "w1"}
+    online = {"kind": "worker", "state": "online", "id": "w1"}
+    done = {"kind": "task", "state": "succeeded", "id": "t1"}
+    assert not matches(beat, None, None, None) and not matches(beat, None, None, ["worker"])
+    assert matches(online, None, None, None) and matches(done, None, None, None)
+    assert matches(beat, None, ["heartbeat"], None) and matches(beat, None, ["online", "heartbeat"], ["worker"])

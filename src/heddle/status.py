@@ -232,8 +232,13 @@ def print_audit(console: Console, report: AuditReport) -> None:
 
 
 def matches(ev: dict[str, Any], task: str | None, states: list[str] | None, kinds: list[str] | None) -> bool:
-    """True if the described event passes the ``heddle events`` filters."""
+    """True if the described event passes the ``heddle events`` filters.
+
+    Worker heartbeats (one per worker every 2 s) pass only when ``states`` asks for them.
+    """
     if kinds and ev.get("kind") not in kinds:
+        return False
+    if ev.get("state") == events.HEARTBEAT and not (states and events.HEARTBEAT in states):
         return False
     if states and ev.get("state") not in states:
         return False
@@ -421,7 +426,7 @@ def add_status_commands(sub: Any) -> None:
     e = sub.add_parser("events", help="follow lifecycle events (heddle.events.>) live")
     e.add_argument("--task", help="only events of this task id (or task name)")
     e.add_argument("--state", action="append", help="only this state (repeatable): " + ", ".join(
-        events.TASK_STATES + events.WORKER_STATES))
+        events.TASK_STATES + events.WORKER_STATES) + "; worker heartbeats are shown only with --state heartbeat")
     e.add_argument("--kind", action="append", choices=["task", "worker", "goal", "llm"], help="only this kind")
     e.add_argument("--json", action="store_true", help="one JSON object a line")
     e.add_argument("--count", type=int, default=None, help="stop after N events")
