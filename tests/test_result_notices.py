@@ -145,3 +145,17 @@ async def test_a_task_id_with_dots_gets_its_notice_on_the_senders_subscription(f
         assert await waiting == 44
     finally:
         await app.aclose()
+
+
+async def test_a_timed_out_wait_says_whether_its_worker_type_is_alive_or_the_task_is_scheduled(fresh_servers):
+    app = _app(fresh_servers)
+    try:
+        nobody = f"nobody{uuid.uuid4().hex[:6]}"
+        r = app.send_task("t.run", (1,), worker_type=nobody)
+        with pytest.raises(heddle.ResultTimeout, match=f"no worker of type '{nobody}' is alive: start one"):
+            await r.aget(timeout=0.3)
+        later = app.send_task("t.run", (1,), worker_type=nobody, countdown=600)
+        with pytest.raises(heddle.ResultTimeout, match=r"it is scheduled to run at .* UTC, (599|600)s from now"):
+            await later.aget(timeout=0.3)
+    finally:
+        await app.aclose()

@@ -81,6 +81,22 @@ class Connections:
         routes = await asyncio.shield(self._routes)
         return routes.route(subject, headers) if routes is not None else subject
 
+    async def worker_type_alive(self, worker_type: str) -> bool | None:
+        """Whether a worker of ``worker_type`` is alive now (None: cannot tell).
+
+        Read from the workers bucket the direct routes follow; without direct routing
+        (per-role NATS users, who may not read the bucket) it cannot tell.
+        """
+        if not self.broker.settings.direct_routing:
+            return None
+        if self._routes is None:
+            self._routes = asyncio.ensure_future(self._start_routes())
+        try:
+            routes = await asyncio.wait_for(asyncio.shield(self._routes), 5)
+        except (TimeoutError, HeddleError):
+            return None
+        return None if routes is None else worker_type in routes.registry.tiers
+
     async def _start_routes(self) -> Routes | None:
         registry = Registry(self.broker)
         try:

@@ -49,6 +49,10 @@ class AsyncResult(Generic[R]):
         self._watch: Watch | None = None
         self._loop: Any = None
         self._record: ResultRecord | None = None
+        #: Set by the send: the worker type it went to and when it may run (epoch s), for
+        #: a timeout that says why there is no result yet.
+        self.worker_type = ""
+        self.eta: float | None = None
 
     def __repr__(self) -> str:
         return f"<AsyncResult {self.task_name or 'task'}[{self.id}]>"
@@ -119,11 +123,29 @@ class AsyncResult(Generic[R]):
             with contextlib.suppress(BackendError):
                 state = (await conns.backend.read(self.id))[0]
             raise ResultTimeout(
-                f"no result for task {self.id} within {timeout}s (state {state}); "
-                f"is a worker running for it (`heddle-worker -A yourmodule`)?"
+                f"no result for task {self.task_name or 'task'}[{self.id}] within {timeout}s (state {state}); "
+                f"{await self._why_pending(conns, state)}"
             )
         self._record = record
         return record
+
+    async def _why_pending(self, conns: Any, state: str) -> str:
+        """What to check when a wait timed out: the schedule, or the worker type's live workers."""
+        now = time.time()
+        if self.eta is not None and self.eta > now and state == PENDING:
+            at = time.strftime("%H:%M:%S UTC", time.gmtime(self.eta))
+            return f"it is scheduled to run at {at}, {self.eta - now:.0f}s from now: wait past that"
+        wt = self.worker_type
+        if not wt:
+            return "is a worker running for it (`heddle-worker -A yourmodule`)?"
+        alive = await conns.worker_type_alive(wt)
+        if alive is False:
+            return (f"no worker of type {wt!r} is alive: start one (`heddle-worker -A yourmodule` for an app "
+                    f"named {wt!r}, or `heddle worker --config {wt}.yaml` for an LLM worker)")
+        if alive:
+            return (f"workers of type {wt!r} are alive but have not finished it: it may be slow, waiting "
+                    f"behind others or rate-limited (`heddle inspect {self.id}`)")
+        return f"is a worker of type {wt!r} running (`heddle-worker -A yourmodule`)?"
 
     def _outcome(self, record: ResultRecord, propagate: bool) -> Any:
         if record.state == SUCCESS:

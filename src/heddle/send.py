@@ -152,7 +152,9 @@ def send(
     if tier:
         wire_headers[names.HDR_TIER_REQUESTED] = tier
     subject = names.INCOMING_SUBJECT
-    return submit(app, AsyncResult(tid, app, name), subject, payload, wire_headers)
+    result: AsyncResult[Any] = AsyncResult(tid, app, name)
+    result.worker_type, result.eta = wire_headers[names.HDR_WORKER_TYPE], msg.eta
+    return submit(app, result, subject, payload, wire_headers)
 
 
 def send_by_name(
