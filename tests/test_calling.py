@@ -72,6 +72,10 @@ def test_a_remote_exception_comes_back_as_task_error_with_type_message_and_trace
     assert err.type_name == "builtins.ValueError"
     assert err.remote_message == "bad value 7"
     assert "raise ValueError" in err.remote_traceback
+    # It starts at the task's own code, not in the worker that called it (#21 item 13).
+    frames = [line.strip() for line in err.remote_traceback.splitlines() if line.strip().startswith("File ")]
+    assert "test_calling.py" in frames[0], frames
+    assert not any("heddle/worker.py" in f or "concurrent/futures" in f for f in frames), frames
     assert r.state == heddle.FAILURE
     assert isinstance(r.result, heddle.TaskError)
     assert "bad value 7" in r.traceback

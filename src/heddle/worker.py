@@ -104,12 +104,23 @@ class Outcome:
     finished_at: float = field(default_factory=time.time)
 
 
+# Frames of the worker's own machinery (Heddle, asyncio, the thread pool) that come
+# before the task's code in a traceback.
+_MACHINERY = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep + "heddle" + os.sep,
+              os.sep + "asyncio" + os.sep, os.sep + "concurrent" + os.sep + "futures" + os.sep)
+
+
 def _error_info(exc: BaseException) -> ErrorInfo:
     t = type(exc)
+    te = traceback.TracebackException.from_exception(exc)
+    frames = list(te.stack)
+    # A remote traceback starts at the task's own code, not at the worker that called it.
+    first = next((i for i, f in enumerate(frames) if not any(m in f.filename for m in _MACHINERY)), 0)
+    te.stack = traceback.StackSummary.from_list(frames[first:])
     return ErrorInfo(
         type=f"{t.__module__}.{t.__qualname__}",
         message=str(exc),
-        traceback="".join(traceback.format_exception(exc)),
+        traceback="".join(te.format()),
     )
 
 
