@@ -153,6 +153,39 @@ def test_dead_letters_are_listed_shown_and_replayed(shop: Heddle, ws: Workshop, 
     assert r.status_code == 200 and f"replayed dead letter {seq}" in r.text
     again = post(client, ws, f"/dlq/{seq}/replay", {})
     assert "already replayed" in again.text
+    # Marked as replayed, with a readable time, and no Replay button any more (#21 item 10).
+    one = client.get(f"/dlq/{seq}").text
+    assert "replayed by workshop@" in one and 'id="replay"' not in one and " UTC)" in one
+    listed = client.get("/dlq").text.split(f'href="/dlq/{seq}"', 1)[1].split("</tr>", 1)[0]
+    assert "replayed by workshop@" in listed and "<button>replay</button>" not in listed
+
+
+def test_a_dead_letter_whose_task_succeeded_since_is_not_offered_for_replay(shop, ws, client) -> None:
+    import asyncio
+
+    from heddle.dlq import clip, get_dead_letter, replay
+    from heddle.messages import SUCCESS, ResultRecord
+    from heddle.store import StoreRequest, encode_record
+
+    tid = submit(client, ws, shop, "boom", '["y"]')
+    wait_for(lambda: tid in client.get("/dlq").text, 15, "the dead letter")
+    page = client.get("/dlq").text
+    seq = int(page.split(f'href="/tasks/{tid}"', 1)[0].rsplit('href="/dlq/', 1)[1].split('"', 1)[0])
+
+    async def succeed_later() -> str:
+        conns = await shop.connections()
+        await conns.backend.forget(tid)  # as a replay does, then a later run succeeds
+        await conns.backend.store(StoreRequest(tid, SUCCESS, encode_record(ResultRecord(id=tid, state=SUCCESS,
+                                                                                       task="boom"))))
+        assert (await get_dead_letter(shop, seq)).task_state == SUCCESS
+        said = await replay(shop, seq)
+        await shop.aclose()
+        return said
+
+    assert "has succeeded since; not sending it again" in asyncio.run(succeed_later())
+    one = client.get(f"/dlq/{seq}").text
+    assert "its task has succeeded since" in one and 'id="replay"' not in one
+    assert clip("one two three four", 12) == "one two…" and clip("short", 12) == "short"
 
 
 def test_the_event_stream_announces_a_task_as_it_happens(shop: Heddle, ws: Workshop, client: httpx.Client) -> None:

@@ -24,8 +24,8 @@ from rich.table import Table
 from heddle import names
 from heddle.app import Heddle
 from heddle.errors import BrokerError, DecodeError, HeddleError
+from heddle.messages import SUCCESS, task_decoder
 from heddle.messages import decode as bounded_decode
-from heddle.messages import task_decoder
 
 
 class DeadLetter(msgspec.Struct, frozen=True):
@@ -35,6 +35,20 @@ class DeadLetter(msgspec.Struct, frozen=True):
     headers: dict[str, str]
     data: bytes
     time: float
+    #: "by WHO at WHEN" once replayed, else "".
+    replayed: str = ""
+    #: The task's state now (SUCCESS if a later run succeeded), "" when it has no id.
+    task_state: str = ""
+
+    @property
+    def replayable(self) -> bool:
+        """Not replayed yet, and its task has not succeeded since."""
+        return not self.replayed and self.task_state != SUCCESS
+
+    @property
+    def failed_at(self) -> str:
+        """When it was dead-lettered, as a UTC time (``Heddle-Failed-At`` holds epoch seconds)."""
+        return dt.datetime.fromtimestamp(self.time, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC") if self.time else "?"
 
     @property
     def task_id(self) -> str:
@@ -78,7 +92,10 @@ async def _get(app: Heddle, seq: int, missing_ok: bool = False) -> DeadLetter | 
     if ref.startswith(names.DLQ_PAYLOAD_KEY_PREFIX) and not data:
         # Too large to copy with its headers: the payload was kept in Valkey.
         data = await conns.backend.get_bytes(ref) or b""
-    return DeadLetter(seq, headers, data, when)
+    replayed = await conns.backend.get_text(f"{names.REPLAY_KEY_PREFIX}{seq}") or ""
+    task_id = headers.get(names.HDR_TASK_ID, "")
+    state = (await conns.backend.read(task_id))[0] if task_id else ""
+    return DeadLetter(seq, headers, data, when, replayed, state)
 
 
 async def get_dead_letter(app: Heddle, seq: int) -> DeadLetter:
@@ -93,9 +110,10 @@ async def replay(app: Heddle, seq: int, by: str | None = None) -> str:
     conns = await app.connections()
     dl = await get_dead_letter(app, seq)
     marker = f"{names.REPLAY_KEY_PREFIX}{seq}"
-    done = await conns.backend.get_text(marker)
-    if done is not None:
-        return f"dead letter {seq} was already replayed ({done}); not sending it again"
+    if dl.replayed:
+        return f"dead letter {seq} was already replayed ({dl.replayed}); not sending it again"
+    if dl.task_state == SUCCESS:
+        return f"the task of dead letter {seq} ({dl.task_id}) has succeeded since; not sending it again"
     if not dl.data and dl.headers.get(names.HDR_PAYLOAD_REF):
         return f"dead letter {seq} kept its payload in Valkey, and it has expired; it cannot be replayed"
     if not dl.headers.get(names.HDR_WORKER_TYPE):
@@ -149,15 +167,24 @@ def run_dlq_command(args: argparse.Namespace, console: Console) -> int:
     return asyncio.run(main())
 
 
+def clip(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` characters at a word boundary, with "…" when cut."""
+    if len(text) <= limit:
+        return text
+    cut = text[: limit - 1]
+    space = cut.rfind(" ")
+    return (cut[:space] if space > limit // 2 else cut).rstrip(" ,;:") + "…"
+
+
 def _print_list(console: Console, dls: list[DeadLetter]) -> None:
     table = Table(title=f"dead letters ({len(dls)})")
-    for col in ("id", "failed at", "task id", "task", "worker type", "reason"):
+    for col in ("id", "failed at", "task id", "task", "worker type", "reason", "since"):
         table.add_column(col, overflow="fold")
     for d in dls:
-        when = dt.datetime.fromtimestamp(d.time, dt.UTC).strftime("%Y-%m-%d %H:%M:%S") if d.time else "?"
+        since = f"replayed {d.replayed}" if d.replayed else ("task succeeded" if d.task_state == SUCCESS else "")
         table.add_row(
-            str(d.id), when, d.task_id, d.headers.get(names.HDR_TASK, ""),
-            d.headers.get(names.HDR_WORKER_TYPE, ""), d.reason[:120],
+            str(d.id), d.failed_at, d.task_id, d.headers.get(names.HDR_TASK, ""),
+            d.headers.get(names.HDR_WORKER_TYPE, ""), clip(d.reason, 120), since,
         )
     console.print(table)
 
@@ -165,7 +192,11 @@ def _print_list(console: Console, dls: list[DeadLetter]) -> None:
 def _print_one(console: Console, d: DeadLetter) -> None:
     console.print(f"[bold]dead letter {d.id}[/]")
     for k, v in sorted(d.headers.items()):
-        console.print(f"  {k}: {v}")
+        console.print(f"  {k}: {v}" + (f" ({d.failed_at})" if k == names.HDR_FAILED_AT else ""), markup=False)
+    if d.replayed:
+        console.print(f"  replayed {d.replayed}", markup=False)
+    if d.task_state:
+        console.print(f"  its task now: {d.task_state}", markup=False)
     try:
         tm = bounded_decode(task_decoder, d.data)
         body: Any = {"task": tm.task, "id": tm.id, "args": tm.args, "kwargs": tm.kwargs}

@@ -41,6 +41,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from heddle import names
+from heddle.dlq import clip as _clip
 from heddle.errors import DecodeError, HeddleError
 from heddle.messages import READY_STATES, task_decoder
 from heddle.messages import decode as bounded_decode
@@ -92,6 +93,7 @@ _env = jinja2.Environment(
 )
 _env.filters["when"] = _when
 _env.filters["pretty"] = _pretty
+_env.filters["clip"] = lambda text, limit: _clip(str(text), int(limit))
 
 
 class Sessions:
@@ -645,7 +647,7 @@ def build_app(ws: Workshop) -> ASGIApp:
 
 def _hdrs() -> dict[str, str]:
     return {"task_id": names.HDR_TASK_ID, "task": names.HDR_TASK, "worker_type": names.HDR_WORKER_TYPE,
-            "reason": names.HDR_REASON}
+            "reason": names.HDR_REASON, "failed_at": names.HDR_FAILED_AT}
 
 
 __all__ = ["CSP", "SESSION_COOKIE", "Pages", "Sessions", "Target", "build_app", "is_https", "schema_fields"]
