@@ -251,7 +251,8 @@ def _show(drivers: list[Driver], figures: dict[str, Any], cfg: Any, repeats: int
             )
     report.show(
         t,
-        note=f"throughput: {cfg.n:,} no-op tasks, each worker with its defaults; round trips: {cfg.latency_n} sequential; "
+        note=f"throughput: {cfg.n:,} no-op tasks, each worker with its defaults; "
+        f"round trips: {cfg.latency_n} sequential; "
         f"fan-out: {FANOUT_WIDTH} tasks then one, median of {repeats} per round (max: the slowest one). "
         "Round-trip ratios are to the heddle row with the same kind of caller (blocking get, or await for taskiq).",
     )
