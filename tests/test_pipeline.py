@@ -313,3 +313,22 @@ def test_heddle_submit_runs_a_pipeline_and_prints_its_timeline(p, tmp_path, hedd
     bad = subprocess.run([*cmd[:-2], "--input", "[1, 2]"], capture_output=True, text=True, timeout=60, env=env)
     assert bad.returncode == 2
     assert "must be a JSON object" in bad.stderr
+
+
+def test_heddle_submit_without_dash_a_sends_python_stages_to_the_live_workers_that_run_them(
+    p, tmp_path, heddle_servers
+):
+    # #21 item 4: the running workers announce their tasks; -A is an option, not a requirement.
+    path = write(tmp_path, PARALLEL.replace("{llm}", p.llm.name))
+    env = {**os.environ, "NATS_URL": heddle_servers.nats_url, "VALKEY_URL": heddle_servers.valkey_url,
+           "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "heddle", "submit", str(path), "--timeout", "30", "--json",
+           "--input", json.dumps({"text": "First. Second.", "lang": "en"})]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert json.loads(out.stdout)["output"]["count"] == 2
+    nowhere = write(tmp_path, "name: nowhere\nstages:\n  - name: a\n    task: nobody.tasks.nothing\n", "nowhere.yaml")
+    bad = subprocess.run([sys.executable, "-m", "heddle", "submit", str(nowhere), "--timeout", "5"],
+                         capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
+    assert bad.returncode == 2
+    assert "no live worker offers task 'nobody.tasks.nothing' (start one: heddle-worker -A nobody.tasks)" in bad.stderr

@@ -132,19 +132,11 @@ def _parse_input(text: str) -> dict[str, Any]:
     return value
 
 
-def _submit_app(args: argparse.Namespace, pipeline: Pipeline) -> Heddle:
+def _submit_app(args: argparse.Namespace) -> Heddle:
     from heddle.app import Heddle
     from heddle.runtime import load_app
 
-    if args.app:
-        return load_app(args.app)
-    dotted = [s.name for s in pipeline.node.stages if s.task is not None and "." in s.task]
-    if dotted:
-        raise ConfigError(
-            f"stage(s) {', '.join(dotted)} name Python tasks; pass -A module[:app] so heddle knows "
-            f"which app's workers run them"
-        )
-    return Heddle("submit")
+    return load_app(args.app) if args.app else Heddle("submit")
 
 
 def _run_submit(args: argparse.Namespace) -> int:
@@ -152,7 +144,7 @@ def _run_submit(args: argparse.Namespace) -> int:
 
     pipeline = load_pipeline(args.pipeline)
     context = _parse_input(args.input)
-    app = _submit_app(args, pipeline)
+    app = _submit_app(args)
     try:
         outcome = asyncio.run(_submit(app, pipeline, context, args))
     finally:
@@ -170,7 +162,14 @@ def _run_submit(args: argparse.Namespace) -> int:
 
 
 async def _submit(app: Heddle, pipeline: Pipeline, context: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    result = pipeline.apply_async(context, app=app, task_id=args.task_id)
+    if args.app:
+        node = pipeline.resolved(app)  # the tasks of -A's app
+    else:
+        # The live workers announce their tasks: each stage goes to a worker type that runs it.
+        from heddle.status import list_workers
+
+        node = pipeline.resolved_by_workers([row.info for row in await list_workers(app)])
+    result = pipeline.submit(app, node, context, args.task_id)
     await result.sent()
     if not args.quiet:
         err_console.print(f"submitted goal [cyan]{result.id}[/] ({pipeline.name}, {len(pipeline.node.stages)} stages)")

@@ -34,13 +34,14 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeGuard
 
 from heddle import names
 from heddle.configfile import ConfigIssue, line_of, load_yaml, unknown_key_message
-from heddle.errors import ConfigFileError
+from heddle.errors import ConfigError, ConfigFileError
 from heddle.graphs.model import PipelineNode, StageSpec
 from heddle.graphs.paths import (
     RESERVED_NAMES,
@@ -496,6 +497,44 @@ class Pipeline:
             stages.append(s)
         return PipelineNode(name=self.node.name, stages=stages, output_mapping=self.node.output_mapping)
 
+    def resolved_by_workers(self, workers: Sequence[Any]) -> PipelineNode:
+        """The node with each ``task`` stage bound to a live worker's type; every unrunnable stage named.
+
+        ``workers`` are the live workers' announcements (``heddle.registry.WorkerInfo``:
+        their type and task names). :meth:`resolved` knows the tasks from an app instead.
+
+        Raises:
+            ConfigError: Some stage has no live worker to run it (each one is named).
+        """
+        offers: dict[str, set[str]] = {}
+        types = {w.worker_type for w in workers}
+        for w in workers:
+            for t in w.tasks:
+                offers.setdefault(t, set()).add(w.worker_type)
+        problems: list[str] = []
+        stages: list[StageSpec] = []
+        for s in self.node.stages:
+            if s.worker_type is not None:
+                if s.worker_type not in types:
+                    problems.append(
+                        f"stage {s.name!r}: no live worker of type {s.worker_type!r} "
+                        f"(start one: heddle worker --config configs/workers/{s.worker_type}.yaml)"
+                    )
+            elif (task := s.task) is not None and s.task_worker_type is None:
+                if task in offers:
+                    s = StageSpec(**{**_fields(s), "task_worker_type": sorted(offers[task])[0]})
+                elif "." not in task and task in types:  # a bare name is a worker type, as with send_task
+                    s = StageSpec(**{**_fields(s), "task_worker_type": task})
+                else:
+                    module = task.rsplit(".", 1)[0] if "." in task else "yourmodule"
+                    problems.append(
+                        f"stage {s.name!r}: no live worker offers task {task!r} (start one: heddle-worker -A {module})"
+                    )
+            stages.append(s)
+        if problems:
+            raise ConfigError("cannot run yet: " + "; ".join(problems))
+        return PipelineNode(name=self.node.name, stages=stages, output_mapping=self.node.output_mapping)
+
     def apply_async(
         self, context: dict[str, Any] | None = None, *, app: Client, task_id: str | None = None
     ) -> GraphResult:
@@ -506,13 +545,20 @@ class Pipeline:
             mapping, ``node(stage)`` a stage's own result, ``timeline()`` the
             per-stage timing once it has finished.
         """
-        from heddle.graphs.canvas import submit_goal
 
         if context is not None and not isinstance(context, dict):
             raise TypeError(
                 f"a pipeline's input must be a mapping (read as goal.context), got {type(context).__name__}"
             )
-        return submit_goal(app, self.resolved(app), context=context or {}, name=self.node.name, goal_id=task_id)
+        return self.submit(app, self.resolved(app), context, task_id)
+
+    def submit(
+        self, app: Client, node: PipelineNode, context: dict[str, Any] | None = None, task_id: str | None = None
+    ) -> GraphResult:
+        """Submit ``node`` (this pipeline, resolved by :meth:`resolved` or :meth:`resolved_by_workers`)."""
+        from heddle.graphs.canvas import submit_goal
+
+        return submit_goal(app, node, context=context or {}, name=self.node.name, goal_id=task_id)
 
     def delay(self, context: dict[str, Any] | None = None, *, app: Client) -> GraphResult:
         """Shortcut for :meth:`apply_async`."""

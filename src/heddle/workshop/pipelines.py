@@ -23,13 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import msgspec
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from heddle.configfile import ConfigIssue, load_yaml
-from heddle.errors import HeddleError
+from heddle.errors import ConfigError, HeddleError
 from heddle.graphs.model import DISPATCHED, NODE_FINAL_STATES, SUCCEEDED, PipelineNode, StageSpec
 from heddle.graphs.pipeline import Pipeline, PipelineError, Plan, build_plan, load_pipeline, looks_like_pipeline
 from heddle.messages import READY_STATES
@@ -132,39 +131,11 @@ def parse_input(text: str, node: PipelineNode) -> dict[str, Any]:
 
 
 def resolve_stages(node: PipelineNode, workers: list[WorkerInfo]) -> PipelineNode:
-    """The node with each ``task`` stage bound to a live worker's type; every unrunnable stage named.
-
-    ``heddle submit -A module`` knows the tasks from the module; the Workshop
-    knows them from the worker registry instead.
-    """
-    offers: dict[str, set[str]] = {}
-    types = {w.worker_type for w in workers}
-    for w in workers:
-        for t in w.tasks:
-            offers.setdefault(t, set()).add(w.worker_type)
-    problems: list[str] = []
-    stages: list[StageSpec] = []
-    for s in node.stages:
-        if s.worker_type is not None:
-            if s.worker_type not in types:
-                problems.append(
-                    f"stage {s.name!r}: no live worker of type {s.worker_type!r} "
-                    f"(start one: heddle worker --config configs/workers/{s.worker_type}.yaml)"
-                )
-        elif (task := s.task) is not None and s.task_worker_type is None:
-            if task in offers:
-                s = msgspec.structs.replace(s, task_worker_type=sorted(offers[task])[0])
-            elif "." not in task and task in types:  # a bare name is a worker type, as with send_task
-                s = msgspec.structs.replace(s, task_worker_type=task)
-            else:
-                module = task.rsplit(".", 1)[0] if "." in task else "yourmodule"
-                problems.append(
-                    f"stage {s.name!r}: no live worker offers task {task!r} (start one: heddle-worker -A {module})"
-                )
-        stages.append(s)
-    if problems:
-        raise RunProblem("cannot run yet: " + "; ".join(problems))
-    return msgspec.structs.replace(node, stages=stages)
+    """The node with each ``task`` stage bound to a live worker's type (``Pipeline.resolved_by_workers``)."""
+    try:
+        return Pipeline(node).resolved_by_workers(workers)
+    except ConfigError as exc:
+        raise RunProblem(str(exc)) from None
 
 
 # -- the stage graph --------------------------------------------------------------------------------
