@@ -76,9 +76,7 @@ class Connections:
         """
         if not self.broker.settings.direct_routing:
             return subject
-        if self._routes is None:
-            self._routes = asyncio.ensure_future(self._start_routes())
-        routes = await asyncio.shield(self._routes)
+        routes = await asyncio.shield(self._following())
         return routes.route(subject, headers) if routes is not None else subject
 
     async def worker_type_alive(self, worker_type: str) -> bool | None:
@@ -89,13 +87,17 @@ class Connections:
         """
         if not self.broker.settings.direct_routing:
             return None
-        if self._routes is None:
-            self._routes = asyncio.ensure_future(self._start_routes())
         try:
-            routes = await asyncio.wait_for(asyncio.shield(self._routes), 5)
+            routes = await asyncio.wait_for(asyncio.shield(self._following()), 5)
         except (TimeoutError, HeddleError):
             return None
         return None if routes is None else worker_type in routes.registry.tiers
+
+    def _following(self) -> asyncio.Future[Routes | None]:
+        """The routes from the workers bucket, followed from the first call on (started once)."""
+        if self._routes is None:
+            self._routes = asyncio.ensure_future(self._start_routes())
+        return self._routes
 
     async def _start_routes(self) -> Routes | None:
         registry = Registry(self.broker)
@@ -141,7 +143,7 @@ class Connections:
         """Announce a stored final record to whoever waits on it (heddle.notices).
 
         ``sender`` is the notice token the task was sent with (its connection follows
-        ``heddle.results.{sender}.*``); handles on tasks sent elsewhere follow
+        ``heddle.results.{sender}.>``); handles on tasks sent elsewhere follow
         ``heddle.results.*.{id}``, so one notice reaches both.
 
         A record too large for one NATS message is announced empty: waiters read the
