@@ -50,8 +50,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("heddle.router")
 
-_MAX_BATCH = 256
-_FETCH_TIMEOUT_S = 1.0
 _BACKOFF_S = 0.5
 _PUBLISH_TIMEOUT_S = 10.0
 # How often a message for an unknown worker type is looked at again during the grace period.

@@ -59,13 +59,11 @@ log = logging.getLogger("heddle.worker")
 
 # Tasks in flight per worker process unless --concurrency says otherwise. A waiting
 # async task costs a coroutine, so the worker fetches this many at once and keeps
-# JetStream, Valkey and the notices pipelined (16 held a no-op worker to ~70 % of
-# what 64 gets; beyond 64 gains little, docs/benchmarks.md). Sync tasks run in a
+# JetStream, Valkey and the notices pipelined (256 gains 5-15 % more on a no-op
+# worker, docs/benchmarks.md "Defaults"). Sync tasks run in a
 # thread pool of the same size: for CPU-bound sync work set it near the core count
 # and run more processes.
 DEFAULT_CONCURRENCY = 64
-_MAX_BATCH = 256
-_FETCH_TIMEOUT_S = 1.0
 _BACKOFF_S = 0.5
 # A countdown that is this close is run now rather than deferred again.
 _ETA_SLACK_S = 0.01
