@@ -564,3 +564,23 @@ class LLMSettings:
 def llm_worker_env() -> tuple[str | None, str | None]:
     """``WORKER_CONFIG`` and ``MODEL_TIER``: how containers start a YAML LLM worker."""
     return os.environ.get("WORKER_CONFIG") or None, os.environ.get("MODEL_TIER") or None
+
+
+def max_concurrent_goals_from_env() -> int | None:
+    """``HEDDLE_MAX_CONCURRENT_GOALS``: most goals an orchestrator runs at once; None when unset.
+
+    ``heddle orchestrator --max-concurrent-goals`` (and the worker's flag for the
+    orchestrator it hosts) beats it; unset, the orchestrator's default applies.
+
+    Raises:
+        ConfigError: It is set, but not a whole number of at least 1.
+    """
+    text = os.environ.get("HEDDLE_MAX_CONCURRENT_GOALS", "").strip()
+    if not text:
+        return None
+    if not re.fullmatch(r"[0-9]+", text) or int(text) < 1:
+        raise ConfigError(
+            f"HEDDLE_MAX_CONCURRENT_GOALS must be a whole number of at least 1, got {text!r}; "
+            f"e.g. HEDDLE_MAX_CONCURRENT_GOALS=16"
+        )
+    return int(text)
