@@ -199,7 +199,7 @@ def test_settings_come_from_arguments_then_environment(monkeypatch):
 
 def test_the_public_api_is_curated():
     expected = {
-        "AsyncResult", "BackendError", "BackendUnavailable", "BrokerError", "BrokerUnavailable",
+        "ArgumentTypeError", "AsyncResult", "BackendError", "BackendUnavailable", "BrokerError", "BrokerUnavailable",
         "ConfigError", "DecodeError", "DuplicateTaskError", "EncodeError", "FAILURE", "Heddle",
         "HeddleError", "PENDING", "RETRY", "REVOKED", "ResultTimeout", "STARTED", "SUCCESS",
         "ServerStartError", "Settings", "Signature", "Task", "TaskError", "TaskIdError", "TaskOptionError",

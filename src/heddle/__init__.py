@@ -14,6 +14,7 @@ from heddle import llm as llm  # heddle.llm.complete, YAML LLM workers (backends
 from heddle.app import Heddle
 from heddle.context import TaskContext, current_task
 from heddle.errors import (
+    ArgumentTypeError,
     BackendError,
     BackendUnavailable,
     BrokerError,
@@ -49,6 +50,7 @@ __all__ = [
     "REVOKED",
     "STARTED",
     "SUCCESS",
+    "ArgumentTypeError",
     "AsyncResult",
     "BackendError",
     "BackendUnavailable",

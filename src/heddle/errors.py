@@ -9,6 +9,7 @@ The tree::
     │   ├── ConfigFileError      a YAML config file is invalid; lists every error with file and line
     │   └── LLMConfigError       a model tier has no backend configured; names the variables to set
     ├── EncodeError              an argument or result msgspec cannot encode
+    ├── ArgumentTypeError        an argument does not fit its parameter's type hint (also a TypeError)
     ├── DecodeError              bytes that are not a valid Heddle message
     ├── TaskIdError              a task id that cannot be a subject token (also a ValueError)
     ├── BrokerError              NATS / JetStream failures (translated in broker.py)
@@ -37,6 +38,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "ArgumentTypeError",
     "BackendError",
     "BackendUnavailable",
     "BrokerError",
@@ -84,6 +86,10 @@ class DuplicateTaskError(ConfigError):
 
 class EncodeError(HeddleError):
     """Raised when an argument or a result cannot be encoded as msgpack."""
+
+
+class ArgumentTypeError(HeddleError, TypeError):
+    """Raised when an argument does not fit its parameter's type hint and cannot be converted to it."""
 
 
 class DecodeError(HeddleError):

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar, ov
 import msgspec
 
 from heddle import names
+from heddle.arguments import ArgumentTypes
 from heddle.errors import ConfigError, HeddleError, TaskOptionError
 from heddle.graphs.canvas import Signature, xmap, xstarmap
 from heddle.results import AsyncResult
@@ -162,6 +163,8 @@ class Task(Generic[P, R]):
             p.name for p in self.signature.parameters.values()
             if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
         )
+        # Type hints, checked at every send and converted to on the worker (None: no hints).
+        self.arguments = ArgumentTypes.of(self.name, self.signature)
         self._app = app
         self._shared = app is None
         self.__doc__ = fn.__doc__
@@ -245,6 +248,8 @@ class Task(Generic[P, R]):
 
         Raises:
             TypeError: The arguments do not fit the function's signature.
+            ArgumentTypeError: An argument does not fit its parameter's type hint
+                (a TypeError too); the message names the parameter and the type.
             EncodeError: An argument cannot be encoded; the message names it.
         """
         if not isinstance(args, tuple | list) or not isinstance(kwargs, dict | None):
@@ -263,6 +268,8 @@ class Task(Generic[P, R]):
             raise TypeError(
                 f"bad arguments for task {self.name!r} with signature {self.signature}: {exc}"
             ) from None
+        if self.arguments is not None:
+            self.arguments.check(args, kwargs)
         return send(
             self.app,
             self.name,

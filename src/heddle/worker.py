@@ -28,7 +28,16 @@ import msgspec
 from heddle import events, names
 from heddle.actor import Actor, acknowledge, seq_of
 from heddle.context import TaskContext, set_current_task
-from heddle.errors import BackendError, BrokerError, DecodeError, EncodeError, HeddleError, TaskIdError, TaskTimeout
+from heddle.errors import (
+    ArgumentTypeError,
+    BackendError,
+    BrokerError,
+    DecodeError,
+    EncodeError,
+    HeddleError,
+    TaskIdError,
+    TaskTimeout,
+)
 from heddle.messages import (
     FAILURE,
     READY_STATES,
@@ -333,13 +342,16 @@ class Worker(Actor):
         # This coroutine runs in its own asyncio task, so the context var is local to it.
         set_current_task(ctx)
         try:
+            args, kwargs = tm.args, tm.kwargs
+            if task.arguments is not None:  # type hints: the declared types, from plain data
+                args, kwargs = task.arguments.convert(args, kwargs)
             if task.is_async:
-                coro = task.fn(*tm.args, **tm.kwargs)
+                coro = task.fn(*args, **kwargs)
                 result = await (asyncio.wait_for(coro, timeout) if timeout else coro)
             else:
                 loop = asyncio.get_running_loop()
                 call = contextvars.copy_context().run
-                fut = loop.run_in_executor(self._pool, call, _call, task.fn, tm.args, tm.kwargs)
+                fut = loop.run_in_executor(self._pool, call, _call, task.fn, args, kwargs)
                 result = await (asyncio.wait_for(fut, timeout) if timeout else fut)
             outcome = Outcome(job, SUCCESS, result=result)
         except asyncio.CancelledError:
@@ -399,6 +411,8 @@ class Worker(Actor):
                 can_retry = (
                     retries < opts.retries
                     and o.exc is not None
+                    # A wrong argument is wrong on every attempt.
+                    and not isinstance(o.exc, ArgumentTypeError)
                     and isinstance(o.exc, opts.autoretry_for)
                     and delivered < max_deliver
                 )
