@@ -131,21 +131,10 @@ class AsyncResult(Generic[R]):
 
     async def _why_pending(self, conns: Any, state: str) -> str:
         """What to check when a wait timed out: the schedule, or the worker type's live workers."""
-        now = time.time()
-        if self.eta is not None and self.eta > now and state == PENDING:
-            at = time.strftime("%H:%M:%S UTC", time.gmtime(self.eta))
-            return f"it is scheduled to run at {at}, {self.eta - now:.0f}s from now: wait past that"
-        wt = self.worker_type
-        if not wt:
-            return "is a worker running for it (`heddle-worker -A yourmodule`)?"
-        alive = await conns.worker_type_alive(wt)
-        if alive is False:
-            return (f"no worker of type {wt!r} is alive: start one (`heddle-worker -A yourmodule` for an app "
-                    f"named {wt!r}, or `heddle worker --config {wt}.yaml` for an LLM worker)")
-        if alive:
-            return (f"workers of type {wt!r} are alive but have not finished it: it may be slow, waiting "
-                    f"behind others or rate-limited (`heddle inspect {self.id}`)")
-        return f"is a worker of type {wt!r} running (`heddle-worker -A yourmodule`)?"
+        scheduled = scheduled_note(self.eta) if state == PENDING else None
+        if scheduled is not None:
+            return f"it is {scheduled}: wait past that"
+        return await worker_note(conns, self.worker_type, f"`heddle inspect {self.id}`")
 
     def _outcome(self, record: ResultRecord, propagate: bool) -> Any:
         if record.state == SUCCESS:
@@ -221,3 +210,37 @@ class AsyncResult(Generic[R]):
         if record is None or record.error is None:
             return None
         return record.error.traceback
+
+
+def scheduled_note(eta: float | None, now: float | None = None) -> str | None:
+    """"scheduled to run at HH:MM:SS UTC, N s from now" for a countdown or eta still ahead; else None.
+
+    Shared by a timed-out wait (which knows the eta it sent) and ``heddle inspect``
+    (which reads it from the queued message).
+    """
+    now = time.time() if now is None else now
+    if eta is None or eta <= now:
+        return None
+    at = time.strftime("%H:%M:%S UTC", time.gmtime(eta))
+    return f"scheduled to run at {at}, {eta - now:.0f}s from now"
+
+
+async def worker_note(conns: Any, worker_type: str, look_closer: str = "") -> str:
+    """Whether a worker of ``worker_type`` is alive to run a waiting task, and what to do if not.
+
+    Args:
+        conns: The :class:`~heddle.connections.Connections` (it follows the workers bucket).
+        worker_type: The worker type the task was sent to ("" when not known).
+        look_closer: Where to look when workers are alive (a command), if anywhere.
+    """
+    wt = worker_type
+    if not wt:
+        return "is a worker running for it (`heddle-worker -A yourmodule`)?"
+    alive = await conns.worker_type_alive(wt)
+    if alive is False:
+        return (f"no worker of type {wt!r} is alive: start one (`heddle-worker -A yourmodule` for an app "
+                f"named {wt!r}, or `heddle worker --config {wt}.yaml` for an LLM worker)")
+    if alive:
+        return (f"workers of type {wt!r} are alive but have not finished it: it may be slow, waiting "
+                f"behind others or rate-limited" + (f" ({look_closer})" if look_closer else ""))
+    return f"is a worker of type {wt!r} running (`heddle-worker -A yourmodule`)?"

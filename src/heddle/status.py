@@ -4,13 +4,16 @@
   bucket) and samples task events for a moment to measure throughput.
 * :func:`tail_events` follows ``heddle.events.>`` live, with filters.
 * :func:`inspect_task` reads a task's stored result record from Valkey and,
-  where its message still exists (dead-letter stream), its arguments.
+  where its message still exists (still queued in the task stream, or in the
+  dead-letter stream), its arguments; a queued task's stream, subject and
+  sequence say where it waits (:func:`find_queued`).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import time
@@ -26,10 +29,11 @@ from heddle import events, names
 from heddle.app import Heddle
 from heddle.audit import AuditReport, unfinished
 from heddle.errors import DecodeError, HeddleError
-from heddle.messages import ResultRecord, task_decoder
+from heddle.messages import PENDING, RETRY, ResultRecord, task_decoder
 from heddle.messages import decode as bounded_decode
 from heddle.redact import redact
 from heddle.registry import ALIVE_TTL_S, WorkerInfo
+from heddle.results import scheduled_note, worker_note
 
 STREAMS = (names.TASKS_STREAM, names.DLQ_STREAM, names.GOALS_STREAM)
 # The audit's default deadline: a task sent this long ago should have finished.
@@ -177,8 +181,8 @@ async def gather_status(
     return Status(streams, consumers, workers, dead, sample_s, counts, report)
 
 
-def _ago(t: float) -> str:
-    return f"{max(0.0, time.time() - t):.1f}s ago" if t else "-"
+def _ago(t: float, now: float | None = None) -> str:
+    return f"{max(0.0, (time.time() if now is None else now) - t):.1f}s ago" if t else "-"
 
 
 def print_status(console: Console, st: Status) -> None:
@@ -319,6 +323,24 @@ def format_event(ev: dict[str, Any]) -> Text:
 # -- inspect -----------------------------------------------------------------------------
 
 
+class QueuedMessage(msgspec.Struct, frozen=True):
+    """A task's message still in the task stream: where it waits, and for what."""
+
+    stream: str
+    subject: str
+    seq: int
+    stored_at: float  # when JetStream stored it (epoch s)
+    worker_type: str
+    tier: str = ""  # "" on heddle.tasks.incoming: the router has not picked one yet
+    eta: float | None = None  # countdown / eta: not run before this (epoch s)
+    waiting_for: str = ""  # what it waits for, from the workers alive now
+
+    def describe(self, now: float | None = None) -> str:
+        """One line: "on stream S, subject X (seq N), stored 3.0s ago"."""
+        return (f"on stream {self.stream}, subject {self.subject} (seq {self.seq}), "
+                f"stored {_ago(self.stored_at, now)}")
+
+
 class TaskView(msgspec.Struct):
     """What is known about one task: its stored record, and its message if still kept."""
 
@@ -329,10 +351,24 @@ class TaskView(msgspec.Struct):
     kwargs: dict[str, Any] | None = None
     dead_letter_id: int | None = None
     dead_letter_reason: str = ""
+    # Still in the task stream (PENDING or waiting out a retry), with where and why.
+    queued: QueuedMessage | None = None
+    # When it was sent, from the audit (heddle.audit); 0.0 when not recorded.
+    sent_at: float = 0.0
+    # What the look in the task stream found, when it did not find the message.
+    search_note: str = ""
+
+    @property
+    def known(self) -> bool:
+        """Whether anything at all is known of the task."""
+        return bool(self.record is not None or self.dead_letter_id is not None or self.queued or self.sent_at
+                    or self.state != PENDING)
 
     def timeline(self) -> list[tuple[float, str]]:
         """``(epoch, what)`` pairs known from the record, oldest first."""
         out: list[tuple[float, str]] = []
+        if self.sent_at:
+            out.append((self.sent_at, "sent"))
         r = self.record
         if r is not None:
             if r.started_at:
@@ -340,6 +376,105 @@ class TaskView(msgspec.Struct):
             if r.finished_at:
                 out.append((r.finished_at, f"{r.state.lower()} after {r.retries} retries"))
         return sorted(out)
+
+
+# How many sequence numbers of the task stream ``heddle inspect`` reads at most, newest
+# first, to find a queued task (JetStream has no index by header), and how many at once.
+QUEUE_SCAN_LIMIT = 20_000
+_SCAN_BATCH = 128
+# The audit's send time is the client's clock and a message's stored time the server's:
+# the scan stops only at messages stored this long before the send.
+_CLOCK_SLACK_S = 30.0
+_SUBMITTED_AT_LUA = "return redis.call('ZSCORE', KEYS[1], ARGV[1])"
+
+
+async def submitted_at(app: Heddle, task_id: str) -> float:
+    """When ``task_id`` was sent, from the audit set (0.0: not recorded, or final already)."""
+    conns = await app.connections()
+    conns.backend.register_script("submitted_at", _SUBMITTED_AT_LUA)
+    (score,) = await conns.backend.run_script_many("submitted_at", [([names.SUBMITTED_KEY], [task_id])])
+    return float(score) if score else 0.0
+
+
+def _hole(exc: HeddleError) -> bool:
+    # A work-queue stream deletes what was acked: a sequence number without a message.
+    # The broker says so only in words (nats-py's NotFoundError, JetStream's 10037).
+    said = str(exc)
+    return "NotFoundError" in said or "no message found" in said or "10037" in said
+
+
+async def find_queued(
+    app: Heddle, task_id: str, sent_at: float = 0.0, scan: int = QUEUE_SCAN_LIMIT
+) -> tuple[QueuedMessage | None, str, bytes]:
+    """Find ``task_id``'s message in the task stream: where it is and its payload, or None and why not.
+
+    JetStream keeps no index by header, so this reads the stream newest first, up to
+    ``scan`` sequence numbers, ``_SCAN_BATCH`` at once. It stops early once it has
+    seen as many messages as the stream holds, or (with ``sent_at``, the send time
+    from the audit) a message stored well before the task was sent. A task waits as
+    its own message on ``heddle.tasks.incoming`` (for the router) or as the routed
+    copy on ``heddle.tasks.{worker_type}.{tier}``; either carries its id
+    (:func:`heddle.names.task_id_of`).
+    """
+    conns = await app.connections()
+    await conns.ensure_streams()
+    broker = conns.broker
+    stream = names.TASKS_STREAM
+    state = (await broker.stream_info(stream)).state
+    if not state.messages:
+        return None, f"{stream} holds no message", b""
+    floor = sent_at - _CLOCK_SLACK_S if sent_at else 0.0
+    last, first = state.last_seq, max(state.first_seq, state.last_seq - scan + 1)
+    seen = 0
+
+    async def get(seq: int) -> Any:
+        try:
+            return await broker.get_stream_msg(stream, seq)
+        except HeddleError as exc:
+            if _hole(exc):
+                return None
+            raise
+
+    top = last
+    while top >= first:
+        seqs = range(top, max(first, top - _SCAN_BATCH + 1) - 1, -1)
+        # The newest alone first: a role that may not read the stream fails once, not 128 times.
+        batch = [await get(top)] if top == last else await asyncio.gather(*(get(q) for q in seqs))
+        for seq, m in zip(seqs, batch, strict=False):
+            if m is None:
+                continue
+            headers = dict(m.headers or {})
+            if names.task_id_of(headers) == task_id:
+                return await _queued(app, seq, m, headers), "", m.data or b""
+            seen += 1
+            if seen >= state.messages or (floor and 0 < _epoch(m.time) < floor):
+                return None, f"not among the {seen} message(s) queued in {stream}", b""
+        top -= len(batch)
+    return None, (f"not among the newest {last - first + 1} sequence numbers of {stream} (it holds "
+                  f"{state.messages} messages from seq {state.first_seq} to {last}; `heddle status` shows "
+                  f"the queues)"), b""
+
+
+async def _queued(app: Heddle, seq: int, m: Any, headers: dict[str, str]) -> QueuedMessage:
+    """The found message, with what it waits for (the same words as a timed-out wait)."""
+    conns = await app.connections()
+    worker_type = headers.get(names.HDR_WORKER_TYPE, "")
+    eta = None
+    with contextlib.suppress(DecodeError):
+        eta = bounded_decode(task_decoder, m.data or b"").eta
+    scheduled = scheduled_note(eta)
+    if scheduled is not None:
+        waiting = f"{scheduled}, for a worker of type {worker_type!r}"
+    else:
+        worker = f"a worker of type {worker_type!r}; {await worker_note(conns, worker_type)}"
+        waiting = f"waiting for {worker}"
+        if m.subject == names.INCOMING_SUBJECT:
+            waiting = (f"waiting for a router to send it on (`heddle router`, or a process hosting one), "
+                       f"then for {worker}")
+    return QueuedMessage(
+        stream=names.TASKS_STREAM, subject=m.subject, seq=seq, stored_at=_epoch(m.time), worker_type=worker_type,
+        tier=headers.get(names.HDR_TIER, ""), eta=eta, waiting_for=waiting,
+    )
 
 
 async def find_dead_letter(app: Heddle, task_id: str, scan: int = 1000) -> tuple[int, dict[str, str], bytes] | None:
@@ -362,7 +497,11 @@ async def find_dead_letter(app: Heddle, task_id: str, scan: int = 1000) -> tuple
 
 
 async def inspect_task(app: Heddle, task_id: str) -> TaskView:
-    """A task's state, record, and (from its dead-letter copy, if any) arguments."""
+    """A task's state, record, and arguments: from its queued message or its dead-letter copy.
+
+    A task with no final state is looked for in the task stream (:func:`find_queued`),
+    which says where it waits and for what.
+    """
     conns = await app.connections()
     state, record = await conns.backend.read(task_id)
     view = TaskView(task_id, state, record)
@@ -370,12 +509,25 @@ async def inspect_task(app: Heddle, task_id: str) -> TaskView:
     if dl is not None:
         view.dead_letter_id, headers, data = dl[0], dl[1], dl[2]
         view.dead_letter_reason = headers.get(names.HDR_REASON, "")
+        _take_args(view, data)
+    if state in (PENDING, RETRY) and dl is None:
+        view.sent_at = await submitted_at(app, task_id)
         try:
-            tm = bounded_decode(task_decoder, data)
-            view.args, view.kwargs = tm.args, tm.kwargs
-        except DecodeError:
-            pass
+            view.queued, view.search_note, data = await find_queued(app, task_id, view.sent_at)
+        except HeddleError as exc:
+            view.search_note = f"cannot look in {names.TASKS_STREAM}: {exc}"
+        else:
+            if view.queued is not None:
+                _take_args(view, data)
     return view
+
+
+def _take_args(view: TaskView, data: bytes) -> None:
+    try:
+        tm = bounded_decode(task_decoder, data)
+        view.args, view.kwargs = tm.args, tm.kwargs
+    except DecodeError:
+        pass
 
 
 def print_task(console: Console, v: TaskView) -> None:
@@ -383,6 +535,13 @@ def print_task(console: Console, v: TaskView) -> None:
     r = v.record
     console.print(Text(f"task {v.id}", style="bold"))
     console.print(Text(f"  state   {v.state}"))
+    q = v.queued
+    if q is not None:
+        console.print(Text(f"  queued  {q.describe()}"))
+        console.print(Text(f"          {q.waiting_for}"))
+    elif v.search_note and v.state in (PENDING, RETRY):
+        sent = f"sent {_ago(v.sent_at)}; " if v.sent_at else ""
+        console.print(Text(f"  queue   {sent}{v.search_note}"))
     if r is not None:
         console.print(Text(f"  task    {r.task}"))
         console.print(Text(f"  worker  {r.worker}   tier {r.tier or '-'}   retries {r.retries}"))
@@ -481,9 +640,10 @@ def run_status_command(args: argparse.Namespace, console: Console) -> int:
                 await tail
             else:
                 view = await inspect_task(app, args.task_id)
-                if view.state == "PENDING" and view.record is None and view.dead_letter_id is None:
-                    console.print(f"no task {args.task_id} is known (no stored state; results expire after "
-                                  f"{app.settings.result_ttl_s:g}s)")
+                if not view.known:
+                    console.print(f"no task {args.task_id} is known (no stored state, no record of its send, "
+                                  f"and {view.search_note or 'not queued'}; results expire after "
+                                  f"{app.settings.result_ttl_s:g}s)", markup=False)
                     return 1
                 if args.json:
                     print(json.dumps(msgspec.to_builtins(view), default=repr))
