@@ -64,9 +64,16 @@ RESOURCES = {
     "orchestrator": ("200m", "1000m", "256Mi", "512Mi"),
     "worker-local": ("200m", "1000m", "256Mi", "512Mi"),
     "worker-standard": ("100m", "500m", "128Mi", "256Mi"),
+    "worker-extractor": ("100m", "500m", "128Mi", "256Mi"),
+    "worker-classifier": ("100m", "500m", "128Mi", "256Mi"),
     "nats": ("100m", "500m", "128Mi", "256Mi"),
     "valkey": ("100m", "500m", "128Mi", "256Mi"),
 }
+
+# The LLM workers of the base: the summarizer on two tiers, the review pipeline's other two on one.
+WORKERS = ("worker-local", "worker-standard", "worker-extractor", "worker-classifier")
+# The pods that call Anthropic, and so hold its key and may go out on 443.
+ANTHROPIC_WORKERS = ("worker-classifier", "worker-extractor", "worker-standard")
 
 # After --grace, a draining worker waits up to 5 s for cancelled tasks to record
 # their outcome and 10 s for the final store and flush (Worker._drain).
@@ -223,10 +230,9 @@ def test_kustomize_renders_the_whole_stack_into_the_heddle_namespace():
     kinds = sorted({(o["kind"], o["metadata"]["name"]) for o in render()})
     for expected in [("Namespace", "heddle"), ("StatefulSet", "nats"), ("Deployment", "valkey"),
                      ("PersistentVolumeClaim", "redis-data"), ("PersistentVolumeClaim", "workshop-data"),
-                     ("Service", "workshop"),
-                     *[("Deployment", d) for d in ("router", "orchestrator", "worker-local", "worker-standard",
-                                                   "workshop")],
-                     ("HorizontalPodAutoscaler", "worker-local"), ("HorizontalPodAutoscaler", "worker-standard")]:
+                     ("Service", "heddle-workshop"),
+                     *[("Deployment", d) for d in ("router", "orchestrator", *WORKERS, "workshop")],
+                     *[("HorizontalPodAutoscaler", w) for w in WORKERS]]:
         assert expected in kinds
     for o in render():
         if o["kind"] != "Namespace":
@@ -260,7 +266,7 @@ def test_a_typo_in_a_manifest_would_fail_validation():
 
 def test_heddle_images_are_local_for_minikube_and_run_as_non_root():
     containers = heddle_containers()
-    assert sorted(containers) == ["orchestrator", "router", "worker-local", "worker-standard", "workshop"]
+    assert sorted(containers) == sorted(["orchestrator", "router", *WORKERS, "workshop"])
     for name, c in containers.items():
         actor = "worker" if name.startswith("worker") else name
         assert c["image"] == f"heddle-{actor}:latest"
@@ -303,13 +309,19 @@ def test_valkey_appends_to_the_redis_data_volume_at_data():
     assert args[args.index("--dir") + 1] == "/data"
 
 
-def test_the_workshop_is_on_nodeport_30080():
-    svc = objects("Service")["workshop"]["spec"]
+def test_the_workshop_is_the_service_heddle_workshop_on_nodeport_30080_as_the_guide_opens_it():
+    svc = objects("Service")["heddle-workshop"]["spec"]
     assert svc["type"] == "NodePort"
     (port,) = svc["ports"]
     assert port["nodePort"] == 30080
     container = heddle_containers()["workshop"]
     assert port["targetPort"] in {p["name"] for p in container["ports"]}
+    pod_labels = objects("Deployment")["workshop"]["spec"]["template"]["metadata"]["labels"]
+    assert all(pod_labels.get(k) == v for k, v in svc["selector"].items()), "the Service must reach the Workshop"
+    assert "minikube service heddle-workshop -n heddle" in (ROOT / "docs" / "kubernetes.md").read_text()
+    old_name = re.compile(r"minikube service workshop\b|svc/workshop\b|service/workshop\b")
+    for path in [ROOT / "README.md", *(ROOT / "docs").rglob("*.md"), *K8S.rglob("*.yaml")]:
+        assert not old_name.search(path.read_text()), f"{path.relative_to(ROOT)} names the old Service workshop"
 
 
 def test_every_worker_deployment_has_a_cpu_hpa_from_1_to_10():
@@ -343,7 +355,7 @@ def test_the_anthropic_key_is_only_in_pods_that_call_anthropic():
             assert (ref["name"], ref["key"]) == ("heddle-secrets", "anthropic-api-key")
             assert not ref.get("optional", False), f"{name} cannot work without it"
             holders.append(name)
-    assert holders == ["worker-standard"]
+    assert sorted(holders) == sorted(ANTHROPIC_WORKERS)
 
 
 # -- Cross-checks with the code ----------------------------------------------------------
@@ -490,6 +502,79 @@ def test_worker_deployments_serve_an_existing_config_with_a_grace_period_that_co
         assert grace >= args.grace + DRAIN_AFTER_GRACE_S, f"{name}: SIGKILL would cut the drain short"
 
 
+def deployed_llm_workers() -> dict[str, tuple[str, str]]:
+    """Worker Deployment -> (the worker type of its WORKER_CONFIG, its MODEL_TIER)."""
+    out = {}
+    for name, c in heddle_containers().items():
+        env = env_of(c)
+        if "WORKER_CONFIG" in env:
+            config = ROOT / Path(env["WORKER_CONFIG"]["value"]).relative_to("/app")
+            out[name] = (yaml.safe_load(config.read_text())["name"], env["MODEL_TIER"]["value"])
+    return out
+
+
+def test_every_stage_of_the_review_pipeline_and_every_worker_of_the_try_page_is_deployed():
+    from heddle.graphs.pipeline import load_pipeline
+    from heddle.llm.config import load_worker_config
+
+    served = set(deployed_llm_workers().values())
+    assert {worker_type for worker_type, _ in served} == {"summarizer", "extractor", "classifier"}
+    # The Workshop lists the YAML workers of configs/ (its image's /app/configs, its working
+    # directory's configs/): each must have a Deployment, at the tier a task gets by default.
+    (workshop,) = [c for name, c in heddle_containers().items() if name == "workshop"]
+    assert "--configs" not in workshop["command"], "the Try page reads the image's configs/"
+    steps = instructions(DOCKER / "Dockerfile.workshop")
+    assert ("WORKDIR", "/app") in steps and ("COPY", "configs ./configs") in steps
+    for path in sorted((ROOT / "configs" / "workers").glob("*.yaml")):
+        cfg = load_worker_config(path)
+        assert (cfg.name, cfg.default_model_tier) in served, f"no worker Deployment serves {path.name} on the Try page"
+    pipeline = load_pipeline(ROOT / "configs" / "pipelines" / "review.yaml")
+    stages = pipeline.node.stages
+    assert len(stages) == 3
+    for stage in stages:
+        assert stage.worker_type is not None, stage.name
+        default = load_worker_config(ROOT / "configs" / "workers" / f"{stage.worker_type}.yaml").default_model_tier
+        tier = stage.tier or default  # the router's choice with no rule and no fallback
+        assert (stage.worker_type, tier) in served, f"review's stage {stage.name}: no {stage.worker_type} at {tier}"
+
+
+def test_the_orchestrator_runs_the_max_concurrent_goals_its_manifest_sets(monkeypatch):
+    from heddle.cli.graphs import max_concurrent_goals
+
+    c = heddle_containers()["orchestrator"]
+    env = env_of(c)
+    value = env["HEDDLE_MAX_CONCURRENT_GOALS"]["value"]
+    assert int(value) >= 1
+    args = parse_heddle(expand(c["command"][1:], env), monkeypatch)
+    assert not isinstance(args, str), args
+    monkeypatch.setenv("HEDDLE_MAX_CONCURRENT_GOALS", value)
+    assert max_concurrent_goals(args) == int(value)
+    assert "`HEDDLE_MAX_CONCURRENT_GOALS`" in (ROOT / "docs" / "configuration.md").read_text()
+
+
+def test_max_concurrent_goals_comes_from_the_flag_then_the_environment_then_the_default(monkeypatch):
+    from heddle.cli.graphs import max_concurrent_goals
+    from heddle.orchestrator import DEFAULT_MAX_CONCURRENT_GOALS
+
+    monkeypatch.delenv("HEDDLE_MAX_CONCURRENT_GOALS", raising=False)
+    for argv in (["orchestrator"], ["worker", "-A", "examples.quickstart.tasks"]):
+        assert max_concurrent_goals(parse_heddle(argv, monkeypatch)) == DEFAULT_MAX_CONCURRENT_GOALS
+        monkeypatch.setenv("HEDDLE_MAX_CONCURRENT_GOALS", " 3 ")
+        assert max_concurrent_goals(parse_heddle(argv, monkeypatch)) == 3
+        assert max_concurrent_goals(parse_heddle([*argv, "--max-concurrent-goals", "5"], monkeypatch)) == 5
+        monkeypatch.delenv("HEDDLE_MAX_CONCURRENT_GOALS")
+
+
+@pytest.mark.parametrize("value", ["lots", "0", "-2", "1.5", "²"])
+def test_a_bad_max_concurrent_goals_in_the_environment_stops_the_orchestrator_naming_it(value):
+    env = {**os.environ, "HEDDLE_MAX_CONCURRENT_GOALS": value, "NATS_URL": "nats://127.0.0.1:1"}
+    run = subprocess.run([sys.executable, "-m", "heddle", "orchestrator", "--skip-preflight"], capture_output=True,
+                         text=True, timeout=60, cwd=ROOT, env=env)
+    assert run.returncode != 0
+    assert f"HEDDLE_MAX_CONCURRENT_GOALS must be a whole number of at least 1, got {value!r}" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
 # -- KEDA (optional overlay) -----------------------------------------------------------------
 
 
@@ -545,8 +630,8 @@ def test_the_workshop_keeps_its_evaluation_runs_on_a_persistent_volume():
 TLS = "deploy/k8s/overlays/tls"
 FOLDERS = ("deploy/k8s", TLS)
 # Deployment -> its NATS user (`heddle auth nats` writes one per role, DIR/<role>.env).
-ROLE_OF = {"router": "router", "orchestrator": "orchestrator", "worker-local": "worker",
-           "worker-standard": "worker", "workshop": "workshop"}
+ROLE_OF = {"router": "router", "orchestrator": "orchestrator", **dict.fromkeys(WORKERS, "worker"),
+           "workshop": "workshop"}
 CERT_MANAGER = "cert-manager.io/v1"
 
 
@@ -676,13 +761,15 @@ def flows(folder: str) -> tuple[list[tuple[Endpoint, Endpoint, int, str]], list[
     for h in heddle:
         allowed += [(h, p["nats"], 4222, "TCP"), (h, p["valkey"], 6379, "TCP"),
                     (h, KUBE_DNS, 53, "UDP"), (h, KUBE_DNS, 53, "TCP")]
-    allowed += [(p["worker-standard"], ANTHROPIC, 443, "TCP"), (p["worker-standard"], ANTHROPIC_V6, 443, "TCP"),
-                (p["worker-local"], HOST_LLM, 1234, "TCP"), (p["worker-local"], HOST_LLM, 11434, "TCP"),
+    allowed += [(p[w], dst, 443, "TCP") for w in ANTHROPIC_WORKERS for dst in (ANTHROPIC, ANTHROPIC_V6)]
+    allowed += [(p["worker-local"], HOST_LLM, 1234, "TCP"), (p["worker-local"], HOST_LLM, 11434, "TCP"),
                 (BROWSER, p["workshop"], 8080, "TCP")]
-    denied = [(h, ANTHROPIC, 443, "TCP") for h in heddle if h.name != "worker-standard"]
+    denied = [(h, ANTHROPIC, 443, "TCP") for h in heddle if h.name not in ANTHROPIC_WORKERS]
     denied += [(h, p["nats"], 8222, "TCP") for h in heddle]  # the monitoring port
-    denied += [(p["worker-standard"], CLOUD_METADATA, 80, "TCP"), (p["worker-standard"], CLOUD_METADATA, 443, "TCP"),
-               (p["worker-standard"], ANTHROPIC, 80, "TCP"), (p["worker-local"], ANTHROPIC, 443, "TCP"),
+    for w in ANTHROPIC_WORKERS:
+        denied += [(p[w], CLOUD_METADATA, 80, "TCP"), (p[w], CLOUD_METADATA, 443, "TCP"), (p[w], ANTHROPIC, 80, "TCP"),
+                   (p[w], HOST_LLM, 1234, "TCP"), (p[w], p["workshop"], 8080, "TCP")]
+    denied += [(p["worker-local"], ANTHROPIC, 443, "TCP"),
                (p["router"], p["workshop"], 8080, "TCP"), (p["router"], p["worker-local"], 8081, "TCP"),
                (KEDA, p["nats"], 8222, "TCP"), (BROWSER, p["nats"], 4222, "TCP"), (BROWSER, p["router"], 8081, "TCP"),
                (STRANGER, p["nats"], 4222, "TCP"), (STRANGER, p["valkey"], 6379, "TCP"),
@@ -784,6 +871,10 @@ def test_nats_valkey_the_router_and_every_worker_have_a_disruption_budget(folder
             assert spec.get("maxUnavailable") == 1
 
 
+# The one Secret key a pod starts without: with no token the Workshop makes one and logs its login URL.
+OPTIONAL_SECRET_KEYS = {("heddle-secrets", "workshop-token")}
+
+
 def secret_refs(container: dict[str, Any]) -> set[tuple[str, str | None]]:
     """(Secret, key) pairs a container reads: key None for a whole Secret (envFrom)."""
     refs: set[tuple[str, str | None]] = {(e["secretRef"]["name"], None) for e in container.get("envFrom", [])
@@ -791,7 +882,9 @@ def secret_refs(container: dict[str, Any]) -> set[tuple[str, str | None]]:
     for e in container.get("env", []):
         ref = e.get("valueFrom", {}).get("secretKeyRef")
         if ref:
-            assert not ref.get("optional"), f"{container['name']}: {e['name']} must not be optional"
+            optional = (ref["name"], ref["key"]) in OPTIONAL_SECRET_KEYS
+            assert bool(ref.get("optional")) is optional, (
+                f"{container['name']}: {e['name']} must {'' if optional else 'not '}be optional")
             refs.add((ref["name"], ref["key"]))
     return refs
 
@@ -814,6 +907,33 @@ def test_every_heddle_container_logs_in_as_its_own_role_with_secrets_only(folder
             assert "@" not in env[var]["value"], (name, var)
     # Every role the Deployments need has its own user: nobody borrows another's.
     assert {ROLE_OF[n] for n in containers} == {"router", "orchestrator", "worker", "workshop"}
+
+
+def guide_secret_keys(secret: str) -> set[str]:
+    """The keys docs/kubernetes.md's step 3 gives the Secret ``secret`` (``--from-literal``, ``--from-file``)."""
+    guide = (ROOT / "docs" / "kubernetes.md").read_text().replace("\\\n", " ")
+    (command,) = [line for line in guide.splitlines() if f"create secret generic {secret} " in line
+                  and "--dry-run" not in line]
+    return set(re.findall(r"--from-(?:literal|file)=([\w.-]+)=", command))
+
+
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_with_only_the_anthropic_key_in_heddle_secrets_every_pod_still_starts(folder):
+    # The guide creates heddle-secrets with the API key alone; a pod whose secretKeyRef
+    # names a key that is not there would never start (CreateContainerConfigError).
+    assert guide_secret_keys("heddle-secrets") == {"anthropic-api-key"}
+    needed = {}
+    for name, w in workloads(folder).items():
+        for c in all_containers(w):
+            for e in c.get("env", []):
+                ref = e.get("valueFrom", {}).get("secretKeyRef")
+                if ref and ref["name"] == "heddle-secrets" and not ref.get("optional"):
+                    needed[f"{name}/{e['name']}"] = ref["key"]
+    assert set(needed.values()) == {"anthropic-api-key"}, needed
+    token = env_of(heddle_containers(folder)["workshop"])["HEDDLE_WORKSHOP_TOKEN"]["valueFrom"]["secretKeyRef"]
+    assert token == {"name": "heddle-secrets", "key": "workshop-token", "optional": True}
+    assert guide_secret_keys("heddle-valkey") == {"VALKEY_PASSWORD"}
+    assert guide_secret_keys("heddle-nats-auth") == {"nats-auth.conf"}
 
 
 def resolve_include(conf: str, conf_dir: str) -> list[str]:

@@ -24,15 +24,19 @@ from heddle.graphs.model import DISPATCHED, NodeState
 from heddle.messages import STARTED, SUCCESS
 from heddle.orchestrator import DEFAULT_MAX_CONCURRENT_GOALS, Orchestrator
 from heddle.redact import redact
+from heddle.settings import max_concurrent_goals_from_env
 
 if TYPE_CHECKING:
     from heddle.app import Heddle
     from heddle.graphs.canvas import GraphResult
     from heddle.graphs.pipeline import Pipeline
 
-__all__ = ["add_graph_commands", "add_orchestrator_args", "make_orchestrator", "run_graph_command"]
+__all__ = ["add_graph_commands", "add_orchestrator_args", "make_orchestrator", "max_concurrent_goals",
+           "run_graph_command"]
 
 err_console = Console(stderr=True)
+
+_GOALS_DEFAULT = f"default $HEDDLE_MAX_CONCURRENT_GOALS, else {DEFAULT_MAX_CONCURRENT_GOALS}"
 
 
 def _positive_int(text: str) -> int:
@@ -47,16 +51,29 @@ def add_orchestrator_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-concurrent-goals",
         type=_positive_int,
-        default=DEFAULT_MAX_CONCURRENT_GOALS,
-        help=f"most goals the hosted orchestrator runs at once; the rest wait (default {DEFAULT_MAX_CONCURRENT_GOALS})",
+        default=None,
+        help=f"most goals the hosted orchestrator runs at once; the rest wait ({_GOALS_DEFAULT})",
     )
+
+
+def max_concurrent_goals(args: argparse.Namespace) -> int:
+    """``--max-concurrent-goals``, else ``$HEDDLE_MAX_CONCURRENT_GOALS``, else the orchestrator's default.
+
+    Raises:
+        ConfigError: The environment variable is set to something that is not a whole number >= 1.
+    """
+    flag: int | None = getattr(args, "max_concurrent_goals", None)
+    if flag is not None:
+        return flag
+    from_env = max_concurrent_goals_from_env()
+    return DEFAULT_MAX_CONCURRENT_GOALS if from_env is None else from_env
 
 
 def make_orchestrator(app: Heddle, args: argparse.Namespace) -> Orchestrator | None:
     """The orchestrator a worker process hosts, unless ``--no-orchestrator``."""
     if getattr(args, "no_orchestrator", False):
         return None
-    return Orchestrator(app, max_concurrent_goals=getattr(args, "max_concurrent_goals", DEFAULT_MAX_CONCURRENT_GOALS))
+    return Orchestrator(app, max_concurrent_goals=max_concurrent_goals(args))
 
 
 def add_graph_commands(sub: Any) -> None:
@@ -66,8 +83,8 @@ def add_graph_commands(sub: Any) -> None:
     o = sub.add_parser("orchestrator", help="run an orchestrator: task graphs and pipelines from heddle.goals.incoming")
     o.add_argument("-A", "--app", default=None,
                    help="module[:attribute] of an app whose settings to use (default: NATS_URL, VALKEY_URL)")
-    o.add_argument("--max-concurrent-goals", type=_positive_int, default=DEFAULT_MAX_CONCURRENT_GOALS,
-                   help=f"most goals run at once; the rest wait in the stream (default {DEFAULT_MAX_CONCURRENT_GOALS})")
+    o.add_argument("--max-concurrent-goals", type=_positive_int, default=None,
+                   help=f"most goals run at once; the rest wait in the stream ({_GOALS_DEFAULT})")
     o.add_argument("--loglevel", default="INFO")
     add_actor_args(o)
     s = sub.add_parser("submit", help="run a pipeline file, showing live per-stage progress and a timeline")
@@ -98,12 +115,13 @@ def _run_orchestrator(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = load_app(args.app) if args.app else Heddle("orchestrator")
+    limit = max_concurrent_goals(args)  # a bad HEDDLE_MAX_CONCURRENT_GOALS fails before any connection
     preflight(args, app)
-    orch = Orchestrator(app, max_concurrent_goals=args.max_concurrent_goals)
+    orch = Orchestrator(app, max_concurrent_goals=limit)
     err_console.print(
         f"[bold]heddle orchestrator[/]  nats {escape(redact(app.settings.nats_url))}  "
         f"valkey {escape(redact(app.settings.valkey_url))}  "
-        f"max_concurrent_goals={args.max_concurrent_goals}"
+        f"max_concurrent_goals={limit}"
     )
 
     run_actor_process(app, orch, args.health_port)

@@ -17,8 +17,9 @@ _MISSING_EXTRA = "the Workshop needs its extra: pip install 'heddle[workshop]' (
 def add_workshop_command(sub: Any, add_actor_args: Callable[[argparse.ArgumentParser], None]) -> None:
     """Add ``heddle workshop`` to the ``heddle`` parser."""
     w = sub.add_parser("workshop", help="web UI: overview, tasks, try a worker, dead letters")
-    w.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; "
-                   "anything else needs HEDDLE_WORKSHOP_TOKEN)")
+    w.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; anything "
+                   "else asks for HEDDLE_WORKSHOP_TOKEN, or, when it is unset, for a token the Workshop makes "
+                   "and logs as a login URL)")
     w.add_argument("--port", type=int, default=None,
                    help="TCP port (default 8080, or a free one when 8080 is taken)")
     w.add_argument("--configs", action="append", type=Path, default=None,

@@ -45,10 +45,13 @@ def is_loopback(host: str) -> bool:
 
 
 def check_bind(host: str, token: str | None) -> None:
-    """Refuse to serve beyond loopback without a token.
+    """Refuse to serve beyond loopback without a token, or with a short one.
+
+    :class:`Workshop` makes a token before this check when none is given, so
+    it is the given token's length that stops it there.
 
     Raises:
-        ConfigError: ``host`` is not loopback and no token is set.
+        ConfigError: ``host`` is not loopback and no token is set, or the token is too short.
     """
     if not is_loopback(host) and not token:
         raise ConfigError(
@@ -67,7 +70,10 @@ class Workshop:
         app: App whose settings reach NATS and Valkey (default ``Heddle("workshop")``).
         host: Address to listen on (loopback by default).
         port: TCP port; 0 takes a free one (see :attr:`port` once ready).
-        token: Access token; default ``$HEDDLE_WORKSHOP_TOKEN``. Required beyond loopback.
+        token: Access token; default ``$HEDDLE_WORKSHOP_TOKEN``. Beyond loopback, when
+            neither is given, the Workshop makes one (:attr:`token_generated`) and logs
+            its login URL once it serves: a pod started without the Secret's key still
+            starts, and whoever can read its log can log in.
         session_ttl_s: How long the signed session cookie a browser gets for the token lasts.
         config_dirs: Where YAML worker configs and pipelines are found (default ``configs/``).
         max_tasks: How many recent tasks are remembered.
@@ -92,6 +98,13 @@ class Workshop:
         fallback_port: bool = False,
     ) -> None:
         token = token if token is not None else (os.environ.get(TOKEN_ENV) or None)
+        # Beyond loopback a token is a must. Rather than refuse to start (a Kubernetes
+        # Secret holding only the API key would leave the pod crash-looping), make one as
+        # strong as `openssl rand` would, valid for this process only; run() logs the
+        # login URL. A token that was given but is too short is still refused.
+        self.token_generated = token is None and not is_loopback(host)
+        if self.token_generated:
+            token = secrets.token_urlsafe(32)
         check_bind(host, token)
         from heddle.workshop.web import DEFAULT_SESSION_TTL_S, Sessions, build_app
 
@@ -141,6 +154,21 @@ class Workshop:
         """Where the Workshop is served."""
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
+
+    def login_url(self) -> str:
+        """The URL that logs a browser in: :attr:`url` with ``/?token=`` (the token itself: a secret)."""
+        return f"{self.url}/?token={self.token}" if self.token else f"{self.url}/"
+
+    def _announce_generated_token(self) -> None:
+        # The one place the Workshop shows its token, on purpose: nobody else knows it.
+        # Logged once, as a warning, so it shows at every log level and is easy to find.
+        where = (f" (with the address you reach this Workshop at in place of {self.url}, e.g. its "
+                 f"Kubernetes Service's)" if self.host in ("0.0.0.0", "::") else "")
+        log.warning(
+            "no %s set, so this Workshop made a login token for this process (a new one at every start; "
+            "set %s to keep one). SECRET, keep this line private: log in at %s%s",
+            TOKEN_ENV, TOKEN_ENV, self.login_url(), where,
+        )
 
     def request_stop(self) -> None:
         """Stop serving (safe from a signal handler)."""
@@ -254,6 +282,8 @@ class Workshop:
                 if self._server.started:
                     self.ready.set()
                     log.info("workshop on %s", self.url)
+                    if self.token_generated:
+                        self._announce_generated_token()
                 await serving
             finally:
                 self.stopping.set()
