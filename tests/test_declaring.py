@@ -204,7 +204,7 @@ def test_the_public_api_is_curated():
         "HeddleError", "PENDING", "RETRY", "REVOKED", "ResultTimeout", "STARTED", "SUCCESS",
         "ServerStartError", "Settings", "Signature", "Task", "TaskError", "TaskIdError", "TaskOptionError",
         "MessageTooLarge",
-        "TaskOptions", "TaskRevoked", "TaskTimeout", "Worker", "__version__", "task",
+        "TaskOptions", "TaskRevoked", "TaskTimeout", "Worker", "__version__", "task", "Retry", "TaskExpired",
         "TaskContext", "current_task",
         "GraphResult", "Pipeline", "chain", "chord", "group",
     }

@@ -20,6 +20,8 @@ The tree::
     ├── ResultTimeout            ``AsyncResult.get(timeout=...)`` ran out
     ├── TaskTimeout              a task ran past its ``timeout`` and was cancelled
     ├── TaskRevoked              the task was revoked before it produced a result
+    │   └── TaskExpired          its ``expires`` time passed before a worker started it
+    ├── Retry                    raised *by a task* to ask for another attempt (``after_s``, ``exc``)
     ├── TaskError                the task raised; carries the remote type, message, traceback
     ├── ServerStartError         an embedded nats-server or valkey-server did not start
     ├── PreflightError           NATS, JetStream or Valkey failed a check before an actor started
@@ -59,8 +61,10 @@ __all__ = [
     "MessageTooLarge",
     "PreflightError",
     "ResultTimeout",
+    "Retry",
     "ServerStartError",
     "TaskError",
+    "TaskExpired",
     "TaskIdError",
     "TaskOptionError",
     "TaskRevoked",
@@ -134,6 +138,35 @@ class TaskTimeout(HeddleError):
 
 class TaskRevoked(HeddleError):
     """Raised when waiting on a task that was revoked."""
+
+
+class TaskExpired(TaskRevoked):
+    """Raised when waiting on a task whose ``expires`` time passed before a worker started it."""
+
+
+class Retry(HeddleError):
+    """Raised inside a task to ask for another attempt, no earlier than ``after_s`` seconds from now.
+
+    It counts as a retry (``heddle.current_task().retries`` increments) and uses up
+    the task's ``retries``; when none are left the task fails with an error saying
+    that they ran out, and with ``exc``'s type and message when one is given.
+
+    Args:
+        after_s: Seconds to wait before the next attempt (default: the task's
+            retry backoff).
+        exc: The cause, kept for the final failure.
+    """
+
+    def __init__(self, after_s: float | None = None, exc: BaseException | None = None) -> None:
+        if after_s is not None and (
+            not isinstance(after_s, int | float) or isinstance(after_s, bool) or not 0 <= after_s < float("inf")
+        ):
+            raise TypeError(f"Retry(after_s=...) takes seconds >= 0, got {after_s!r}")
+        self.after_s = None if after_s is None else float(after_s)
+        self.exc = exc
+        why = f": {type(exc).__name__}: {exc}" if exc is not None else ""
+        when = f" in {self.after_s:g}s" if self.after_s is not None else ""
+        super().__init__(f"retry requested{when}{why}")
 
 
 class ServerStartError(HeddleError):

@@ -51,7 +51,8 @@ SUCCEEDED: Final = "succeeded"
 FAILED: Final = "failed"
 RETRIED: Final = "retried"
 DEAD_LETTERED: Final = "dead_lettered"
-TASK_STATES: Final = (RECEIVED, STARTED, SUCCEEDED, FAILED, RETRIED, DEAD_LETTERED)
+EXPIRED: Final = "expired"  # its expires time passed before it started; it never ran
+TASK_STATES: Final = (RECEIVED, STARTED, SUCCEEDED, FAILED, RETRIED, DEAD_LETTERED, EXPIRED)
 
 ONLINE: Final = "online"
 HEARTBEAT: Final = "heartbeat"
@@ -75,7 +76,7 @@ class TaskEvent(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
         at: Epoch seconds.
         duration_s: Run time, on succeeded, failed and retried.
         retries: Retries so far.
-        error: ``type: message`` on failed, retried and dead_lettered.
+        error: ``type: message`` on failed, retried, dead_lettered and expired.
         input_tokens: Model tokens (YAML LLM workers and tasks that call ``heddle.llm``).
         output_tokens: Model tokens out.
         payload: The task message (msgpack :class:`~heddle.messages.TaskMessage`),

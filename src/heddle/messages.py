@@ -16,7 +16,7 @@ from typing import Any, Final, TypeVar
 
 import msgspec
 
-from heddle.errors import DecodeError, TaskIdError
+from heddle.errors import DecodeError, TaskExpired, TaskIdError
 from heddle.names import check_task_id
 
 WIRE_VERSION: Final = 1
@@ -29,6 +29,8 @@ SUCCESS: Final = "SUCCESS"
 FAILURE: Final = "FAILURE"
 REVOKED: Final = "REVOKED"
 READY_STATES: Final = frozenset({SUCCESS, FAILURE, REVOKED})
+# ErrorInfo.type of a REVOKED record whose task expired before it started.
+EXPIRED_ERROR: Final = f"{TaskExpired.__module__}.{TaskExpired.__qualname__}"
 ALL_STATES: Final = (PENDING, STARTED, RETRY, SUCCESS, FAILURE, REVOKED)
 
 
@@ -44,6 +46,7 @@ class TaskMessage(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
     tier: str | None = None
     headers: dict[str, str] = {}
     submitted_at: float = 0.0
+    expires: float | None = None  # epoch seconds; not started by then, it never runs
 
 
 class ErrorInfo(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):

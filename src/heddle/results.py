@@ -11,8 +11,8 @@ import time
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from heddle import names
-from heddle.errors import BackendError, ResultTimeout, TaskError, TaskRevoked
-from heddle.messages import FAILURE, PENDING, READY_STATES, REVOKED, SUCCESS, ResultRecord
+from heddle.errors import BackendError, ResultTimeout, TaskError, TaskExpired, TaskRevoked
+from heddle.messages import EXPIRED_ERROR, FAILURE, PENDING, READY_STATES, REVOKED, SUCCESS, ResultRecord
 
 if TYPE_CHECKING:
     from heddle.connections import Client
@@ -146,6 +146,8 @@ class AsyncResult(Generic[R]):
 
     def _error(self, record: ResultRecord) -> Exception:
         if record.state == REVOKED:
+            if record.error is not None and record.error.type == EXPIRED_ERROR:
+                return TaskExpired(record.error.message)
             return TaskRevoked(f"task {self.id} was revoked")
         info = record.error
         if info is None:

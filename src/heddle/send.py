@@ -26,7 +26,7 @@ from heddle.settings import Settings, check_name
 if TYPE_CHECKING:
     from heddle.connections import Client
 
-APPLY_OPTIONS = frozenset({"countdown", "eta", "task_id", "headers", "tier", "worker_type"})
+APPLY_OPTIONS = frozenset({"countdown", "eta", "expires", "task_id", "headers", "tier", "worker_type"})
 
 
 def new_task_id() -> str:
@@ -104,6 +104,28 @@ def eta_epoch(countdown: float | None, eta: datetime | float | None) -> float | 
     return None
 
 
+def expires_epoch(expires: datetime | float | None, eta: float | None, now: float) -> float | None:
+    """Epoch seconds after which the task must not start, from seconds or an aware datetime.
+
+    Raises:
+        TypeError: Not seconds > 0 or an aware datetime, or not after the task's eta
+            (it could never run).
+    """
+    if expires is None:
+        return None
+    if isinstance(expires, datetime):
+        if expires.tzinfo is None:
+            raise TypeError("expires must be timezone-aware, e.g. datetime.now(timezone.utc) + delta")
+        at = expires.astimezone(UTC).timestamp()
+    elif isinstance(expires, int | float) and not isinstance(expires, bool) and 0 < expires < float("inf"):
+        at = now + float(expires)
+    else:
+        raise TypeError(f"expires must be seconds > 0 or an aware datetime, got {expires!r}")
+    if eta is not None and at <= eta:
+        raise TypeError("expires is not after the task's countdown/eta: it could never run; move one of them")
+    return at
+
+
 def send(
     app: Client,
     name: str,
@@ -112,6 +134,7 @@ def send(
     *,
     countdown: float | None = None,
     eta: datetime | float | None = None,
+    expires: datetime | float | None = None,
     task_id: str | None = None,
     headers: dict[str, str] | None = None,
     tier: str | None = None,
@@ -131,15 +154,18 @@ def send(
         raise TypeError("headers must map str to str")
     enc_args, enc_kwargs = encode_args(name, args, kwargs, arg_names)
     tid = task_id or new_task_id()
+    now = time.time()
+    starts = eta_epoch(countdown, eta)
     msg = TaskMessage(
         id=tid,
         task=name,
         args=enc_args,
         kwargs=enc_kwargs,
-        eta=eta_epoch(countdown, eta),
+        eta=starts,
         tier=tier,
         headers=hdrs,
-        submitted_at=time.time(),
+        submitted_at=now,
+        expires=expires_epoch(expires, starts, now),
     )
     payload = encoder.encode(msg)
     check_message_size(app.settings, f"task {name!r}", payload)

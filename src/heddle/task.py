@@ -44,6 +44,7 @@ TASK_OPTIONS = frozenset(
         "autoretry_for",
         "timeout",
         "tier",
+        "expires",
     }
 )
 # Deliveries kept in reserve above a task's retries for crash redeliveries and
@@ -65,6 +66,8 @@ class TaskOptions(msgspec.Struct, frozen=True, kw_only=True):
         autoretry_for: Exception types that trigger a retry (default: any Exception).
         timeout: Hard time limit in seconds; the task is cancelled and fails with TaskTimeout.
         tier: Model tier requested for this task (``local``, ``standard``, ``frontier``).
+        expires: Seconds after sending by which a worker must have started the task;
+            later, it never runs and ends ``REVOKED`` with :class:`~heddle.TaskExpired`.
     """
 
     retries: int = 0
@@ -75,6 +78,7 @@ class TaskOptions(msgspec.Struct, frozen=True, kw_only=True):
     autoretry_for: tuple[type[BaseException], ...] = (Exception,)
     timeout: float | None = None
     tier: str | None = None
+    expires: float | None = None
 
     def backoff_s(self, retry_number: int) -> float:
         """Delay before retry ``retry_number`` (0 for the first retry)."""
@@ -117,6 +121,11 @@ def _validate_options(where: str, options: dict[str, Any], max_deliver: int | No
         not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout <= 0
     ):
         raise TaskOptionError(f"timeout for {where} must be seconds > 0, got {timeout!r}")
+    expires = opts.get("expires")
+    if expires is not None and (
+        not isinstance(expires, int | float) or isinstance(expires, bool) or not 0 < expires < float("inf")
+    ):
+        raise TaskOptionError(f"expires for {where} must be seconds > 0 (from sending), got {expires!r}")
     tier = opts.get("tier")
     if tier is not None and tier not in names.TIERS:
         raise TaskOptionError(f"tier for {where} must be one of {', '.join(names.TIERS)}, got {tier!r}")
@@ -227,6 +236,7 @@ class Task(Generic[P, R]):
         task_id: str | None = None,
         headers: dict[str, str] | None = None,
         tier: str | None = None,
+        expires: datetime | float | None = None,
     ) -> AsyncResult[R]:
         """Send the task to a worker.
 
@@ -239,6 +249,9 @@ class Task(Generic[P, R]):
                 and a task whose result is stored never runs twice.
             headers: Extra string headers carried with the message.
             tier: Model tier for this call, overriding the task's option.
+            expires: Seconds from now, or an aware datetime, by which a worker must
+                have started the task; later it never runs and ends ``REVOKED``
+                (``get()`` raises :class:`~heddle.TaskExpired`). Default: the task's option.
 
         Returns:
             An :class:`AsyncResult`. From sync code the message is stored by
@@ -280,6 +293,7 @@ class Task(Generic[P, R]):
             task_id=task_id,
             headers=headers,
             tier=tier or self.options.tier,
+            expires=expires if expires is not None else self.options.expires,
             arg_names=self._positional,
         )
 

@@ -21,6 +21,7 @@ import traceback
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -35,13 +36,16 @@ from heddle.errors import (
     DecodeError,
     EncodeError,
     HeddleError,
+    Retry,
     TaskIdError,
     TaskTimeout,
 )
 from heddle.messages import (
+    EXPIRED_ERROR,
     FAILURE,
     READY_STATES,
     RETRY,
+    REVOKED,
     SUCCESS,
     ErrorInfo,
     ResultRecord,
@@ -117,6 +121,16 @@ _MACHINERY = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.s
               os.sep + "asyncio" + os.sep, os.sep + "concurrent" + os.sep + "futures" + os.sep)
 
 
+def _retries_ran_out(o: Outcome, used: int, allowed: int) -> Outcome:
+    """The final failure of a task that raised Retry with none left: it says so, with the cause."""
+    assert isinstance(o.exc, Retry)
+    cause = o.exc.exc if o.exc.exc is not None else o.exc
+    info = _error_info(cause)
+    message = f"retries ran out ({used} of {allowed} used): {info.message}"
+    error = ErrorInfo(type=info.type, message=message, traceback=info.traceback)
+    return Outcome(o.job, FAILURE, error=error, exc=o.exc, finished_at=o.finished_at)
+
+
 def _error_info(exc: BaseException) -> ErrorInfo:
     t = type(exc)
     te = traceback.TracebackException.from_exception(exc)
@@ -167,7 +181,8 @@ class Worker(Actor):
         self.default_tier = default_tier or tier or app.settings.default_tier
         self._heartbeat: Heartbeat | None = None
         self.inflight: dict[str, Job] = {}
-        self.stats = {"received": 0, "succeeded": 0, "failed": 0, "retried": 0, "dead_lettered": 0}
+        self.stats = {"received": 0, "succeeded": 0, "failed": 0, "retried": 0, "dead_lettered": 0,
+                      "expired": 0}
         self.metrics = WorkerMetrics(self.worker_type)
         self._outcomes: list[Outcome] = []
         self._outcome_ready = asyncio.Event()
@@ -303,6 +318,9 @@ class Worker(Actor):
                 tm,
             )
             return None
+        if tm.expires is not None and (now >= tm.expires or (tm.eta is not None and tm.eta >= tm.expires)):
+            await self._expire(msg, tm, now)
+            return None
         if tm.eta is not None:
             if not math.isfinite(tm.eta):
                 await self._reject(msg, f"eta {tm.eta!r} is not a time (epoch seconds)", tm)
@@ -313,6 +331,24 @@ class Worker(Actor):
                 await acknowledge(msg, "nak", tm.id, delay=min(wait, _MAX_NAK_DELAY_S))
                 return None
         return msg, tm, task
+
+    async def _expire(self, msg: Msg, tm: TaskMessage, now: float) -> None:
+        """End a task whose ``expires`` passed before it started: REVOKED, with TaskExpired."""
+        assert self.conns is not None
+        when = datetime.fromtimestamp(tm.expires or now, UTC).isoformat(timespec="milliseconds")
+        error = ErrorInfo(
+            type=EXPIRED_ERROR,
+            message=f"task {tm.task}[{tm.id}] expired at {when} before a worker started it; it never ran",
+        )
+        record = ResultRecord(id=tm.id, state=REVOKED, task=tm.task, worker=self.name, finished_at=now,
+                              error=error)
+        # A final state stored first (it ran, or was revoked) stands; either way this copy is done.
+        await self.conns.store_final(record, names.sender_of(msg.headers))
+        self.stats["expired"] += 1
+        await acknowledge(msg, "ack", tm.id)
+        await events.publish(self.conns.broker, events.task_event(  # heddle.events hook
+            events.EXPIRED, tm.id, task=tm.task, worker_type=self.worker_type, worker=self.name, at=now,
+            error=f"{EXPIRED_ERROR}: {error.message}"))
 
     async def _reject(self, msg: Msg, reason: str, tm: TaskMessage | None = None) -> None:
         """Dead-letter a message that can never run, fail its result, and ack it."""
@@ -408,16 +444,20 @@ class Worker(Actor):
             if o.state == FAILURE:
                 opts = job.task.options
                 delivered = job.msg.metadata.num_delivered or 1
+                asked = isinstance(o.exc, Retry)  # the task asked for it: autoretry_for does not apply
                 can_retry = (
                     retries < opts.retries
                     and o.exc is not None
                     # A wrong argument is wrong on every attempt.
                     and not isinstance(o.exc, ArgumentTypeError)
-                    and isinstance(o.exc, opts.autoretry_for)
+                    and (asked or isinstance(o.exc, opts.autoretry_for))
                     and delivered < max_deliver
                 )
+                if asked and not can_retry:
+                    o = _retries_ran_out(o, retries, opts.retries)
                 if can_retry:
-                    delay = opts.backoff_s(retries)
+                    after_s = o.exc.after_s if isinstance(o.exc, Retry) else None
+                    delay = opts.backoff_s(retries) if after_s is None else after_s
                     rec = self._record(o, RETRY, retries + 1)
                     requests.append(StoreRequest(tm.id, RETRY, rec, retries + 1))
                     plans.append((o, "retry", rec, delay))
