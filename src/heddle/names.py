@@ -151,6 +151,11 @@ HDR_ROUTED_BY = "Heddle-Routed-By"
 HDR_REPLAYED_BY = "Heddle-Replayed-By"
 HDR_REPLAYED_AT = "Heddle-Replayed-At"
 RATE_KEY_PREFIX = "heddle:rate:"
+# Concurrency-limit slots: heddle:limit:{task}:{key value} (heddle.limits).
+LIMIT_KEY_PREFIX = "heddle:limit:"
+# A task message put back on its subject while it waits for a concurrency slot
+# (a new copy, so its delivery count starts over): the copy number.
+HDR_WAITED = "Heddle-Waited"
 REPLAY_KEY_PREFIX = "heddle:replayed:"
 
 
