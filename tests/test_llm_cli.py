@@ -67,6 +67,17 @@ def test_heddle_worker_with_config_and_tier_serves_a_yaml_worker_on_anthropic(tm
     assert f"claude-x via anthropic at {p.url}/v1/messages" in log
 
 
+def test_a_yaml_workers_start_up_lines_show_the_retries_and_timeout_of_its_yaml(tmp_path, heddle_servers):
+    path, name = write_config(tmp_path, retries=3, timeout_seconds=45)
+    with FakeProvider("anthropic", api_key="sk-cli") as p:
+        p.add(Reply(text='{"label": "positive"}'))
+        env = clean_env(ANTHROPIC_API_KEY="sk-cli", ANTHROPIC_BASE_URL=p.url, HEDDLE_STANDARD_MODEL="claude-x")
+        label, log = serve_one_task(["--config", str(path), "--tier", "standard"], env, heddle_servers, name,
+                                    tmp_path)
+    assert label == "positive"
+    assert "retries 3 per model request" in log and "timeout 45s per model request" in log, log
+
+
 def test_worker_config_and_model_tier_from_the_environment_start_a_yaml_worker(tmp_path, heddle_servers):
     path, name = write_config(tmp_path, default_model_tier="standard")
     with FakeProvider("ollama") as p:
@@ -113,3 +124,28 @@ def test_a_worker_needs_an_app_or_a_config(tmp_path):
     out = run_cli("worker", "--skip-preflight", env=clean_env())
     assert out.returncode == 2
     assert "give -A module[:attribute] (Python tasks) or --config FILE" in " ".join(out.stderr.split())
+
+
+def test_heddle_devs_llm_worker_lines_show_the_retries_and_timeout_of_each_yaml(tmp_path, monkeypatch):
+    import argparse
+
+    from heddle.cli.llm import DevLLM
+
+    for var in (*LLM_ENV.values(), "WORKER_CONFIG", "MODEL_TIER"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-dev")
+    one, name_one = write_config(tmp_path, retries=4, timeout_seconds=12.5)
+    two, name_two = write_config(tmp_path, retries=0, timeout_seconds=90)
+    args = argparse.Namespace(config=[str(one), str(two)], tier="standard", local_model=False, concurrency=1, grace=1.0)
+    said: list[str] = []
+    with DevLLM(args, said.append) as llm:
+        main, hosted = llm.split(args, None)
+        try:
+            assert main.name == name_one and len(hosted) == 1
+        finally:
+            for app in llm.apps:
+                app.close()
+    assert f"  llm worker {name_one} on heddle.tasks.{name_one}.standard (4 retries and a 12.5s timeout per model " \
+           "request)" in said
+    assert f"  llm worker {name_two} on heddle.tasks.{name_two}.standard (0 retries and a 90s timeout per model " \
+           "request)" in said

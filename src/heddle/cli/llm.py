@@ -21,6 +21,7 @@ from heddle.settings import LLMSettings, llm_worker_env
 
 if TYPE_CHECKING:
     from heddle.app import Heddle
+    from heddle.llm.config import WorkerConfig
     from heddle.llm.local_model import LocalModelServer
 
 
@@ -90,14 +91,27 @@ def worker_from_args(args: argparse.Namespace, load_app: Callable[[str], Heddle]
 
     config = load_worker_config(path)
     args.tier = args.tier or _env_tier() or config.default_model_tier
-    return worker_app(config, args.tier), _llm_banner(path, args.tier)
+    return worker_app(config, args.tier), _llm_banner(path, args.tier, config)
 
 
-def _llm_banner(path: str, tier: str) -> dict[str, str]:
+def _llm_banner(path: str, tier: str, config: WorkerConfig) -> dict[str, str]:
     from heddle.llm.backends import backend_for_tier
 
     backend = backend_for_tier(tier, LLMSettings.load())
-    return {"config": path, "tier": tier, "model": f"{backend.model} via {backend.name} at {backend.endpoint}"}
+    return {
+        "config": path,
+        "tier": tier,
+        "model": f"{backend.model} via {backend.name} at {backend.endpoint}",
+        # The task table's retries and timeout are the task's own (none: a failed model
+        # call is not run again as a whole); the YAML's apply to each model request.
+        "retries": f"{config.retries} per model request (on 429, 5xx, connection errors and timeouts)",
+        "timeout": f"{config.timeout_seconds:g}s per model request",
+    }
+
+
+def request_limits(config: WorkerConfig) -> str:
+    """A YAML worker's retries and timeout, as one phrase for start-up lines."""
+    return f"{config.retries} retries and a {config.timeout_seconds:g}s timeout per model request"
 
 
 class DevLLM:
@@ -116,6 +130,7 @@ class DevLLM:
         self.say = say
         self.server: LocalModelServer | None = None
         self.apps: list[Heddle] = []
+        self.limits: dict[str, str] = {}  # worker type -> its YAML's retries and timeout
 
     def __enter__(self) -> DevLLM:
         from heddle.configfile import issues_error
@@ -133,6 +148,7 @@ class DevLLM:
             raise issues_error("worker config", issues)
         if (configs and self.tier == "local") or self.force_local:
             self._start_local_model()
+        self.limits = {cfg.name: request_limits(cfg) for cfg in configs}
         try:
             self.apps = [worker_app(cfg, self.tier) for cfg in configs]
         except BaseException:
@@ -184,8 +200,8 @@ class DevLLM:
         hosted = [
             HostedWorker(Worker(a, concurrency=args.concurrency, grace_s=args.grace, tier=self.tier)) for a in apps
         ]
-        for a in apps:
-            self.say(f"  llm worker {a.name} on heddle.tasks.{a.name}.{self.tier}")
+        for a in self.apps:
+            self.say(f"  llm worker {a.name} on heddle.tasks.{a.name}.{self.tier} ({self.limits.get(a.name, '')})")
         return main, hosted
 
 
