@@ -260,3 +260,42 @@ def test_a_taken_port_is_traded_for_a_free_one_or_named_with_the_flag_that_sets_
             Workshop(port=busy, port_flag="--workshop-port").bind()
         with pytest.raises(HeddleError, match="choose another port with --port"):
             Workshop(port=busy).bind()
+
+
+def test_the_overview_chart_has_axes_with_their_units(shop: Heddle, client: httpx.Client) -> None:
+    import re
+
+    fragment = client.get("/fragments/overview").text
+    chart = fragment[fragment.index('<svg class="chart"'):fragment.index("</svg>")]
+    x_axis = chart[chart.index('<g class="axis x">'):]
+    y_axis = chart[chart.index('<g class="axis y">'):chart.index('<g class="axis x">')]
+    # Time runs along x, a tick a minute, in minutes before now.
+    labels = re.findall(r"<text[^>]*>([^<]+)</text>", x_axis)
+    assert labels[:6] == ["now", "-1 min", "-2 min", "-3 min", "-4 min", "-5 min"], labels
+    assert labels[-1] == "time (minutes ago)"
+    # Tasks finished per 10 s bin go up y, from 0 to a round top.
+    ticks = re.findall(r"<text[^>]*>([^<]+)</text>", y_axis)
+    assert ticks[0] == "0" and ticks[-1] == "tasks / 10 s" and all(t.isdigit() for t in ticks[:-1]), ticks
+    assert "tasks finished per 10 s" in fragment
+
+
+def test_the_queues_table_lists_every_consumer_the_orchestrators_included(
+    shop: Heddle, client: httpx.Client
+) -> None:
+    from heddle.testing.orchestrators import running_orchestrator
+
+    def rows() -> list[list[str]]:
+        import re
+
+        page = client.get("/fragments/overview").text
+        table = page[page.index('<table id="queues">'):]
+        table = table[:table.index("</table>")]
+        return [re.findall(r"<td>([^<]*)</td>", row) for row in table.split("<tr>")[2:]]
+
+    with running_orchestrator(shop):
+        wait_for(lambda: any(r[:2] == ["HEDDLE_GOALS", "heddle-orchestrator"] for r in rows()), 10,
+                 "the orchestrator's consumer in the queues table")
+    found = {tuple(r[:2]) for r in rows()}
+    assert ("HEDDLE_TASKS", f"heddle-{shop.name}") in found  # the worker's
+    assert ("HEDDLE_TASKS", "heddle-router") in found  # the router's (running_worker hosts one)
+    assert all(len(r) == 6 for r in rows())  # stream, consumer, pending, ack pending, redelivered, waiting pulls

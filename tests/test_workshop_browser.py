@@ -60,3 +60,27 @@ def test_a_person_tries_a_task_sees_the_result_arrive_live_and_no_script_runs(
         page.goto(ws.url + "/")
         expect(page.locator("#ok-per-min")).not_to_have_text("0")
     assert not errors, errors
+
+
+def test_the_overview_chart_shows_its_axes_and_units_inside_the_chart(
+    heddle_servers: EmbeddedServers, page: Any
+) -> None:
+    from playwright.sync_api import expect
+
+    app = make_app(heddle_servers)
+    with running_worker(app), running_workshop(heddle_servers) as ws:
+        page.goto(ws.url + "/")
+        chart = page.locator("svg#throughput")
+        expect(chart.locator(".axis.x text.title")).to_have_text("time (minutes ago)")
+        expect(chart.locator(".axis.y text.title")).to_have_text("tasks / 10 s")
+        box = chart.bounding_box()
+        assert box is not None
+        labels = chart.locator(".axis text")
+        assert labels.count() >= 9  # six minute ticks, two or three y ticks, two titles
+        for i in range(labels.count()):
+            b = labels.nth(i).bounding_box()
+            assert b is not None and b["width"] > 0, labels.nth(i).text_content()
+            inside = (box["x"] <= b["x"] and b["x"] + b["width"] <= box["x"] + box["width"]
+                      and box["y"] <= b["y"] and b["y"] + b["height"] <= box["y"] + box["height"])
+            assert inside, (labels.nth(i).text_content(), b, box)
+        chart.screenshot(path=str(ARTIFACTS / "overview-chart.png"))

@@ -28,6 +28,7 @@ from rich.text import Text
 from heddle import events, names
 from heddle.app import Heddle
 from heddle.audit import AuditReport, unfinished
+from heddle.broker import Broker
 from heddle.errors import DecodeError, HeddleError
 from heddle.messages import PENDING, RETRY, ResultRecord, task_decoder
 from heddle.messages import decode as bounded_decode
@@ -132,6 +133,31 @@ async def list_workers(app: Heddle) -> list[WorkerRow]:
     return rows
 
 
+async def read_streams(broker: Broker) -> tuple[list[StreamRow], list[ConsumerRow]]:
+    """Every Heddle stream's size, and every consumer on them (workers', the router's, the orchestrators').
+
+    A stream that cannot be read (not created yet, or not allowed) is left out.
+    """
+    streams, consumers = [], []
+    for name in STREAMS:
+        try:
+            si = await broker.stream_info(name)
+        except HeddleError:
+            continue
+        streams.append(StreamRow(name, si.state.messages, si.state.bytes, si.state.consumer_count))
+        try:
+            infos = await broker.consumers_info(name)
+        except HeddleError:
+            infos = []
+        for ci in infos:
+            consumers.append(ConsumerRow(
+                name, ci.name, ci.num_pending or 0, ci.num_ack_pending or 0,
+                ci.num_redelivered or 0, ci.num_waiting or 0,
+            ))
+    consumers.sort(key=lambda c: (c.stream, c.name))
+    return streams, consumers
+
+
 async def gather_status(
     app: Heddle, sample_s: float = 1.0, older_than_s: float = DEFAULT_AUDIT_AGE_S, audit_limit: int = 20
 ) -> Status:
@@ -153,30 +179,12 @@ async def gather_status(
         counts[state] = counts.get(state, 0) + 1
 
     sub = await broker.subscribe(names.TASK_EVENTS_PREFIX + "*", cb=count) if sample_s > 0 else None
-    streams, consumers = [], []
-    dead = 0
-    for name in STREAMS:
-        try:
-            si = await broker.stream_info(name)
-        except HeddleError:
-            continue
-        streams.append(StreamRow(name, si.state.messages, si.state.bytes, si.state.consumer_count))
-        if name == names.DLQ_STREAM:
-            dead = si.state.messages
-        try:
-            infos = await broker.consumers_info(name)
-        except HeddleError:
-            infos = []
-        for ci in infos:
-            consumers.append(ConsumerRow(
-                name, ci.name, ci.num_pending or 0, ci.num_ack_pending or 0,
-                ci.num_redelivered or 0, ci.num_waiting or 0,
-            ))
+    streams, consumers = await read_streams(broker)
+    dead = next((s.messages for s in streams if s.name == names.DLQ_STREAM), 0)
     workers = await list_workers(app)
     if sub is not None:
         await asyncio.sleep(sample_s)  # the sample window itself, not a wait for a condition
         await sub.unsubscribe()
-    consumers.sort(key=lambda c: (c.stream, c.name))
     report = await unfinished(conns.backend, older_than_s, audit_limit)
     return Status(streams, consumers, workers, dead, sample_s, counts, report)
 

@@ -164,14 +164,49 @@ class Throughput:
         return ok, bad
 
 
-def chart_points(series: list[tuple[int, int, int]], width: int = 600, height: int = 120) -> dict[str, Any]:
-    """SVG polyline points (as strings) for the succeeded and failed lines of ``series``."""
-    peak = max([1, *(max(ok, bad) for _, ok, bad in series)])
+def _nice_ceiling(value: int) -> int:
+    """The smallest 1, 2 or 5 times a power of ten that is at least ``value`` (at least 1)."""
+    step = 1
+    while True:
+        for m in (1, 2, 5):
+            if m * step >= value:
+                return m * step
+        step *= 10
+
+
+def chart_points(
+    series: list[tuple[int, int, int]], width: int = 600, height: int = 170, bin_s: int = 10
+) -> dict[str, Any]:
+    """The throughput chart's SVG geometry: both lines, and axes with ticks and units.
+
+    The x axis is time in minutes before the newest bin (a tick a minute, "now" at
+    the right), the y axis tasks finished per ``bin_s`` seconds (ticks at 0, half
+    and the top, a round number at least the peak).
+    """
+    left, right, top, bottom = 52, 20, 10, 40  # room for the tick labels and the axis titles
+    plot_w, plot_h = width - left - right, height - top - bottom
+    peak = max([0, *(max(ok, bad) for _, ok, bad in series)])
+    y_max = _nice_ceiling(peak)
     n = max(1, len(series) - 1)
+    span_s = (series[-1][0] - series[0][0]) if len(series) > 1 else bin_s
+
+    def x_at(i: float) -> float:
+        return left + i * plot_w / n
+
+    def y_at(v: float) -> float:
+        return top + plot_h - v / y_max * plot_h
 
     def line(idx: int) -> str:
-        return " ".join(
-            f"{i * width / n:.1f},{height - (row[idx] / peak) * (height - 4) - 2:.1f}" for i, row in enumerate(series)
-        )
+        return " ".join(f"{x_at(i):.1f},{y_at(row[idx]):.1f}" for i, row in enumerate(series))
 
-    return {"ok": line(1), "failed": line(2), "peak": peak, "width": width, "height": height}
+    y_ticks = [(f"{y_at(v):.1f}", str(v)) for v in sorted({0, y_max // 2 if y_max % 2 == 0 else 0, y_max})]
+    x_ticks = []
+    for ago_s in range(0, span_s + 1, 60):
+        label = "now" if ago_s == 0 else f"-{ago_s // 60} min"
+        x_ticks.append((f"{x_at(n - ago_s / span_s * n):.1f}", label))
+    return {
+        "ok": line(1), "failed": line(2), "peak": peak, "y_max": y_max, "width": width, "height": height,
+        "left": left, "top": top, "right": width - right, "bottom": top + plot_h,
+        "x_ticks": x_ticks, "y_ticks": y_ticks,
+        "x_title": "time (minutes ago)", "y_title": f"tasks / {bin_s} s",
+    }

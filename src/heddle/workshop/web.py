@@ -422,25 +422,25 @@ def build_app(ws: Workshop) -> ASGIApp:
     # -- overview --------------------------------------------------------------------------
 
     async def overview_data() -> dict[str, Any]:
+        from heddle.status import ConsumerRow, read_streams
         from heddle.workshop.state import chart_points
 
         c = await conns()
-        queues = []
+        queues: list[ConsumerRow] = []
         dead = 0
         try:
-            for ci in await c.broker.consumers_info(names.TASKS_STREAM):
-                queues.append({"name": ci.name, "pending": ci.num_pending or 0,
-                               "ack_pending": ci.num_ack_pending or 0, "redelivered": ci.num_redelivered or 0})
-            dead = (await c.broker.stream_info(names.DLQ_STREAM)).state.messages
+            # Every consumer of every Heddle stream: workers', the router's, the orchestrators'.
+            streams, queues = await read_streams(c.broker)
+            dead = next((s.messages for s in streams if s.name == names.DLQ_STREAM), 0)
         except Exception as exc:  # shown, not raised: the overview keeps updating
-            queues.append({"name": f"unavailable: {exc}", "pending": 0, "ack_pending": 0, "redelivered": 0})
+            queues = [ConsumerRow("", f"unavailable: {exc}", 0, 0, 0, 0)]
         workers = sorted(ws.registry.workers() if ws.registry else [], key=lambda i: (i.worker_type, i.id))
         ok, bad = ws.throughput.totals(60)
         series = ws.throughput.series(300, 10)
         return {
             "workers": workers,
             "last_seen": {k: v[0] for k, v in ws.workers_seen.items()},
-            "queues": sorted(queues, key=lambda q: q["name"]),
+            "queues": queues,
             "dead": dead,
             "ok_per_min": ok,
             "failed_per_min": bad,
