@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from heddle import Heddle
-from heddle.status import find_queued, inspect_task
 from heddle.testing import EmbeddedServers, running_worker
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,6 +85,8 @@ def test_inspect_of_a_task_with_a_countdown_says_when_it_is_scheduled(heddle_ser
 def test_find_queued_reads_past_other_tasks_and_knows_a_task_that_is_not_there(
     lonely: Heddle, heddle_servers: EmbeddedServers
 ) -> None:
+    from heddle.status import find_queued, inspect_task
+
     add = next(iter(lonely.tasks.values()))
     first, *others = [add.delay(i, i) for i in range(300)]
     try:
