@@ -14,6 +14,7 @@ from heddle import names
 from heddle.arguments import ArgumentTypes
 from heddle.errors import ConfigError, HeddleError, TaskOptionError
 from heddle.graphs.canvas import Signature, xmap, xstarmap
+from heddle.limits import key_value
 from heddle.results import AsyncResult
 from heddle.send import send, unknown_options_error
 
@@ -45,6 +46,8 @@ TASK_OPTIONS = frozenset(
         "timeout",
         "tier",
         "expires",
+        "concurrency_limit",
+        "concurrency_key",
     }
 )
 # Deliveries kept in reserve above a task's retries for crash redeliveries and
@@ -68,6 +71,9 @@ class TaskOptions(msgspec.Struct, frozen=True, kw_only=True):
         tier: Model tier requested for this task (``local``, ``standard``, ``frontier``).
         expires: Seconds after sending by which a worker must have started the task;
             later, it never runs and ends ``REVOKED`` with :class:`~heddle.TaskExpired`.
+        concurrency_limit: Most runs at once across every worker (:mod:`heddle.limits`):
+            per value of the ``concurrency_key`` argument, or for the whole task.
+        concurrency_key: Name of the parameter whose value the limit counts by.
     """
 
     retries: int = 0
@@ -79,6 +85,8 @@ class TaskOptions(msgspec.Struct, frozen=True, kw_only=True):
     timeout: float | None = None
     tier: str | None = None
     expires: float | None = None
+    concurrency_limit: int | None = None
+    concurrency_key: str | None = None
 
     def backoff_s(self, retry_number: int) -> float:
         """Delay before retry ``retry_number`` (0 for the first retry)."""
@@ -126,6 +134,16 @@ def _validate_options(where: str, options: dict[str, Any], max_deliver: int | No
         not isinstance(expires, int | float) or isinstance(expires, bool) or not 0 < expires < float("inf")
     ):
         raise TaskOptionError(f"expires for {where} must be seconds > 0 (from sending), got {expires!r}")
+    limit = opts.get("concurrency_limit")
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        raise TaskOptionError(f"concurrency_limit for {where} must be an int >= 1, got {limit!r}")
+    ckey = opts.get("concurrency_key")
+    if ckey is not None and (not isinstance(ckey, str) or limit is None):
+        raise TaskOptionError(
+            f"concurrency_key for {where} must be the name of a parameter and needs concurrency_limit, "
+            f"e.g. @app.task(concurrency_limit=2, concurrency_key='tenant'); got {ckey!r}"
+            + ("" if limit is not None else " without concurrency_limit")
+        )
     tier = opts.get("tier")
     if tier is not None and tier not in names.TIERS:
         raise TaskOptionError(f"tier for {where} must be one of {', '.join(names.TIERS)}, got {tier!r}")
@@ -172,6 +190,12 @@ class Task(Generic[P, R]):
             p.name for p in self.signature.parameters.values()
             if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
         )
+        key = self.options.concurrency_key
+        if key is not None and key not in self.signature.parameters:
+            raise TaskOptionError(
+                f"concurrency_key {key!r} for {where} is not one of its parameters "
+                f"({', '.join(self.signature.parameters) or 'it takes none'})"
+            )
         # Type hints, checked at every send and converted to on the worker (None: no hints).
         self.arguments = ArgumentTypes.of(self.name, self.signature)
         self._app = app
@@ -182,6 +206,20 @@ class Task(Generic[P, R]):
 
     def __repr__(self) -> str:
         return f"<Task {self.name}>"
+
+    def concurrency_value(self, args: list[Any], kwargs: dict[str, Any]) -> str | None:
+        """Which concurrency slots a call counts against: the key argument's value, ``*``, or None (no limit)."""
+        if self.options.concurrency_limit is None:
+            return None
+        key = self.options.concurrency_key
+        if key is None:
+            return "*"
+        try:
+            bound = self.signature.bind(*args, **kwargs)
+        except TypeError:
+            return "*"  # arguments that do not fit fail when called; count them together meanwhile
+        bound.apply_defaults()
+        return key_value(bound.arguments.get(key))
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Any:
         """Run the function locally, in this process."""

@@ -40,6 +40,7 @@ from heddle.errors import (
     TaskIdError,
     TaskTimeout,
 )
+from heddle.limits import Lease, Leases, slot_key, wait_s
 from heddle.messages import (
     EXPIRED_ERROR,
     FAILURE,
@@ -83,6 +84,8 @@ _ETA_SLACK_S = 0.01
 # The longest a delayed task is handed back for at once; one due later comes back
 # and is handed back again (a nak delay is nanoseconds in an int64).
 _MAX_NAK_DELAY_S = 24 * 3600.0
+# Deliveries a task waiting for a concurrency slot leaves spare below MaxDeliver (heddle.limits).
+_DELIVERY_SPARE = 3
 # Task names quoted in reasons and logs are cut to this (a hostile one can be megabytes).
 _NAME_IN_REASON = 200
 
@@ -101,6 +104,7 @@ class Job:
     abandoned: bool = False
     done: bool = False
     context: TaskContext | None = None
+    lease: Lease | None = None  # its concurrency slot (heddle.limits), given back when settled
 
 
 @dataclass(eq=False)
@@ -182,7 +186,9 @@ class Worker(Actor):
         self._heartbeat: Heartbeat | None = None
         self.inflight: dict[str, Job] = {}
         self.stats = {"received": 0, "succeeded": 0, "failed": 0, "retried": 0, "dead_lettered": 0,
-                      "expired": 0}
+                      "expired": 0, "waiting": 0}
+        self._releasing: list[Lease] = []  # slots of settled tasks, given back after the store
+        self._leases: Leases  # made in on_start, on the connection's result store
         self.metrics = WorkerMetrics(self.worker_type)
         self._outcomes: list[Outcome] = []
         self._outcome_ready = asyncio.Event()
@@ -235,6 +241,9 @@ class Worker(Actor):
         )
         await self._heartbeat.start()
         self._bg.append(asyncio.get_running_loop().create_task(self._flush_loop(), name="heddle-flush"))
+        # Concurrency slots last one AckWait: a SIGKILLed worker's free themselves in that time.
+        self._leases = Leases(conns.backend, self.settings.ack_wait_s)
+        self._bg.append(asyncio.get_running_loop().create_task(self._lease_loop(), name="heddle-leases"))
         log.info("worker %s consuming %s", self.name, self.filter_subject)
 
     async def handle(self, msgs: list[Msg]) -> None:
@@ -256,12 +265,18 @@ class Worker(Actor):
                 batch.append(admitted)
         if not batch:
             return
+        leases: dict[str, Lease] = {}
+        if any(task.options.concurrency_limit is not None for _, _, task in batch):
+            batch, leases = await self._take_slots(batch)
+            if not batch:
+                return
         try:
             claims = await self.conns.backend.claim_many([tm.id for _, tm, _ in batch], self.name)
         except BackendError as exc:
             log.warning("cannot claim %d tasks (%s); naking for redelivery", len(batch), exc)
             for msg, tm, _ in batch:
                 await acknowledge(msg, "nak", tm.id, delay=_BACKOFF_S * 2)
+            self._releasing.extend(ls for tid, ls in leases.items() if tid not in self.inflight)
             await self.sleep_unless_stopped(_BACKOFF_S)
             return
         loop = asyncio.get_running_loop()
@@ -273,6 +288,8 @@ class Worker(Actor):
                 if claim.final_record:
                     await self.conns.notify(tm.id, claim.final_record, names.sender_of(msg.headers))
                 await acknowledge(msg, "ack", tm.id)
+                if tm.id in leases and tm.id not in self.inflight:
+                    self._releasing.append(leases[tm.id])
                 continue
             running = self.inflight.get(tm.id)
             if running is not None:
@@ -282,7 +299,7 @@ class Worker(Actor):
                 # running job adopts the newest delivery and acks that when done.
                 running.msg = msg
                 continue
-            job = Job(msg, tm, task, claim.retries, time.time())
+            job = Job(msg, tm, task, claim.retries, time.time(), lease=leases.get(tm.id))
             self.inflight[tm.id] = job
             job.runner = loop.create_task(self._execute(job))
             headers = msg.headers or {}
@@ -291,6 +308,75 @@ class Worker(Actor):
                 await events.publish(self.conns.broker, events.received(  # heddle.events hook
                     msg.data, headers, headers.get(names.HDR_TIER, ""), by=self.name))
             await events.job_event(self.conns.broker, events.STARTED, job, self)  # heddle.events hook
+
+    async def _take_slots(
+        self, batch: list[tuple[Msg, TaskMessage, Task[Any, Any]]]
+    ) -> tuple[list[tuple[Msg, TaskMessage, Task[Any, Any]]], dict[str, Lease]]:
+        """Take the concurrency slots of limited tasks; the ones that find none wait, holding no slot here."""
+        wanted: list[tuple[Msg, TaskMessage, Lease]] = []
+        for msg, tm, task in batch:
+            value = task.concurrency_value(tm.args, tm.kwargs)
+            if value is not None:
+                assert task.options.concurrency_limit is not None
+                wanted.append((msg, tm, Lease(slot_key(task.name, value), tm.id, task.options.concurrency_limit)))
+        try:
+            got = await self._leases.acquire([lease for _, _, lease in wanted])
+        except HeddleError as exc:
+            log.warning("cannot take concurrency slots (%s); those tasks try again shortly", exc)
+            got = [False] * len(wanted)
+        held: dict[str, Lease] = {}
+        waiting: set[int] = set()
+        for (msg, tm, lease), ok in zip(wanted, got, strict=True):
+            if ok:
+                held[tm.id] = lease
+            else:
+                waiting.add(id(msg))
+                await self._wait_for_slot(msg, tm)
+        return [b for b in batch if id(b[0]) not in waiting], held
+
+    async def _wait_for_slot(self, msg: Msg, tm: TaskMessage) -> None:
+        """Give a task with no free slot back for a short while; near MaxDeliver, as a fresh copy."""
+        assert self.conns is not None
+        self.stats["waiting"] += 1
+        delivered = msg.metadata.num_delivered or 1
+        if delivered < self.max_deliver - _DELIVERY_SPARE:
+            await acknowledge(msg, "nak", tm.id, delay=wait_s(delivered))
+            return
+        # Each try was a delivery: a fresh copy starts its count over (the claim in
+        # Valkey keeps a copy left by a crash between these two steps from running twice).
+        headers = {k: v for k, v in (msg.headers or {}).items() if k != names.HDR_ROUTED_BY}
+        copy = int(headers.get(names.HDR_WAITED, "0") or 0) + 1
+        headers[names.HDR_WAITED] = str(copy)
+        headers[names.HDR_MSG_ID] = f"{tm.id}:waited{copy}"
+        try:
+            subject = await self.conns.route(names.INCOMING_SUBJECT, headers)
+            await self.conns.broker.publish(subject, msg.data, headers)
+        except HeddleError as exc:
+            log.warning("cannot put waiting task %s back (%s); it is redelivered", tm.id, exc)
+            await acknowledge(msg, "nak", tm.id, delay=wait_s(delivered))
+            return
+        await acknowledge(msg, "ack", tm.id)
+
+    async def _lease_loop(self) -> None:
+        """Renew the concurrency slots of running tasks; give back those of settled ones."""
+        while True:
+            await asyncio.sleep(self._leases.ttl_s / 3)
+            held = [job.lease for job in self.inflight.values() if job.lease is not None]
+            try:
+                await self._leases.renew(held)
+            except HeddleError as exc:
+                log.warning("cannot renew %d concurrency slots (%s)", len(held), exc)
+            await self._release_slots()
+
+    async def _release_slots(self) -> None:
+        if not self._releasing:
+            return
+        done, self._releasing = self._releasing, []
+        try:
+            await self._leases.release(done)
+        except HeddleError as exc:
+            # Their leases run out on their own within ttl_s.
+            log.warning("cannot give back %d concurrency slots (%s)", len(done), exc)
 
     async def _admit(self, msg: Msg, now: float) -> tuple[Msg, TaskMessage, Task[Any, Any]] | None:
         """Decode and check one message: return it to run, or dead-letter or delay it here."""
@@ -421,6 +507,7 @@ class Worker(Actor):
             outcomes, self._outcomes = self._outcomes, []
             try:
                 await self._settle(outcomes)
+                await self._release_slots()
             except (BackendError, BrokerError) as exc:
                 # Keep the outcomes (the in-progress loop keeps their messages alive)
                 # and try again; the tasks are not run twice.
@@ -546,6 +633,8 @@ class Worker(Actor):
     def _finish(self, job: Job) -> None:
         if self.inflight.get(job.message.id) is job:
             del self.inflight[job.message.id]
+            if job.lease is not None:
+                self._releasing.append(job.lease)
         self.slot_freed()
 
     # -- control -------------------------------------------------------------------
