@@ -76,6 +76,9 @@ def test_a_yaml_workers_start_up_lines_show_the_retries_and_timeout_of_its_yaml(
                                     tmp_path)
     assert label == "positive"
     assert "retries 3 per model request" in log and "timeout 45s per model request" in log, log
+    # The task table's row says the same, not the task-level 0 and "-" (#21 item 13).
+    row = next(line for line in log.splitlines() if f"{name} " in line and "heddle.tasks." in line)
+    assert "3 per request" in row and "45s per request" in row, row
 
 
 def test_worker_config_and_model_tier_from_the_environment_start_a_yaml_worker(tmp_path, heddle_servers):

@@ -29,8 +29,18 @@ if TYPE_CHECKING:
 
 
 
-def banner(app: Heddle, concurrency: int, extra: dict[str, str] | None = None, tier: str | None = None) -> None:
-    """Print the start-up banner: where we connect, what we run, on which subjects."""
+def banner(
+    app: Heddle,
+    concurrency: int,
+    extra: dict[str, str] | None = None,
+    tier: str | None = None,
+    per_request: tuple[int, float] | None = None,
+) -> None:
+    """Print the start-up banner: where we connect, what we run, on which subjects.
+
+    ``per_request`` is a YAML LLM worker's (retries, timeout in seconds): they apply
+    to each model request, not to the task, and its table row says so.
+    """
     console.print(f"[bold]heddle worker[/] [cyan]{app.name}[/]  concurrency={concurrency}")
     console.print(f"  nats   {redact(app.settings.nats_url)}", markup=False)
     console.print(f"  valkey {redact(app.settings.valkey_url)}", markup=False)
@@ -44,11 +54,15 @@ def banner(app: Heddle, concurrency: int, extra: dict[str, str] | None = None, t
     table.add_column("subject")
     for name, t in sorted(app.tasks.items()):
         tier = t.options.tier or app.settings.default_tier
+        retries = str(t.options.retries)
+        timeout = f"{t.options.timeout:g}s" if t.options.timeout else "-"
+        if per_request is not None:
+            retries, timeout = f"{per_request[0]} per request", f"{per_request[1]:g}s per request"
         table.add_row(
             name,
             "async" if t.is_async else "sync",
-            str(t.options.retries),
-            f"{t.options.timeout:g}s" if t.options.timeout else "-",
+            retries,
+            timeout,
             names.task_subject(app.worker_type, tier),
         )
     console.print(table)
@@ -160,7 +174,7 @@ def _run_worker(args: argparse.Namespace, argv_for_reload: Sequence[str]) -> int
     app, extra = worker_from_args(args, load_app)  # -A module, or --config / WORKER_CONFIG (LLM worker)
     preflight(args, app)
     if not args.quiet:
-        banner(app, args.concurrency, extra, tier=args.tier)
+        banner(app, args.concurrency, extra, tier=args.tier, per_request=getattr(args, "per_request", None))
     install_loop_policy()
     worker = asyncio.run(serve(app, args))
     _exit_if_threads_abandoned(worker)

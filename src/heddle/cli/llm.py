@@ -91,6 +91,7 @@ def worker_from_args(args: argparse.Namespace, load_app: Callable[[str], Heddle]
 
     config = load_worker_config(path)
     args.tier = args.tier or _env_tier() or config.default_model_tier
+    args.per_request = (config.retries, config.timeout_seconds)  # the banner's task row
     return worker_app(config, args.tier), _llm_banner(path, args.tier, config)
 
 
@@ -102,8 +103,8 @@ def _llm_banner(path: str, tier: str, config: WorkerConfig) -> dict[str, str]:
         "config": path,
         "tier": tier,
         "model": f"{backend.model} via {backend.name} at {backend.endpoint}",
-        # The task table's retries and timeout are the task's own (none: a failed model
-        # call is not run again as a whole); the YAML's apply to each model request.
+        # The YAML's retries and timeout apply to each model request (a failed model call
+        # is not run again as a whole task); the banner's task row says so too.
         "retries": f"{config.retries} per model request (on 429, 5xx, connection errors and timeouts)",
         "timeout": f"{config.timeout_seconds:g}s per model request",
     }
