@@ -103,3 +103,15 @@ def test_find_queued_reads_past_other_tasks_and_knows_a_task_that_is_not_there(
 def test_inspect_of_an_unknown_task_still_says_no_task_is_known(heddle_servers: EmbeddedServers) -> None:
     out = heddle(heddle_servers, "inspect", f"unknown-{uuid.uuid4().hex}")
     assert out.returncode == 1 and "is known" in out.stderr
+
+
+def test_inspect_of_a_queued_task_shows_when_it_expires(lonely: Heddle, heddle_servers: EmbeddedServers) -> None:
+    add = next(iter(lonely.tasks.values()))
+    r = add.apply_async((1, 2), expires=3600)  # #18 item 6
+    try:
+        out = heddle(heddle_servers, "inspect", r.id)
+        assert out.returncode == 0, out.stdout + out.stderr
+        text = " ".join(out.stdout.split())
+        assert re.search(r"expires \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC \(in 3[56]\d\ds; not started by then", text), text
+    finally:
+        r.revoke()

@@ -365,6 +365,8 @@ class TaskView(msgspec.Struct):
     sent_at: float = 0.0
     # What the look in the task stream found, when it did not find the message.
     search_note: str = ""
+    # Its expires time (epoch s), from its message: not started by then, it never runs.
+    expires: float | None = None
 
     @property
     def known(self) -> bool:
@@ -533,7 +535,7 @@ async def inspect_task(app: Heddle, task_id: str) -> TaskView:
 def _take_args(view: TaskView, data: bytes) -> None:
     try:
         tm = bounded_decode(task_decoder, data)
-        view.args, view.kwargs = tm.args, tm.kwargs
+        view.args, view.kwargs, view.expires = tm.args, tm.kwargs, tm.expires
     except DecodeError:
         pass
 
@@ -559,6 +561,11 @@ def print_task(console: Console, v: TaskView) -> None:
     else:
         console.print(Text("  args    (not kept: the message left the stream when it was acked; "
                            "the Workshop shows args from its events)"))
+    if v.expires is not None:
+        left = v.expires - time.time()
+        when = dt.datetime.fromtimestamp(v.expires, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+        console.print(Text(f"  expires {when} ({f'in {left:.0f}s' if left > 0 else 'passed'}; "
+                           f"not started by then, it never runs)"))
     if r is not None and r.state == "SUCCESS":
         console.print(Text(f"  result  {json.dumps(r.result, default=repr)}"))
     if r is not None and r.error is not None:
