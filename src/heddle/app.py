@@ -6,7 +6,8 @@ import asyncio
 import contextlib
 import importlib
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
+from datetime import timedelta
 from types import ModuleType
 from typing import Any, TypeVar, overload
 
@@ -14,6 +15,7 @@ from heddle.connections import Connections, TracksSend, client_name
 from heddle.errors import ConfigError, DuplicateTaskError, HeddleError
 from heddle.redact import redact
 from heddle.results import AsyncResult as _AsyncResult
+from heddle.schedules import Schedule, declare
 from heddle.send import send_by_name
 from heddle.settings import Settings, check_name
 from heddle.task import P, R, Task, TaskDecorator
@@ -104,6 +106,8 @@ class Heddle:
             )
         self.settings = settings
         self.tasks: dict[str, Task[Any, Any]] = {}
+        #: Periodic schedules by name (``app.periodic``), run by every worker process that loads the app.
+        self.schedules: dict[str, Schedule] = {}
         # Plain dict: uvloop loops cannot be weakly referenced. Closed loops are pruned.
         self._conns: dict[asyncio.AbstractEventLoop, asyncio.Future[Connections]] = {}
         self._portal = _Portal()
@@ -187,6 +191,54 @@ class Heddle:
                     self.register(value)
                     found.append(value)
         return found
+
+    def periodic(
+        self,
+        task: Task[Any, Any] | str,
+        *,
+        every: float | timedelta | None = None,
+        cron: str | None = None,
+        tz: str | None = None,
+        args: tuple[Any, ...] | list[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        name: str | None = None,
+    ) -> Schedule:
+        """Run ``task`` periodically: every ``every`` seconds, or on a ``cron`` expression read in ``tz``.
+
+        Whichever worker processes load this app (``heddle worker -A``, ``heddle dev``)
+        run the schedule together: nats-server keeps the time and each tick becomes
+        one task, ``periodic:{app}:{name}:{tick ms}``, whatever the number of workers;
+        a tick missed while no worker ran runs once when one comes back
+        (:mod:`heddle.schedules` says how and why).
+
+        Args:
+            task: One of this app's tasks, or its name.
+            every: Whole seconds (>= 1) between runs, or a timedelta.
+            cron: Five-field cron expression (``"*/5 * * * *"``) or ``@hourly``, ``@daily``...
+            tz: IANA time zone the cron expression is read in (default UTC).
+            args: Positional arguments of every run.
+            kwargs: Keyword arguments of every run.
+            name: Unique schedule name (default: the task's short name).
+
+        Returns:
+            The :class:`~heddle.schedules.Schedule`.
+
+        Raises:
+            ConfigError: A bad interval, cron expression or time zone, an unknown task,
+                or a name already taken; the message says what to change.
+            TypeError: The arguments do not fit the task.
+
+        Example:
+            >>> app.periodic(cleanup, every=60)
+            >>> app.periodic(report, cron="0 9 * * mon-fri", tz="Europe/Berlin", args=("daily",))
+        """
+        if isinstance(task, Task) and task.is_shared and task.name not in self.tasks:
+            task.bind_shared(self)  # a shared task of the module being loaded, not yet included
+            self.register(task)
+        schedule = declare(self, task, every=every, cron=cron, tz=tz, args=args, kwargs=kwargs, name=name,
+                           taken=self.schedules)
+        self.schedules[schedule.name] = schedule
+        return schedule
 
     # -- connections ---------------------------------------------------------------
 

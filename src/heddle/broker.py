@@ -414,6 +414,45 @@ class Broker:
         for cfg in (tasks, dlq, goals):
             await self._add_or_update_stream(cfg)
 
+    async def ensure_schedules_stream(self) -> None:
+        """Create or update HEDDLE_SCHEDULES: schedule definitions and their ticks (heddle.schedules).
+
+        nats-server keeps the schedules (message schedules, ADR-51): it publishes each
+        definition's body to its target subject at every due time, in this stream.
+
+        Raises:
+            BrokerError: The server does not keep message schedules (older than 2.14).
+        """
+        cfg = api.StreamConfig(
+            name=names.SCHEDULES_STREAM,
+            subjects=[names.SCHEDULES_SUBJECTS],
+            retention=api.RetentionPolicy.LIMITS,
+            storage=api.StorageType.FILE,
+            duplicate_window=self.settings.dedup_window_s,
+            allow_rollup_hdrs=True,
+            allow_msg_schedules=True,
+        )
+        await self._add_or_update_stream(cfg)
+        info = await self.stream_info(names.SCHEDULES_STREAM)
+        if not info.config.allow_msg_schedules:
+            version = self.nc._server_info.get("version", "?") if self.nc is not None else "?"
+            raise BrokerError(
+                f"nats-server {version} at {redact(self.url)} does not keep message schedules; periodic "
+                f"schedules (app.periodic) need nats-server 2.14 or later"
+            )
+
+    async def stream_subjects(self, stream: str, subjects_filter: str) -> dict[str, int]:
+        """The subjects of ``stream`` matching ``subjects_filter`` that hold messages, with their counts."""
+        info = await self.stream_info(stream, subjects_filter=subjects_filter)
+        return dict(info.state.subjects or {})
+
+    async def purge_subject(self, stream: str, subject: str) -> None:
+        """Delete every message of ``stream`` on ``subject``."""
+        try:
+            await self._js().purge_stream(stream, subject=subject)
+        except Exception as exc:
+            raise translate(exc, self.url, f"purging {subject} from {stream}") from exc
+
     async def _add_or_update_stream(self, cfg: api.StreamConfig) -> None:
         js = self._js()
         try:

@@ -199,3 +199,48 @@ LLM_EVENTS_PREFIX = "heddle.events.llm."
 def llm_event_subject(worker_type: str) -> str:
     """Core NATS subject a YAML LLM worker's model calls are announced on."""
     return f"{LLM_EVENTS_PREFIX}{worker_type}"
+
+
+# Periodic schedules (heddle.schedules). nats-server keeps the time: each schedule is a
+# message-schedule definition (ADR-51) on ``heddle.schedules.def.{app}.{name}`` in the
+# HEDDLE_SCHEDULES stream, and the server publishes a tick on
+# ``heddle.schedules.tick.{app}.{name}`` at every due time. The app's workers share one
+# durable consumer on its ticks and turn each into a task ``periodic:{app}:{name}:{tick ms}``.
+SCHEDULES_STREAM = "HEDDLE_SCHEDULES"
+SCHEDULES_SUBJECTS = "heddle.schedules.>"
+SCHEDULE_KEY_PREFIX = "heddle:schedule:"
+PERIODIC_ID_PREFIX = "periodic:"
+# On a scheduled task's message: the name of the schedule that sent it.
+HDR_SCHEDULE = "Heddle-Schedule"
+# nats-server's message-schedule headers (ADR-51) and the compare-and-set header.
+HDR_NATS_SCHEDULE = "Nats-Schedule"
+HDR_NATS_SCHEDULE_TARGET = "Nats-Schedule-Target"
+HDR_NATS_SCHEDULE_TIME_ZONE = "Nats-Schedule-Time-Zone"
+HDR_NATS_SCHEDULE_ROLLUP = "Nats-Schedule-Rollup"
+HDR_NATS_SCHEDULE_NEXT = "Nats-Schedule-Next"
+HDR_EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
+
+
+def schedule_subject(app: str, name: str = "*") -> str:
+    """Subject of an app's schedule definition (``*``: every definition of the app)."""
+    return f"heddle.schedules.def.{app}.{name}"
+
+
+def tick_subject(app: str, name: str = "*") -> str:
+    """Subject nats-server publishes a schedule's ticks on (``*``: every tick of the app)."""
+    return f"heddle.schedules.tick.{app}.{name}"
+
+
+def scheduler_consumer(app: str) -> str:
+    """Durable consumer of an app's ticks, shared by every worker process that loads the app."""
+    return f"heddle-scheduler-{app}"
+
+
+def schedule_key(app: str, name: str) -> str:
+    """Valkey hash holding a schedule's last run (tick time, task id, sent at)."""
+    return f"{SCHEDULE_KEY_PREFIX}{app}:{name}"
+
+
+def periodic_task_id(app: str, name: str, tick_ms: int) -> str:
+    """The task id of one tick: the same for every delivery of that tick, so it runs once."""
+    return f"{PERIODIC_ID_PREFIX}{app}:{name}:{tick_ms}"

@@ -35,6 +35,7 @@ from heddle.messages import decode as bounded_decode
 from heddle.redact import redact
 from heddle.registry import ALIVE_TTL_S, WorkerInfo
 from heddle.results import scheduled_note, worker_note
+from heddle.schedules import ScheduleState, read_states, schedule_of
 
 STREAMS = (names.TASKS_STREAM, names.DLQ_STREAM, names.GOALS_STREAM)
 # The audit's default deadline: a task sent this long ago should have finished.
@@ -367,6 +368,8 @@ class TaskView(msgspec.Struct):
     search_note: str = ""
     # Its expires time (epoch s), from its message: not started by then, it never runs.
     expires: float | None = None
+    # The periodic schedule that sent it (app.periodic), from its id.
+    schedule: str = ""
 
     @property
     def known(self) -> bool:
@@ -514,7 +517,7 @@ async def inspect_task(app: Heddle, task_id: str) -> TaskView:
     """
     conns = await app.connections()
     state, record = await conns.backend.read(task_id)
-    view = TaskView(task_id, state, record)
+    view = TaskView(task_id, state, record, schedule=schedule_of(task_id) or "")
     dl = await find_dead_letter(app, task_id)
     if dl is not None:
         view.dead_letter_id, headers, data = dl[0], dl[1], dl[2]
@@ -554,6 +557,9 @@ def print_task(console: Console, v: TaskView) -> None:
         console.print(Text(f"  queue   {sent}{v.search_note}"))
     if r is not None:
         console.print(Text(f"  task    {r.task}"))
+    if v.schedule:
+        console.print(Text(f"  schedule {v.schedule} (sent by this periodic schedule; heddle schedules -A lists it)"))
+    if r is not None:
         console.print(Text(f"  worker  {r.worker}   tier {r.tier or '-'}   retries {r.retries}"))
     if v.args is not None:
         console.print(Text(f"  args    {json.dumps(v.args, default=repr)}"))
@@ -587,7 +593,7 @@ def print_task(console: Console, v: TaskView) -> None:
 
 
 def add_status_commands(sub: Any) -> None:
-    """Add ``status``, ``events`` and ``inspect`` to the ``heddle`` parser."""
+    """Add ``status``, ``events``, ``inspect`` and ``schedules`` to the ``heddle`` parser."""
     s = sub.add_parser("status", help="streams, consumers, workers online, dead letters, throughput")
     s.add_argument("--sample", type=float, default=1.0, help="seconds to count task events for (0: skip)")
     s.add_argument("--audit", action="store_true",
@@ -608,6 +614,9 @@ def add_status_commands(sub: Any) -> None:
     i = sub.add_parser("inspect", help="a task's state, args, result or error, and timeline")
     i.add_argument("task_id")
     i.add_argument("--json", action="store_true", help="print the record as JSON")
+    sc = sub.add_parser("schedules", help="an app's periodic schedules: task, interval or cron, last and next run")
+    sc.add_argument("-A", "--app", required=True, help="module[:attribute] holding the heddle.Heddle app")
+    sc.add_argument("--json", action="store_true", help="one JSON object per schedule, in a list")
 
 
 def run_status_command(args: argparse.Namespace, console: Console) -> int:
@@ -675,3 +684,66 @@ def run_status_command(args: argparse.Namespace, console: Console) -> int:
 
 
 _GOAL_STATES = ("dispatched", "succeeded", "failed", "recovered", "skipped", "revoked", "ended", "ok", "error")
+
+
+# -- heddle schedules -------------------------------------------------------------------------
+
+
+def _when(at: float | None, now: float) -> str:
+    if at is None:
+        return "-"
+    stamp = dt.datetime.fromtimestamp(at, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    delta = at - now
+    return f"{stamp} ({f'in {delta:.0f}s' if delta >= 0 else f'{-delta:.0f}s ago'})"
+
+
+def schedule_rows(states: list[ScheduleState], now: float) -> list[dict[str, Any]]:
+    """One JSON-able dict per schedule: name, task, every_s or cron and tz, installed, last and next run."""
+    rows = []
+    for st in states:
+        s = st.schedule
+        rows.append({
+            "name": s.name, "task": s.task, "every_s": s.every_s, "cron": s.cron, "tz": s.tz,
+            "args": list(s.args), "kwargs": dict(s.kwargs), "installed": st.installed,
+            "last_run": st.last_run, "last_task_id": st.last_task_id, "next_run": st.next_run,
+        })
+    return rows
+
+
+def print_schedules(console: Console, app_name: str, states: list[ScheduleState], now: float) -> None:
+    """Render the schedules of an app as a table."""
+    if not states:
+        console.print(Text(f"app {app_name!r} declares no schedules (app.periodic)"))
+        return
+    table = Table(title=f"schedules of app {app_name!r}")
+    for col in ("schedule", "task", "when", "last run", "next run"):
+        table.add_column(col)
+    for st in states:
+        s = st.schedule
+        nxt = _when(st.next_run, now) if st.installed else "not installed: no worker of the app has started"
+        table.add_row(s.name, s.task, s.describe(), _when(st.last_run, now), nxt)
+    console.print(table)
+
+
+def run_schedules_command(args: argparse.Namespace, console: Console) -> int:
+    """Run ``heddle schedules -A module``: every schedule the app declares, with its last and next run."""
+    from heddle.runtime import load_app
+
+    app = load_app(args.app)
+
+    async def main() -> int:
+        try:
+            states = await read_states(app, app.schedules)
+        finally:
+            await app.aclose()
+        now = time.time()
+        if args.json:
+            print(json.dumps(schedule_rows(states, now)))
+        else:
+            print_schedules(Console(), app.name, states, now)
+        return 0
+
+    try:
+        return asyncio.run(main())
+    except KeyboardInterrupt:
+        return 130

@@ -389,6 +389,26 @@ class ResultBackend:
         except Exception as exc:
             raise _translate(exc, self.url, f"setting {key}") from exc
 
+    async def set_fields(self, key: str, fields: dict[str, str]) -> None:
+        """HSET several fields of a hash (a schedule's last run, say)."""
+        try:
+            await self._c().hset(key, mapping=fields)  # type: ignore[misc]
+        except Exception as exc:
+            raise _translate(exc, self.url, f"writing {key}") from exc
+
+    async def get_fields_many(self, keys: Sequence[str]) -> list[dict[str, str]]:
+        """HGETALL of each key, pipelined; a missing key gives an empty dict."""
+        if not keys:
+            return []
+        try:
+            pipe = self._c().pipeline(transaction=False)
+            for key in keys:
+                pipe.hgetall(key)
+            rows = await pipe.execute()
+        except Exception as exc:
+            raise _translate(exc, self.url, f"reading {len(keys)} hashes") from exc
+        return [{_text(k): _text(v) for k, v in (row or {}).items()} for row in rows]
+
     async def keep_payload(self, data: bytes) -> str:
         """Keep a dead letter's payload (for :attr:`Broker.spill`) as long as dead letters live."""
         key = names.DLQ_PAYLOAD_KEY_PREFIX + hashlib.sha256(data).hexdigest()
@@ -420,6 +440,10 @@ class ResultBackend:
             await self._c().ping()
         except Exception as exc:
             raise _translate(exc, self.url, "pinging") from exc
+
+
+def _text(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
 def decode_record(data: bytes) -> ResultRecord:

@@ -96,6 +96,10 @@ def hosted_actors(app: Heddle, args: argparse.Namespace) -> list[Actor]:
     orchestrator = make_orchestrator(app, args)  # unless --no-orchestrator
     if orchestrator is not None:
         actors.append(orchestrator)
+    if app.schedules:  # app.periodic: every process that loads the app runs its schedules together
+        from heddle.scheduler import Scheduler
+
+        actors.append(Scheduler(app))
     return actors
 
 
@@ -414,7 +418,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_graph_commands(sub)  # orchestrator, submit
     from heddle.status import add_status_commands
 
-    add_status_commands(sub)  # status, events, inspect
+    add_status_commands(sub)  # status, events, inspect, schedules
     from heddle.cli.workshop import add_workshop_command
 
     add_workshop_command(sub, add_actor_args)  # workshop
@@ -457,6 +461,10 @@ def _dispatch(args: Any, rest: Sequence[str]) -> int:
             from heddle.status import run_status_command
 
             return run_status_command(args, console)
+        if args.command == "schedules":
+            from heddle.status import run_schedules_command
+
+            return run_schedules_command(args, console)
         if args.command == "workshop":
             from heddle.cli.workshop import run_workshop_command
 
