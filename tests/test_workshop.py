@@ -299,3 +299,30 @@ def test_the_queues_table_lists_every_consumer_the_orchestrators_included(
     assert ("HEDDLE_TASKS", f"heddle-{shop.name}") in found  # the worker's
     assert ("HEDDLE_TASKS", "heddle-router") in found  # the router's (running_worker hosts one)
     assert all(len(r) == 6 for r in rows())  # stream, consumer, pending, ack pending, redelivered, waiting pulls
+
+
+def test_a_task_that_expired_shows_its_expiry_and_ends_revoked(heddle_servers: EmbeddedServers, ws: Workshop,
+                                                                client: httpx.Client) -> None:
+    import time
+    from datetime import UTC, datetime, timedelta
+
+    from heddle.testing import running_worker
+
+    late = Heddle(f"late{uuid.uuid4().hex[:8]}", nats_url=heddle_servers.nats_url,
+                  valkey_url=heddle_servers.valkey_url)
+
+    @late.task
+    def remind(user: str) -> str:
+        return user
+
+    try:
+        deadline = datetime.now(UTC) + timedelta(milliseconds=300)
+        r = remind.apply_async(("ada",), expires=deadline)  # no worker and no router yet  (#18 item 6)
+        wait_for(lambda: time.time() > deadline.timestamp() + 0.05, 10, "the expiry to pass")
+        with running_worker(late):
+            wait_for(lambda: (e := ws.recent.get(r.id)) is not None and e.state == "REVOKED", 15, "its events")
+    finally:
+        late.close()
+    page = client.get(f"/tasks/{r.id}").text
+    assert '<dd id="expires">' in page and "it never runs" in page
+    assert "<td>expired</td>" in page and "TaskExpired" in page

@@ -178,6 +178,8 @@ def describe(subject: str, data: bytes) -> dict[str, Any] | None:
                 tm = bounded_decode(task_decoder, bytes(raw))
                 out["args"], out["kwargs"] = tm.args, tm.kwargs
                 out["submitted_at"] = tm.submitted_at
+                if tm.expires is not None:
+                    out["expires"] = tm.expires
             return {"kind": "task", **out}
         if subject.startswith(names.WORKER_EVENTS_PREFIX):
             return {"kind": "worker", **msgspec.structs.asdict(bounded_decode(worker_event_decoder, data))}

@@ -433,7 +433,7 @@ class Worker(Actor):
         self.stats["expired"] += 1
         await acknowledge(msg, "ack", tm.id)
         await events.publish(self.conns.broker, events.task_event(  # heddle.events hook
-            events.EXPIRED, tm.id, task=tm.task, worker_type=self.worker_type, worker=self.name, at=now,
+            events.EXPIRED, tm.id, task=tm.task, worker_type=self.worker_type, worker=self.name,
             error=f"{EXPIRED_ERROR}: {error.message}"))
 
     async def _reject(self, msg: Msg, reason: str, tm: TaskMessage | None = None) -> None:

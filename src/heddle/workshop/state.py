@@ -24,8 +24,9 @@ _STATE = {
     events.SUCCEEDED: "SUCCESS",
     events.FAILED: "FAILURE",
     events.DEAD_LETTERED: "FAILURE",
+    events.EXPIRED: "REVOKED",
 }
-_FINAL = frozenset({"SUCCESS", "FAILURE"})
+_FINAL = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
 
 
 @dataclass
@@ -47,6 +48,7 @@ class TaskEntry:
     error: str = ""
     input_tokens: int = 0
     output_tokens: int = 0
+    expires: float | None = None  # not started by then (epoch s), it never runs
     timeline: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -80,6 +82,8 @@ class RecentTasks:
             e.worker = ev["worker"]
         if "args" in ev:
             e.args, e.kwargs = ev["args"], ev.get("kwargs") or {}
+        if ev.get("expires"):
+            e.expires = ev["expires"]
         new = _STATE.get(state, e.state)
         # Events can arrive out of order (router and worker publish on their own
         # connections): a final state is never replaced by an earlier one.
