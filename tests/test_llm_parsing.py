@@ -1,4 +1,4 @@
-"""The JSON Schema subset validator and JSON extraction from model replies."""
+"""The JSON Schema validator (draft 2020-12, by jsonschema) and JSON extraction from model replies."""
 
 from __future__ import annotations
 
@@ -91,11 +91,113 @@ def test_an_enum_of_numbers_does_not_accept_booleans():
     assert not schema.is_valid(True) and not schema.is_valid(False)
 
 
-def test_unsupported_keywords_are_schema_errors_with_their_path():
+def test_unknown_keywords_are_schema_errors_with_their_path_and_a_hint():
     problems = check_schema({"type": "object", "properties": {"a": {"type": "string", "format": "email",
-                                                                     "oneOf": []}}})
-    assert problems == [(("properties", "a", "oneOf"), problems[0][1])]
-    assert "unsupported schema keyword 'oneOf'" in problems[0][1]
+                                                                     "maxLenght": 3}}})
+    assert problems == [(("properties", "a", "maxLenght"), problems[0][1])]
+    assert "unsupported schema keyword 'maxLenght'" in problems[0][1]
+    assert "did you mean 'maxLength'?" in problems[0][1]
+
+
+# Full JSON Schema 2020-12: $defs/$ref, oneOf/anyOf/allOf, const, prefixItems, patternProperties...
+CHART = {
+    "$defs": {
+        "point": {
+            "type": "object",
+            "required": ["x", "label"],
+            "additionalProperties": False,
+            "properties": {
+                "x": {"type": "number", "multipleOf": 0.5},
+                "label": {"type": "string", "pattern": "^[a-z]+$", "maxLength": 8},
+            },
+        },
+        "id": {"oneOf": [{"type": "integer", "minimum": 1}, {"type": "string", "pattern": "^id-"}]},
+    },
+    "type": "object",
+    "required": ["kind", "points"],
+    "properties": {
+        "kind": {"const": "chart"},
+        "id": {"$ref": "#/$defs/id"},
+        "points": {"type": "array", "items": {"$ref": "#/$defs/point"}, "minItems": 1},
+        "size": {"allOf": [{"type": "integer"}, {"exclusiveMinimum": 0}, {"maximum": 100}]},
+        "pair": {"type": "array", "prefixItems": [{"type": "string"}, {"type": "integer"}], "items": False},
+        "tags": {"type": "object", "patternProperties": {"^t_": {"type": "boolean"}},
+                 "additionalProperties": False},
+        "shape": {"anyOf": [{"enum": ["dot", "bar"]}, {"type": "null"}]},
+        "color": {"type": "string", "not": {"const": "red"}},
+    },
+}
+CHART_OK = {"kind": "chart", "id": "id-7", "points": [{"x": 1.5, "label": "a"}, {"x": 2, "label": "bee"}],
+            "size": 3, "pair": ["a", 1], "tags": {"t_x": True}, "shape": None, "color": "blue"}
+
+
+def chart_errors(change):
+    return [str(e) for e in Schema(CHART).errors({**CHART_OK, **change})]
+
+
+def test_a_full_json_schema_with_refs_and_combinators_is_accepted_and_validates():
+    assert check_schema(CHART) == []
+    assert chart_errors({}) == []
+    assert chart_errors({"id": 3, "shape": "bar"}) == []
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"kind": "table"}, "$.kind: must be 'chart', got string 'table'"),
+        ({"points": [{"x": 1, "label": "a"}, {"x": 1, "label": "Bad"}]},
+         "$.points[1].label: 'Bad' does not match pattern '^[a-z]+$'"),
+        ({"points": [{"x": 1, "label": "abcdefghi"}]},
+         "$.points[0].label: is 9 characters, longer than maxLength 8"),
+        ({"points": [{"x": 0.3, "label": "a"}]}, "$.points[0].x: 0.3 is not a multiple of 0.5"),
+        ({"points": [{"x": 1}]}, "$.points[0]: missing required property 'label'"),
+        ({"points": [{"x": 1, "label": "a", "y": 2}]}, "$.points[0]: unexpected property 'y'"),
+        ({"id": 0}, "$.id: matches none of oneOf: 0 is less than minimum 1 | expected string, got integer 0"),
+        ({"size": 0}, "$.size: 0 must be greater than 0 (exclusiveMinimum)"),
+        ({"size": 101}, "$.size: 101 is greater than maximum 100"),
+        ({"pair": ["a", "b"]}, "$.pair[1]: expected integer, got string 'b'"),
+        ({"pair": ["a", 1, 2]}, "$.pair: Expected at most 2 items but found 1 extra: 2"),
+        ({"tags": {"t_x": 1}}, "$.tags.t_x: expected boolean, got integer 1"),
+        ({"tags": {"x": True}}, "$.tags: unexpected property 'x'"),
+        ({"shape": "pie"}, "$.shape: matches none of anyOf: 'pie' is not one of ['dot', 'bar'] | expected null"),
+        ({"color": "red"}, "$.color: string 'red' must not match the schema under 'not'"),
+    ],
+)
+def test_each_json_schema_rule_is_enforced_with_its_path_and_rule(change, expected):
+    found = chart_errors(change)
+    assert any(e.startswith(expected) for e in found), found
+
+
+def test_violations_come_in_the_order_of_the_instance_with_the_rule_they_broke():
+    value = {"kind": "chart", "points": [{"x": 1, "label": "ok"}, {"x": 1, "label": "NO"}], "size": -1}
+    first, *rest = Schema(CHART).errors(value)
+    assert (first.path, first.rule) == ("$.points[1].label", "pattern")
+    assert [(v.path, v.rule) for v in rest] == [("$.size", "exclusiveMinimum")]
+
+
+@pytest.mark.parametrize(
+    ("schema", "path", "message"),
+    [
+        ({"type": "object", "properties": {"a": {"$ref": "#/$defs/pont"}}, "$defs": {"point": {}}},
+         ("properties", "a", "$ref"), "$ref '#/$defs/pont' does not resolve: there is no 'pont' there; did you "
+                                      "mean 'point'?"),
+        ({"type": "object", "properties": {"a": {"$ref": "https://example.com/a.json"}}},
+         ("properties", "a", "$ref"), "points outside this schema; only local references"),
+        ({"type": "object", "properties": {"a": {"oneOf": []}}}, ("properties", "a", "oneOf"),
+         "oneOf must be a non-empty list of schemas"),
+        ({"type": "object", "properties": {"a": {"type": "number", "multipleOf": 0}}},
+         ("properties", "a", "multipleOf"), "multipleOf must be a number > 0"),
+        ({"type": "object", "patternProperties": {"([": {}}}, ("patternProperties", "(["),
+         "a patternProperties key is not a valid regular expression"),
+        ({"type": "object", "dependentRequired": {"a": "b"}}, ("dependentRequired", "a"),
+         "not valid JSON Schema: 'b' is not of type 'array'"),
+    ],
+    ids=["ref-typo", "ref-remote", "oneOf-empty", "multipleOf-0", "bad-pattern-key", "metaschema"],
+)
+def test_a_broken_schema_is_reported_with_the_place_of_each_problem(schema, path, message):
+    problems = check_schema(schema)
+    assert [p for p, _ in problems] == [path], problems
+    assert message in problems[0][1]
 
 
 @pytest.mark.parametrize(
