@@ -3,7 +3,8 @@ HEDDLE_TEST_APP, so each test has its own schedules, consumer and subjects.
 
 Each run of ``beat`` appends ``{pid} {task id} {Heddle-Schedule header}`` to HEDDLE_TEST_LOG,
 so a test counts runs per tick across worker processes. HEDDLE_TEST_EVERY sets the
-interval of the ``beat`` schedule (default 1 s).
+interval of the ``beat`` schedule (default 1 s); HEDDLE_TEST_EXTRA=1 declares one more
+schedule, ``nightly``.
 """
 
 import os
@@ -30,3 +31,5 @@ def report(kind: str = "daily") -> str:
 
 app.periodic(beat, every=int(os.environ.get("HEDDLE_TEST_EVERY", "1")), args=("tick",), name="heartbeat")
 app.periodic(report, cron="*/5 * * * *", tz="Europe/Berlin", kwargs={"kind": "weekly"}, name="weekly-report")
+if os.environ.get("HEDDLE_TEST_EXTRA"):
+    app.periodic(report, cron="@daily", name="nightly")
