@@ -5,8 +5,13 @@ request from a script of :class:`Reply` values, in the exact JSON shapes of the
 Anthropic Messages API, OpenAI chat completions or Ollama's ``/api/chat``,
 including their error bodies. Every request is checked against the protocol
 (path, auth header, ``anthropic-version``, ``max_tokens``, model, message
-roles, ``stream: false`` for Ollama...): a request that breaks it gets a 400
-and is recorded in :attr:`FakeProvider.violations`, which tests assert empty.
+roles, ``stream: false`` for Ollama, the structured-output fields: Anthropic's
+``output_config.format`` with only the JSON Schema subset the API takes,
+OpenAI's ``response_format`` with a valid ``json_schema.name``, Ollama's
+``format``...): a request that breaks it gets a 400 and is recorded in
+:attr:`FakeProvider.violations`, which tests assert empty. A provider made with
+``refuse_schema=True`` answers any structured-output field with the 400 a
+server or model without structured outputs sends.
 
 The server is a few dozen lines of asyncio (HTTP/1.1 with keep-alive) in a
 background thread, so a test can hold a request open for seconds, answer with
@@ -19,6 +24,7 @@ import asyncio
 import collections
 import contextlib
 import json
+import re
 import threading
 import time
 import uuid
@@ -77,10 +83,12 @@ class FakeProvider:
         api_key: The key the Anthropic fake accepts.
     """
 
-    def __init__(self, kind: str, api_key: str = "test-key") -> None:
+    def __init__(self, kind: str, api_key: str = "test-key", refuse_schema: bool = False) -> None:
         assert kind in KINDS, kind
         self.kind = kind
         self.api_key = api_key
+        self.refuse_schema = refuse_schema
+        self.refusals = 0
         self.script: collections.deque[Reply] = collections.deque()
         self.requests: list[Seen] = []
         self.violations: list[str] = []
@@ -226,6 +234,11 @@ class FakeProvider:
             body = None
         self.requests.append(Seen(method, target, headers, body, time.monotonic()))
         self._notify()
+        refused = self._refusal(body)
+        if refused is not None:
+            self.refusals += 1
+            await self._send(writer, 400, json.dumps(error_body(self.kind, 400, refused)).encode(), {})
+            return True
         problem = self._violation(method, target, headers, body)
         if problem is not None:
             self.violations.append(problem)
@@ -258,6 +271,18 @@ class FakeProvider:
 
     # -- the protocols ---------------------------------------------------------------
 
+    def _refusal(self, body: Any) -> str | None:
+        """The error of a server or model without structured outputs, when the request asks for them."""
+        if not self.refuse_schema or not isinstance(body, dict):
+            return None
+        if self.kind == "anthropic" and "output_config" in body:
+            return f"output_config.format: structured outputs are not supported by model {body.get('model')}"
+        if self.kind == "openai" and "response_format" in body:
+            return "response_format: 'json_schema' is not supported by this model"
+        if self.kind == "ollama" and isinstance(body.get("format"), dict):
+            return "invalid format: this version of the server takes format 'json' only"
+        return None
+
     def _violation(self, method: str, path: str, headers: dict[str, str], body: Any) -> str | None:
         if method != "POST" or path != PATHS[self.kind]:
             return f"{method} {path}: this fake serves only POST {PATHS[self.kind]}"
@@ -283,6 +308,8 @@ class FakeProvider:
                 rf.get("type") != "json_schema" or not isinstance(rf.get("json_schema", {}).get("schema"), dict)
             ):
                 return "response_format: expected {type: json_schema, json_schema: {name, schema}}"
+            if rf is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", str(rf["json_schema"].get("name"))):
+                return "response_format.json_schema.name: must match ^[a-zA-Z0-9_-]{1,64}$"
             return None
         if body.get("stream") is not False:
             return "stream: Ollama streams unless the request says stream: false"
@@ -311,6 +338,49 @@ def _anthropic_violation(headers: dict[str, str], body: dict[str, Any], key: str
     system = body.get("system")
     if system is not None and not isinstance(system, str | list):
         return "system: must be a string or a list of text blocks"
+    if "output_format" in body:
+        return "output_format: Extra inputs are not permitted (it moved to output_config.format)"
+    if "output_config" in body:
+        config = body["output_config"]
+        if not isinstance(config, dict) or set(config) - {"format", "effort"}:
+            return "output_config: must be an object with format (and effort)"
+        fmt = config.get("format")
+        if not isinstance(fmt, dict) or fmt.get("type") != "json_schema" or not isinstance(fmt.get("schema"), dict):
+            return "output_config.format: expected {type: json_schema, schema: {...}}"
+        problem = _structured_output_problem(fmt["schema"], "output_config.format.schema")
+        if problem:
+            return problem
+    return None
+
+
+# The JSON Schema subset Anthropic's structured outputs take; anything else is a 400.
+_ANTHROPIC_KEYWORDS = frozenset({"type", "enum", "const", "anyOf", "allOf", "$ref", "$defs", "definitions",
+                                 "properties", "required", "additionalProperties", "items", "minItems",
+                                 "description", "title", "default", "format", "pattern", "examples"})
+
+
+def _structured_output_problem(schema: Any, where: str) -> str | None:
+    if not isinstance(schema, dict):
+        return f"{where}: must be an object"
+    for key, value in schema.items():
+        if key not in _ANTHROPIC_KEYWORDS:
+            return f"{where}: JSON Schema keyword {key!r} is not supported in structured outputs"
+        if key == "minItems" and value not in (0, 1):
+            return f"{where}.minItems: only 0 or 1 is supported"
+    if schema.get("type") == "object" and schema.get("additionalProperties") is not False:
+        return f"{where}: objects must set additionalProperties: false"
+    for key in ("properties", "$defs", "definitions"):
+        for name, sub in (schema.get(key) or {}).items():
+            problem = _structured_output_problem(sub, f"{where}.{key}.{name}")
+            if problem:
+                return problem
+    for key in ("anyOf", "allOf"):
+        for i, sub in enumerate(schema.get(key) or []):
+            problem = _structured_output_problem(sub, f"{where}.{key}[{i}]")
+            if problem:
+                return problem
+    if "items" in schema:
+        return _structured_output_problem(schema["items"], f"{where}.items")
     return None
 
 

@@ -55,6 +55,21 @@ def test_a_complete_config_loads_with_every_field(tmp_path):
     assert type(cfg.input_schema) is dict  # plain data, not the line-tracking mapping
 
 
+def test_full_json_schema_and_the_new_keys_load(tmp_path):
+    path = tmp_path / "w.yaml"
+    path.write_text(render({
+        "output_schema": "output_schema:\n  type: object\n  $defs: {label: {type: string, enum: [a, b]}}\n"
+                         "  properties:\n    label: {$ref: '#/$defs/label'}\n"
+                         "    n: {oneOf: [{type: integer, minimum: 0}, {const: none}]}\n",
+        "escalation": "escalation: [standard, frontier]",
+        "structured_output": "structured_output: prompt",
+    })[0])
+    cfg = load_worker_config(path)
+    assert cfg.escalation == ("standard", "frontier") and cfg.structured_output == "prompt"
+    assert cfg.output_validator().is_valid({"label": "a", "n": "none"})
+    assert not cfg.output_validator().is_valid({"label": "c"})
+
+
 def test_optional_fields_have_documented_defaults(tmp_path):
     path = tmp_path / "w.yaml"
     path.write_text("\n".join(BASE[k] for k in ("name", "system_prompt", "input_schema", "output_schema")))
@@ -62,6 +77,7 @@ def test_optional_fields_have_documented_defaults(tmp_path):
     assert (cfg.description, cfg.default_model_tier, cfg.max_input_tokens, cfg.max_output_tokens) == (
         "", "standard", 8000, 1024)
     assert (cfg.temperature, cfg.timeout_seconds, cfg.retries) == (0.0, 120.0, 2)
+    assert (cfg.escalation, cfg.structured_output, cfg.input_model, cfg.output_model) == ((), "auto", "", "")
 
 
 CASES = [
@@ -90,7 +106,26 @@ CASES = [
     ({"output_schema": "output_schema: {type: object, properties: {s: {type: string, pattern: '(['}}}"},
      "output_schema", "output_schema.properties.s.pattern", "not a valid regular expression"),
     ({"output_schema": "output_schema: {type: object, properties: {a: {type: array, items: [{}]}}}"},
-     "output_schema", "output_schema.properties.a.items", "tuple validation is not supported"),
+     "output_schema", "output_schema.properties.a.items", "for a tuple, list the schemas under prefixItems"),
+    ({"output_schema": "output_schema: {type: object, properties: {a: {$ref: '#/$defs/b'}}, $defs: {c: {}}}"},
+     "output_schema", "output_schema.properties.a.$ref", "$ref '#/$defs/b' does not resolve"),
+    ({"output_schema": "output_schema: {type: object, properties: {a: {oneOf: [{type: strin}]}}}"},
+     "output_schema", "output_schema.properties.a.oneOf[0].type", "type must be one of object"),
+    ({"output_schema": "output_schema: {type: object, properties: {a: {type: string, patern: x}}}"},
+     "output_schema", "output_schema.properties.a.patern", "did you mean 'pattern'?"),
+    ({"output_schema": "output_schema: 'tests.no_such_module:Summary'"}, "output_schema", "output_schema",
+     "cannot import 'tests.no_such_module' for the model 'tests.no_such_module:Summary'"),
+    ({"output_schema": "output_schema: 'tests.test_llm_config:BASE'"}, "output_schema", "output_schema",
+     "is dict {"),
+    ({"escalation": "escalation: [standard, cloud]"}, "escalation", "escalation",
+     "lists 'cloud'; each entry must be one of local, standard, frontier"),
+    ({"escalation": "escalation: frontier"}, "escalation", "escalation", "must be a list of tiers"),
+    ({"escalation": "escalation: [frontier, frontier]"}, "escalation", "escalation", "lists a tier twice"),
+    ({"structured_output": "structured_output: json"}, "structured_output", "structured_output",
+     "must be auto (the schema in the provider's own field where it can take one) or prompt"),
+    ({"escalaton": "escalaton: [standard]"}, "escalaton", "escalaton", "did you mean 'escalation'?"),
+    ({"structured_outputs": "structured_outputs: prompt"}, "structured_outputs", "structured_outputs",
+     "did you mean 'structured_output'?"),
     ({"default_model_tier": "default_model_tier: cloud"}, "default_model_tier", "default_model_tier",
      "must be one of local, standard, frontier, got 'cloud'"),
     ({"max_input_tokens": "max_input_tokens: 0"}, "max_input_tokens", "max_input_tokens", "must be >= 1, got 0"),

@@ -1,19 +1,27 @@
 """``await heddle.llm.complete(...)``: one model call, optionally with a JSON output schema.
 
-With a schema the flow is: call the tier's backend → extract the JSON from the
-reply (code fences, preamble) → validate it → if it is not valid, one repair
-call that shows the model its reply and the validation errors → fail with
-those errors if it is still invalid. YAML LLM workers run the same flow.
+With a schema the flow is: call the tier's backend (the schema in the system
+prompt and, where the provider takes one, in its structured-output field) →
+extract the JSON from the reply (code fences, preamble) → validate it (JSON
+Schema, or a Pydantic model with its validators) → if it is not valid, one
+repair call that shows the model its reply and the validation errors → if it
+is still invalid, the next tier of the escalation, if any, runs the same
+steps → fail with the errors, naming the first broken field and its rule.
+YAML LLM workers run the same flow.
 
 Inside a task run by a worker, every call adds its usage to
 ``current_task().meta`` (``input_tokens``, ``output_tokens``, ``model``,
 ``backend``, ``tier``, ``latency_s``, ``llm_calls`` and, with a price table,
-``cost_usd``), so it is stored with the result.
+``cost_usd``), so it is stored with the result; with an escalation,
+``tiers_tried`` lists each tier tried with its outcome, tokens and cost.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
+import logging
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -21,17 +29,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from heddle.context import task_context
-from heddle.errors import ConfigError, LLMInputError, LLMOutputError
-from heddle.llm.backends import backend_for_tier
+from heddle.errors import ConfigError, LLMConfigError, LLMInputError, LLMOutputError
+from heddle.llm.backends import Backend, backend_for_tier
 from heddle.llm.backends.base import ChatReply, ChatRequest
 from heddle.llm.config import Price, load_prices
 from heddle.llm.extract import NoJSONFound, extract_json
+from heddle.llm.models import ModelSchema
 from heddle.llm.schema import Schema, SchemaViolation, check_schema
 from heddle.metrics import record_llm_tokens
 from heddle.names import TIERS
 from heddle.settings import LLMSettings
 
-__all__ = ["Completion", "complete", "estimate_tokens"]
+__all__ = ["Completion", "as_schema", "complete", "escalation_chain", "estimate_tokens"]
+
+log = logging.getLogger("heddle.llm")
 
 # Characters per token for the input-size guard: a deliberate overestimate of
 # tokens for English text, so the guard trips before the provider's limit does.
@@ -55,6 +66,9 @@ class Completion:
         calls: Model calls made (2 when the output was repaired).
         attempts: HTTP attempts made, retries included.
         cost_usd: Cost from the price table, or None without a price for the model.
+        tiers: With an escalation, every tier tried in order: ``{tier, backend, model,
+            outcome (ok | invalid | unavailable | error), input_tokens, output_tokens,
+            llm_calls, cost_usd}``; empty without one.
     """
 
     text: str
@@ -68,6 +82,7 @@ class Completion:
     calls: int = 1
     attempts: int = 1
     cost_usd: float | None = None
+    tiers: tuple[dict[str, Any], ...] = ()
 
     def usage(self) -> dict[str, Any]:
         """Usage as plain data, as stored in result metadata and events."""
@@ -125,9 +140,18 @@ def _messages(messages: str | Sequence[Mapping[str, str]], system: str) -> tuple
     return "\n\n".join(systems), out
 
 
-def _schema(schema: Schema | Mapping[str, Any]) -> Schema:
+def as_schema(schema: Schema | Mapping[str, Any] | type[Any]) -> Schema:
+    """A validator for ``schema``: a :class:`Schema`, a JSON Schema mapping or a Pydantic model class.
+
+    Raises:
+        ConfigError: The JSON Schema is invalid (every problem, with where it is).
+    """
     if isinstance(schema, Schema):
         return schema
+    if isinstance(schema, type) and hasattr(schema, "model_json_schema"):
+        return ModelSchema(schema)
+    if not isinstance(schema, Mapping):
+        raise ConfigError(f"a schema must be a JSON Schema mapping or a Pydantic model class, got {schema!r}")
     problems = check_schema(schema)
     if problems:
         listed = "; ".join(f"{'.'.join(map(str, p)) or '(root)'}: {m}" for p, m in problems)
@@ -155,21 +179,37 @@ def _check(reply: ChatReply, validator: Schema) -> tuple[Any, str | None]:
         value = extract_json(reply.text)
     except NoJSONFound as exc:
         return None, f"it is not valid JSON: {exc}"
-    errors = validator.errors(value)
+    data, errors = validator.parse(value)
     if errors:
-        return None, f"it does not match the schema: {_problems(errors)}"
-    return value, None
+        first = errors[0]
+        return None, (
+            f"it does not match the schema (the first broken field is {first.path}, rule {first.rule}): "
+            f"{_problems(errors)}"
+        )
+    return data, None
 
 
 def _clip(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def escalation_chain(tier: str, escalation: Sequence[str]) -> list[str]:
+    """The tiers a call tries in order: ``tier``, then those after it in ``escalation``.
+
+    ``escalation: [standard, frontier]`` on a local worker gives local, standard,
+    frontier; on a standard worker, standard, frontier.
+    """
+    rest = list(escalation)
+    if tier in rest:
+        rest = rest[rest.index(tier) + 1 :]
+    return [tier, *(t for t in rest if t != tier)]
+
+
 async def complete(
     messages: str | Sequence[Mapping[str, str]],
     *,
     tier: str = "standard",
-    schema: Schema | Mapping[str, Any] | None = None,
+    schema: Schema | Mapping[str, Any] | type[Any] | None = None,
     system: str = "",
     max_tokens: int = 1024,
     temperature: float = 0.0,
@@ -177,6 +217,9 @@ async def complete(
     retries: int = 2,
     max_input_tokens: int | None = None,
     settings: LLMSettings | None = None,
+    escalation: Sequence[str] = (),
+    structured_output: str = "auto",
+    schema_name: str = "output",
 ) -> Completion:
     """Call the model of ``tier`` and return its reply, parsed and validated when ``schema`` is given.
 
@@ -184,7 +227,9 @@ async def complete(
         messages: A user prompt, or ``[{"role": "user", "content": ...}, ...]``
             (``system`` entries are joined into the system prompt).
         tier: ``local``, ``standard`` or ``frontier``; see :mod:`heddle.llm.backends`.
-        schema: JSON Schema (the subset in :mod:`heddle.llm.schema`) the reply must match.
+        schema: What the reply must be: a JSON Schema (draft 2020-12), a
+            :class:`Schema`, or a Pydantic model class (then ``data`` is the validated
+            model as plain JSON data).
         system: System prompt.
         max_tokens: Most tokens to generate per call.
         temperature: Sampling temperature.
@@ -192,6 +237,13 @@ async def complete(
         retries: Retries of a request on 429, 5xx, connection errors and timeouts.
         max_input_tokens: Refuse inputs estimated above this many tokens, without a call.
         settings: Backend settings; default: from the environment.
+        escalation: Tiers to try next, in order, when the output is still invalid
+            after the repair call (see :func:`escalation_chain`); a tier without a
+            backend configured is skipped and recorded as ``unavailable``.
+        structured_output: ``auto``: the schema also goes in the provider's own
+            structured-output field where the provider and model take one;
+            ``prompt``: only in the system prompt.
+        schema_name: The schema's name where a provider asks for one (OpenAI-compatible).
 
     Returns:
         A :class:`Completion` with the text, the parsed ``data`` and usage.
@@ -200,19 +252,23 @@ async def complete(
         LLMConfigError: The tier has no backend configured.
         LLMBackendError: The provider failed (``LLMTimeout`` when it did not answer in time).
         LLMInputError: The input is longer than ``max_input_tokens``.
-        LLMOutputError: The reply does not match ``schema``, even after one repair call.
+        LLMOutputError: The reply does not match ``schema``, even after one repair call
+            (on every tier of the escalation).
 
     Example:
         >>> c = await heddle.llm.complete("Is 7 prime?", tier="local",
         ...     schema={"type": "object", "required": ["prime"], "properties": {"prime": {"type": "boolean"}}})
         >>> c.data["prime"], c.input_tokens, c.model
     """
-    if tier not in TIERS:
-        raise ValueError(f"tier must be one of {', '.join(TIERS)}, got {tier!r}")
+    for t in (tier, *escalation):
+        if t not in TIERS:
+            raise ValueError(f"tier must be one of {', '.join(TIERS)}, got {t!r}")
+    if structured_output not in ("auto", "prompt"):
+        raise ValueError(f"structured_output must be 'auto' or 'prompt', got {structured_output!r}")
     s = settings if settings is not None else LLMSettings.load()
-    backend = backend_for_tier(tier, s)
+    backend = backend_for_tier(tier, s)  # the first tier must be configured: fail before anything else
     system, msgs = _messages(messages, system)
-    validator = _schema(schema) if schema is not None else None
+    validator = as_schema(schema) if schema is not None else None
     if validator is not None:
         system = "\n\n".join(part for part in (system, schema_instructions(validator.schema)) if part)
     if max_input_tokens is not None:
@@ -230,7 +286,66 @@ async def complete(
         json_schema=validator.schema if validator is not None else None,
         timeout_s=timeout_s,
         retries=retries,
+        schema_name=schema_name,
+        native_schema=structured_output == "auto",
     )
+    chain = escalation_chain(tier, escalation) if validator is not None else [tier]
+    record = len(chain) > 1
+    tried: list[dict[str, Any]] = []
+    failures: list[str] = []
+    failure: str | None = None
+    completion: Completion | None = None
+    for i, t in enumerate(chain):
+        if i:
+            try:
+                backend = backend_for_tier(t, s)
+            except LLMConfigError as exc:
+                entry = {"tier": t, "outcome": "unavailable", "error": str(exc)[:500], "input_tokens": 0,
+                         "output_tokens": 0, "cost_usd": None}
+                tried.append(entry)
+                _record_tier(entry)
+                continue
+            log.warning("the output of tier %s is still invalid after its repair; escalating to tier %s",
+                        chain[i - 1], t)
+        try:
+            completion, failure = await _on_tier(backend, t, request, validator, s)
+        except BaseException as exc:
+            if record and not isinstance(exc, asyncio.CancelledError):
+                entry = {"tier": t, "backend": backend.name, "model": backend.model, "outcome": "error",
+                         "error": str(exc)[:500], "input_tokens": 0, "output_tokens": 0, "cost_usd": None}
+                tried.append(entry)
+                _record_tier(entry)
+            raise
+        if record:
+            entry = {**_tier_entry(completion), "outcome": "ok" if failure is None else "invalid"}
+            if failure is not None:
+                entry["error"] = failure[:500]
+            tried.append(entry)
+            _record_tier(entry)
+        if failure is None:
+            return dataclasses.replace(completion, tiers=tuple(tried))
+        failures.append(f"{t}: {backend.name} model {completion.model}: {failure}")
+    assert completion is not None
+    if len(chain) == 1:
+        raise LLMOutputError(
+            f"the output of {completion.backend} model {completion.model} is invalid after a repair attempt: "
+            f"{failure}; last reply: {_clip(completion.text)!r}"
+        )
+    raise LLMOutputError(
+        f"the output is invalid after a repair attempt on every tier tried ({', '.join(chain)}): "
+        f"{' | '.join(failures) or 'no tier after the first is configured'}; last reply: {_clip(completion.text)!r}"
+    )
+
+
+def _tier_entry(c: Completion) -> dict[str, Any]:
+    return {"tier": c.tier, "backend": c.backend, "model": c.model, "input_tokens": c.input_tokens,
+            "output_tokens": c.output_tokens, "llm_calls": c.calls, "cost_usd": c.cost_usd}
+
+
+async def _on_tier(
+    backend: Backend, tier: str, request: ChatRequest, validator: Schema | None, s: LLMSettings
+) -> tuple[Completion, str | None]:
+    """One tier's call and, if its reply is invalid, its one repair call; (usage, what is still wrong)."""
     started = time.monotonic()
     replies = [await backend.chat(request)]
     data: Any = None
@@ -258,9 +373,10 @@ async def complete(
     if validator is not None:
         data, failure = _check(replies[0], validator)
         if failure is not None:
-            repair = ChatRequest(
+            repair = dataclasses.replace(
+                request,
                 messages=[
-                    *msgs,
+                    *request.messages,
                     {"role": "assistant", "content": replies[0].text},
                     {
                         "role": "user",
@@ -268,12 +384,6 @@ async def complete(
                         f"corrected JSON, matching the schema exactly.",
                     },
                 ],
-                system=system,
-                max_tokens=max_tokens,
-                temperature=temperature,
-                json_schema=validator.schema,
-                timeout_s=timeout_s,
-                retries=retries,
             )
             try:
                 replies.append(await backend.chat(repair))
@@ -283,12 +393,14 @@ async def complete(
             data, failure = _check(replies[-1], validator)
     completion = summary()
     _add_to_task_meta(completion)
-    if failure is not None:
-        raise LLMOutputError(
-            f"the output of {backend.name} model {completion.model} is invalid after a repair attempt: {failure}; "
-            f"last reply: {_clip(completion.text)!r}"
-        )
-    return completion
+    return completion, failure
+
+
+def _record_tier(entry: dict[str, Any]) -> None:
+    """Append one tier's outcome to the running task's ``tiers_tried`` metadata."""
+    ctx = task_context()
+    if ctx is not None:
+        ctx.meta.setdefault("tiers_tried", []).append(entry)
 
 
 def _add_to_task_meta(c: Completion) -> None:

@@ -8,12 +8,15 @@ A worker config::
       You summarise texts ...
     input_schema:  {type: object, required: [text], properties: {text: {type: string}}}
     output_schema: {type: object, required: [summary], properties: {summary: {type: string}}}
+                                         # (or a Pydantic model: output_schema: "mypkg.models:Summary")
     default_model_tier: local            # local | standard | frontier
     max_input_tokens: 4000               # estimated at 4 characters a token
     max_output_tokens: 256
     temperature: 0.2                     # 0 to 1
     timeout_seconds: 60                  # per model request
     retries: 2                           # per model request, on 429 / 5xx / connection errors / timeouts
+    escalation: [standard, frontier]     # output still invalid after its repair -> the next tier
+    structured_output: auto              # auto: the schema in the provider's own field where it can; prompt
 
 Unknown keys and wrong types are errors; all of them are reported at once,
 each with its file and line.
@@ -28,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from heddle.configfile import ConfigIssue, LineMap, dotted, issues_error, line_of, load_yaml, unknown_key_message
+from heddle.errors import ConfigError
+from heddle.llm.models import MODEL_PATH_RE, ModelSchema, import_model
 from heddle.llm.schema import Schema, check_schema
 from heddle.names import TIERS
 
@@ -45,6 +50,9 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_OUTPUT_TOKENS = 200_000
 MAX_TIMEOUT_S = 3600.0
 MAX_RETRIES = 10
+#: ``structured_output`` values: ``auto`` sends the output schema in the provider's own
+#: field where the provider and model take one; ``prompt`` only ever puts it in the prompt.
+STRUCTURED_OUTPUT_MODES = ("auto", "prompt")
 
 
 @dataclass(frozen=True)
@@ -54,8 +62,9 @@ class WorkerConfig:
     Attributes:
         name: Worker type and task name (letters, digits, ``_``, ``-``).
         system_prompt: Instructions sent as the system prompt.
-        input_schema: JSON Schema of the task's input object.
-        output_schema: JSON Schema of the model's output object.
+        input_schema: JSON Schema of the task's input object (a Pydantic model's, when
+            ``input_model`` names one).
+        output_schema: JSON Schema of the model's output object (likewise with ``output_model``).
         description: What the worker does (shown in banners and tools).
         default_model_tier: Tier used when neither the call nor a router rule picks one.
         max_input_tokens: Inputs estimated above this many tokens fail without a model call.
@@ -63,6 +72,12 @@ class WorkerConfig:
         temperature: Sampling temperature, 0 to 1.
         timeout_seconds: Time limit of one model request.
         retries: Retries of one model request on 429, 5xx, connection errors and timeouts.
+        escalation: Tiers to re-run the task on, in order, when a tier's output is still
+            invalid after its repair.
+        structured_output: ``auto`` (the schema in the provider's own field where it can
+            take one) or ``prompt`` (only in the prompt).
+        input_model: ``module:Name`` of the Pydantic model given as ``input_schema``, or "".
+        output_model: ``module:Name`` of the Pydantic model given as ``output_schema``, or "".
         source: The file it was loaded from.
     """
 
@@ -77,17 +92,25 @@ class WorkerConfig:
     temperature: float = 0.0
     timeout_seconds: float = 120.0
     retries: int = 2
+    escalation: tuple[str, ...] = ()
+    structured_output: str = "auto"
+    input_model: str = ""
+    output_model: str = ""
     source: str = field(default="", compare=False)
 
     def __repr__(self) -> str:
         return f"<WorkerConfig {self.name!r} from {self.source or '<memory>'}>"
 
     def input_validator(self) -> Schema:
-        """The compiled input schema."""
+        """The compiled input schema (the Pydantic model, when one is named)."""
+        if self.input_model:
+            return ModelSchema(import_model(self.input_model), self.input_model)
         return Schema(self.input_schema)
 
     def output_validator(self) -> Schema:
-        """The compiled output schema."""
+        """The compiled output schema (the Pydantic model, when one is named)."""
+        if self.output_model:
+            return ModelSchema(import_model(self.output_model), self.output_model)
         return Schema(self.output_schema)
 
 
@@ -158,11 +181,41 @@ def _tier(v: Any) -> str | None:
     return None
 
 
+_OBJECT_ONLY = "must describe a JSON object (type: object): a task's input and a model's output are one object"
+
+
 def _object_schema(v: Any) -> str | None:
+    if isinstance(v, str) and MODEL_PATH_RE.match(v):
+        try:
+            model = import_model(v)
+        except ConfigError as exc:
+            return str(exc)
+        if model.model_json_schema().get("type") != "object":
+            return f"the model {v!r} " + _OBJECT_ONLY.replace("must describe", "does not describe")
+        return None
     if not isinstance(v, dict):
-        return f"must be a JSON Schema mapping, got {_kind(v)} {_short(v)}"
+        return (f"must be a JSON Schema mapping or a Pydantic model path ('mypkg.models:Summary'), "
+                f"got {_kind(v)} {_short(v)}")
     if v.get("type") != "object":
-        return "must describe a JSON object (type: object): a task's input and a model's output are one object"
+        return _OBJECT_ONLY
+    return None
+
+
+def _escalation(v: Any) -> str | None:
+    if not isinstance(v, list) or not v:
+        return f"must be a list of tiers to try in order, e.g. [standard, frontier]; got {_kind(v)} {_short(v)}"
+    for t in v:
+        if t not in TIERS:
+            return f"lists {t!r}; each entry must be one of {', '.join(TIERS)}"
+    if len(set(v)) != len(v):
+        return "lists a tier twice"
+    return None
+
+
+def _structured_output(v: Any) -> str | None:
+    if v not in STRUCTURED_OUTPUT_MODES:
+        return (f"must be auto (the schema in the provider's own field where it can take one) or prompt "
+                f"(only in the prompt), got {_short(v)}")
     return None
 
 
@@ -179,6 +232,8 @@ WORKER_KEYS: dict[str, tuple[bool, Callable[[Any], str | None]]] = {
     "temperature": (False, _number(0.0, 1.0)),
     "timeout_seconds": (False, _number(0.0, MAX_TIMEOUT_S, lo_open=True)),
     "retries": (False, _int(0, MAX_RETRIES)),
+    "escalation": (False, _escalation),
+    "structured_output": (False, _structured_output),
 }
 # Keys only a worker config has: how `heddle validate` tells one from other config files.
 _SIGNATURE_KEYS = frozenset({"system_prompt", "input_schema", "output_schema", "default_model_tier"})
@@ -210,12 +265,18 @@ def check_worker_config(data: Any, file: str) -> tuple[WorkerConfig | None, list
         problem = check(data[key])
         if problem:
             add((key,), problem)
-        elif key in ("input_schema", "output_schema"):
+        elif key in ("input_schema", "output_schema") and isinstance(data[key], dict):
             for path, message in check_schema(data[key]):
                 add((key, *path), message)
     if issues:
         return None, issues
     values = {k: _plain(v) for k, v in data.items()}
+    for key in ("input_schema", "output_schema"):
+        if isinstance(values[key], str):  # a Pydantic model: keep its path, expose its JSON Schema
+            values[key.replace("_schema", "_model")] = values[key]
+            values[key] = import_model(values[key]).model_json_schema()
+    if "escalation" in values:
+        values["escalation"] = tuple(values["escalation"])
     for key in ("temperature", "timeout_seconds"):
         if key in values:
             values[key] = float(values[key])

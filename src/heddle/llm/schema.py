@@ -30,7 +30,7 @@ from typing import Any
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError
 
-__all__ = ["Schema", "SchemaViolation", "check_schema", "describe_value", "json_path"]
+__all__ = ["Schema", "SchemaViolation", "check_schema", "describe_value", "is_recursive", "json_path"]
 
 TYPES = ("object", "array", "string", "integer", "number", "boolean", "null")
 ANNOTATIONS = frozenset(
@@ -260,6 +260,35 @@ def _ref_problem(root: Mapping[str, Any], ref: Any) -> str | None:
             hint = f"; did you mean {close[0]!r}?" if close else ""
             return f"$ref {ref!r} does not resolve: there is no {step!r} there{hint}"
     return None
+
+
+def is_recursive(schema: Mapping[str, Any]) -> bool:
+    """Whether following the schema's local ``$ref`` s can lead back to where it started."""
+
+    def target(ref: str) -> Any:
+        node: Any = schema
+        for raw in ref[1:].split("/")[1:] if ref != "#" else []:
+            step = raw.replace("~1", "/").replace("~0", "~")
+            if isinstance(node, Mapping) and step in node:
+                node = node[step]
+            elif isinstance(node, list) and step.isdigit() and int(step) < len(node):
+                node = node[int(step)]
+            else:
+                return None
+        return node
+
+    def walk(s: Any, expanding: tuple[str, ...]) -> bool:
+        if not isinstance(s, Mapping):
+            return False
+        ref = s.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#"):
+            if ref in expanding:
+                return True
+            if walk(target(ref), (*expanding, ref)):
+                return True
+        return any(walk(child, expanding) for child, _ in _subschemas(s, ()))
+
+    return walk(schema, ())
 
 
 # -- validating instances ---------------------------------------------------------------

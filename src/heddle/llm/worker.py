@@ -8,9 +8,15 @@ the model call is open and cancellation on revoke.
 
 Per task: validate the input (invalid → FAILURE "invalid input", no model
 call) → :func:`heddle.llm.complete` with the system prompt and the output
-schema (extract, validate, one repair) → the output object. Usage goes into
+schema (structured output where the provider takes it, extract, validate, one
+repair, then the config's ``escalation`` tiers) → the output object (for a
+Pydantic output model, the validated model as plain data). Usage goes into
 the result metadata and an :class:`~heddle.events.LLMCallEvent` on
 ``heddle.events.llm.{name}``.
+
+At start the worker says, once, for each tier it may call, when the output
+schema can only go in the prompt (the provider or model takes no schema, or
+``structured_output: prompt``) and when an escalation tier has no backend.
 """
 
 from __future__ import annotations
@@ -26,10 +32,10 @@ import msgspec
 
 from heddle import names
 from heddle.context import task_context
-from heddle.errors import LLMInputError
+from heddle.errors import LLMConfigError, LLMInputError
 from heddle.events import LLMCallEvent
-from heddle.llm.backends import check_tier
-from heddle.llm.complete import Completion, complete
+from heddle.llm.backends import backend_for_tier, check_tier
+from heddle.llm.complete import Completion, complete, escalation_chain
 from heddle.llm.config import WorkerConfig, load_worker_config
 from heddle.llm.schema import Schema, describe_value
 from heddle.settings import LLMSettings, Settings
@@ -40,7 +46,7 @@ if TYPE_CHECKING:
     from heddle.results import AsyncResult
     from heddle.worker import Worker
 
-__all__ = ["LLMCallEvent", "LLMWorkerHandle", "handle", "worker_app"]
+__all__ = ["LLMCallEvent", "LLMWorkerHandle", "handle", "structured_output_notes", "worker_app"]
 
 log = logging.getLogger("heddle.llm")
 
@@ -75,7 +81,7 @@ class _Runner:
                 raise _invalid_input(self.config.name, "pass one input object or keyword fields, not both")
             if not isinstance(payload, dict):
                 raise _invalid_input(self.config.name, f"expected one JSON object, got {describe_value(payload)}")
-            errors = self.inputs.errors(payload)
+            payload, errors = self.inputs.parse(payload)
             if errors:
                 raise _invalid_input(self.config.name, "; ".join(map(str, errors)))
             c = self.config
@@ -90,6 +96,9 @@ class _Runner:
                 retries=c.retries,
                 max_input_tokens=c.max_input_tokens,
                 settings=self.settings,
+                escalation=c.escalation,
+                structured_output=c.structured_output,
+                schema_name=c.name,
             )
         except Exception as exc:
             await self._announce(ctx.id if ctx else "", tier, None, started, str(exc))
@@ -157,6 +166,8 @@ def worker_app(
     check_tier(served, s)  # fail at start-up, not at the first task
     app = Heddle(cfg.name, settings=settings, **overrides)
     runner = _Runner(cfg, app, served, s)
+    for note in structured_output_notes(cfg, served, s, runner.outputs.schema):
+        log.warning("%s", note)
 
     async def run(payload: dict[str, Any] | None = None, /, **fields: Any) -> Any:
         return await runner.run(payload, fields)
@@ -165,6 +176,37 @@ def worker_app(
     run.__qualname__ = run.__name__ = cfg.name.replace("-", "_")
     app.register(Task(run, app=app, name=cfg.name, tier=served))
     return app
+
+
+def structured_output_notes(
+    config: WorkerConfig, tier: str, settings: LLMSettings, schema: Any | None = None
+) -> list[str]:
+    """What a worker says at start about its output schema and escalation tiers, one line each.
+
+    A line for every tier it may call (``tier`` and the escalation after it)
+    whose provider or model cannot take the output schema in its own field, or
+    all of them with ``structured_output: prompt``, and for every escalation tier
+    with no backend configured.
+    """
+    schema = schema if schema is not None else config.output_validator().schema
+    chain = escalation_chain(tier, config.escalation)
+    notes: list[str] = []
+    if config.structured_output == "prompt":
+        notes.append(f"{config.name}: structured_output is prompt, so the output schema goes in the prompt only "
+                     f"(tiers {', '.join(chain)}); replies are validated and repaired as usual")
+    for t in chain:
+        try:
+            backend = backend_for_tier(t, settings)
+        except LLMConfigError as exc:
+            notes.append(f"{config.name}: escalation tier {t} is not available ({exc}); an output still invalid "
+                         f"before it skips it")
+            continue
+        problem = backend.native_schema_problem(schema) if config.structured_output == "auto" else None
+        if problem:
+            notes.append(f"{config.name}: tier {t} ({backend.name}, model {backend.model}) cannot take the output "
+                         f"schema in {backend.schema_field}: {problem}; it goes in the prompt instead, and replies "
+                         f"are validated and repaired as usual")
+    return notes
 
 
 class HostedWorker:
@@ -226,7 +268,7 @@ class LLMWorkerHandle:
         elif fields:
             raise TypeError(f"pass {self.name} one input object or keyword fields, not both")
         if self.input_schema is not None:
-            errors = self.input_schema.errors(payload)
+            payload, errors = self.input_schema.parse(payload)
             if errors:
                 raise _invalid_input(self.name, "; ".join(map(str, errors)))
         return payload

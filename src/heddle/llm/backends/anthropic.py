@@ -7,17 +7,34 @@ the local backends only.
 The SDK's own retries are off (``max_retries=0``): :class:`Backend.chat` retries
 every backend the same way and honours ``retry-after``. SDK exceptions are
 translated here.
+
+Structured outputs: the output schema goes as ``output_config: {format: {type:
+json_schema, schema}}``, after the SDK's ``transform_schema`` has reshaped it
+into the subset the API takes (every object closed with ``additionalProperties:
+false``; numeric, length and size bounds and patterns moved into descriptions,
+since the API rejects them). Heddle still validates the reply against the full
+schema. Models older than the 4.5 generation, and recursive schemas, get the
+schema in the prompt only.
 """
 
 from __future__ import annotations
 
+import re
+import threading
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from heddle.errors import LLMTimeout
 from heddle.llm.backends.base import AttemptFailed, Backend, ChatReply, ChatRequest
+from heddle.llm.schema import is_recursive
 
 if TYPE_CHECKING:
     import anthropic
+
+
+# Models from before structured outputs (generally available from Claude Haiku 4.5,
+# Sonnet 4.5 and Opus 4.5 on): Claude 2 and 3, Sonnet 4, Opus 4 and Opus 4.1.
+_NO_STRUCTURED_OUTPUT = re.compile(r"^claude-(instant|2|3)|^claude-(opus|sonnet)-4(-[01])?(-\d{8})?$")
 
 
 class AnthropicBackend(Backend):
@@ -30,10 +47,43 @@ class AnthropicBackend(Backend):
     """
 
     name = "anthropic"
+    schema_field = "output_config"
 
     def __init__(self, url: str, model: str, api_key: str) -> None:
         super().__init__(url, model)
         self._api_key = api_key
+        # id(schema) -> (schema, the API's format or None, why not): schemas are built
+        # once per worker, so each is transformed once, not per request.
+        self._formats: dict[int, tuple[Mapping[str, Any], dict[str, Any] | None, str | None]] = {}
+        self._formats_lock = threading.Lock()
+
+    def _format(self, schema: Mapping[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+        with self._formats_lock:
+            cached = self._formats.get(id(schema))
+            if cached is not None and cached[0] is schema:
+                return cached[1], cached[2]
+        fmt: dict[str, Any] | None = None
+        problem: str | None = None
+        if _NO_STRUCTURED_OUTPUT.match(self.model):
+            problem = (f"model {self.model} predates structured outputs (Claude Haiku 4.5, Sonnet 4.5, "
+                       f"Opus 4.5 and later take them)")
+        elif is_recursive(schema):
+            problem = "the schema is recursive, and structured outputs take no recursive schemas"
+        else:
+            import anthropic
+
+            try:
+                fmt = {"type": "json_schema", "schema": anthropic.transform_schema(dict(schema))}
+            except (ValueError, TypeError, KeyError) as exc:
+                problem = f"the schema does not fit structured outputs: {exc}"
+        with self._formats_lock:
+            if len(self._formats) > 256:  # schemas made per call (complete() in a loop) must not pile up
+                self._formats.clear()
+            self._formats[id(schema)] = (schema, fmt, problem)
+        return fmt, problem
+
+    def native_schema_problem(self, schema: Mapping[str, Any]) -> str | None:
+        return super().native_schema_problem(schema) or self._format(schema)[1]
 
     @property
     def endpoint(self) -> str:
@@ -57,6 +107,10 @@ class AnthropicBackend(Backend):
         kwargs: dict[str, Any] = {}
         if request.system:
             kwargs["system"] = request.system
+        if request.native_schema and request.json_schema is not None:
+            fmt, _ = self._format(request.json_schema)
+            if fmt is not None:
+                kwargs["output_config"] = {"format": fmt}
         try:
             message = await client.messages.create(
                 model=self.model,

@@ -9,12 +9,20 @@ Provider and transport exceptions are translated to
 
 Cancelling the calling task cancels the HTTP request in flight: nothing here
 catches ``CancelledError``, and httpx closes the connection it was using.
+
+Structured output: a request with a ``json_schema`` carries it in the
+provider's own field (Anthropic ``output_config.format``, Ollama ``format``,
+OpenAI-compatible ``response_format``) unless the backend says the provider
+or model cannot take it (:meth:`Backend.native_schema_problem`), or the
+provider refuses it with a 400 that names the field; then the backend falls
+back, for good, to the schema in the prompt alone, and logs why once.
 """
 
 from __future__ import annotations
 
 import abc
 import asyncio
+import dataclasses
 import email.utils
 import logging
 import random
@@ -47,10 +55,14 @@ class ChatRequest:
         system: System prompt.
         max_tokens: Most tokens to generate.
         temperature: Sampling temperature.
-        json_schema: Output schema; backends that can constrain decoding to it
-            (LM Studio / llama.cpp, Ollama) do, the others get it in the prompt.
+        json_schema: Output schema; sent in the provider's own structured-output field
+            when ``native_schema`` is true and the provider and model can take it.
         timeout_s: Time limit of one attempt.
         retries: Further attempts after a retryable failure.
+        schema_name: Name of the schema where the provider wants one (OpenAI's
+            ``json_schema.name``): letters, digits, ``_`` and ``-``.
+        native_schema: Whether to send ``json_schema`` in the provider's field
+            (False: it is only in the prompt).
     """
 
     messages: list[dict[str, str]]
@@ -60,6 +72,8 @@ class ChatRequest:
     json_schema: Mapping[str, Any] | None = None
     timeout_s: float = 120.0
     retries: int = 2
+    schema_name: str = "output"
+    native_schema: bool = True
 
 
 @dataclass(frozen=True)
@@ -128,6 +142,9 @@ class Backend(abc.ABC):
 
     #: Backend name used in errors, metadata and events.
     name: str = ""
+    #: The request field that carries an output schema (named in messages; a 400
+    #: that names it means the provider refuses the schema there).
+    schema_field: str = ""
 
     def __init__(self, url: str, model: str) -> None:
         self.url = url.rstrip("/")
@@ -135,6 +152,8 @@ class Backend(abc.ABC):
         # HTTP clients hold connection pools bound to the loop they were first used
         # on; a worker has one loop, but `complete()` may be called from several.
         self._clients: dict[asyncio.AbstractEventLoop, Any] = {}
+        #: Why output schemas go in the prompt only from now on (the provider refused one), or "".
+        self.native_refused = ""
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.describe()}>"
@@ -174,6 +193,10 @@ class Backend(abc.ABC):
         """Which setting holds this backend's credentials."""
         return "no credentials are sent"
 
+    def native_schema_problem(self, schema: Mapping[str, Any]) -> str | None:
+        """Why this provider or model cannot take ``schema`` in its own field, or None if it can."""
+        return self.native_refused or None
+
     @abc.abstractmethod
     async def _attempt(self, request: ChatRequest) -> ChatReply:
         """Send the request once; raise :class:`AttemptFailed` on failure."""
@@ -205,10 +228,32 @@ class Backend(abc.ABC):
     async def chat(self, request: ChatRequest) -> ChatReply:
         """Run the request with the per-attempt time limit and retries.
 
+        The output schema goes in the provider's own field when it can take it; a
+        provider that refuses it there (HTTP 400 naming the field) gets the request
+        again at once without it, and so does every later request to this backend.
+
         Raises:
             LLMTimeout: Every attempt ran past ``request.timeout_s``.
             LLMBackendError: A non-retryable failure, or retries ran out.
         """
+        native = (
+            request.json_schema is not None
+            and request.native_schema
+            and self.native_schema_problem(request.json_schema) is None
+        )
+        if native != request.native_schema:
+            request = dataclasses.replace(request, native_schema=native)
+        try:
+            return await self._chat(request)
+        except LLMBackendError as exc:
+            detail = str(exc).partition("HTTP 400:")[2]  # the provider's words, not our URL or model
+            if not (native and exc.status == 400 and self.schema_field and self.schema_field in detail):
+                raise
+            self.native_refused = f"the provider refused the schema in {self.schema_field} ({exc})"
+            log.warning("%s; output schemas go in the prompt only from now on", self.native_refused)
+            return await self._chat(dataclasses.replace(request, native_schema=False))
+
+    async def _chat(self, request: ChatRequest) -> ChatReply:
         attempts = request.retries + 1
         for attempt in range(1, attempts + 1):
             started = time.monotonic()

@@ -11,11 +11,12 @@ from heddle.llm.backends.http import HTTPBackend, as_int
 class OllamaBackend(HTTPBackend):
     """Ollama's native chat API (``OLLAMA_URL``, ``OLLAMA_MODEL``).
 
-    The output schema is sent as ``format``, which Ollama enforces by
-    constrained decoding.
+    The output schema is sent as ``format`` (a JSON Schema, Ollama 0.5 and
+    later), which Ollama enforces by constrained decoding.
     """
 
     name = "ollama"
+    schema_field = "format"
 
     @property
     def endpoint(self) -> str:
@@ -34,7 +35,7 @@ class OllamaBackend(HTTPBackend):
             "stream": False,
             "options": {"temperature": request.temperature, "num_predict": request.max_tokens},
         }
-        if request.json_schema is not None:
+        if request.json_schema is not None and request.native_schema:
             body["format"] = dict(request.json_schema)
         return body
 

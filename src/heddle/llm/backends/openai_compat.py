@@ -21,6 +21,7 @@ class OpenAICompatBackend(HTTPBackend):
     """
 
     name = "lmstudio"
+    schema_field = "response_format"
 
     def __init__(self, url: str, model: str, api_key: str | None = None) -> None:
         super().__init__(url, model)
@@ -45,10 +46,10 @@ class OpenAICompatBackend(HTTPBackend):
             "temperature": request.temperature,
             "stream": False,
         }
-        if request.json_schema is not None:
+        if request.json_schema is not None and request.native_schema:
             body["response_format"] = {
                 "type": "json_schema",
-                "json_schema": {"name": "output", "strict": True, "schema": request.json_schema},
+                "json_schema": {"name": request.schema_name, "strict": True, "schema": request.json_schema},
             }
         return body
 
