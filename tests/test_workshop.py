@@ -317,7 +317,7 @@ def test_a_task_that_expired_shows_its_expiry_and_ends_revoked(heddle_servers: E
 
     try:
         deadline = datetime.now(UTC) + timedelta(milliseconds=300)
-        r = remind.apply_async(("ada",), expires=deadline)  # no worker and no router yet  (#18 item 6)
+        r = remind.apply_async(("ada",), expires=deadline, priority=8)  # no worker nor router yet (#18 items 3, 6)
         wait_for(lambda: time.time() > deadline.timestamp() + 0.05, 10, "the expiry to pass")
         with running_worker(late):
             wait_for(lambda: (e := ws.recent.get(r.id)) is not None and e.state == "REVOKED", 15, "its events")
@@ -325,4 +325,5 @@ def test_a_task_that_expired_shows_its_expiry_and_ends_revoked(heddle_servers: E
         late.close()
     page = client.get(f"/tasks/{r.id}").text
     assert '<dd id="expires">' in page and "it never runs" in page
+    assert '<dd id="priority">8 (0 lowest, 9 highest)</dd>' in page
     assert "<td>expired</td>" in page and "TaskExpired" in page

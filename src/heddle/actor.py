@@ -127,6 +127,21 @@ class Actor:
         return self._stop.is_set()
 
     @property
+    def stop_event(self) -> asyncio.Event:
+        """Set when a stop is requested (for feeds of the actor's own that cut a back-off short)."""
+        return self._stop
+
+    @property
+    def subscriptions(self) -> list[Any]:
+        """Core NATS subscriptions, unsubscribed when the actor unbinds."""
+        return self._subs
+
+    async def next_batch(self, n: int) -> list[Msg]:
+        """The next messages to handle, up to ``n``: by default, from the actor's consumer."""
+        assert self.feed is not None
+        return await self.feed.fetch(n, self.fetch_timeout_s)
+
+    @property
     def consumers(self) -> list[tuple[str, str]]:
         """``(stream, durable)`` this actor consumes (for readiness checks and lag metrics)."""
         return [(self._stream, self.feed.durable)] if self.feed is not None and self.feed.durable else []
@@ -164,8 +179,6 @@ class Actor:
                 await self._unbind()
 
     async def _loop(self) -> None:
-        assert self.feed is not None
-        feed = self.feed
         while not self._stop.is_set():
             self.last_tick = time.monotonic()
             free = self.free_slots()
@@ -175,7 +188,7 @@ class Actor:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._slot_freed.wait(), self.fetch_timeout_s)
                 continue
-            msgs = await feed.fetch(min(free, self.max_batch), self.fetch_timeout_s)
+            msgs = await self.next_batch(min(free, self.max_batch))
             if not msgs:
                 continue
             try:

@@ -136,7 +136,8 @@ def role_permissions() -> dict[str, Permissions]:
             publish=(
                 _INFO, *_streams("CREATE", "UPDATE"), *_KV_CREATE, *_KV_READ, _KV_SUBJECTS,
                 *_consumer(names.TASKS_STREAM, names.ROUTER_CONSUMER), *_messages(names.TASKS_STREAM),
-                names.ROUTED_SUBJECTS, names.DEAD_LETTER_SUBJECT, _RESULTS, f"{names.TASK_EVENTS_PREFIX}>",
+                names.ROUTED_SUBJECTS, names.BANDED_SUBJECTS, names.DEAD_LETTER_SUBJECT, _RESULTS,
+                f"{names.TASK_EVENTS_PREFIX}>",
             ),
             subscribe=(f"{inbox_prefix('router')}.>", _KV_SUBJECTS, _advisory(names.ROUTER_CONSUMER)),
         ),

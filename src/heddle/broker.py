@@ -390,7 +390,7 @@ class Broker:
         s = self.settings
         tasks = api.StreamConfig(
             name=names.TASKS_STREAM,
-            subjects=[names.INCOMING_SUBJECT, names.ROUTED_SUBJECTS],
+            subjects=[names.INCOMING_SUBJECT, names.ROUTED_SUBJECTS, names.BANDED_SUBJECTS],
             retention=api.RetentionPolicy.WORK_QUEUE,
             storage=api.StorageType.FILE,
             duplicate_window=s.dedup_window_s,

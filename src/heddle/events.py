@@ -180,6 +180,8 @@ def describe(subject: str, data: bytes) -> dict[str, Any] | None:
                 out["submitted_at"] = tm.submitted_at
                 if tm.expires is not None:
                     out["expires"] = tm.expires
+                if tm.priority is not None:
+                    out["priority"] = tm.priority
             return {"kind": "task", **out}
         if subject.startswith(names.WORKER_EVENTS_PREFIX):
             return {"kind": "worker", **msgspec.structs.asdict(bounded_decode(worker_event_decoder, data))}

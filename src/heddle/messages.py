@@ -47,6 +47,7 @@ class TaskMessage(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
     headers: dict[str, str] = {}
     submitted_at: float = 0.0
     expires: float | None = None  # epoch seconds; not started by then, it never runs
+    priority: int | None = None  # 0-9, 9 highest (heddle.bands); None: the default, 5
 
 
 class ErrorInfo(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):

@@ -13,6 +13,8 @@ DLQ_STREAM = "HEDDLE_DLQ"
 TASK_SUBJECT_PREFIX = "heddle.tasks."
 INCOMING_SUBJECT = "heddle.tasks.incoming"
 ROUTED_SUBJECTS = "heddle.tasks.*.*"
+# A routed task of a priority band other than the default one: heddle.tasks.{wt}.{tier}.{band}.
+BANDED_SUBJECTS = "heddle.tasks.*.*.*"
 DEAD_LETTER_SUBJECT = "heddle.tasks.dead_letter"
 
 # Core NATS (not persisted): result notices, control broadcasts, events.
@@ -60,6 +62,43 @@ def worker_filter(worker_type: str, tier: str | None = None) -> str:
 def consumer_name(worker_type: str, tier: str | None = None) -> str:
     """Durable consumer shared by every replica of a worker type (and tier, if pinned)."""
     return f"heddle-{worker_type}" + (f"-{tier}" if tier else "")
+
+
+# Priorities: 0 (lowest) to 9 (highest), in three bands (heddle.bands). The default
+# band keeps the plain worker subject; the others get a subject and a consumer of their own.
+MIN_PRIORITY = 0
+MAX_PRIORITY = 9
+DEFAULT_PRIORITY = 5
+HIGH_BAND = "high"  # priorities 7-9
+LOW_BAND = "low"  # priorities 0-3
+BANDS = (HIGH_BAND, LOW_BAND)
+HDR_PRIORITY = "Heddle-Priority"
+
+
+def band_of(priority: int) -> str:
+    """The band of a priority: ``high``, ``low``, or ``""`` for the default band (4-6)."""
+    return HIGH_BAND if priority >= 7 else LOW_BAND if priority <= 3 else ""
+
+
+def banded_subject(subject: str, priority: str | None) -> str:
+    """A routed task's subject for the ``Heddle-Priority`` header ``priority`` (malformed: default band)."""
+    if not priority:
+        return subject
+    try:
+        band = band_of(int(priority))
+    except ValueError:
+        return subject
+    return f"{subject}.{band}" if band else subject
+
+
+def band_filter(worker_type: str, tier: str | None, band: str) -> str:
+    """Filter subject of one worker type's consumer for a priority band."""
+    return f"{worker_filter(worker_type, tier)}.{band}"
+
+
+def band_consumer(worker_type: str, tier: str | None, band: str) -> str:
+    """Durable consumer of a worker type's priority band ('+' is in no worker type's name)."""
+    return f"{consumer_name(worker_type, tier)}+{band}"
 
 
 # A task id becomes one subject token (``heddle.results.{id}``) and part of Valkey keys.

@@ -322,14 +322,15 @@ class Router(Actor):
             out[names.HDR_MSG_ID] = names.routed_msg_id(msg_id)
             # The routed copy's Nats-Msg-Id is its own dedup key; workers read the task id here.
             out[names.HDR_TASK_ID] = task_id
+            subject = names.banded_subject(route.subject, headers.get(names.HDR_PRIORITY))
             try:
                 # A message that fit the server may not with the router's headers added.
-                broker.check_size(route.subject, msg.data, out)
+                broker.check_size(subject, msg.data, out)
             except MessageTooLarge as exc:
                 await self._dead_letter(msg, headers, task_id, str(exc))
                 continue
             sent.append(item)
-            outgoing.append((route.subject, msg.data, out))
+            outgoing.append((subject, msg.data, out))
         results = await broker.publish_many(outgoing, _PUBLISH_TIMEOUT_S)
         for (msg, route, headers, task_id, _), res in zip(sent, results, strict=True):
             if isinstance(res, BaseException):

@@ -145,4 +145,4 @@ class Routes:
         headers[names.HDR_ROUTE_REASON] = route.reason
         headers[names.HDR_TASK_ID] = task_id
         headers[names.HDR_MSG_ID] = names.routed_msg_id(task_id)
-        return route.subject
+        return names.banded_subject(route.subject, headers.get(names.HDR_PRIORITY))

@@ -310,6 +310,7 @@ class ScheduleState:
     """A schedule with what the servers know of it.
 
     Attributes:
+        app: The app (worker type) the schedule belongs to.
         installed: nats-server holds its definition (a worker of the app started since it was declared).
         last_run: Epoch seconds of the last tick a worker sent as a task (None: never).
         last_task_id: That task's id.
@@ -317,6 +318,7 @@ class ScheduleState:
     """
 
     schedule: Schedule
+    app: str = ""
     installed: bool = False
     last_run: float | None = None
     last_task_id: str | None = None
@@ -324,32 +326,80 @@ class ScheduleState:
 
 
 async def read_states(app: Client, schedules: Mapping[str, Schedule]) -> list[ScheduleState]:
-    """The state of each of ``schedules`` (of ``app``), by name: from nats-server and Valkey.
+    """The state of each of ``schedules`` (declared by ``app``), by name: from nats-server and Valkey.
 
     Raises:
         BrokerError, BackendError: A server cannot be reached.
     """
     conns = await app.connections()
-    broker = conns.broker
-    now = time.time()
-    ordered = [schedules[k] for k in sorted(schedules)]
-    states = [ScheduleState(s) for s in ordered]
     try:
-        defined = await broker.stream_subjects(names.SCHEDULES_STREAM, names.schedule_subject(app.name))
+        defined = await conns.broker.stream_subjects(names.SCHEDULES_STREAM, names.schedule_subject(app.name))
     except HeddleError:
         defined = {}  # no stream yet: no worker of any app with schedules has started
-    rows = await conns.backend.get_fields_many([names.schedule_key(app.name, s.name) for s in ordered])
+    states = [ScheduleState(schedules[k], app.name) for k in sorted(schedules)]
+    for st in states:
+        st.installed = names.schedule_subject(app.name, st.schedule.name) in defined
+    await _fill(conns, states)
+    return states
+
+
+async def read_installed(client: Client) -> list[ScheduleState]:
+    """Every schedule nats-server holds, of every app, as its workers installed it (the Workshop's list).
+
+    Raises:
+        BackendError: Valkey cannot be reached.
+    """
+    conns = await client.connections()
+    broker = conns.broker
+    try:
+        defined = await broker.stream_subjects(names.SCHEDULES_STREAM, names.schedule_subject("*", "*"))
+    except HeddleError:
+        return []
+    states = []
+    for subject in sorted(defined):
+        app, name = subject.split(".")[-2:]
+        try:
+            stored = await broker.last_stream_msg(names.SCHEDULES_STREAM, subject)
+            schedule = schedule_from_definition(name, stored.headers or {}, stored.data or b"")
+        except (HeddleError, ValueError):
+            continue  # purged meanwhile, or not a definition Heddle wrote
+        states.append(ScheduleState(schedule, app, installed=True))
+    await _fill(conns, states)
+    return states
+
+
+def schedule_from_definition(name: str, headers: Mapping[str, str], data: bytes) -> Schedule:
+    """The :class:`Schedule` a stored definition describes.
+
+    Raises:
+        ValueError: It is not a definition Heddle wrote.
+    """
+    try:
+        call = decode_call(data)
+    except DecodeError as exc:
+        raise ValueError(str(exc)) from None
+    pattern = headers.get(names.HDR_NATS_SCHEDULE, "")
+    common: dict[str, Any] = {"name": name, "task": call.task, "args": tuple(call.args), "kwargs": call.kwargs}
+    if pattern.startswith("@every ") and pattern.endswith("s") and pattern[7:-1].isdigit():
+        return Schedule(every_s=int(pattern[7:-1]), **common)
+    if pattern.startswith("0 ") and len(pattern.split()) == 6:
+        return Schedule(cron=pattern[2:], tz=headers.get(names.HDR_NATS_SCHEDULE_TIME_ZONE) or None, **common)
+    raise ValueError(f"not a Heddle schedule pattern: {pattern!r}")
+
+
+async def _fill(conns: Any, states: list[ScheduleState]) -> None:
+    """Fill in the last run (Valkey) and the next run of ``states``."""
+    now = time.time()
+    rows = await conns.backend.get_fields_many([names.schedule_key(st.app, st.schedule.name) for st in states])
     for state, row in zip(states, rows, strict=True):
         s = state.schedule
-        state.installed = names.schedule_subject(app.name, s.name) in defined
         if row.get("tick"):
             state.last_run = float(row["tick"])
             state.last_task_id = row.get("task_id") or None
         if s.cron is not None:
             state.next_run = s.next_cron_run(now)
         elif state.installed and s.every_s is not None:
-            state.next_run = await _next_every(broker, app.name, s, now)
-    return states
+            state.next_run = await _next_every(conns.broker, state.app, s, now)
 
 
 async def _next_every(broker: Any, app: str, s: Schedule, now: float) -> float | None:

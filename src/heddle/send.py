@@ -26,7 +26,9 @@ from heddle.settings import Settings, check_name
 if TYPE_CHECKING:
     from heddle.connections import Client
 
-APPLY_OPTIONS = frozenset({"countdown", "eta", "expires", "task_id", "headers", "tier", "worker_type"})
+APPLY_OPTIONS = frozenset(
+    {"countdown", "eta", "expires", "priority", "task_id", "headers", "tier", "worker_type"}
+)
 
 
 def new_task_id() -> str:
@@ -126,6 +128,19 @@ def expires_epoch(expires: datetime | float | None, eta: float | None, now: floa
     return at
 
 
+def check_priority(priority: object, where: str) -> int | None:
+    """``priority`` if it is None or an int 0-9, else a TypeError that says so."""
+    if priority is None or (
+        isinstance(priority, int) and not isinstance(priority, bool)
+        and names.MIN_PRIORITY <= priority <= names.MAX_PRIORITY
+    ):
+        return priority
+    raise TypeError(
+        f"priority for {where} must be an int from {names.MIN_PRIORITY} (lowest) to {names.MAX_PRIORITY} "
+        f"(highest; default {names.DEFAULT_PRIORITY}), got {priority!r}"
+    )
+
+
 def send(
     app: Client,
     name: str,
@@ -135,6 +150,7 @@ def send(
     countdown: float | None = None,
     eta: datetime | float | None = None,
     expires: datetime | float | None = None,
+    priority: int | None = None,
     task_id: str | None = None,
     headers: dict[str, str] | None = None,
     tier: str | None = None,
@@ -166,6 +182,7 @@ def send(
         headers=hdrs,
         submitted_at=now,
         expires=expires_epoch(expires, starts, now),
+        priority=check_priority(priority, f"task {name!r}"),
     )
     payload = encoder.encode(msg)
     check_message_size(app.settings, f"task {name!r}", payload)
@@ -177,6 +194,9 @@ def send(
     }
     if tier:
         wire_headers[names.HDR_TIER_REQUESTED] = tier
+    if priority is not None and names.band_of(priority):
+        # Routers and direct routes read it to pick the band's subject (heddle.bands).
+        wire_headers[names.HDR_PRIORITY] = str(priority)
     subject = names.INCOMING_SUBJECT
     result: AsyncResult[Any] = AsyncResult(tid, app, name)
     result.worker_type, result.eta = wire_headers[names.HDR_WORKER_TYPE], msg.eta

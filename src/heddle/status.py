@@ -368,6 +368,8 @@ class TaskView(msgspec.Struct):
     search_note: str = ""
     # Its expires time (epoch s), from its message: not started by then, it never runs.
     expires: float | None = None
+    # Its priority (0-9), from its message; None: the default.
+    priority: int | None = None
     # The periodic schedule that sent it (app.periodic), from its id.
     schedule: str = ""
 
@@ -538,7 +540,7 @@ async def inspect_task(app: Heddle, task_id: str) -> TaskView:
 def _take_args(view: TaskView, data: bytes) -> None:
     try:
         tm = bounded_decode(task_decoder, data)
-        view.args, view.kwargs, view.expires = tm.args, tm.kwargs, tm.expires
+        view.args, view.kwargs, view.expires, view.priority = tm.args, tm.kwargs, tm.expires, tm.priority
     except DecodeError:
         pass
 
@@ -567,6 +569,9 @@ def print_task(console: Console, v: TaskView) -> None:
     else:
         console.print(Text("  args    (not kept: the message left the stream when it was acked; "
                            "the Workshop shows args from its events)"))
+    if v.priority is not None:
+        band = names.band_of(v.priority) or "default"
+        console.print(Text(f"  priority {v.priority} ({band} band; 0 lowest, 9 highest)"))
     if v.expires is not None:
         left = v.expires - time.time()
         when = dt.datetime.fromtimestamp(v.expires, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")

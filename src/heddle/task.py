@@ -16,7 +16,7 @@ from heddle.errors import ConfigError, HeddleError, TaskOptionError
 from heddle.graphs.canvas import Signature, xmap, xstarmap
 from heddle.limits import key_value
 from heddle.results import AsyncResult
-from heddle.send import send, unknown_options_error
+from heddle.send import check_priority, send, unknown_options_error
 
 if TYPE_CHECKING:
     from heddle.connections import Client
@@ -48,6 +48,7 @@ TASK_OPTIONS = frozenset(
         "expires",
         "concurrency_limit",
         "concurrency_key",
+        "priority",
     }
 )
 # Deliveries kept in reserve above a task's retries for crash redeliveries and
@@ -74,6 +75,7 @@ class TaskOptions(msgspec.Struct, frozen=True, kw_only=True):
         concurrency_limit: Most runs at once across every worker (:mod:`heddle.limits`):
             per value of the ``concurrency_key`` argument, or for the whole task.
         concurrency_key: Name of the parameter whose value the limit counts by.
+        priority: Default priority of its sends, 0 (lowest) to 9 (highest); None: 5.
     """
 
     retries: int = 0
@@ -87,6 +89,7 @@ class TaskOptions(msgspec.Struct, frozen=True, kw_only=True):
     expires: float | None = None
     concurrency_limit: int | None = None
     concurrency_key: str | None = None
+    priority: int | None = None
 
     def backoff_s(self, retry_number: int) -> float:
         """Delay before retry ``retry_number`` (0 for the first retry)."""
@@ -134,6 +137,10 @@ def _validate_options(where: str, options: dict[str, Any], max_deliver: int | No
         not isinstance(expires, int | float) or isinstance(expires, bool) or not 0 < expires < float("inf")
     ):
         raise TaskOptionError(f"expires for {where} must be seconds > 0 (from sending), got {expires!r}")
+    try:
+        check_priority(opts.get("priority"), where)
+    except TypeError as exc:
+        raise TaskOptionError(str(exc)) from None
     limit = opts.get("concurrency_limit")
     if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
         raise TaskOptionError(f"concurrency_limit for {where} must be an int >= 1, got {limit!r}")
@@ -275,6 +282,7 @@ class Task(Generic[P, R]):
         headers: dict[str, str] | None = None,
         tier: str | None = None,
         expires: datetime | float | None = None,
+        priority: int | None = None,
     ) -> AsyncResult[R]:
         """Send the task to a worker.
 
@@ -290,6 +298,9 @@ class Task(Generic[P, R]):
             expires: Seconds from now, or an aware datetime, by which a worker must
                 have started the task; later it never runs and ends ``REVOKED``
                 (``get()`` raises :class:`~heddle.TaskExpired`). Default: the task's option.
+            priority: 0 (lowest) to 9 (highest), default the task's option, else 5.
+                Priorities 7-9 start before queued default ones, 0-3 after them
+                (:mod:`heddle.bands`).
 
         Returns:
             An :class:`AsyncResult`. From sync code the message is stored by
@@ -332,6 +343,7 @@ class Task(Generic[P, R]):
             headers=headers,
             tier=tier or self.options.tier,
             expires=expires if expires is not None else self.options.expires,
+            priority=priority if priority is not None else self.options.priority,
             arg_names=self._positional,
         )
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import itertools
 import logging
 import math
 import os
@@ -28,6 +29,7 @@ import msgspec
 
 from heddle import events, names
 from heddle.actor import Actor, acknowledge, seq_of
+from heddle.bands import Bands
 from heddle.context import TaskContext, set_current_task
 from heddle.errors import (
     ArgumentTypeError,
@@ -189,6 +191,9 @@ class Worker(Actor):
                       "expired": 0, "waiting": 0}
         self._releasing: list[Lease] = []  # slots of settled tasks, given back after the store
         self._leases: Leases  # made in on_start, on the connection's result store
+        # Priority bands (heddle.bands); normal_idle: the last look at the default band found nothing.
+        self._bands = Bands(self)
+        self.normal_idle = True
         self.metrics = WorkerMetrics(self.worker_type)
         self._outcomes: list[Outcome] = []
         self._outcome_ready = asyncio.Event()
@@ -214,7 +219,24 @@ class Worker(Actor):
         return self.concurrency - len(self.inflight)
 
     def in_progress(self) -> Iterable[tuple[Msg, str]]:
-        return ((job.msg, job.message.id) for job in self.inflight.values())
+        running = ((job.msg, job.message.id) for job in self.inflight.values())
+        return itertools.chain(running, ((msg, "held") for msg in self._bands.held()))
+
+    def slot_freed(self) -> None:
+        super().slot_freed()
+        self._bands.wake()
+
+    async def next_batch(self, n: int) -> list[Msg]:
+        # A held high-priority task (or a low one that has waited long enough) goes first.
+        held = self._bands.next_for_free_slot(self.normal_idle)
+        if held is not None:
+            return [held]
+        msgs = await super().next_batch(n)
+        idle = not msgs
+        if idle and not self.normal_idle:
+            self._bands.wake()  # a held low-priority task may start now
+        self.normal_idle = idle
+        return msgs
 
     def on_exhausted(self) -> None:
         self.stats["dead_lettered"] += 1
@@ -244,6 +266,7 @@ class Worker(Actor):
         # Concurrency slots last one AckWait: a SIGKILLed worker's free themselves in that time.
         self._leases = Leases(conns.backend, self.settings.ack_wait_s)
         self._bg.append(asyncio.get_running_loop().create_task(self._lease_loop(), name="heddle-leases"))
+        await self._bands.start(conns)
         log.info("worker %s consuming %s", self.name, self.filter_subject)
 
     async def handle(self, msgs: list[Msg]) -> None:
@@ -656,6 +679,7 @@ class Worker(Actor):
 
     async def on_stop(self) -> None:
         """Finish in-flight work within the grace period, nak the rest, store every outcome."""
+        await self._bands.close()  # held tasks never started: back to the stream at once
         deadline = time.monotonic() + self.grace_s
         while self.inflight and time.monotonic() < deadline:
             self._slot_freed.clear()

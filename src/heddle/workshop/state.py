@@ -49,6 +49,7 @@ class TaskEntry:
     input_tokens: int = 0
     output_tokens: int = 0
     expires: float | None = None  # not started by then (epoch s), it never runs
+    priority: int | None = None  # 0-9 as sent; None: the default
     timeline: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -84,6 +85,8 @@ class RecentTasks:
             e.args, e.kwargs = ev["args"], ev.get("kwargs") or {}
         if ev.get("expires"):
             e.expires = ev["expires"]
+        if ev.get("priority") is not None:
+            e.priority = ev["priority"]
         new = _STATE.get(state, e.state)
         # Events can arrive out of order (router and worker publish on their own
         # connections): a final state is never replaced by an earlier one.
