@@ -145,3 +145,30 @@ def test_backends_come_from_the_environment(monkeypatch):
     monkeypatch.setenv("HEDDLE_STANDARD_MODEL", "claude-haiku-4-5")
     assert backend_for_tier("standard", LLMSettings.load()).model == "claude-haiku-4-5"
     assert "sk-test" not in repr(s)  # the key never shows in logs
+
+
+CHART = {
+    "$defs": {"point": {"type": "object", "required": ["label"], "properties": {
+        "label": {"type": "string", "maxLength": 5}, "y": {"type": "number"}}}},
+    "type": "object",
+    "required": ["points"],
+    "properties": {"points": {"type": "array", "items": {"$ref": "#/$defs/point"}},
+                   "unit": {"oneOf": [{"const": "cm"}, {"const": "in"}]}},
+}
+
+
+async def test_a_reply_still_invalid_after_the_repair_names_the_first_broken_field_and_its_rule():
+    with FakeProvider("ollama") as p:
+        tier, settings = settings_for(p)
+        bad = {"points": [{"label": "ok", "y": 1}, {"label": "far too long"}], "unit": "mm"}
+        p.add(Reply(text=json.dumps(bad)), Reply(text=json.dumps(bad)))
+        with pytest.raises(LLMOutputError) as info:
+            await complete("Chart it", tier=tier, schema=CHART, settings=settings)
+    message = str(info.value)
+    assert "the first broken field is $.points[1].label, rule maxLength" in message
+    assert "$.points[1].label: is 12 characters, longer than maxLength 5" in message
+    assert "$.unit: matches none of oneOf" in message
+    assert message.index("$.points[1].label: is 12") < message.index("$.unit: matches none")
+    # The repair call told the model the same, with the $ref'd schema in its own field.
+    assert "the first broken field is $.points[1].label" in p.requests[1].body["messages"][-1]["content"]
+    assert p.requests[1].body["format"] == CHART

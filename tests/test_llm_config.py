@@ -64,6 +64,7 @@ def test_full_json_schema_and_the_new_keys_load(tmp_path):
         "escalation": "escalation: [standard, frontier]",
         "structured_output": "structured_output: prompt",
     })[0])
+    assert validate_file(path).issues == []
     cfg = load_worker_config(path)
     assert cfg.escalation == ("standard", "frontier") and cfg.structured_output == "prompt"
     assert cfg.output_validator().is_valid({"label": "a", "n": "none"})
