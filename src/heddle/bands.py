@@ -32,7 +32,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from heddle import names
 from heddle.actor import acknowledge, dead_letter_exhausted
@@ -43,12 +43,39 @@ if TYPE_CHECKING:
     from nats.aio.msg import Msg
 
     from heddle.connections import Connections
-    from heddle.worker import Worker
 
 log = logging.getLogger("heddle.worker")
 
 # How long a held low-priority task waits behind default ones before it starts anyway.
 LOW_AGING_S: Final = 10.0
+
+
+class Host(Protocol):
+    """What the bands need of their worker (:class:`heddle.worker.Worker`)."""
+
+    worker_type: str
+    tier: str | None
+    name: str
+    max_deliver: int
+    backoff_s: float
+    fetch_timeout_s: float
+    exhausted_why: str
+    normal_idle: bool
+
+    @property
+    def stopping(self) -> bool: ...
+
+    @property
+    def stop_event(self) -> asyncio.Event: ...
+
+    @property
+    def subscriptions(self) -> list[Any]: ...
+
+    def free_slots(self) -> int: ...
+
+    def on_exhausted(self) -> None: ...
+
+    async def handle(self, msgs: list[Msg]) -> None: ...
 
 
 class Band:
@@ -69,7 +96,7 @@ class Band:
 class Bands:
     """The high and low bands of one worker."""
 
-    def __init__(self, worker: Worker) -> None:
+    def __init__(self, worker: Host) -> None:
         self.worker = worker
         self.bands: dict[str, Band] = {}
         self._tasks: list[asyncio.Task[None]] = []
