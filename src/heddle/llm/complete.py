@@ -331,9 +331,13 @@ async def complete(
             f"the output of {completion.backend} model {completion.model} is invalid after a repair attempt: "
             f"{failure}; last reply: {_clip(completion.text)!r}"
         )
+    ran = [f.split(":", 1)[0] for f in failures]
+    skipped = [t for t in chain if t not in ran]
     raise LLMOutputError(
-        f"the output is invalid after a repair attempt on every tier tried ({', '.join(chain)}): "
-        f"{' | '.join(failures) or 'no tier after the first is configured'}; last reply: {_clip(completion.text)!r}"
+        f"the output is invalid after a repair attempt on every tier tried ({', '.join(ran)}): "
+        f"{' | '.join(failures)}"
+        + (f"; not available: {', '.join(skipped)} (no backend configured)" if skipped else "")
+        + f"; last reply: {_clip(completion.text)!r}"
     )
 
 

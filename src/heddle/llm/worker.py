@@ -113,7 +113,7 @@ class _Runner:
         event = LLMCallEvent(
             task_id=task_id,
             worker_type=self.config.name,
-            tier=tier,
+            tier=c.tier if c else tier,
             ok=c is not None,
             backend=c.backend if c else str(meta.get("backend", "")),
             model=c.model if c else str(meta.get("model", "")),
