@@ -164,6 +164,7 @@ def test_a_full_json_schema_with_refs_and_combinators_is_accepted_and_validates(
     ],
 )
 def test_each_json_schema_rule_is_enforced_with_its_path_and_rule(change, expected):
+    assert check_schema(CHART) == []
     found = chart_errors(change)
     assert any(e.startswith(expected) for e in found), found
 
