@@ -168,6 +168,31 @@ def test_heddle_schedules_lists_name_task_interval_or_cron_last_and_next_run(fre
     assert "schedule heartbeat" in inspected.stdout, inspected.stdout
 
 
+def test_the_workshop_lists_installed_schedules_and_a_task_page_names_its_schedule(
+    fresh_servers, spawn_worker, test_env
+):
+    import httpx
+
+    from tests.workshop_support import running_workshop
+
+    env = test_env(fresh_servers)
+    spawn_worker(APP, env)
+    wait_for(lambda: runs(env), 30, "a tick")
+    app = env["HEDDLE_TEST_APP"]
+    with running_workshop(fresh_servers) as ws, httpx.Client(base_url=ws.url, timeout=10) as client:
+        page = client.get("/schedules")
+        assert page.status_code == 200
+        lines = [line for line in page.text.splitlines() if line.startswith(f"<tr><td>{app}<")]
+        rows = {line.split("</td><td>")[1]: line for line in lines}
+        assert set(rows) == {"heartbeat", "weekly-report"}
+        assert "tests.apps.periodic.beat" in rows["heartbeat"] and "every 1s" in rows["heartbeat"]
+        assert "cron */5 * * * * (Europe/Berlin)" in rows["weekly-report"]
+        assert f'href="/tasks/periodic%3A{app}%3Aheartbeat%3A' in page.text  # the last run links to its task
+        _, tid, _ = runs(env)[0]
+        task = client.get(f"/tasks/{tid}")
+        assert task.status_code == 200 and 'id="schedule"' in task.text and ">heartbeat</a>" in task.text
+
+
 def test_a_schedule_no_longer_declared_is_removed_from_nats_server(fresh_servers, spawn_worker, test_env):
     env = test_env(fresh_servers)
     with_extra = spawn_worker(APP, {**env, "HEDDLE_TEST_EXTRA": "1"})

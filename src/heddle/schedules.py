@@ -294,6 +294,15 @@ def _seconds_text(seconds: int) -> str:
     return f"{seconds}s"
 
 
+def when_text(at: float | None, now: float) -> str:
+    """``2026-12-06 10:05:02 UTC (in 3s)`` or ``(4s ago)``; ``-`` for None."""
+    if at is None:
+        return "-"
+    stamp = datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    delta = at - now
+    return f"{stamp} ({f'in {delta:.0f}s' if delta >= 0 else f'{-delta:.0f}s ago'})"
+
+
 def schedule_of(task_id: str) -> str | None:
     """The schedule name in a periodic task's id (``periodic:{app}:{name}:{tick}``), else None."""
     if not task_id.startswith(names.PERIODIC_ID_PREFIX):

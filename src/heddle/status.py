@@ -35,7 +35,7 @@ from heddle.messages import decode as bounded_decode
 from heddle.redact import redact
 from heddle.registry import ALIVE_TTL_S, WorkerInfo
 from heddle.results import scheduled_note, worker_note
-from heddle.schedules import ScheduleState, read_states, schedule_of
+from heddle.schedules import ScheduleState, read_states, schedule_of, when_text
 
 STREAMS = (names.TASKS_STREAM, names.DLQ_STREAM, names.GOALS_STREAM)
 # The audit's default deadline: a task sent this long ago should have finished.
@@ -694,14 +694,6 @@ _GOAL_STATES = ("dispatched", "succeeded", "failed", "recovered", "skipped", "re
 # -- heddle schedules -------------------------------------------------------------------------
 
 
-def _when(at: float | None, now: float) -> str:
-    if at is None:
-        return "-"
-    stamp = dt.datetime.fromtimestamp(at, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-    delta = at - now
-    return f"{stamp} ({f'in {delta:.0f}s' if delta >= 0 else f'{-delta:.0f}s ago'})"
-
-
 def schedule_rows(states: list[ScheduleState], now: float) -> list[dict[str, Any]]:
     """One JSON-able dict per schedule: name, task, every_s or cron and tz, installed, last and next run."""
     rows = []
@@ -725,8 +717,8 @@ def print_schedules(console: Console, app_name: str, states: list[ScheduleState]
         table.add_column(col)
     for st in states:
         s = st.schedule
-        nxt = _when(st.next_run, now) if st.installed else "not installed: no worker of the app has started"
-        table.add_row(s.name, s.task, s.describe(), _when(st.last_run, now), nxt)
+        nxt = when_text(st.next_run, now) if st.installed else "not installed: no worker of the app has started"
+        table.add_row(s.name, s.task, s.describe(), when_text(st.last_run, now), nxt)
     console.print(table)
 
 

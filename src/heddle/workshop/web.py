@@ -494,8 +494,10 @@ def build_app(ws: Workshop) -> ASGIApp:
         if entry is None and record is None and dead is None:
             return render(request, "missing.html", status_code=404, what=f"task {task_id}",
                           hint="no event, stored result or dead letter mentions it (results expire)")
+        from heddle.schedules import schedule_of
+
         return render(request, "task.html", task_id=task_id, state=state, record=record, entry=entry,
-                      args=args, kwargs=kwargs, dead=dead)
+                      args=args, kwargs=kwargs, dead=dead, schedule=schedule_of(task_id) or "")
 
     async def result_fragment(request: Request) -> Response:
         task_id = request.path_params["task_id"]
@@ -606,6 +608,20 @@ def build_app(ws: Workshop) -> ASGIApp:
         return render(request, "audit.html", report=report, older_than=f"{older_than:g}", problem="",
                       now=time.time())
 
+    # -- schedules -------------------------------------------------------------------------------
+
+    async def schedules_page(request: Request) -> Response:
+        from heddle.schedules import read_installed, when_text
+
+        states = await read_installed(ws.app)
+        now = time.time()
+        rows = [{
+            "app": st.app, "name": st.schedule.name, "task": st.schedule.task, "when": st.schedule.describe(),
+            "last_run": when_text(st.last_run, now), "last_task_id": st.last_task_id or "",
+            "next_run": when_text(st.next_run, now),
+        } for st in states]
+        return render(request, "schedules.html", rows=rows)
+
     # -- live ------------------------------------------------------------------------------------
 
     async def stream(request: Request) -> Response:
@@ -637,6 +653,7 @@ def build_app(ws: Workshop) -> ASGIApp:
         Route("/dlq/{seq}", dlq_one),
         Route("/dlq/{seq}/replay", dlq_replay, methods=["POST"]),
         Route("/audit", audit_page),
+        Route("/schedules", schedules_page),
         Route("/events/stream", stream),
         *pipelines.routes(pages),
         *evaluate.routes(pages),
