@@ -152,3 +152,21 @@ def test_heddle_devs_llm_worker_lines_show_the_retries_and_timeout_of_each_yaml(
            "request)" in said
     assert f"  llm worker {name_two} on heddle.tasks.{name_two}.standard (0 retries and a 90s timeout per model " \
            "request)" in said
+
+
+def test_a_yaml_worker_on_a_model_without_structured_outputs_says_so_at_start_and_still_answers(
+    tmp_path, heddle_servers
+):
+    path, name = write_config(tmp_path)
+    with FakeProvider("anthropic", api_key="sk-cli", refuse_schema=True) as p:
+        p.add(Reply(text='{"label": "positive"}'))
+        env = clean_env(ANTHROPIC_API_KEY="sk-cli", ANTHROPIC_BASE_URL=p.url,
+                        HEDDLE_STANDARD_MODEL="claude-3-7-sonnet-20250219")
+        label, log = serve_one_task(["--config", str(path), "--tier", "standard"], env, heddle_servers, name,
+                                    tmp_path)
+        assert p.refusals == 0 and "output_config" not in p.requests[0].body
+    assert label == "positive"
+    said = " ".join(log.split())
+    assert f"{name}: tier standard (anthropic, model claude-3-7-sonnet-20250219) cannot take the output schema " \
+           "in output_config: model claude-3-7-sonnet-20250219 predates structured outputs" in said, log
+    assert said.index("cannot take the output schema") < said.index(" consuming ")
