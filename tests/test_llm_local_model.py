@@ -57,6 +57,27 @@ async def test_the_anthropic_sdk_backend_talks_to_the_embedded_models_messages_e
     assert c.input_tokens > 0 and 0 < c.output_tokens <= 8
 
 
+async def test_the_embedded_model_decodes_to_a_pydantic_models_schema_with_refs_bounds_and_a_pattern(local_model):
+    from pydantic import BaseModel, Field
+
+    from heddle.llm.backends import backend_for_tier
+
+    class Tag(BaseModel):
+        name: str = Field(max_length=10)
+
+    class Review(BaseModel):
+        sentiment: str = Field(pattern="^(good|bad)$")
+        tags: list[Tag] = Field(min_length=1, max_length=2)
+
+    assert "$defs" in Review.model_json_schema()
+    settings = LLMSettings(lm_studio_url=local_model.url, lm_studio_model=local_model.model)
+    c = await complete("Review: great phone, long battery.", tier="local", schema=Review, max_tokens=60,
+                       settings=settings)
+    # llama.cpp took the schema as response_format and constrained decoding to it: valid at the first call.
+    assert c.calls == 1 and backend_for_tier("local", settings).native_refused == ""
+    assert Review.model_validate(c.data).model_dump(mode="json") == c.data and type(c.data) is dict
+
+
 def test_the_llm_example_runs_three_workers_and_a_pipeline_under_heddle_dev():
     out = subprocess.run([sys.executable, str(EXAMPLES / "run.py")], capture_output=True, text=True, timeout=240,
                          env=clean_env(PATH="/usr/bin:/bin"), cwd=ROOT)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import logging
 import threading
@@ -140,6 +141,12 @@ def _messages(messages: str | Sequence[Mapping[str, str]], system: str) -> tuple
     return "\n\n".join(systems), out
 
 
+@functools.lru_cache(maxsize=128)
+def _model_schema(model: type[Any]) -> ModelSchema:
+    """One validator per model class: its JSON Schema is generated once, not per call."""
+    return ModelSchema(model)
+
+
 def as_schema(schema: Schema | Mapping[str, Any] | type[Any]) -> Schema:
     """A validator for ``schema``: a :class:`Schema`, a JSON Schema mapping or a Pydantic model class.
 
@@ -149,7 +156,7 @@ def as_schema(schema: Schema | Mapping[str, Any] | type[Any]) -> Schema:
     if isinstance(schema, Schema):
         return schema
     if isinstance(schema, type) and hasattr(schema, "model_json_schema"):
-        return ModelSchema(schema)
+        return _model_schema(schema)
     if not isinstance(schema, Mapping):
         raise ConfigError(f"a schema must be a JSON Schema mapping or a Pydantic model class, got {schema!r}")
     problems = check_schema(schema)
