@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import json
 import logging
 import threading
@@ -141,10 +140,17 @@ def _messages(messages: str | Sequence[Mapping[str, str]], system: str) -> tuple
     return "\n\n".join(systems), out
 
 
-@functools.lru_cache(maxsize=128)
+_model_schemas: dict[type[Any], ModelSchema] = {}
+
+
 def _model_schema(model: type[Any]) -> ModelSchema:
     """One validator per model class: its JSON Schema is generated once, not per call."""
-    return ModelSchema(model)
+    found = _model_schemas.get(model)
+    if found is None:
+        if len(_model_schemas) > 256:  # models made per call must not pile up
+            _model_schemas.clear()
+        found = _model_schemas[model] = ModelSchema(model)
+    return found
 
 
 def as_schema(schema: Schema | Mapping[str, Any] | type[Any]) -> Schema:
