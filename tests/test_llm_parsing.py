@@ -192,8 +192,10 @@ def test_violations_come_in_the_order_of_the_instance_with_the_rule_they_broke()
          "a patternProperties key is not a valid regular expression"),
         ({"type": "object", "dependentRequired": {"a": "b"}}, ("dependentRequired", "a"),
          "not valid JSON Schema: 'b' is not of type 'array'"),
+        ({"type": "object", "properties": {"a": {"$ref": "#pont"}}, "$defs": {"p": {"$anchor": "point"}}},
+         ("properties", "a", "$ref"), "$ref '#pont' names no $anchor of this schema; did you mean '#point'?"),
     ],
-    ids=["ref-typo", "ref-remote", "oneOf-empty", "multipleOf-0", "bad-pattern-key", "metaschema"],
+    ids=["ref-typo", "ref-remote", "oneOf-empty", "multipleOf-0", "bad-pattern-key", "metaschema", "anchor"],
 )
 def test_a_broken_schema_is_reported_with_the_place_of_each_problem(schema, path, message):
     problems = check_schema(schema)

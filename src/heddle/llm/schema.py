@@ -230,6 +230,15 @@ def _subschemas(s: Mapping[str, Any], path: Path) -> Iterator[tuple[Any, Path]]:
             yield s[key], (*path, key)
 
 
+def _anchors(s: Any) -> set[str]:
+    if not isinstance(s, Mapping):
+        return set()
+    found = {s["$anchor"]} if isinstance(s.get("$anchor"), str) else set()
+    for child, _ in _subschemas(s, ()):
+        found |= _anchors(child)
+    return found
+
+
 def _check_refs(root: Mapping[str, Any], s: Any, path: Path, out: list[tuple[Path, str]]) -> None:
     if not isinstance(s, Mapping):
         return
@@ -247,6 +256,13 @@ def _ref_problem(root: Mapping[str, Any], ref: Any) -> str | None:
         return f"$ref must be a string such as '#/$defs/Name', got {ref!r}"
     if not ref.startswith("#"):
         return f"$ref {ref!r} points outside this schema; only local references ('#/$defs/Name') are supported"
+    if ref != "#" and not ref.startswith("#/"):
+        anchors = sorted(_anchors(root))
+        if ref[1:] not in anchors:
+            close = difflib.get_close_matches(ref[1:], anchors, n=1)
+            hint = f"; did you mean '#{close[0]}'?" if close else ""
+            return f"$ref {ref!r} names no $anchor of this schema{hint}"
+        return None
     node: Any = root
     for raw in ref[1:].split("/")[1:] if ref != "#" else []:
         step = raw.replace("~1", "/").replace("~0", "~")
@@ -441,7 +457,9 @@ def _branches(err: ValidationError, root: Any, steps: Sequence[Any]) -> str:
         for violation in _violations(sub, root):
             here = violation.path == json_path(steps)
             by_branch.setdefault(branch, []).append(violation.message if here else str(violation))
-    return " | ".join("; ".join(messages) for _, messages in sorted(by_branch.items(), key=lambda kv: str(kv[0])))
+    ordered = sorted(by_branch.items(), key=lambda kv: (not isinstance(kv[0], int), kv[0] if isinstance(kv[0], int)
+                                                         else 0, str(kv[0])))
+    return " | ".join("; ".join(messages) for _, messages in ordered)
 
 
 def _json_equal(a: Any, b: Any) -> bool:
