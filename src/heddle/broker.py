@@ -22,7 +22,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
 from heddle import names
-from heddle.errors import BrokerError, BrokerUnavailable, ConfigError, MessageTooLarge
+from heddle.errors import BrokerError, BrokerUnavailable, ConfigError, HeddleError, MessageTooLarge
 from heddle.pubacks import PubAcks, PublishAck
 from heddle.redact import redact
 from heddle.settings import Settings, dev_session_note, nats_server_urls, readable_file, server_endpoint
@@ -335,7 +335,9 @@ class Broker:
             for key in ("user", "password", "token"):
                 if options.get(key):
                     options[key] = guarded(options[key])
-        connecting = asyncio.ensure_future(nc.connect(self.url, **options))
+        # A comma-separated NATS_URL is a cluster's server list: nats-py connects to one
+        # and reconnects to any (it refuses the list as one string).
+        connecting = asyncio.ensure_future(nc.connect(nats_server_urls(self.url), **options))
         # nats-py never returns from a failed TLS handshake (it waits for the closing of
         # a socket it handed to the handshake): stop at the first TLS error instead (and
         # at a server without TLS, which would only be tried again).
@@ -454,19 +456,46 @@ class Broker:
             raise translate(exc, self.url, f"purging {subject} from {stream}") from exc
 
     async def _add_or_update_stream(self, cfg: api.StreamConfig) -> None:
+        """Create a stream, or update it to ``cfg``, with ``stream_replicas`` replicas (never fewer than it has)."""
         js = self._js()
+        cfg.num_replicas = self.settings.stream_replicas
         try:
             await js.add_stream(cfg)
         except nats.js.errors.BadRequestError as exc:
             # 10058: stream name already in use with a different configuration.
             if exc.err_code != 10058:
-                raise translate(exc, self.url, f"creating stream {cfg.name}") from exc
+                raise self._stream_error(exc, f"creating stream {cfg.name}") from exc
             try:
+                # A higher replica count is applied in place; a lower one never is, so that
+                # a process with the default (1) cannot shrink a cluster's R3 streams.
+                current = (await js.stream_info(cfg.name or "")).config.num_replicas or 1
+                cfg.num_replicas = max(current, cfg.num_replicas or 1)
                 await js.update_stream(cfg)
             except Exception as exc2:
-                raise translate(exc2, self.url, f"updating stream {cfg.name}") from exc2
+                raise self._stream_error(exc2, f"updating stream {cfg.name}") from exc2
         except Exception as exc:
-            raise translate(exc, self.url, f"creating stream {cfg.name}") from exc
+            raise self._stream_error(exc, f"creating stream {cfg.name}") from exc
+
+    def _stream_error(self, exc: Exception, doing: str) -> HeddleError:
+        """A stream refused for its replica count says so, and how to fix it; other errors as usual."""
+        said = str(exc).lower()
+        replicas = self.settings.stream_replicas
+        if replicas > 1 and ("replicas" in said or "insufficient resources" in said or "no suitable peers" in said):
+            peers = self._cluster_size()
+            return BrokerError(
+                f"{doing} with {replicas} replicas failed: nats-server at {redact(self.url)} "
+                + (f"has {peers} JetStream server(s) in its cluster" if peers else "is not a JetStream cluster")
+                + f" ({exc}); set HEDDLE_STREAM_REPLICAS (stream_replicas) to at most the number of "
+                f"JetStream servers, or add servers to the cluster"
+            )
+        return translate(exc, self.url, doing)
+
+    def _cluster_size(self) -> int:
+        """JetStream servers in this server's cluster, as its INFO says (0: not clustered)."""
+        info = self.nc._server_info if self.nc is not None else {}
+        if not info.get("cluster"):
+            return 0
+        return len(info.get("connect_urls") or []) or 1  # its own URL is listed too
 
     async def ensure_consumer(self, worker_type: str, tier: str | None = None) -> str:
         """Create or update the durable pull consumer shared by all replicas of a worker type.
@@ -685,7 +714,8 @@ class Broker:
         except Exception:
             pass
         try:
-            return await js.create_key_value(bucket=bucket, ttl=ttl_s, history=1, description=description)
+            return await js.create_key_value(bucket=bucket, ttl=ttl_s, history=1, description=description,
+                                             replicas=self.settings.stream_replicas)
         except Exception:
             try:
                 return await js.key_value(bucket)  # created by another process meanwhile

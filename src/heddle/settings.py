@@ -214,6 +214,9 @@ class Settings:
         direct_routing: Send a task straight to its worker subject when no router rule
             needs the router for it (env ``HEDDLE_DIRECT_ROUTING``, ``0`` to send every
             task through the router; :mod:`heddle.routes`).
+        stream_replicas: Replicas of every stream and key-value bucket Heddle creates
+            (env ``HEDDLE_STREAM_REPLICAS``): 1 on one nats-server, 3 on a 3-node cluster.
+            Raising it on existing streams scales them in place (docs/scaling.md).
     """
 
     nats_url: str = DEFAULT_NATS_URL
@@ -234,6 +237,7 @@ class Settings:
     nats_auth: NatsAuth = field(default_factory=NatsAuth)
     valkey_auth: ValkeyAuth = field(default_factory=ValkeyAuth)
     direct_routing: bool = True
+    stream_replicas: int = 1
     extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -260,6 +264,13 @@ class Settings:
         if self.default_tier not in TIERS:
             raise ConfigError(
                 f"default_tier {self.default_tier!r} is not a tier; use one of {', '.join(TIERS)}"
+            )
+        if not isinstance(self.stream_replicas, int) or isinstance(self.stream_replicas, bool) or not (
+            1 <= self.stream_replicas <= 5
+        ):
+            raise ConfigError(
+                f"stream_replicas must be an int from 1 to 5 (JetStream's limit; 3 on a 3-node cluster), "
+                f"got {self.stream_replicas!r}"
             )
         if not isinstance(self.health_host, str) or not self.health_host.strip():
             raise ConfigError(f"health_host must be an address such as 127.0.0.1 or 0.0.0.0, got {self.health_host!r}")
@@ -389,6 +400,11 @@ class Settings:
             if direct not in _BOOLS:
                 raise ConfigError(f"HEDDLE_DIRECT_ROUTING must be 1 or 0 (true or false), got {direct!r}")
             values["direct_routing"] = _BOOLS[direct]
+        replicas = os.environ.get("HEDDLE_STREAM_REPLICAS", "").strip()
+        if replicas:
+            if not replicas.isdigit():
+                raise ConfigError(f"HEDDLE_STREAM_REPLICAS must be a number from 1 to 5, got {replicas!r}")
+            values["stream_replicas"] = int(replicas)
         flat = {name: os.environ[var] for name, (_, _, var) in AUTH_SETTINGS.items() if os.environ.get(var)}
         for name, value in overrides.items():
             if value is None:
