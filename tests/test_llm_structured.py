@@ -133,3 +133,12 @@ async def test_a_provider_that_refuses_the_schema_field_gets_it_in_the_prompt_fr
         assert not {"output_config", "response_format", "format"} & set(p.requests[2].body)
         assert "output schemas go in the prompt only from now on" in caplog.text
         assert json.dumps(SCHEMA) in system_of(p.kind, p.requests[2].body)
+
+
+async def test_a_schema_name_openai_would_reject_is_made_one_it_takes():
+    with FakeProvider("openai") as p:
+        tier, settings = settings_for(p)
+        p.add(Reply(text='{"label": "ham", "score": 0}'))
+        await complete("Hi", tier=tier, schema=SCHEMA, schema_name="my worker.v2", settings=settings)
+        assert p.requests[0].body["response_format"]["json_schema"]["name"] == "my_worker_v2"
+        assert p.violations == []

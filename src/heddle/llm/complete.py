@@ -308,8 +308,8 @@ async def complete(
     failures: list[str] = []
     failure: str | None = None
     completion: Completion | None = None
-    for i, t in enumerate(chain):
-        if i:
+    for t in chain:
+        if completion is not None:
             try:
                 backend = backend_for_tier(t, s)
             except LLMConfigError as exc:
@@ -319,7 +319,7 @@ async def complete(
                 _record_tier(entry)
                 continue
             log.warning("the output of tier %s is still invalid after its repair; escalating to tier %s",
-                        chain[i - 1], t)
+                        completion.tier, t)
         try:
             completion, failure = await _on_tier(backend, t, request, validator, s)
         except BaseException as exc:

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from heddle.llm.backends.base import ChatReply, ChatRequest
 from heddle.llm.backends.http import HTTPBackend, as_int
+
+
+def _schema_name(name: str) -> str:
+    """OpenAI's ``json_schema.name`` rule: 1 to 64 of letters, digits, ``_`` and ``-``."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", name)[:64] or "output"
 
 
 class OpenAICompatBackend(HTTPBackend):
@@ -49,7 +55,8 @@ class OpenAICompatBackend(HTTPBackend):
         if request.json_schema is not None and request.native_schema:
             body["response_format"] = {
                 "type": "json_schema",
-                "json_schema": {"name": request.schema_name, "strict": True, "schema": request.json_schema},
+                "json_schema": {"name": _schema_name(request.schema_name), "strict": True,
+                                "schema": request.json_schema},
             }
         return body
 
