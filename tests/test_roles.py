@@ -407,3 +407,44 @@ def test_heddle_auth_nats_with_nkeys_puts_only_public_keys_in_the_include_and_ke
 
     with EmbeddedNats("127.0.0.1", None, None, config=conf) as nats:
         asyncio.run(attempt(nats.url))
+
+
+def test_a_worker_with_periodic_schedules_runs_them_with_the_worker_role_only(bus, streams, tmp_path):
+    # #18 items 1, 2: the worker role covers the schedules stream, its definitions and tick consumer;
+    # the workshop role lists them.
+    app_name = f"roles{uuid.uuid4().hex[:8]}"
+    log = tmp_path / "beats.log"
+    env = {**os.environ, **bus.env["worker"], "VALKEY_URL": bus.valkey.url, "HEDDLE_TEST_APP": app_name,
+           "HEDDLE_TEST_LOG": str(log), "PYTHONPATH": str(ROOT)}
+    for var in ENV_VARS:
+        if var not in bus.env["worker"] and var != "VALKEY_URL":
+            env.pop(var, None)
+    out = open(tmp_path / "worker.log", "wb")  # noqa: SIM115 - handed to the child
+    # As deployed: the worker role hosts no router and no orchestrator; a router of its own role routes.
+    router = bus.app("router", app_name)
+    routing = running_actors(router, lambda: [Router(router, rules=RouterRules(unknown_worker_grace_s=30.0))])
+    routing.__enter__()
+    proc = subprocess.Popen([sys.executable, "-m", "heddle", "worker", "-A", "tests.apps.periodic", "--quiet",
+                             "--no-router", "--no-orchestrator"],
+                            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not (log.exists() and log.read_text().strip()):
+            assert proc.poll() is None, (tmp_path / "worker.log").read_text()
+            time.sleep(0.05)
+        assert log.exists() and "heartbeat" in log.read_text(), (tmp_path / "worker.log").read_text()
+        listed = heddle_cli("schedules", "-A", "tests.apps.periodic",
+                            env={**bus.env["workshop"], "VALKEY_URL": bus.valkey.url, "HEDDLE_TEST_APP": app_name,
+                                 "PYTHONPATH": str(ROOT)})
+        assert listed.returncode == 0, listed.stdout + listed.stderr
+        assert "heartbeat" in listed.stdout and "weekly-report" in listed.stdout
+        # Only the notice subscription its sends would wait on is refused (as for a client: results are read
+        # from Valkey, docs/security.md); nothing of the schedules is.
+        said = [line for line in (tmp_path / "worker.log").read_text().splitlines() if "permissions violation" in line]
+        assert all('subscription to "heddle.results.' in line for line in said), said
+    finally:
+        proc.kill()
+        proc.wait(10)
+        out.close()
+        routing.__exit__(None, None, None)
+        router.close()

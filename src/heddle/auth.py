@@ -100,6 +100,15 @@ _KV_READ = [
     f"{_API}.CONSUMER.INFO.{_KV_STREAM}.*",
     f"{_API}.CONSUMER.DELETE.{_KV_STREAM}.*",
 ]
+# Periodic schedules (heddle.schedules): a worker process of an app with schedules creates
+# the stream, installs and removes definitions, and takes ticks from its app's consumer.
+_SCHEDULES = names.SCHEDULES_STREAM
+_SCHEDULER = [
+    *(f"{_API}.STREAM.{op}.{_SCHEDULES}" for op in ("CREATE", "UPDATE", "INFO", "PURGE", "MSG.GET")),
+    *_consumer(_SCHEDULES, "*"),
+    names.schedule_subject("*", "*"),  # definitions: heddle.schedules.def.{app}.{name}
+]
+_SCHEDULES_READ = [f"{_API}.STREAM.INFO.{_SCHEDULES}", f"{_API}.STREAM.MSG.GET.{_SCHEDULES}"]
 _SEND = [names.INCOMING_SUBJECT, names.GOALS_SUBJECT]  # tasks and goals, as a client sends them
 _RESULTS = f"{names.RESULT_SUBJECT_PREFIX}>"
 _INFO = f"{_API}.INFO"  # account info: preflight and /readyz
@@ -125,9 +134,11 @@ def role_permissions() -> dict[str, Permissions]:
                 _INFO, *_streams("CREATE"), *_KV_CREATE, _KV_SUBJECTS, *worker_consumer,
                 *_messages(names.TASKS_STREAM), names.DEAD_LETTER_SUBJECT, *_SEND, _RESULTS,
                 f"{names.TASK_EVENTS_PREFIX}>", f"{names.WORKER_EVENTS_PREFIX}>", f"{names.LLM_EVENTS_PREFIX}>",
+                *_SCHEDULER,
             ),
             publish_deny=tuple(not_theirs),
-            subscribe=(f"{inbox_prefix('worker')}.>", names.REVOKE_SUBJECT, _advisory("*")),
+            subscribe=(f"{inbox_prefix('worker')}.>", names.REVOKE_SUBJECT, _advisory("*"),
+                       names.MAX_DELIVERIES_ADVISORY.format(stream=_SCHEDULES, consumer="*")),
             subscribe_deny=(_advisory(names.ROUTER_CONSUMER),),
         ),
         # Takes heddle.tasks.incoming, publishes routed copies, follows the workers bucket and
@@ -157,7 +168,7 @@ def role_permissions() -> dict[str, Permissions]:
                 _INFO, *_streams("CREATE", "INFO"), *_KV_CREATE, *_KV_READ,
                 *(f"{_API}.CONSUMER.{op}.{s}" for op in ("LIST", "NAMES") for s in _STREAMS),
                 *(f"{_API}.CONSUMER.INFO.{s}.*" for s in _STREAMS),
-                f"{_API}.STREAM.MSG.GET.{names.DLQ_STREAM}",
+                f"{_API}.STREAM.MSG.GET.{names.DLQ_STREAM}", *_SCHEDULES_READ,
                 *_SEND, names.REVOKE_SUBJECT,
             ),
             subscribe=(f"{inbox_prefix('workshop')}.>", names.EVENTS_ALL, _RESULTS, _KV_SUBJECTS),
