@@ -77,6 +77,8 @@ def test_at_most_the_limit_run_per_key_across_workers_while_other_keys_run_side_
     try:
         sent = [client.send_task(PER_TENANT, args=(tenant, n)) for n in range(8) for tenant in ("acme", "globex")]
         assert sorted(r.get(timeout=60) for r in sent) == sorted(list(range(8)) * 2)
+        # The result says which slots it ran in (heddle inspect and the Workshop show the metadata).
+        assert sent[0].record is not None and sent[0].record.meta["concurrency"] == 'tenant=acme (limit 2)'
     finally:
         client.close()
     most, overall = _most_at_once(_runs(env))

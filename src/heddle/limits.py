@@ -78,11 +78,16 @@ return redis.call('ZREM', KEYS[1], ARGV[1])
 
 @dataclass(frozen=True)
 class Lease:
-    """One task's claim on a slot: the slot set's key, the holder (task id) and the limit."""
+    """One task's claim on a slot: the slot set's key, the holder (task id), the limit, and what it counts.
+
+    ``label`` is ``{concurrency_key}={value}``, or ``*`` for a limit on the whole task;
+    the worker records it in the result's metadata (``concurrency``).
+    """
 
     key: str
     holder: str
     limit: int
+    label: str = "*"
 
 
 def key_value(value: Any) -> str:

@@ -341,7 +341,10 @@ class Worker(Actor):
             value = task.concurrency_value(tm.args, tm.kwargs)
             if value is not None:
                 assert task.options.concurrency_limit is not None
-                wanted.append((msg, tm, Lease(slot_key(task.name, value), tm.id, task.options.concurrency_limit)))
+                key = task.options.concurrency_key
+                label = f"{key}={value}" if key is not None else "*"
+                wanted.append((msg, tm, Lease(slot_key(task.name, value), tm.id, task.options.concurrency_limit,
+                                              label)))
         try:
             got = await self._leases.acquire([lease for _, _, lease in wanted])
         except HeddleError as exc:
@@ -484,6 +487,8 @@ class Worker(Actor):
             headers=tm.headers,
             worker=self.name,
         )
+        if job.lease is not None:  # which concurrency slots it ran in, for inspect and the Workshop
+            ctx.meta["concurrency"] = f"{job.lease.label} (limit {job.lease.limit})"
         # This coroutine runs in its own asyncio task, so the context var is local to it.
         set_current_task(ctx)
         try:
