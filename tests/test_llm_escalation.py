@@ -134,3 +134,26 @@ async def test_an_escalation_tier_without_a_backend_is_named_at_start_and_skippe
         with pytest.raises(LLMOutputError, match=r"every tier tried \(local\): .*; not available: standard") as info:
             await complete("Count", tier="local", schema=SCHEMA, escalation=["standard"], settings=settings)
     assert "$.n: -2 is less than minimum 0" in str(info.value)
+
+
+async def test_a_provider_error_on_the_next_tier_fails_the_task_and_is_recorded_with_what_it_spent(
+    tmp_path, heddle_servers, local_and_anthropic
+):
+    local, cloud = local_and_anthropic
+    path, name = write_config(tmp_path, escalation=["standard", "frontier"], retries=0)
+    app = worker_app(path, "local", llm_settings=three_tiers(local, cloud), nats_url=heddle_servers.nats_url,
+                     valkey_url=heddle_servers.valkey_url)
+    local.add(Reply(text='{"label": "a"}', input_tokens=5, output_tokens=1),
+              Reply(text='{"label": "b"}', input_tokens=6, output_tokens=1))
+    cloud.add(Reply(text='{"label": "c"}', input_tokens=40, output_tokens=4), Reply(status=500, error="down"))
+    async with aworker(app, tier="local"):
+        r = app.send_task(name, {"text": "Meh."})
+        with pytest.raises(heddle.TaskError) as info:
+            await r.aget(timeout=30)
+    await app.aclose()
+    assert info.value.type_name == "heddle.errors.LLMBackendError" and "HTTP 500" in info.value.remote_message
+    tried = r.record.meta["tiers_tried"]
+    assert [(t["tier"], t["outcome"], t["input_tokens"], t["llm_calls"]) for t in tried] == [
+        ("local", "invalid", 11, 2), ("standard", "error", 40, 1)]
+    assert "HTTP 500: api_error: down" in tried[1]["error"]
+    assert len(cloud.requests) == 2  # no escalation to frontier on a provider error

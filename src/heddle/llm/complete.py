@@ -18,7 +18,6 @@ Inside a task run by a worker, every call adds its usage to
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import logging
@@ -322,10 +321,14 @@ async def complete(
                         completion.tier, t)
         try:
             completion, failure = await _on_tier(backend, t, request, validator, s)
-        except BaseException as exc:
-            if record and not isinstance(exc, asyncio.CancelledError):
-                entry = {"tier": t, "backend": backend.name, "model": backend.model, "outcome": "error",
-                         "error": str(exc)[:500], "input_tokens": 0, "output_tokens": 0, "cost_usd": None}
+        except Exception as exc:
+            if record:
+                spent: Completion | None = getattr(exc, "heddle_spent", None)  # a repair call failed
+                entry = {"tier": t, "backend": backend.name, "model": backend.model, "input_tokens": 0,
+                         "output_tokens": 0, "llm_calls": 0, "cost_usd": None}
+                if spent is not None:
+                    entry.update(_tier_entry(spent))
+                entry.update(outcome="error", error=str(exc)[:500])
                 tried.append(entry)
                 _record_tier(entry)
             raise
@@ -404,8 +407,10 @@ async def _on_tier(
             )
             try:
                 replies.append(await backend.chat(repair))
-            except Exception:
-                _add_to_task_meta(summary())  # the first call was spent (and billed) all the same
+            except Exception as exc:
+                spent = summary()
+                _add_to_task_meta(spent)  # the first call was spent (and billed) all the same
+                exc.heddle_spent = spent  # type: ignore[attr-defined]  # for the escalation record
                 raise
             data, failure = _check(replies[-1], validator)
     completion = summary()
