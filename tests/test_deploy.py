@@ -590,11 +590,13 @@ def test_the_keda_scaledobject_scales_a_worker_on_its_real_consumer():
     container = heddle_containers()[target]
     env = env_of(container)
     worker_type = yaml.safe_load((ROOT / Path(env["WORKER_CONFIG"]["value"]).relative_to("/app")).read_text())["name"]
-    (lag,) = [t for t in spec["triggers"] if t["type"] == "nats-jetstream"]
-    meta = lag["metadata"]
-    assert meta["stream"] == names.TASKS_STREAM
-    assert meta["consumer"] == names.consumer_name(worker_type, env["MODEL_TIER"]["value"])
-    assert int(meta["lagThreshold"]) > 0
+    lags = [t["metadata"] for t in spec["triggers"] if t["type"] == "nats-jetstream"]
+    tier = env["MODEL_TIER"]["value"]
+    # The default band's consumer and each priority band's (heddle.bands).
+    assert [m["consumer"] for m in lags] == [names.consumer_name(worker_type, tier),
+                                             *(names.band_consumer(worker_type, tier, b) for b in names.BANDS)]
+    assert all(m["stream"] == names.TASKS_STREAM and int(m["lagThreshold"]) > 0 for m in lags)
+    meta = lags[0]
     host, port = meta["natsServerMonitoringEndpoint"].split(":")
     # The monitoring port answers without a login: it has a Service of its own, apart from the clients'.
     assert host == "nats-monitor.heddle.svc.cluster.local"
