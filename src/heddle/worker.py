@@ -376,6 +376,7 @@ class Worker(Actor):
         headers[names.HDR_MSG_ID] = f"{tm.id}:waited{copy}"
         try:
             subject = await self.conns.route(names.INCOMING_SUBJECT, headers)
+            headers[names.HDR_TASK_ID] = tm.id  # a direct route takes the task id from Nats-Msg-Id
             await self.conns.broker.publish(subject, msg.data, headers)
         except HeddleError as exc:
             log.warning("cannot put waiting task %s back (%s); it is redelivered", tm.id, exc)
