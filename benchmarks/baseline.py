@@ -39,7 +39,12 @@ class BaselineRound:
         return self.publish_s + self.consume_s
 
 
-async def _fresh_stream(js: nats.js.JetStreamContext) -> None:
+def servers(nats_url: str) -> list[str]:
+    """A ``NATS_URL`` server list (comma-separated) as nats-py takes it."""
+    return [u.strip() for u in nats_url.split(",") if u.strip()]
+
+
+async def _fresh_stream(js: nats.js.JetStreamContext, replicas: int = 1) -> None:
     with contextlib.suppress(nats.js.errors.NotFoundError):
         await js.delete_stream(STREAM)
     await js.add_stream(
@@ -49,6 +54,7 @@ async def _fresh_stream(js: nats.js.JetStreamContext) -> None:
             retention=api.RetentionPolicy.WORK_QUEUE,
             storage=api.StorageType.FILE,
             duplicate_window=120.0,
+            num_replicas=replicas,
         )
     )
     await js.add_consumer(
@@ -62,12 +68,12 @@ async def _fresh_stream(js: nats.js.JetStreamContext) -> None:
     )
 
 
-async def throughput_round(nats_url: str, n: int) -> BaselineRound:
+async def throughput_round(nats_url: str, n: int, replicas: int = 1) -> BaselineRound:
     """Publish ``n`` messages (pipelined acks), then fetch them in batches and ack each."""
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(servers(nats_url))
     try:
         js = nc.jetstream(publish_async_max_pending=_MAX_PENDING)
-        await _fresh_stream(js)
+        await _fresh_stream(js, replicas)
         psub = await js.pull_subscribe_bind(durable="baseline", stream=STREAM)
         prefix = uuid.uuid4().hex
 
@@ -91,12 +97,12 @@ async def throughput_round(nats_url: str, n: int) -> BaselineRound:
         await nc.close()
 
 
-async def round_trips(nats_url: str, n: int, warmup: int = 50) -> list[float]:
+async def round_trips(nats_url: str, n: int, warmup: int = 50, replicas: int = 1) -> list[float]:
     """``n`` sequential round trips: publish and wait for the stream's ack, fetch(1), ack."""
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(servers(nats_url))
     try:
         js = nc.jetstream()
-        await _fresh_stream(js)
+        await _fresh_stream(js, replicas)
         psub = await js.pull_subscribe_bind(durable="baseline", stream=STREAM)
         samples: list[float] = []
         for i in range(warmup + n):
