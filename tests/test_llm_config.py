@@ -143,7 +143,7 @@ CASES = [
     ({"timeout_seconds": "timeout_seconds: [30]"}, "timeout_seconds", "timeout_seconds", "must be a number"),
     ({"retries": "retries: -1"}, "retries", "retries", "must be from 0 to 10, got -1"),
     ({"retries": "retries: yes"}, "retries", "retries", "must be an integer, got boolean True"),
-    ({"model": "model: gpt-4"}, "model", "model", "unknown key 'model'; known keys: default_model_tier"),
+    ({"model": "model: gpt-4"}, "model", "model", "unknown key 'model'; known keys: budget_usd, default_model_tier"),
     ({"temprature": "temprature: 0.1"}, "temprature", "temprature", "did you mean 'temperature'?"),
 ]
 

@@ -22,6 +22,8 @@ class TaskContext:
         worker: Worker identity (``host:pid``).
         meta: Extra, msgpack-encodable metadata stored with the result (for
             example token usage of an LLM call).
+        budget_usd: What the task's model calls may cost in all, from
+            ``apply_async(budget_usd=...)`` (or a goal's remaining budget); None: no limit.
     """
 
     id: str
@@ -31,6 +33,7 @@ class TaskContext:
     headers: dict[str, str]
     worker: str
     meta: dict[str, Any] = field(default_factory=dict)
+    budget_usd: float | None = None
 
 
 _current: ContextVar[TaskContext | None] = ContextVar("heddle_current_task", default=None)

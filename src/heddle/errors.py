@@ -30,7 +30,8 @@ The tree::
         ├── LLMBackendError      the provider failed (HTTP status, connection); names backend, URL, model
         │   └── LLMTimeout       every attempt of a model request ran past its timeout
         ├── LLMInputError        a task's input does not match the worker's input_schema
-        └── LLMOutputError       the output does not match output_schema, even after the repair attempt
+        ├── LLMOutputError       the output does not match output_schema, even after the repair attempt
+        └── BudgetExceeded       the next model call would take a task or goal past its budget_usd
 
 nats-py, valkey, httpx and anthropic exceptions never escape the public API untranslated.
 """
@@ -45,6 +46,7 @@ __all__ = [
     "BackendUnavailable",
     "BrokerError",
     "BrokerUnavailable",
+    "BudgetExceeded",
     "ConfigError",
     "ConfigFileError",
     "DecodeError",
@@ -252,3 +254,17 @@ class LLMInputError(LLMError):
 
 class LLMOutputError(LLMError):
     """Raised when the model's output is not valid for ``output_schema``, even after one repair attempt."""
+
+
+class BudgetExceeded(LLMError):
+    """Raised before a model call that would take a task or goal past its ``budget_usd``.
+
+    Attributes:
+        spent_usd: What the task (or goal) had spent when it stopped.
+        budget_usd: Its budget.
+    """
+
+    def __init__(self, message: str, *, spent_usd: float = 0.0, budget_usd: float = 0.0) -> None:
+        super().__init__(message)
+        self.spent_usd = spent_usd
+        self.budget_usd = budget_usd

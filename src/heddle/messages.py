@@ -48,6 +48,7 @@ class TaskMessage(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
     submitted_at: float = 0.0
     expires: float | None = None  # epoch seconds; not started by then, it never runs
     priority: int | None = None  # 0-9, 9 highest (heddle.bands); None: the default, 5
+    budget_usd: float | None = None  # what its model calls may cost in all (heddle.llm.prices)
 
 
 class ErrorInfo(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):

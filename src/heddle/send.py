@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import difflib
+import math
 import time
 import uuid
 from collections.abc import Sequence
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
     from heddle.connections import Client
 
 APPLY_OPTIONS = frozenset(
-    {"countdown", "eta", "expires", "priority", "task_id", "headers", "tier", "worker_type"}
+    {"countdown", "eta", "expires", "priority", "task_id", "headers", "tier", "worker_type", "budget_usd"}
 )
 
 
@@ -128,6 +129,20 @@ def expires_epoch(expires: datetime | float | None, eta: float | None, now: floa
     return at
 
 
+def check_budget_usd(value: object, where: str) -> float | None:
+    """``value`` as a budget in US dollars (None stays None), or a TypeError that says what to pass."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        raise TypeError(f"budget_usd for {where} must be US dollars > 0 (e.g. 0.25), got {value!r}")
+    return float(value)
+
+
+def usd(amount: float) -> str:
+    """US dollars with the digits small sums need: ``$0.00042``, ``$1.5``, ``$0``."""
+    return f"${amount:.6f}".rstrip("0").rstrip(".") if amount else "$0"
+
+
 def check_priority(priority: object, where: str) -> int | None:
     """``priority`` if it is None or an int 0-9, else a TypeError that says so."""
     if priority is None or (
@@ -156,10 +171,12 @@ def send(
     tier: str | None = None,
     worker_type: str | None = None,
     arg_names: Sequence[str] = (),
+    budget_usd: float | None = None,
 ) -> AsyncResult[Any]:
     """Encode and send one task message; the single path every caller goes through.
 
     ``arg_names`` are the task's positional parameter names, for errors that name them.
+    ``budget_usd`` is what the task's model calls may cost in all (``heddle.llm.prices``).
     """
     if tier is not None and tier not in names.TIERS:
         raise TypeError(f"tier must be one of {', '.join(names.TIERS)}, got {tier!r}")
@@ -183,6 +200,7 @@ def send(
         submitted_at=now,
         expires=expires_epoch(expires, starts, now),
         priority=check_priority(priority, f"task {name!r}"),
+        budget_usd=check_budget_usd(budget_usd, f"task {name!r}"),
     )
     payload = encoder.encode(msg)
     check_message_size(app.settings, f"task {name!r}", payload)

@@ -283,6 +283,7 @@ class Task(Generic[P, R]):
         tier: str | None = None,
         expires: datetime | float | None = None,
         priority: int | None = None,
+        budget_usd: float | None = None,
     ) -> AsyncResult[R]:
         """Send the task to a worker.
 
@@ -301,6 +302,9 @@ class Task(Generic[P, R]):
             priority: 0 (lowest) to 9 (highest), default the task's option, else 5.
                 Priorities 7-9 start before queued default ones, 0-3 after them
                 (:mod:`heddle.bands`).
+            budget_usd: What the task's model calls (``heddle.llm.complete``) may cost in
+                all, in US dollars; the call that would pass it is not made and the task
+                fails with :class:`~heddle.errors.BudgetExceeded`.
 
         Returns:
             An :class:`AsyncResult`. From sync code the message is stored by
@@ -345,6 +349,7 @@ class Task(Generic[P, R]):
             expires=expires if expires is not None else self.options.expires,
             priority=priority if priority is not None else self.options.priority,
             arg_names=self._positional,
+            budget_usd=budget_usd,
         )
 
     async def aapply_async(self, *a: Any, **kw: Any) -> AsyncResult[R]:

@@ -487,6 +487,7 @@ class Worker(Actor):
             retries=job.retries,
             headers=tm.headers,
             worker=self.name,
+            budget_usd=tm.budget_usd,
         )
         if job.lease is not None:  # which concurrency slots it ran in, for inspect and the Workshop
             ctx.meta["concurrency"] = f"{job.lease.label} (limit {job.lease.limit})"

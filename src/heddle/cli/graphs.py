@@ -24,6 +24,7 @@ from heddle.graphs.model import DISPATCHED, NodeState
 from heddle.messages import STARTED, SUCCESS
 from heddle.orchestrator import DEFAULT_MAX_CONCURRENT_GOALS, Orchestrator
 from heddle.redact import redact
+from heddle.send import usd
 from heddle.settings import max_concurrent_goals_from_env
 
 if TYPE_CHECKING:
@@ -43,6 +44,16 @@ def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
     return int(text)
+
+
+def _positive_usd(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be US dollars > 0, e.g. 0.50; got {text!r}")
+    return value
 
 
 def add_orchestrator_args(p: argparse.ArgumentParser) -> None:
@@ -94,6 +105,8 @@ def add_graph_commands(sub: Any) -> None:
                    help="module[:attribute] of the app whose workers run the `task:` stages")
     s.add_argument("--timeout", type=float, default=None, help="seconds to wait for the result (default: no limit)")
     s.add_argument("--task-id", default=None, help="the goal id (a repeat within the dedup window is dropped)")
+    s.add_argument("--budget-usd", type=_positive_usd, default=None,
+                   help="most the goal's model calls may cost in all, in US dollars (below the file's budget_usd)")
     s.add_argument("--json", action="store_true", help="print the outcome and timeline as JSON on stdout")
     s.add_argument("--quiet", action="store_true", help="no live progress")
 
@@ -172,6 +185,9 @@ def _run_submit(args: argparse.Namespace) -> int:
     else:
         out = Console(soft_wrap=True)
         out.print(_timeline_table(outcome["timeline"], title=f"{pipeline.name} {outcome['goal_id']}"))
+        if outcome["cost_usd"] is not None:
+            budget = f" of budget_usd {usd(outcome['budget_usd'])}" if outcome["budget_usd"] is not None else ""
+            out.print(f"cost {usd(outcome['cost_usd'])}{budget}")
         if outcome["state"] == SUCCESS:
             out.print_json(json.dumps(outcome["output"], default=str))
         else:
@@ -187,7 +203,7 @@ async def _submit(app: Heddle, pipeline: Pipeline, context: dict[str, Any], args
         from heddle.status import list_workers
 
         node = pipeline.resolved_by_workers([row.info for row in await list_workers(app)])
-    result = pipeline.submit(app, node, context, args.task_id)
+    result = pipeline.submit(app, node, context, args.task_id, budget_usd=getattr(args, "budget_usd", None))
     await result.sent()
     if not args.quiet:
         err_console.print(f"submitted goal [cyan]{result.id}[/] ({pipeline.name}, {len(pipeline.node.stages)} stages)")
@@ -210,6 +226,8 @@ async def _submit(app: Heddle, pipeline: Pipeline, context: dict[str, Any], args
         "ended": record.finished_at,
         "wall_s": round(record.finished_at - record.started_at, 6),
         "timeline": record.meta.get("timeline", []),
+        "cost_usd": record.meta.get("cost_usd"),
+        "budget_usd": record.meta.get("budget_usd"),
     }
 
 
@@ -271,12 +289,14 @@ def _clock(t: float | None) -> str:
 
 def _timeline_table(rows: list[dict[str, Any]], title: str) -> Table:
     table = Table(title=f"timeline {title}", title_justify="left")
-    for col in ("stage", "state", "started", "ended", "wall", "tier", "worker"):
+    costs = any(r.get("cost_usd") is not None for r in rows)
+    for col in ("stage", "state", "started", "ended", "wall", "tier", "worker", *(("cost",) if costs else ())):
         table.add_column(col)
     for r in rows:
         wall = f"{r['wall_s']:.3f}s" if r.get("wall_s") is not None else "-"
         state = r["state"] + (f" ({r['reason']})" if r.get("reason") else "")
+        cost = (usd(r["cost_usd"]) if r.get("cost_usd") is not None else "-",) if costs else ()
         table.add_row(r["name"], state, _clock(r.get("started")), _clock(r.get("ended")), wall,
-                      r.get("tier") or "-", r.get("worker") or "-")
+                      r.get("tier") or "-", r.get("worker") or "-", *cost)
     return table
 

@@ -50,7 +50,7 @@ from heddle.graphs.model import (
 )
 from heddle.messages import encoder
 from heddle.results import AsyncResult
-from heddle.send import check_message_size, encode_args, new_task_id, send_by_name, submit
+from heddle.send import check_budget_usd, check_message_size, encode_args, new_task_id, send_by_name, submit
 
 if TYPE_CHECKING:
     from heddle.connections import Client
@@ -461,8 +461,12 @@ def submit_goal(
     context: dict[str, Any] | None = None,
     name: str = "",
     goal_id: str | None = None,
+    budget_usd: float | None = None,
 ) -> GraphResult:
     """Publish a goal to ``heddle.goals.incoming``; every graph is sent through here.
+
+    ``budget_usd`` is what the goal's model calls may cost in all: the orchestrator
+    sends no task once it is spent, and gives each task what is left as its budget.
 
     A lone task node is wrapped in a one-step chain, so the goal's own result
     (stored under the goal id) and the task's are never the same record.
@@ -486,6 +490,7 @@ def submit_goal(
         context=dict(context or {}),
         name=label,
         submitted_at=time.time(),
+        budget_usd=check_budget_usd(budget_usd, f"graph {label or gid!r}"),
     )
     payload = encoder.encode(msg)
     check_message_size(app.settings, f"graph {label or gid!r}", payload)

@@ -143,6 +143,7 @@ class PipelineNode(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True
     stages: list[StageSpec]
     output_mapping: dict[str, Any] | None = None
     on_error: TaskNode | None = None
+    budget_usd: float | None = None  # most the goal's model calls may cost in all
 
 
 Node = TaskNode | ChainNode | GroupNode | ChordNode | MapNode | PipelineNode
@@ -159,6 +160,7 @@ class GoalMessage(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
         context: Pipeline input, read by ``goal.context.*`` paths.
         name: A label for displays (pipeline name).
         submitted_at: Epoch seconds.
+        budget_usd: Most the goal's model calls may cost in all (US dollars), or None.
     """
 
     v: int = WIRE_VERSION
@@ -169,6 +171,7 @@ class GoalMessage(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
     context: dict[str, Any] = {}
     name: str = ""
     submitted_at: float = 0.0
+    budget_usd: float | None = None
 
 
 class NodeState(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -188,6 +191,7 @@ class NodeState(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
         error: Why it failed.
         reason: Why it was skipped or revoked.
         composite: True for chain, group, chord and map nodes.
+        cost_usd: What its model calls cost (every attempt's), from its result metadata.
     """
 
     path: str
@@ -203,6 +207,7 @@ class NodeState(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     error: ErrorInfo | None = None
     reason: str = ""
     composite: bool = False  # a chain/group/chord/map node: its value is made by the orchestrator
+    cost_usd: float | None = None
 
 
 class GoalState(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):

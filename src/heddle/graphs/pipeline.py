@@ -18,6 +18,7 @@ A pipeline file::
         retries: 2
     output_mapping:
       verified: verify.output
+    budget_usd: 0.50                    # most the goal's model calls may cost in all
 
 Dependencies are inferred from the paths a stage reads (``input_mapping`` and
 ``condition``), plus ``depends_on``; stages with no path between them run in
@@ -71,7 +72,7 @@ __all__ = [
     "validate_pipeline_file",
 ]
 
-_TOP_KEYS = ("name", "description", "stages", "output_mapping")
+_TOP_KEYS = ("name", "description", "stages", "output_mapping", "budget_usd")
 _STAGE_KEYS = (
     "name",
     "worker_type",
@@ -402,6 +403,11 @@ class _Checker:
         for key in data:
             if key not in _TOP_KEYS:
                 self.err((key,), unknown_key_message(key, _TOP_KEYS))
+        budget = data.get("budget_usd")
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int | float)
+                                   or not 0 < budget < float("inf")):
+            self.err(("budget_usd",), f"budget_usd must be US dollars > 0 (e.g. 0.50), got {_show(budget)}")
+            budget = None
         parsed = [self.stage(i, raw) for i, raw in enumerate(raw_stages)]
         first: dict[str, int] = {}
         for i, (spec, _) in enumerate(parsed):
@@ -426,6 +432,7 @@ class _Checker:
             name=name,
             stages=[s for s, _ in parsed if s is not None],
             output_mapping={str(k): v for k, v in output.items()} if output is not None else None,
+            budget_usd=float(budget) if budget is not None else None,
         )
 
 
@@ -495,7 +502,8 @@ class Pipeline:
                 wt = s.task if s.task not in app.tasks and "." not in s.task else app.worker_type
                 s = StageSpec(**{**_fields(s), "task_worker_type": wt})
             stages.append(s)
-        return PipelineNode(name=self.node.name, stages=stages, output_mapping=self.node.output_mapping)
+        return PipelineNode(name=self.node.name, stages=stages, output_mapping=self.node.output_mapping,
+                            budget_usd=self.node.budget_usd)
 
     def resolved_by_workers(self, workers: Sequence[Any]) -> PipelineNode:
         """The node with each ``task`` stage bound to a live worker's type; every unrunnable stage named.
@@ -533,12 +541,17 @@ class Pipeline:
             stages.append(s)
         if problems:
             raise ConfigError("cannot run yet: " + "; ".join(problems))
-        return PipelineNode(name=self.node.name, stages=stages, output_mapping=self.node.output_mapping)
+        return PipelineNode(name=self.node.name, stages=stages, output_mapping=self.node.output_mapping,
+                            budget_usd=self.node.budget_usd)
 
     def apply_async(
-        self, context: dict[str, Any] | None = None, *, app: Client, task_id: str | None = None
+        self, context: dict[str, Any] | None = None, *, app: Client, task_id: str | None = None,
+        budget_usd: float | None = None,
     ) -> GraphResult:
         """Submit the pipeline with ``context`` (read by ``goal.context.*`` paths).
+
+        ``budget_usd`` caps what the goal's model calls may cost in all, below the
+        pipeline file's own ``budget_usd`` if it has one (the lower one holds).
 
         Returns:
             A :class:`~heddle.graphs.canvas.GraphResult`; ``get()`` gives the output
@@ -550,15 +563,17 @@ class Pipeline:
             raise TypeError(
                 f"a pipeline's input must be a mapping (read as goal.context), got {type(context).__name__}"
             )
-        return self.submit(app, self.resolved(app), context, task_id)
+        return self.submit(app, self.resolved(app), context, task_id, budget_usd=budget_usd)
 
     def submit(
-        self, app: Client, node: PipelineNode, context: dict[str, Any] | None = None, task_id: str | None = None
+        self, app: Client, node: PipelineNode, context: dict[str, Any] | None = None, task_id: str | None = None,
+        *, budget_usd: float | None = None,
     ) -> GraphResult:
         """Submit ``node`` (this pipeline, resolved by :meth:`resolved` or :meth:`resolved_by_workers`)."""
         from heddle.graphs.canvas import submit_goal
 
-        return submit_goal(app, node, context=context or {}, name=self.node.name, goal_id=task_id)
+        return submit_goal(app, node, context=context or {}, name=self.node.name, goal_id=task_id,
+                           budget_usd=budget_usd)
 
     def delay(self, context: dict[str, Any] | None = None, *, app: Client) -> GraphResult:
         """Shortcut for :meth:`apply_async`."""

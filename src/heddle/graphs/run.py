@@ -14,6 +14,12 @@ dropped by JetStream's dedup window, or acked unrun by a worker that finds its
 result stored); dispatched → wait for its result, do not send again; ended →
 read its stored result at once. No node whose result is stored runs again.
 
+A goal with a ``budget_usd`` (its own, or its pipeline's; the lower holds)
+sends no task once its nodes' costs (each result's ``cost_usd``, kept in the
+checkpoint) have used it up, and gives each task it sends what is left as the
+task's own budget, so the task stops before the model call that would pass it.
+Stages running in parallel each get what was left when they were sent.
+
 A failing node fails its parent unless the node has an error callback; the
 first failure in a group cancels the wait on its siblings and revokes those
 still dispatched, so a failed graph does not leave work running for nobody.
@@ -58,11 +64,15 @@ from heddle.graphs.pipeline import PipelineError, StagePlan, build_plan
 from heddle.graphs.store import GoalStore
 from heddle.messages import FAILURE, REVOKED, SUCCESS, ErrorInfo, ResultRecord, encoder
 from heddle.results import AsyncResult
+from heddle.send import usd
 
 if TYPE_CHECKING:
     from heddle.connections import Client, Connections
 
 log = logging.getLogger("heddle.orchestrator")
+
+# The error type of a task or goal stopped by its budget, as result records name it.
+BUDGET_ERROR = "heddle.errors.BudgetExceeded"
 
 
 class NodeFailure(Exception):
@@ -84,6 +94,14 @@ class NodeFailure(Exception):
 
     def describe(self) -> str:
         return f"{self.where()} failed: {self.error.type}: {self.error.message}"
+
+
+def _cost(st: NodeState, record: ResultRecord | None) -> float | None:
+    """A node's cost: its earlier attempts' plus what this attempt's result says it cost."""
+    cost = record.meta.get("cost_usd") if record is not None else None
+    if not isinstance(cost, int | float) or isinstance(cost, bool):
+        return st.cost_usd
+    return (st.cost_usd or 0.0) + float(cost)
 
 
 def _graph_error(message: str) -> ErrorInfo:
@@ -112,6 +130,8 @@ class GoalRun:
         self.nodes: dict[str, NodeState] = {}
         self.runs = 1
         self.started_at = time.time()
+        budgets = [b for b in (goal.budget_usd, getattr(goal.graph, "budget_usd", None)) if b is not None]
+        self.budget_usd: float | None = min(budgets) if budgets else None
 
     # -- the goal ----------------------------------------------------------------------
 
@@ -141,10 +161,16 @@ class GoalRun:
         except NodeFailure as f:
             value = None
             state = FAILURE
-            error = ErrorInfo(type=f.error.type, message=f"{f.where()} failed: {f.error.message}",
-                              traceback=f.error.traceback)
+            message = f"{f.where()} failed: {f.error.message}"
+            if self.budget_usd is not None and f.error.type == BUDGET_ERROR and "the goal's" not in message:
+                message += f" (the goal has spent {usd(self.spent_usd())} of its budget_usd {usd(self.budget_usd)})"
+            error = ErrorInfo(type=f.error.type, message=message, traceback=f.error.traceback)
             meta["failed_node"] = f.path
             meta["failed_name"] = f.name
+        if self.budget_usd is not None:
+            meta["budget_usd"] = self.budget_usd
+        if self.budget_usd is not None or any(n.cost_usd is not None for n in self.nodes.values()):
+            meta["cost_usd"] = self.spent_usd()
         meta["timeline"] = self.timeline()
         return ResultRecord(
             id=goal.id,
@@ -170,8 +196,12 @@ class GoalRun:
             runs=self.runs,
         )
 
+    def spent_usd(self) -> float:
+        """What the goal's task nodes have cost so far (every attempt's), from the checkpoint."""
+        return sum(n.cost_usd or 0.0 for n in self.nodes.values() if not n.composite)
+
     def timeline(self) -> list[dict[str, Any]]:
-        """Per task node / stage: path, name, state, started, ended, wall_s, tier, worker, attempt."""
+        """Per task node / stage: path, name, state, started, ended, wall_s, tier, worker, attempt, cost_usd."""
         rows = []
         for n in self.nodes.values():
             if n.composite:
@@ -188,6 +218,7 @@ class GoalRun:
                 "worker": n.worker,
                 "attempt": n.attempt,
                 **({"reason": n.reason} if n.reason else {}),
+                **({"cost_usd": n.cost_usd} if n.cost_usd is not None else {}),
             })
         rows.sort(key=lambda r: (r["started"] or r["ended"] or float("inf"), r["path"]))
         return rows
@@ -387,15 +418,17 @@ class GoalRun:
                 error = st.error or _graph_error("failed")
             else:
                 if not known:
+                    budget = self._budget_left(path, name, tid, stage)
                     try:
                         handle = send(self.app, task, args, kwargs, task_id=tid, tier=tier,
-                                      worker_type=worker_type, headers=headers, countdown=countdown)
+                                      worker_type=worker_type, headers=headers, countdown=countdown,
+                                      budget_usd=budget)
                     except (TypeError, ValueError, EncodeError, ConfigError) as exc:
                         raise NodeFailure(path, name, ErrorInfo(type=f"heddle.{type(exc).__name__}",
                                                                 message=str(exc)), tid, stage) from None
                     await handle.sent()
                     st = NodeState(path=path, name=name, state=DISPATCHED, task_id=tid, attempt=attempt,
-                                   sent_at=time.time())
+                                   sent_at=time.time(), cost_usd=st.cost_usd if st is not None else None)
                     await self.mark(st)
                 else:
                     handle = AsyncResult(tid, self.app, task)
@@ -405,7 +438,7 @@ class GoalRun:
                     if st.state != SUCCEEDED:
                         st = msgspec.structs.replace(
                             st, state=SUCCEEDED, started_at=record.started_at, ended_at=record.finished_at,
-                            worker=record.worker, tier=record.tier,
+                            worker=record.worker, tier=record.tier, cost_usd=_cost(st, record),
                         )
                         await self.mark(st)
                     return record.result
@@ -422,6 +455,7 @@ class GoalRun:
                     started_at=record.started_at if record else st.sent_at,
                     ended_at=record.finished_at if record else time.time(),
                     worker=record.worker if record else "", tier=record.tier if record else "",
+                    cost_usd=_cost(st, record),
                 )
                 await self.mark(st)
             if attempt < retries:
@@ -430,6 +464,20 @@ class GoalRun:
                          attempt + 1, retries + 1)
                 continue
             raise NodeFailure(path, name, error, tid, stage)
+
+    def _budget_left(self, path: str, name: str, tid: str, stage: bool) -> float | None:
+        """What the goal's budget leaves for the next task; a NodeFailure when nothing is left."""
+        if self.budget_usd is None:
+            return None
+        spent = self.spent_usd()
+        if spent >= self.budget_usd:
+            what = f"stage {name!r}" if stage else f"task {name!r}"
+            raise NodeFailure(path, name, ErrorInfo(
+                type=BUDGET_ERROR,
+                message=f"budget exceeded: the goal's model calls have spent {usd(spent)} of its budget_usd "
+                        f"{usd(self.budget_usd)}; {what} was not sent",
+            ), tid, stage)
+        return self.budget_usd - spent
 
     async def _wait(self, handle: AsyncResult[Any], timeout_s: float | None) -> ResultRecord | None:
         """The node's final record, or None if ``timeout_s`` ran out.

@@ -21,19 +21,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from heddle.context import task_context
-from heddle.errors import ConfigError, LLMConfigError, LLMInputError, LLMOutputError
+from heddle.errors import BudgetExceeded, ConfigError, LLMConfigError, LLMInputError, LLMOutputError
 from heddle.llm.backends import Backend, backend_for_tier
 from heddle.llm.backends.base import ChatReply, ChatRequest
-from heddle.llm.config import Price, load_prices
 from heddle.llm.extract import NoJSONFound, extract_json
 from heddle.llm.models import ModelSchema
+from heddle.llm.prices import Budget, price_for, task_budget
 from heddle.llm.schema import Schema, SchemaViolation, check_schema
 from heddle.metrics import record_llm_tokens
 from heddle.names import TIERS
@@ -102,21 +101,6 @@ class Completion:
 def estimate_tokens(*texts: str) -> int:
     """Rough token count of some text (4 characters a token), for the input-size guard."""
     return sum(-(-len(t) // CHARS_PER_TOKEN) for t in texts)
-
-
-_prices: dict[str, dict[str, Price]] = {}
-_prices_lock = threading.Lock()
-
-
-def price_for(model: str, settings: LLMSettings) -> Price | None:
-    """The price of ``model`` from the ``HEDDLE_PRICES`` table (loaded once per path)."""
-    if not settings.prices_path:
-        return None
-    with _prices_lock:
-        table = _prices.get(settings.prices_path)
-        if table is None:
-            table = _prices[settings.prices_path] = load_prices(settings.prices_path)
-    return table.get(model)
 
 
 def _messages(messages: str | Sequence[Mapping[str, str]], system: str) -> tuple[str, list[dict[str, str]]]:
@@ -232,6 +216,7 @@ async def complete(
     escalation: Sequence[str] = (),
     structured_output: str = "auto",
     schema_name: str = "output",
+    budget_usd: float | None = None,
 ) -> Completion:
     """Call the model of ``tier`` and return its reply, parsed and validated when ``schema`` is given.
 
@@ -256,6 +241,9 @@ async def complete(
             structured-output field where the provider and model take one;
             ``prompt``: only in the system prompt.
         schema_name: The schema's name where a provider asks for one (OpenAI-compatible).
+        budget_usd: What this call may cost in all, repair and escalation included (inside
+            a task, the lower of it and the task's budget, counting what the task spent
+            before); see :mod:`heddle.llm.prices`.
 
     Returns:
         A :class:`Completion` with the text, the parsed ``data`` and usage.
@@ -266,6 +254,7 @@ async def complete(
         LLMInputError: The input is longer than ``max_input_tokens``.
         LLMOutputError: The reply does not match ``schema``, even after one repair call
             (on every tier of the escalation).
+        BudgetExceeded: The next provider call would pass the budget; it was not made.
 
     Example:
         >>> c = await heddle.llm.complete("Is 7 prime?", tier="local",
@@ -301,6 +290,7 @@ async def complete(
         schema_name=schema_name,
         native_schema=structured_output == "auto",
     )
+    budget = task_budget(budget_usd)
     chain = escalation_chain(tier, escalation) if validator is not None else [tier]
     record = len(chain) > 1
     tried: list[dict[str, Any]] = []
@@ -320,7 +310,7 @@ async def complete(
             log.warning("the output of tier %s is still invalid after its repair; escalating to tier %s",
                         completion.tier, t)
         try:
-            completion, failure = await _on_tier(backend, t, request, validator, s)
+            completion, failure = await _on_tier(backend, t, request, validator, s, budget)
         except Exception as exc:
             if record:
                 spent: Completion | None = getattr(exc, "heddle_spent", None)  # a repair call failed
@@ -328,7 +318,8 @@ async def complete(
                          "output_tokens": 0, "llm_calls": 0, "cost_usd": None}
                 if spent is not None:
                     entry.update(_tier_entry(spent))
-                entry.update(outcome="error", error=str(exc)[:500])
+                entry.update(outcome="over_budget" if isinstance(exc, BudgetExceeded) else "error",
+                             error=str(exc)[:500])
                 tried.append(entry)
                 _record_tier(entry)
             raise
@@ -362,12 +353,28 @@ def _tier_entry(c: Completion) -> dict[str, Any]:
             "output_tokens": c.output_tokens, "llm_calls": c.calls, "cost_usd": c.cost_usd}
 
 
+def _prompt_tokens(request: ChatRequest) -> int:
+    return estimate_tokens(request.system, *(m["content"] for m in request.messages))
+
+
+async def _chat(backend: Backend, tier: str, request: ChatRequest, s: LLMSettings, budget: Budget | None,
+                step: str) -> ChatReply:
+    """One provider call, refused beforehand when it would pass the budget, counted against it after."""
+    if budget is not None:
+        budget.before_call(backend.name, backend.model, tier, _prompt_tokens(request), s, step)
+    reply = await backend.chat(request)
+    if budget is not None:
+        budget.spend(reply.model or backend.model, backend.name, reply.input_tokens, reply.output_tokens, s)
+    return reply
+
+
 async def _on_tier(
-    backend: Backend, tier: str, request: ChatRequest, validator: Schema | None, s: LLMSettings
+    backend: Backend, tier: str, request: ChatRequest, validator: Schema | None, s: LLMSettings,
+    budget: Budget | None = None,
 ) -> tuple[Completion, str | None]:
     """One tier's call and, if its reply is invalid, its one repair call; (usage, what is still wrong)."""
     started = time.monotonic()
-    replies = [await backend.chat(request)]
+    replies = [await _chat(backend, tier, request, s, budget, "call")]
     data: Any = None
     failure: str | None = None
 
@@ -375,7 +382,7 @@ async def _on_tier(
         last = replies[-1]
         input_tokens = sum(r.input_tokens for r in replies)
         output_tokens = sum(r.output_tokens for r in replies)
-        price = price_for(last.model, s) or price_for(backend.model, s)
+        price = price_for(last.model, s, backend.name) or price_for(backend.model, s, backend.name)
         return Completion(
             text=last.text,
             data=data,
@@ -406,7 +413,7 @@ async def _on_tier(
                 ],
             )
             try:
-                replies.append(await backend.chat(repair))
+                replies.append(await _chat(backend, tier, repair, s, budget, "repair call"))
             except Exception as exc:
                 spent = summary()
                 _add_to_task_meta(spent)  # the first call was spent (and billed) all the same

@@ -17,6 +17,7 @@ A worker config::
     retries: 2                           # per model request, on 429 / 5xx / connection errors / timeouts
     escalation: [standard, frontier]     # output still invalid after its repair -> the next tier
     structured_output: auto              # auto: the schema in the provider's own field where it can; prompt
+    budget_usd: 0.05                     # most a task's model calls may cost, in US dollars
 
 Unknown keys and wrong types are errors; all of them are reported at once,
 each with its file and line.
@@ -78,6 +79,8 @@ class WorkerConfig:
             take one) or ``prompt`` (only in the prompt).
         input_model: ``module:Name`` of the Pydantic model given as ``input_schema``, or "".
         output_model: ``module:Name`` of the Pydantic model given as ``output_schema``, or "".
+        budget_usd: Most one task's model calls may cost in all (repair and escalation
+            included), in US dollars; None: no limit (see ``heddle.llm.prices``).
         source: The file it was loaded from.
     """
 
@@ -96,6 +99,7 @@ class WorkerConfig:
     structured_output: str = "auto"
     input_model: str = ""
     output_model: str = ""
+    budget_usd: float | None = None
     source: str = field(default="", compare=False)
 
     def __repr__(self) -> str:
@@ -234,6 +238,7 @@ WORKER_KEYS: dict[str, tuple[bool, Callable[[Any], str | None]]] = {
     "retries": (False, _int(0, MAX_RETRIES)),
     "escalation": (False, _escalation),
     "structured_output": (False, _structured_output),
+    "budget_usd": (False, _number(0.0, 1e6, lo_open=True)),
 }
 # Keys only a worker config has: how `heddle validate` tells one from other config files.
 _SIGNATURE_KEYS = frozenset({"system_prompt", "input_schema", "output_schema", "default_model_tier"})
@@ -277,7 +282,7 @@ def check_worker_config(data: Any, file: str) -> tuple[WorkerConfig | None, list
             values[key] = import_model(values[key]).model_json_schema()
     if "escalation" in values:
         values["escalation"] = tuple(values["escalation"])
-    for key in ("temperature", "timeout_seconds"):
+    for key in ("temperature", "timeout_seconds", "budget_usd"):
         if key in values:
             values[key] = float(values[key])
     return WorkerConfig(**values, source=file), []

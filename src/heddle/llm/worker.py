@@ -99,6 +99,7 @@ class _Runner:
                 escalation=c.escalation,
                 structured_output=c.structured_output,
                 schema_name=c.name,
+                budget_usd=c.budget_usd,
             )
         except Exception as exc:
             await self._announce(ctx.id if ctx else "", tier, None, started, str(exc))
