@@ -32,6 +32,7 @@ from heddle.errors import ConfigError, HeddleError
 from heddle.graphs.model import DISPATCHED, NODE_FINAL_STATES, SUCCEEDED, PipelineNode, StageSpec
 from heddle.graphs.pipeline import Pipeline, PipelineError, Plan, build_plan, load_pipeline, looks_like_pipeline
 from heddle.messages import READY_STATES
+from heddle.send import usd
 from heddle.workshop.web import Pages
 
 if TYPE_CHECKING:
@@ -258,7 +259,7 @@ async def run_view(
         st = states.get(s.name)
         row: dict[str, Any] = {"name": s.name, "kind": _kind(s), "status": "waiting", "started": 0.0,
                                "ended": 0.0, "wall": "", "tier": "", "worker": "", "output": None,
-                               "error": "", "reason": "", "attempt": 0}
+                               "error": "", "reason": "", "attempt": 0, "cost": ""}
         if st is not None:
             task_state, record = records.get(st.task_id, ("PENDING", None))
             status = st.state
@@ -268,7 +269,7 @@ async def run_view(
             ended = st.ended_at
             row.update(
                 status=status, started=started, ended=ended, tier=st.tier, worker=st.worker,
-                attempt=st.attempt, reason=st.reason,
+                attempt=st.attempt, reason=st.reason, cost=usd(st.cost_usd) if st.cost_usd is not None else "",
                 wall=_seconds(started, ended) if ended else (_seconds(started, now) if status == "running" else ""),
                 error=f"{st.error.type}: {st.error.message}" if st.error is not None else "",
             )
@@ -284,6 +285,8 @@ async def run_view(
     gs = cp.goal
     begin = (gs.started_at if gs is not None else 0.0) or (goal_record.started_at if goal_record else 0.0)
     end = goal_record.finished_at if final and goal_record is not None else 0.0
+    costs = [st.cost_usd for st in states.values() if st.cost_usd is not None and not st.composite]
+    budget = [b for b in (message.budget_usd if message is not None else None, node.budget_usd) if b is not None]
     return {
         "goal_id": goal_id,
         "pipeline": name,
@@ -300,6 +303,8 @@ async def run_view(
         "wall": _seconds(begin, end or now) if begin else "",
         "runs": gs.runs if gs is not None else 0,
         "done": sum(r["status"] in NODE_FINAL_STATES for r in rows),
+        "cost": usd(sum(costs)) if costs else "",
+        "budget": usd(min(budget)) if budget else "",
     }
 
 

@@ -46,6 +46,7 @@ from heddle.errors import DecodeError, HeddleError
 from heddle.messages import READY_STATES, task_decoder
 from heddle.messages import decode as bounded_decode
 from heddle.redact import redact
+from heddle.send import usd
 
 if TYPE_CHECKING:
     from heddle.connections import Connections
@@ -94,6 +95,7 @@ _env = jinja2.Environment(
 _env.filters["when"] = _when
 _env.filters["pretty"] = _pretty
 _env.filters["clip"] = lambda text, limit: _clip(str(text), int(limit))
+_env.filters["usd"] = lambda amount: "-" if amount is None else usd(float(amount))
 
 
 class Sessions:
