@@ -226,6 +226,18 @@ def goal_key(goal_id: str) -> str:
     return f"{GOAL_KEY_PREFIX}{goal_id}"
 
 
+# Memoized pipeline stages (heddle.llm.cache): heddle:llm-cache:{sha256 of config, model, input}.
+LLM_CACHE_KEY_PREFIX = "heddle:llm-cache:"
+# A task header that asks an LLM worker to answer from that cache, and fill it; its value
+# is the entry's time to live in seconds. Pipeline stages with ``cache: true`` send it.
+HDR_CACHE = "heddle-cache"
+
+
+def llm_cache_key(digest: str) -> str:
+    """Valkey key of one cached LLM output."""
+    return f"{LLM_CACHE_KEY_PREFIX}{digest}"
+
+
 def goal_event_subject(goal_id: str) -> str:
     """Core NATS subject a goal's node transitions are announced on (live progress)."""
     return f"{GOAL_EVENTS_PREFIX}{goal_id}"

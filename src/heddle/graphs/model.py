@@ -122,6 +122,8 @@ class StageSpec(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
         condition: Expression over paths; the stage is skipped when it is false.
         timeout_s: How long the orchestrator waits for one attempt.
         retries: Attempts after the first, each under a new task id.
+        cache_ttl_s: With ``cache: true``, how long the worker keeps the stage's output for
+            the same input, config and model (``heddle.llm.cache``); None: not cached.
     """
 
     name: str
@@ -134,6 +136,7 @@ class StageSpec(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     condition: str | None = None
     timeout_s: float | None = None
     retries: int = 0
+    cache_ttl_s: int | None = None
 
 
 class PipelineNode(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag="pipeline"):

@@ -16,6 +16,10 @@ A pipeline file::
         condition: "len(extract.output.claims) > 0"
         timeout_seconds: 60
         retries: 2
+      - name: summary
+        worker_type: summarizer
+        input_mapping: {text: goal.context.text}
+        cache: true                     # the same input, config and model: answered from Valkey, no call
     output_mapping:
       verified: verify.output
     budget_usd: 0.50                    # most the goal's model calls may cost in all
@@ -84,7 +88,11 @@ _STAGE_KEYS = (
     "timeout_seconds",
     "retries",
     "description",
+    "cache",
 )
+#: How long a ``cache: true`` stage's output is kept (one day); ``cache: {ttl_seconds: N}`` says otherwise.
+DEFAULT_CACHE_TTL_S = 86_400
+MAX_CACHE_TTL_S = 365 * 86_400
 MAX_STAGE_RETRIES = 20
 _NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 
@@ -265,6 +273,19 @@ def _struct_problems(node: PipelineNode) -> list[_Problem]:
 # -- YAML --------------------------------------------------------------------------------
 
 
+def _cache_ttl(value: Any) -> int | None:
+    """A stage's ``cache`` as a TTL in seconds (0: not cached), or None if it is not valid."""
+    if value is True:
+        return DEFAULT_CACHE_TTL_S
+    if value is False:
+        return 0
+    if isinstance(value, dict) and set(value) == {"ttl_seconds"}:
+        ttl = value["ttl_seconds"]
+        if isinstance(ttl, int) and not isinstance(ttl, bool) and 1 <= ttl <= MAX_CACHE_TTL_S:
+            return ttl
+    return None
+
+
 def _is_str(value: Any) -> TypeGuard[str]:
     return isinstance(value, str) and bool(value)
 
@@ -362,6 +383,18 @@ class _Checker:
                     ok = False
                 else:
                     fields["retries"] = value
+            elif key == "cache":
+                ttl = _cache_ttl(value)
+                if ttl is None:
+                    self.err(where, f"{label} cache must be true, false or {{ttl_seconds: N}} (1 to "
+                                    f"{MAX_CACHE_TTL_S}), got {_show(value)}")
+                    ok = False
+                elif "task" in raw:
+                    self.err(where, f"{label} cache applies to worker_type stages (YAML LLM workers, whose "
+                                    f"answers depend only on their config, model and input); remove it here")
+                    ok = False
+                elif ttl:
+                    fields["cache_ttl_s"] = ttl
             else:
                 self.err(where, f"{label}: {unknown_key_message(key, _STAGE_KEYS)}")
                 ok = False

@@ -553,6 +553,7 @@ class GoalRun:
         scope[name] = await self._task(
             path, name, task, args, kwargs, worker_type=wt, tier=spec.tier,
             timeout_s=spec.timeout_s, retries=spec.retries, stage=True,
+            headers={names.HDR_CACHE: str(spec.cache_ttl_s)} if spec.cache_ttl_s else None,
         )
 
     async def _skip(self, path: str, name: str, reason: str) -> None:

@@ -35,6 +35,7 @@ from heddle.context import task_context
 from heddle.errors import LLMConfigError, LLMInputError
 from heddle.events import LLMCallEvent
 from heddle.llm.backends import backend_for_tier, check_tier
+from heddle.llm.cache import Memo, StageCache, cache_digest, cache_ttl_s
 from heddle.llm.complete import Completion, complete, escalation_chain
 from heddle.llm.config import WorkerConfig, load_worker_config
 from heddle.llm.schema import Schema, describe_value
@@ -69,6 +70,7 @@ class _Runner:
         self.inputs: Schema = config.input_validator()
         self.outputs: Schema = config.output_validator()
         self.subject = names.llm_event_subject(config.name)
+        self.cache: StageCache | None = None
 
     async def run(self, payload: Any, fields: dict[str, Any]) -> Any:
         ctx = task_context()
@@ -85,6 +87,9 @@ class _Runner:
             if errors:
                 raise _invalid_input(self.config.name, "; ".join(map(str, errors)))
             c = self.config
+            memo = await self._memo(tier, payload)
+            if memo is not None and memo.hit is not None:
+                return memo.hit.output  # a memoized stage: no provider call (heddle.llm.cache)
             completion = await complete(
                 json.dumps(payload, ensure_ascii=False),
                 tier=tier,
@@ -105,7 +110,21 @@ class _Runner:
             await self._announce(ctx.id if ctx else "", tier, None, started, str(exc))
             raise
         await self._announce(ctx.id if ctx else "", tier, completion, started, "")
+        if memo is not None:
+            await memo.store(completion.data, completion.model)
         return completion.data
+
+    async def _memo(self, tier: str, payload: Any) -> Memo | None:
+        """The cache lookup of a task sent with the ``heddle-cache`` header (a ``cache: true`` stage)."""
+        ctx = task_context()
+        ttl = cache_ttl_s(ctx.headers) if ctx is not None else None
+        if ctx is None or ttl is None:
+            return None
+        backend = backend_for_tier(tier, self.settings)
+        if self.cache is None:
+            self.cache = StageCache((await self.app.connections()).backend)
+        digest = cache_digest(self.config, backend.name, backend.model, payload)
+        return await Memo.look_up(self.cache, digest, ttl, ctx, backend.name, tier)
 
     async def _announce(self, task_id: str, tier: str, c: Completion | None, started: float, error: str) -> None:
         """Publish the call's event; events are best effort and never fail the task."""

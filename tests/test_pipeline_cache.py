@@ -1,0 +1,101 @@
+"""Memoized stages (cache: true) and reruns of a finished goal from one stage (heddle goals rerun)."""
+
+from __future__ import annotations
+
+import textwrap
+import uuid
+
+import pytest
+
+import heddle
+from heddle.graphs.pipeline import load_pipeline, validate_pipeline_file
+from heddle.llm import worker_app
+from heddle.testing import aworker
+from heddle.testing.orchestrators import aorchestrator
+from tests.fake_providers import FakeProvider, Reply, settings_for
+from tests.test_llm_worker import write_config
+
+CACHED = """
+name: cached
+stages:
+  - name: label
+    worker_type: {name}
+    input_mapping: {{text: goal.context.text}}
+    cache: true
+"""
+
+
+def servers_of(s):
+    return {"nats_url": s.nats_url, "valkey_url": s.valkey_url}
+
+
+async def test_a_cached_stage_is_not_sent_again_for_the_same_input_config_and_model(tmp_path, heddle_servers):
+    path, name = write_config(tmp_path)
+    file = tmp_path / "cached.yaml"
+    file.write_text(textwrap.dedent(CACHED.format(name=name)))
+    pipeline = load_pipeline(file)
+    assert pipeline.node.stages[0].cache_ttl_s == 86_400
+    client = heddle.Heddle(f"c{uuid.uuid4().hex[:8]}", **servers_of(heddle_servers))
+    with FakeProvider("ollama") as p:
+        p.add(*(Reply(text='{"label": "positive"}') for _ in range(4)))
+
+        async def run(app, text):
+            async with aworker(app, tier="local"):
+                g = pipeline.apply_async({"text": text}, app=client)
+                assert await g.aget(timeout=30) == {"label": {"label": "positive"}}
+                return client.AsyncResult(g.nodes()["label"].task_id)
+
+        async with aorchestrator(client):
+            app = worker_app(path, "local", llm_settings=settings_for(p, model="m1")[1], **servers_of(heddle_servers))
+            first = await run(app, "Sunny.")
+            await first.aget(timeout=5)
+            assert first.record.meta["cache"] == "miss" and len(p.requests) == 1
+            again = await run(app, "Sunny.")
+            await again.aget(timeout=5)
+            assert len(p.requests) == 1  # answered from Valkey
+            meta = again.record.meta
+            assert (meta["cache"], meta["cached_from"], meta["llm_calls"], meta["cost_usd"]) == (
+                "hit", first.id, 0, 0.0)
+            await run(app, "Rainy.")  # another input
+            assert len(p.requests) == 2
+            await app.aclose()
+            write_config(tmp_path, name=name, system_prompt="Label the mood of the text.")
+            changed = worker_app(path, "local", llm_settings=settings_for(p, model="m1")[1],
+                                 **servers_of(heddle_servers))
+            await run(changed, "Sunny.")  # another config
+            assert len(p.requests) == 3
+            await changed.aclose()
+            other_model = worker_app(path, "local", llm_settings=settings_for(p, model="m2")[1],
+                                     **servers_of(heddle_servers))
+            await run(other_model, "Sunny.")  # another model
+            assert len(p.requests) == 4
+            await other_model.aclose()
+    await client.aclose()
+    assert [r.body["model"] for r in p.requests] == ["m1", "m1", "m1", "m2"]
+
+
+def test_heddle_validate_takes_cache_on_worker_stages_and_names_a_misspelling(tmp_path):
+    file = tmp_path / "p.yaml"
+    file.write_text(textwrap.dedent("""
+        name: p
+        stages:
+          - name: a
+            worker_type: w
+            cache: {ttl_seconds: 600}
+          - name: b
+            worker_type: w
+            cache: sometimes
+          - name: c
+            task: t.c
+            cache: true
+          - name: d
+            worker_type: w
+            cahce: true
+    """).lstrip())
+    found = [(i.line, i.message) for i in validate_pipeline_file(file)]
+    assert found[0] == (8, "stage 'b' cache must be true, false or {ttl_seconds: N} (1 to 31536000), got 'sometimes'")
+    assert found[1][0] == 11 and found[1][1].startswith("stage 'c' cache applies to worker_type stages")
+    assert found[2][0] == 14 and "unknown key 'cahce' (did you mean 'cache'?)" in found[2][1]
+    assert len(found) == 3
+    file.write_text("name: p\nstages:\n  - name: a\n    worker_type: w\n    cache: {ttl_seconds: 600}\n")
+    assert load_pipeline(file).node.stages[0].cache_ttl_s == 600
