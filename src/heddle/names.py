@@ -189,7 +189,10 @@ HDR_ROUTE_REASON = "Heddle-Route-Reason"
 HDR_ROUTED_BY = "Heddle-Routed-By"
 HDR_REPLAYED_BY = "Heddle-Replayed-By"
 HDR_REPLAYED_AT = "Heddle-Replayed-At"
-RATE_KEY_PREFIX = "heddle:rate:"
+# Token buckets and reservations (heddle.ratelimit): one script takes a message's
+# reservation and every bucket that applies to it at once, so in a Valkey Cluster
+# they must share a slot: the hash tag {rate} puts every rate key in one.
+RATE_KEY_PREFIX = "heddle:{rate}:"
 # Concurrency-limit slots: heddle:limit:{task}:{key value} (heddle.limits).
 LIMIT_KEY_PREFIX = "heddle:limit:"
 # A task message put back on its subject while it waits for a concurrency slot

@@ -11,7 +11,11 @@ them) and ``heddle preflight`` runs them alone. Each failure names the URL
    connects (credentials, TLS) and one JetStream API request answers. Credentials
    the server refuses fail the NATS check as "authentication failed", not as JetStream.
 3. **Valkey** — the URL parses, a TCP connection opens, and ``PING`` plus loading
-   Heddle's scripts succeed (credentials, a read-only replica).
+   Heddle's scripts succeed (credentials, a read-only replica). Under Sentinel
+   (``VALKEY_SENTINELS``) a sentinel must answer and name the primary; under
+   Cluster (``VALKEY_CLUSTER``) the node must know the cluster's slot map. When
+   final results must reach replicas before tasks are acked
+   (``valkey_replicas_to_wait``), the primary must have that many connected.
 
 docs/runbooks/verify-nats-connectivity.md says how to run each step by hand.
 No secret is ever in a check's text: every URL and error passes through
@@ -211,10 +215,16 @@ async def check_valkey(settings: Settings, timeout_s: float | None = None) -> Ch
 
     timeout_s = timeout_s or settings.connect_timeout_s
     url = settings.valkey_url
-    shown = redact(url)
+    sentinel = settings.valkey_mode == "sentinel"
+    if sentinel:
+        shown = f"sentinels {','.join(settings.valkey_sentinels)} (primary {settings.valkey_sentinel_master!r})"
+    else:
+        shown = redact(url) + (" (cluster)" if settings.valkey_cluster else "")
     parts = urlsplit(url)
     try:
-        if parts.scheme != "unix":
+        if sentinel:
+            await _any_sentinel(settings, shown, timeout_s)
+        elif parts.scheme != "unix":
             host, port = _endpoint(url, _VALKEY_SCHEMES, "VALKEY_URL", "valkey://host:6379/0")
             _, writer = await _open(host, port, "valkey-server", shown, "VALKEY_URL", timeout_s)
             writer.close()
@@ -223,8 +233,22 @@ async def check_valkey(settings: Settings, timeout_s: float | None = None) -> Ch
     except _Failed as exc:
         return Check("Valkey", shown, False, redact(exc.detail, url), exc.fix)
     backend = ResultBackend(settings.with_(connect_timeout_s=timeout_s))
+    replicas = ""
     try:
         await asyncio.wait_for(backend.connect(), timeout_s * 2)
+        wanted = backend.replicas_to_wait
+        if wanted and not settings.valkey_cluster:
+            info = await asyncio.wait_for(backend.replication(), timeout_s)
+            have = int(info.get("connected_slaves", "0") or 0)
+            if have < wanted:
+                return Check(
+                    "Valkey", shown, False,
+                    f"the primary has {have} connected replica(s), and final results must reach {wanted} before "
+                    f"a task is acknowledged (valkey_replicas_to_wait): no task would be acked",
+                    "start the replicas (replicaof the primary), or set VALKEY_WAIT_REPLICAS to what the primary has "
+                    "(0 acks a result held by the primary alone; docs/scaling.md)",
+                )
+            replicas = f", {have} replica(s) connected (results wait for {wanted})"
     except (HeddleError, TimeoutError) as exc:
         detail = redact(str(exc), url) or f"no answer from {shown} within {timeout_s * 2:g}s"
         low = detail.lower()
@@ -232,12 +256,36 @@ async def check_valkey(settings: Settings, timeout_s: float | None = None) -> Ch
             "check VALKEY_USERNAME and VALKEY_PASSWORD (or valkey://user:password@host:6379/0 in VALKEY_URL, "
             "valkey://:password@... for requirepass) against the server's requirepass or ACL users"
             if "auth" in low or "wrongpass" in low or "password" in low
+            else "check VALKEY_SENTINEL_MASTER against `sentinel monitor` in the sentinels' config, and that "
+                 "the sentinels agree on a primary that is up" if sentinel
+            else "check that VALKEY_URL points at a node of the cluster and that every slot is served "
+                 "(CLUSTER INFO: cluster_state:ok)" if settings.valkey_cluster
             else "check that VALKEY_URL points at a writable valkey-server (a primary, not a replica)"
         )
         return Check("Valkey", shown, False, detail, fix)
     finally:
         await backend.close()
-    return Check("Valkey", shown, True, f"{shown} answered PING and loaded Heddle's scripts")
+    return Check("Valkey", shown, True, f"{shown} answered PING and loaded Heddle's scripts{replicas}")
+
+
+async def _any_sentinel(settings: Settings, shown: str, timeout_s: float) -> None:
+    """Open a TCP connection to the sentinels until one answers; _Failed naming them all if none does."""
+    from heddle.settings import sentinel_address
+
+    failures = []
+    for entry in settings.valkey_sentinels:
+        host, port = sentinel_address(entry)
+        try:
+            _, writer = await _open(host, port, "valkey-sentinel", entry, "VALKEY_SENTINELS", timeout_s)
+        except _Failed as exc:
+            failures.append(exc.detail)
+            continue
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+        return
+    raise _Failed("no sentinel answered: " + "; ".join(failures),
+                  "start the sentinels, or fix VALKEY_SENTINELS (host:port of each, comma-separated)")
 
 
 async def run_checks(settings: Settings, *, valkey: bool = True, timeout_s: float | None = None) -> list[Check]:

@@ -217,6 +217,8 @@ class Settings:
         stream_replicas: Replicas of every stream and key-value bucket Heddle creates
             (env ``HEDDLE_STREAM_REPLICAS``): 1 on one nats-server, 3 on a 3-node cluster.
             Raising it on existing streams scales them in place (docs/scaling.md).
+        valkey_sentinels ... valkey_wait_timeout_s: Highly available Valkey (env ``VALKEY_SENTINELS``
+            ..., ``_VALKEY_MODE_ENV``; docs/scaling.md). None waits for 1 replica under Sentinel.
     """
 
     nats_url: str = DEFAULT_NATS_URL
@@ -238,6 +240,11 @@ class Settings:
     valkey_auth: ValkeyAuth = field(default_factory=ValkeyAuth)
     direct_routing: bool = True
     stream_replicas: int = 1
+    valkey_sentinels: tuple[str, ...] = ()
+    valkey_sentinel_master: str = ""
+    valkey_cluster: bool = False
+    valkey_wait_replicas: int | None = None
+    valkey_wait_timeout_s: float = 2.0
     extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -275,6 +282,39 @@ class Settings:
         if not isinstance(self.health_host, str) or not self.health_host.strip():
             raise ConfigError(f"health_host must be an address such as 127.0.0.1 or 0.0.0.0, got {self.health_host!r}")
         self._check_credentials()
+        self._check_valkey_mode()
+
+    def _check_valkey_mode(self) -> None:
+        """Sentinel, Cluster and WAIT settings that cannot work together: say what to change."""
+        given: Any = self.valkey_sentinels  # Heddle(valkey_sentinels="a:1,b:2"), or a list: a checked tuple
+        object.__setattr__(self, "valkey_sentinels",
+                           sentinel_list(given if isinstance(given, str) else ",".join(given)))
+        db, w = urlsplit(self.valkey_url).path.strip("/") if self.valkey_cluster else "", self.valkey_wait_replicas
+        for bad, message in (
+            (self.valkey_sentinels and self.valkey_cluster, "VALKEY_SENTINELS and VALKEY_CLUSTER are both set: a "
+             "Valkey Cluster fails over by itself and has no sentinels; unset one of them"),
+            (self.valkey_sentinels and not self.valkey_sentinel_master.strip(), "VALKEY_SENTINELS is set without "
+             "VALKEY_SENTINEL_MASTER: set it to the name the sentinels monitor the primary under (`sentinel monitor`)"),
+            (self.valkey_sentinel_master and not self.valkey_sentinels, "VALKEY_SENTINEL_MASTER is set without "
+             "VALKEY_SENTINELS: list the sentinels as host:port,... (or unset it to use VALKEY_URL's server alone)"),
+            (db not in ("", "0"), f"VALKEY_CLUSTER is set but VALKEY_URL selects database {db}: a Valkey Cluster has "
+             f"only database 0; drop /{db} from VALKEY_URL"),
+            (w is not None and (not isinstance(w, int) or isinstance(w, bool) or not 0 <= w <= 16),
+             f"valkey_wait_replicas must be an int from 0 to 16 (or None for the default), got {w!r}"),
+            (not self.valkey_wait_timeout_s > 0, f"valkey_wait_timeout_s must be > 0: {self.valkey_wait_timeout_s}"),
+        ):
+            if bad:
+                raise ConfigError(message)
+
+    @property
+    def valkey_mode(self) -> str:
+        """``sentinel``, ``cluster`` or ``single``: how the result store connects."""
+        return "sentinel" if self.valkey_sentinels else "cluster" if self.valkey_cluster else "single"
+
+    @property
+    def valkey_replicas_to_wait(self) -> int:
+        """Replicas a final result must reach before its task is acked (``valkey_wait_replicas`` resolved)."""
+        return self.valkey_wait_replicas if self.valkey_wait_replicas is not None else int(bool(self.valkey_sentinels))
 
     def _check_credentials(self) -> None:
         """Credentials given twice, or TLS files for a plain-text Valkey URL: say which to drop."""
@@ -405,6 +445,9 @@ class Settings:
             if not replicas.isdigit():
                 raise ConfigError(f"HEDDLE_STREAM_REPLICAS must be a number from 1 to 5, got {replicas!r}")
             values["stream_replicas"] = int(replicas)
+        for name, var in _VALKEY_MODE_ENV.items():
+            if os.environ.get(var, "").strip():
+                values[name] = _valkey_mode_env(var, os.environ[var].strip())
         flat = {name: os.environ[var] for name, (_, _, var) in AUTH_SETTINGS.items() if os.environ.get(var)}
         for name, value in overrides.items():
             if value is None:
@@ -568,6 +611,37 @@ def nats_server_urls(url: str) -> list[str]:
     entries = [u.strip() for u in url.split(",") if u.strip()]
     scheme = entries[0].partition("://")[0] if entries and "://" in entries[0] else "nats"
     return [u if "://" in u else f"{scheme}://{u}" for u in entries]
+
+
+_VALKEY_MODE_ENV = {"valkey_sentinels": "VALKEY_SENTINELS", "valkey_sentinel_master": "VALKEY_SENTINEL_MASTER",
+                    "valkey_cluster": "VALKEY_CLUSTER", "valkey_wait_replicas": "VALKEY_WAIT_REPLICAS",
+                    "valkey_wait_timeout_s": "VALKEY_WAIT_TIMEOUT_S"}
+
+
+def _valkey_mode_env(var: str, text: str) -> Any:
+    if var == "VALKEY_CLUSTER" and text.lower() not in _BOOLS:
+        raise ConfigError(f"VALKEY_CLUSTER must be 1 or 0 (true or false), got {text!r}")
+    if var == "VALKEY_WAIT_REPLICAS" and not text.isdigit():
+        raise ConfigError(f"VALKEY_WAIT_REPLICAS must be a number of replicas (0 = do not wait), got {text!r}")
+    if var == "VALKEY_WAIT_TIMEOUT_S" and not re.fullmatch(r"\d+(\.\d*)?|\.\d+", text):
+        raise ConfigError(f"VALKEY_WAIT_TIMEOUT_S must be seconds, such as 2 or 0.5, got {text!r}")
+    convert: Any = {"VALKEY_SENTINELS": sentinel_list, "VALKEY_CLUSTER": lambda t: _BOOLS[t.lower()],
+                    "VALKEY_WAIT_REPLICAS": int, "VALKEY_WAIT_TIMEOUT_S": float}.get(var, str)
+    return convert(text)
+
+
+def sentinel_list(text: str) -> tuple[str, ...]:
+    """The ``host:port`` entries of a ``VALKEY_SENTINELS`` list, each checked (:func:`sentinel_address`)."""
+    return tuple(e.strip() for e in text.split(",") if e.strip() and sentinel_address(e.strip()))
+
+
+def sentinel_address(entry: str) -> tuple[str, int]:
+    """``(host, port)`` of one ``VALKEY_SENTINELS`` entry; ConfigError with an example if malformed."""
+    host, sep, port = str(entry).strip().rpartition(":")
+    if not isinstance(entry, str) or not sep or not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"VALKEY_SENTINELS entry {entry!r} is not host:port; list every sentinel as host:port, "
+                          f"comma-separated, e.g. VALKEY_SENTINELS=10.0.0.1:26379,10.0.0.2:26379,10.0.0.3:26379")
+    return host.strip("[]"), int(port)
 
 
 def server_endpoint(url: str) -> str:

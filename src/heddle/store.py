@@ -2,69 +2,132 @@
 
 Each task has one hash, ``heddle:result:{id}``, with fields ``state``,
 ``record`` (a msgpack :class:`~heddle.messages.ResultRecord`, for final and
-RETRY states), ``retries`` (retries already scheduled), ``started_at`` and
-``worker``. Two Lua scripts keep the state machine atomic:
+RETRY states), ``retries`` (retries already scheduled), ``started_at``,
+``worker``, ``fence`` (the token of the latest claim) and ``wfence`` (the token
+of the claim whose state and record are stored). Two Lua scripts keep the state
+machine atomic:
 
-* ``claim``: a worker about to run a task marks it STARTED, unless a final
-  state is stored, in which case it gets that state back and acks without
-  running the task again.
+* ``claim``: a worker about to run a task marks it STARTED and gets a *fencing
+  token*, unless a final state is stored, in which case it gets that state back
+  and acks without running the task again.
 * ``store``: write a state and record unless a final one is already there, so a
   late finisher (a worker that was frozen past AckWait) never overwrites the
-  result of the worker that finished first, and a revoked task stays revoked.
+  result of the worker that finished first, and a revoked task stays revoked;
+  and unless a newer claim's state is stored (``wfence`` above the writer's
+  token), so a stale attempt cannot roll back a newer one's RETRY.
+
+Fencing tokens are the primary's clock in microseconds, forced above the task's
+last token: after a Sentinel or Cluster failover the new primary keeps issuing
+larger tokens, even when the old primary's last claims were lost with it (as
+long as the two clocks differ by less than the failover took). A token also
+tells a writer's own earlier write from another's: a store retried after its
+``WAIT`` fell short counts as written.
+
+Valkey can be one server, a Sentinel-monitored primary (``VALKEY_SENTINELS``)
+or a Cluster (``VALKEY_CLUSTER``). Scripts that take many result keys are split
+by hash slot in a Cluster; scripts of other modules keep the keys of one call in
+one slot with a hash tag. After a failover an operation that failed on a
+connection or READONLY error is retried against the rediscovered primary for
+up to :data:`FAILOVER_WAIT_S`. A final result is acknowledged only once
+``valkey_replicas_to_wait`` replicas hold it (``WAIT``; docs/scaling.md).
 
 valkey exceptions are translated to :mod:`heddle.errors` here and nowhere else.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import logging
 import time
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Final, TypeVar
 
 import msgspec
 import valkey.asyncio as valkey_async
 import valkey.exceptions as vexc
+from valkey.asyncio.cluster import ValkeyCluster
+from valkey.asyncio.connection import parse_url
+from valkey.asyncio.sentinel import MasterNotFoundError, Sentinel
+from valkey.crc import key_slot
 
 from heddle import names
-from heddle.errors import BackendError, BackendUnavailable, DecodeError
+from heddle.errors import BackendError, BackendUnavailable, DecodeError, HeddleError
 from heddle.messages import PENDING, READY_STATES, ResultRecord, encoder, record_decoder
 from heddle.redact import redact
-from heddle.settings import Settings, dev_session_note, readable_file, server_endpoint, tls_failure
+from heddle.settings import (
+    Settings,
+    dev_session_note,
+    readable_file,
+    sentinel_address,
+    server_endpoint,
+    tls_failure,
+)
+
+log = logging.getLogger("heddle.store")
+T = TypeVar("T")
 
 _FINAL = "st == 'SUCCESS' or st == 'FAILURE' or st == 'REVOKED'"
 _MAX_CONNECTIONS = 64  # per process and event loop; Valkey allows 10,000 clients by default
+# Under Sentinel or Cluster, how long an operation that lost its primary keeps being
+# retried (against the one rediscovered) before its error is raised: a failover takes
+# the sentinels' down-after-milliseconds plus an election, a few seconds in practice.
+FAILOVER_WAIT_S: Final = 30.0
+# Tokens this process's claims got, by task id, until their state is stored (bounded:
+# a claim whose outcome is never stored, a shutdown's nak say, is forgotten eventually).
+_MAX_REMEMBERED_TOKENS: Final = 100_000
+# Errors after which a Sentinel or Cluster client asks again who the primary is.
+_FAILOVER_ERRORS = (vexc.ConnectionError, vexc.TimeoutError, vexc.ReadOnlyError, vexc.ClusterDownError,
+                    vexc.TryAgainError, OSError)
 
 # Both scripts take a worker's whole batch (every key in KEYS), so a batch costs
 # one command to encode, send and parse instead of one per task.
+# A claim's token: the server's clock in microseconds, above the task's last token
+# (tostring would print a float this large in exponent form; %d keeps every digit).
 CLAIM_LUA = f"""
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local out = {{}}
 for i, key in ipairs(KEYS) do
   local st = redis.call('HGET', key, 'state')
   if {_FINAL} then
-    out[i] = {{st, redis.call('HGET', key, 'record') or '', 0}}
+    out[i] = {{st, redis.call('HGET', key, 'record') or '', 0, '0'}}
   else
     local retries = tonumber(redis.call('HGET', key, 'retries') or '0')
-    redis.call('HSET', key, 'state', 'STARTED', 'started_at', ARGV[1], 'worker', ARGV[2])
+    local token = math.max(now, tonumber(redis.call('HGET', key, 'fence') or '0') + 1)
+    local fence = string.format('%d', token)
+    redis.call('HSET', key, 'state', 'STARTED', 'started_at', ARGV[1], 'worker', ARGV[2], 'fence', fence)
     redis.call('EXPIRE', key, ARGV[3])
-    out[i] = {{st or '', '', retries}}
+    out[i] = {{st or '', '', retries, fence}}
   end
 end
 return out
 """
 
-# ARGV: ttl, then state, record, retries ('' = unchanged) for each key.
+# ARGV: ttl, then state, record, retries ('' = unchanged), token ('' = none) for each
+# key. Per key: 1 written (or already written by this token), 0 a final state is
+# stored, -1 fenced off (a newer claim's state is stored). The EXPIRE on every path is
+# a write, so a WAIT after this script also covers a final state found stored.
 STORE_LUA = f"""
 local out = {{}}
 for i, key in ipairs(KEYS) do
+  local a = 2 + (i - 1) * 4
+  local token = ARGV[a + 3]
   local st = redis.call('HGET', key, 'state')
+  local held = tonumber(redis.call('HGET', key, 'wfence') or '0')
   if {_FINAL} then
-    out[i] = 0
+    if token ~= '' and tonumber(token) == held then out[i] = 1 else out[i] = 0 end
+    redis.call('EXPIRE', key, ARGV[1])
+  elseif token ~= '' and tonumber(token) < held and ARGV[a] ~= 'SUCCESS' and ARGV[a] ~= 'FAILURE' then
+    out[i] = -1
+    redis.call('EXPIRE', key, ARGV[1])
   else
-    local a = 2 + (i - 1) * 3
     redis.call('HSET', key, 'state', ARGV[a], 'record', ARGV[a + 1])
     if ARGV[a + 2] ~= '' then
       redis.call('HSET', key, 'retries', ARGV[a + 2])
+    end
+    if token ~= '' then
+      redis.call('HSET', key, 'wfence', token)
     end
     redis.call('EXPIRE', key, ARGV[1])
     out[i] = 1
@@ -90,25 +153,36 @@ return out
 
 
 class Claim(msgspec.Struct, frozen=True):
-    """What ``claim`` found: the previous state, a final record if any, retries so far."""
+    """What ``claim`` found: the previous state, a final record if any, retries so far, the fencing token."""
 
     previous_state: str
     final_record: bytes
     retries: int
+    token: int = 0  # 0 when a final state was found (nothing to fence)
 
 
 class StoreRequest(msgspec.Struct, frozen=True):
-    """One state write for :meth:`ResultBackend.store_many`."""
+    """One state write for :meth:`ResultBackend.store_many`.
+
+    ``token`` is the fencing token of the claim the state comes from; 0 takes the
+    token of this process's latest claim of the task, if any (else the write is
+    not fenced: a revoke, a dead letter).
+    """
 
     task_id: str
     state: str
     record: bytes
     retries: int | None = None
+    token: int = 0
 
 
-def _translate(exc: BaseException, url: str, doing: str) -> BackendError:
+class NotReplicated(BackendError):
+    """Raised when a stored result did not reach the replicas it must before its task is acked."""
+
+
+def _translate(exc: BaseException, url: str, doing: str, where: str = "") -> BackendError:
     """Map a valkey exception to a Heddle error that names the server and the fix, and no secret."""
-    shown = redact(url)
+    shown = where or redact(url)
     if isinstance(exc, vexc.AuthenticationError | vexc.AuthorizationError | vexc.AuthenticationWrongNumberOfArgsError):
         said = redact(str(exc), url).rstrip(".")
         return BackendError(
@@ -117,14 +191,10 @@ def _translate(exc: BaseException, url: str, doing: str) -> BackendError:
             f"server's requirepass or ACL users."
         )
     if isinstance(exc, vexc.ConnectionError | vexc.TimeoutError | OSError):
-        return BackendUnavailable(
-            redact(
-                f"cannot reach valkey-server at {shown} while {doing}: {exc}. "
-                f"Start it (`heddle dev` runs an embedded one) or set VALKEY_URL. "
-                f"{dev_session_note(url, 'VALKEY_URL')}".rstrip(),
-                url,
-            )
-        )
+        fix = ("Start it (`heddle dev` runs an embedded one) or set VALKEY_URL. "
+               f"{dev_session_note(url, 'VALKEY_URL')}".rstrip()) if not where else (
+               "Check that the servers are up and that the names match the deployment.")
+        return BackendUnavailable(redact(f"cannot reach valkey-server at {shown} while {doing}: {exc}. {fix}", url))
     return BackendError(redact(f"valkey-server at {shown} failed while {doing}: {exc!r}", url))
 
 
@@ -132,13 +202,18 @@ class ResultBackend:
     """Async Valkey access for task states and results.
 
     Args:
-        settings: Provides ``valkey_url`` and ``result_ttl_s``.
+        settings: Provides ``valkey_url``, ``result_ttl_s`` and the Sentinel, Cluster
+            and ``WAIT`` settings.
     """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.client: valkey_async.Valkey | None = None
+        self.client: Any = None  # valkey.asyncio.Valkey, or ValkeyCluster with VALKEY_CLUSTER
         self._ttl = str(int(settings.result_ttl_s))
+        self.mode = settings.valkey_mode
+        self.replicas_to_wait = settings.valkey_replicas_to_wait
+        self._wait_ms = max(1, int(settings.valkey_wait_timeout_s * 1000))
+        self._tokens: dict[str, int] = {}
         # Lua scripts by name: source and SHA once loaded. Other modules add
         # theirs (rate limits) through register_script, so Valkey stays behind this seam.
         self._scripts: dict[str, tuple[str, str]] = {
@@ -151,13 +226,26 @@ class ResultBackend:
     def url(self) -> str:
         return self.settings.valkey_url
 
+    @property
+    def where(self) -> str:
+        """The server (or sentinels, or cluster) as error messages name it, without credentials."""
+        s = self.settings
+        if self.mode == "sentinel":
+            return (f"the primary {s.valkey_sentinel_master!r} of sentinels {','.join(s.valkey_sentinels)} "
+                    f"(VALKEY_SENTINELS)")
+        if self.mode == "cluster":
+            return f"the Valkey Cluster of {server_endpoint(self.url)} (VALKEY_CLUSTER)"
+        return redact(self.url)
+
     async def connect(self) -> None:
         """Connect and load the Lua scripts; raise BackendUnavailable if unreachable.
 
         Credentials come from ``VALKEY_URL`` or ``VALKEY_USERNAME``/``VALKEY_PASSWORD``;
         TLS from a ``valkeys://`` (``rediss://``) URL, with ``VALKEY_TLS_CA`` and, for
         mutual TLS, ``VALKEY_TLS_CERT``/``VALKEY_TLS_KEY``. A refused login or a failed
-        TLS handshake says which of them to fix, and never what they hold.
+        TLS handshake says which of them to fix, and never what they hold. Under
+        Sentinel the primary is the one the sentinels name (``VALKEY_URL`` gives the
+        scheme, credentials and database); under Cluster ``VALKEY_URL`` is any node.
 
         Raises:
             ConfigError: A ``VALKEY_TLS_*`` file cannot be read.
@@ -180,23 +268,46 @@ class ResultBackend:
                                ("ssl_keyfile", "VALKEY_TLS_KEY", a.tls_key)):
             if path:
                 options[key] = readable_file(var, path)
-        # A bounded pool: a burst of concurrent result reads waits for a free connection
-        # (up to the socket timeout) instead of opening one connection per waiter.
-        pool = valkey_async.BlockingConnectionPool.from_url(
-            self.url,
-            max_connections=_MAX_CONNECTIONS,
-            timeout=max(10.0, self.settings.connect_timeout_s),
-            socket_connect_timeout=self.settings.connect_timeout_s,
-            socket_timeout=max(10.0, self.settings.connect_timeout_s),
-            health_check_interval=10,
-            **options,
-        )
-        self.client = valkey_async.Valkey.from_pool(pool)
+        timeouts: dict[str, Any] = {
+            "socket_connect_timeout": self.settings.connect_timeout_s,
+            "socket_timeout": max(10.0, self.settings.connect_timeout_s),
+        }
+        if self.mode == "sentinel":
+            # The sentinels are asked for the primary at every new connection, so after a
+            # failover fresh connections go to the promoted replica; old ones fail (or get
+            # READONLY, which valkey-py turns into a connection error) and are retried (_call).
+            kwargs = {**timeouts, "health_check_interval": 10, **options}
+            from_url = parse_url(self.url)
+            for gone in ("host", "port"):
+                from_url.pop(gone, None)
+            if from_url.pop("connection_class", None) is not None:
+                kwargs["ssl"] = True
+            kwargs.update(from_url)
+            sentinels = Sentinel(  # type: ignore[no-untyped-call]
+                [sentinel_address(e) for e in self.settings.valkey_sentinels],
+                sentinel_kwargs=dict(timeouts), **kwargs)
+            self.client = sentinels.master_for(self.settings.valkey_sentinel_master)
+        elif self.mode == "cluster":
+            self.client = ValkeyCluster.from_url(self.url, health_check_interval=10, **timeouts, **options)
+        else:
+            # A bounded pool: a burst of concurrent result reads waits for a free connection
+            # (up to the socket timeout) instead of opening one connection per waiter.
+            pool = valkey_async.BlockingConnectionPool.from_url(
+                self.url,
+                max_connections=_MAX_CONNECTIONS,
+                timeout=max(10.0, self.settings.connect_timeout_s),
+                health_check_interval=10,
+                **timeouts,
+                **options,
+            )
+            self.client = valkey_async.Valkey.from_pool(pool)
         try:
+            if self.mode == "cluster":
+                await self.client.initialize()
             await self.client.ping()
             await self._load_scripts()
         except Exception as exc:
-            where = server_endpoint(self.url)
+            where = server_endpoint(self.url) if self.mode == "single" else self.where
             told = redact(str(exc), *self.settings.secrets()).rstrip(".")
             if isinstance(exc, vexc.AuthenticationError | vexc.AuthorizationError
                           | vexc.AuthenticationWrongNumberOfArgsError):
@@ -216,7 +327,18 @@ class ResultBackend:
                     f"cannot reach valkey-server at {redact(self.url)} over TLS while connecting ({told}): is it "
                     f"reachable, and does it speak TLS on this port (its tls-port)? For plain text use valkey://."
                 ) from exc
-            raise _translate(exc, self.url, "connecting") from exc
+            if isinstance(exc, MasterNotFoundError):
+                raise BackendUnavailable(
+                    f"no sentinel of VALKEY_SENTINELS={','.join(self.settings.valkey_sentinels)} names a primary "
+                    f"{self.settings.valkey_sentinel_master!r} that is up ({told}): check VALKEY_SENTINEL_MASTER "
+                    f"against `sentinel monitor` in the sentinels' config, and that the primary runs"
+                ) from exc
+            if self.mode == "cluster" and ("cluster mode is not enabled" in low or "cluster support disabled" in low):
+                raise BackendError(
+                    f"VALKEY_CLUSTER is set but valkey-server at {redact(self.url)} is not in cluster mode "
+                    f"({told}): unset VALKEY_CLUSTER, or point VALKEY_URL at a node of the cluster"
+                ) from exc
+            raise _translate(exc, self.url, "connecting", "" if self.mode == "single" else self.where) from exc
 
     def register_script(self, name: str, lua: str) -> None:
         """Make a Lua script callable with :meth:`run_script_many` (loaded lazily)."""
@@ -226,7 +348,8 @@ class ResultBackend:
     async def _load_scripts(self) -> None:
         assert self.client is not None
         for name, (lua, _) in list(self._scripts.items()):
-            self._scripts[name] = (lua, await self.client.script_load(lua))
+            # In a Cluster, SCRIPT LOAD goes to every primary.
+            self._scripts[name] = (lua, str(_text(await self.client.script_load(lua))))
 
     async def close(self) -> None:
         """Close the connection pool."""
@@ -234,10 +357,85 @@ class ResultBackend:
         if client is not None:
             await client.aclose()
 
-    def _c(self) -> valkey_async.Valkey:
+    def _c(self) -> Any:
         if self.client is None:
             raise BackendError("result backend is not connected; call connect() first")
         return self.client
+
+    async def _call(self, doing: str, op: Callable[[Any], Awaitable[T]]) -> T:
+        """Run ``op(client)``, translating valkey errors; under Sentinel or Cluster, ride out a failover.
+
+        An operation that fails on a connection, timeout or READONLY error (the primary
+        died, or was demoted under us) is tried again, with growing pauses, until it
+        succeeds or :data:`FAILOVER_WAIT_S` has passed: each new connection asks the
+        sentinels (or the cluster's slot map) for the current primary. Every operation
+        retried this way is idempotent or harmless twice: scripts that store results are
+        fenced by their token (a retry of a write that did happen counts as written).
+        """
+        deadline = 0.0
+        pause = 0.05
+        while True:
+            client = self._c()
+            try:
+                return await op(client)
+            except HeddleError:
+                raise
+            except Exception as exc:
+                if self.mode != "single" and isinstance(exc, _FAILOVER_ERRORS):
+                    now = time.monotonic()
+                    if not deadline:
+                        deadline = now + FAILOVER_WAIT_S
+                        log.warning("valkey: %s failed (%s); waiting for a primary (up to %.0fs)",
+                                    doing, redact(str(exc), self.url), FAILOVER_WAIT_S)
+                    if now < deadline:
+                        await asyncio.sleep(pause)  # backoff between tries, not a wait for a condition
+                        pause = min(1.0, pause * 2)
+                        continue
+                raise _translate(exc, self.url, doing, "" if self.mode == "single" else self.where) from exc
+
+    def _slot_groups(self, keys: Sequence[str]) -> list[list[int]]:
+        """Indexes of ``keys`` by hash slot in a Cluster (one script call each); one group elsewhere."""
+        if self.mode != "cluster":
+            return [list(range(len(keys)))]
+        groups: dict[int, list[int]] = {}
+        for i, key in enumerate(keys):
+            groups.setdefault(key_slot(key.encode()), []).append(i)
+        return list(groups.values())
+
+    def _queue_waits(self, pipe: Any, keys: Sequence[str]) -> int:
+        """Queue ``WAIT`` after the writes to ``keys`` on the same connection(s); how many were queued.
+
+        WAIT counts the replicas that acknowledged this connection's writes, so it must
+        follow them in the same pipeline: once per server that holds one of the keys.
+        """
+        if not self.replicas_to_wait or not keys:
+            return 0
+        if self.mode != "cluster":
+            pipe.execute_command("WAIT", self.replicas_to_wait, self._wait_ms)
+            return 1
+        nodes = {}
+        for key in keys:
+            node = self.client.get_node_from_key(key)
+            nodes[node.name] = node
+        for node in nodes.values():
+            pipe.execute_command("WAIT", self.replicas_to_wait, self._wait_ms, target_nodes=node)
+        return len(nodes)
+
+    def _check_waits(self, replies: Sequence[Any], what: str) -> None:
+        short = [int(r) for r in replies if int(r) < self.replicas_to_wait]
+        if short:
+            raise NotReplicated(
+                f"{what} stored on the primary, but only {min(short)} of {self.replicas_to_wait} replica(s) "
+                f"confirmed it within {self._wait_ms / 1000:g}s (WAIT, valkey_wait_replicas); not acknowledged "
+                f"yet: the store is retried, and the task acked once a replica holds it"
+            )
+
+    def _remember(self, task_id: str, token: int) -> None:
+        tokens = self._tokens
+        tokens.pop(task_id, None)
+        tokens[task_id] = token
+        while len(tokens) > _MAX_REMEMBERED_TOKENS:
+            del tokens[next(iter(tokens))]
 
     async def run_script_many(
         self,
@@ -248,104 +446,154 @@ class ResultBackend:
         """Run one script for many (keys, args) in a single pipelined round trip.
 
         ``then(pipeline)`` may queue more commands into the same round trip; their
-        replies follow the scripts' in the returned list.
+        replies follow the scripts' in the returned list. In a Cluster the keys of one
+        call must share a hash slot (a ``{tag}``); calls on different slots are fine.
         """
-        client = self._c()
+        return await self._call(f"running {name}", lambda client: self._run_scripts(client, name, calls, then))
+
+    async def _run_scripts(
+        self,
+        client: Any,
+        name: str,
+        calls: Sequence[tuple[Sequence[str], Sequence[Any]]],
+        then: Callable[[Any], None] | None,
+    ) -> list[Any]:
         for attempt in range(2):
             sha = self._scripts[name][1]
             if not sha:
-                try:
-                    await self._load_scripts()
-                except Exception as exc:
-                    raise _translate(exc, self.url, "loading scripts") from exc
+                await self._load_scripts()
                 sha = self._scripts[name][1]
             pipe = client.pipeline(transaction=False)
             for keys, args in calls:
-                pipe.evalsha(sha, len(keys), *keys, *args)
+                # execute_command: a Cluster pipeline blocks .evalsha() but routes EVALSHA by its keys.
+                pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
             if then is not None:
                 then(pipe)
-            try:
-                out = await pipe.execute(raise_on_error=False)
-            except Exception as exc:
-                raise _translate(exc, self.url, f"running {name}") from exc
+            out = await pipe.execute(raise_on_error=False)
             if attempt == 0 and any(isinstance(r, vexc.NoScriptError) for r in out):
-                # A restarted valkey-server forgets loaded scripts.
+                # A restarted valkey-server (or a promoted replica, or a new cluster node) lacks our scripts.
                 self._scripts = {n: (lua, "") for n, (lua, _) in self._scripts.items()}
                 continue
             for r in out:
                 if isinstance(r, Exception):
-                    raise _translate(r, self.url, f"running {name}")
+                    raise r
             return list(out)
         raise BackendError("unreachable")  # pragma: no cover
 
     async def claim_many(self, task_ids: Sequence[str], worker: str) -> list[Claim]:
-        """Mark tasks STARTED unless final; one round trip for the batch."""
+        """Mark tasks STARTED unless final; one round trip for the batch.
+
+        Each claim gets a fencing token, remembered until the task's state is stored
+        (:meth:`store_many`). A final state found stored is made sure of first: when
+        results must reach replicas before a task is acked, they are waited for here too
+        (the worker that stored it may have died before its own ``WAIT`` returned).
+        """
         now = f"{time.time():.6f}"
         keys = [names.result_key(t) for t in task_ids]
-        (out,) = await self.run_script_many("claim", [(keys, (now, worker, self._ttl))])
-        return [Claim(r[0].decode() if r[0] else "", bytes(r[1]), int(r[2])) for r in out]
+        groups = self._slot_groups(keys)
+        outs = await self.run_script_many("claim", [([keys[i] for i in g], (now, worker, self._ttl)) for g in groups])
+        claims: list[Claim] = [Claim("", b"", 0)] * len(keys)
+        for group, out in zip(groups, outs, strict=True):
+            for i, r in zip(group, out, strict=True):
+                claims[i] = Claim(r[0].decode() if r[0] else "", bytes(r[1]), int(r[2]), int(r[3]))
+        for tid, c in zip(task_ids, claims, strict=True):
+            if c.token:
+                self._remember(tid, c.token)
+        final = [k for k, c in zip(keys, claims, strict=True) if c.final_record]
+        if final and self.replicas_to_wait:
+            await self._call("waiting for replicas", lambda client: self._touch_and_wait(client, final))
+        return claims
+
+    async def _touch_and_wait(self, client: Any, keys: Sequence[str]) -> None:
+        pipe = client.pipeline(transaction=False)
+        for key in keys:
+            pipe.expire(key, int(self._ttl))  # a write on this connection, for WAIT to count
+        n = self._queue_waits(pipe, keys)
+        out = await pipe.execute()
+        self._check_waits(out[len(out) - n:], f"the final result of {len(keys)} task(s) is")
 
     async def store_many(self, requests: Sequence[StoreRequest]) -> list[bool]:
-        """Write states unless a final one is stored; True where the write happened."""
-        args: list[Any] = [self._ttl]
-        for r in requests:
-            args += (r.state, r.record, "" if r.retries is None else str(r.retries))
+        """Write states unless a final one is stored; True where the write happened.
+
+        A write is refused (False) when a final state is stored by another claim, or a
+        RETRY comes from a claim older than the one whose state is stored (its fencing
+        token is lower). A write this claim's token already made counts as written, so a
+        store retried after a lost reply or a ``WAIT`` shortfall is not told it lost.
+        Returns only once every final state written or found is on the replicas
+        ``valkey_replicas_to_wait`` asks for; else raises :class:`NotReplicated`.
+        """
         keys = [names.result_key(r.task_id) for r in requests]
+        tokens = [r.token or self._tokens.get(r.task_id, 0) for r in requests]
         # A final state takes the task out of the audit (heddle.audit), in the same round trip.
         done = [r.task_id for r in requests if r.state in READY_STATES]
+        groups = self._slot_groups(keys)
+        calls = []
+        for group in groups:
+            args: list[Any] = [self._ttl]
+            for i in group:
+                r = requests[i]
+                args += (r.state, r.record, "" if r.retries is None else str(r.retries),
+                         str(tokens[i]) if tokens[i] else "")
+            calls.append(([keys[i] for i in group], args))
+        waits = 0
+        must_wait = [keys[i] for i, r in enumerate(requests) if r.state in READY_STATES]
 
-        def unaudit(pipe: Any) -> None:
+        def unaudit_and_wait(pipe: Any) -> None:
+            nonlocal waits
             if done:
                 pipe.zrem(names.SUBMITTED_KEY, *done)
+            waits = self._queue_waits(pipe, must_wait)
 
-        out = (await self.run_script_many("store", [(keys, args)], unaudit))[0]
-        return [bool(x) for x in out]
+        out = await self.run_script_many("store", calls, unaudit_and_wait)
+        if waits:
+            self._check_waits(out[len(out) - waits:], f"the final result of {len(must_wait)} task(s) is")
+        written = [False] * len(requests)
+        for group, replies in zip(groups, out, strict=False):
+            for i, x in zip(group, replies, strict=True):
+                written[i] = int(x) == 1
+        for r in requests:
+            self._tokens.pop(r.task_id, None)
+        return written
 
     async def record_submitted(self, entries: Sequence[tuple[str, float]]) -> None:
         """Add sent task ids to the audit (the earliest send time of an id is kept)."""
         if not entries:
             return
-        try:
-            await self._c().zadd(names.SUBMITTED_KEY, {tid: at for tid, at in entries}, nx=True)
-        except Exception as exc:
-            raise _translate(exc, self.url, "recording sent tasks") from exc
+        mapping = {tid: at for tid, at in entries}
+        await self._call("recording sent tasks", lambda c: c.zadd(names.SUBMITTED_KEY, mapping, nx=True))
 
     async def forget_submitted(self, task_ids: Sequence[str]) -> None:
         """Take tasks out of the audit."""
-        try:
-            await self._c().zrem(names.SUBMITTED_KEY, *task_ids)
-        except Exception as exc:
-            raise _translate(exc, self.url, "updating the audit") from exc
+        await self._call("updating the audit", lambda c: c.zrem(names.SUBMITTED_KEY, *task_ids))
 
     async def drop_submitted_before(self, before: float) -> None:
         """Forget audit entries sent before ``before`` (epoch seconds)."""
-        try:
-            await self._c().zremrangebyscore(names.SUBMITTED_KEY, "-inf", f"({before}")
-        except Exception as exc:
-            raise _translate(exc, self.url, "trimming the audit") from exc
+        await self._call("trimming the audit",
+                         lambda c: c.zremrangebyscore(names.SUBMITTED_KEY, "-inf", f"({before}"))
 
     async def submitted_before(self, before: float, limit: int) -> tuple[int, list[tuple[str, float]]]:
         """How many audit entries were sent before ``before``, and the oldest ``limit`` of them."""
-        try:
-            pipe = self._c().pipeline(transaction=False)
+        def op(client: Any) -> Awaitable[list[Any]]:
+            pipe = client.pipeline(transaction=False)
             pipe.zcount(names.SUBMITTED_KEY, "-inf", f"({before}")
             pipe.zrangebyscore(names.SUBMITTED_KEY, "-inf", f"({before}", start=0, num=limit, withscores=True)
-            total, rows = await pipe.execute()
-        except Exception as exc:
-            raise _translate(exc, self.url, "reading the audit") from exc
+            return pipe.execute()  # type: ignore[no-any-return]
+
+        total, rows = await self._call("reading the audit", op)
         return int(total), [(tid.decode(), float(at)) for tid, at in rows]
 
     async def progress_many(self, task_ids: Sequence[str]) -> list[tuple[str, str, float]]:
         """``(state, worker, started_at)`` of each task; PENDING when nothing is stored."""
         if not task_ids:
             return []
-        try:
-            pipe = self._c().pipeline(transaction=False)
+
+        def op(client: Any) -> Awaitable[list[Any]]:
+            pipe = client.pipeline(transaction=False)
             for tid in task_ids:
                 pipe.hmget(names.result_key(tid), ["state", "worker", "started_at"])
-            rows = await pipe.execute()
-        except Exception as exc:
-            raise _translate(exc, self.url, "reading task states") from exc
+            return pipe.execute()  # type: ignore[no-any-return]
+
+        rows = await self._call("reading task states", op)
         return [
             (st.decode() if st else PENDING, w.decode() if w else "", float(at) if at else 0.0)
             for st, w, at in rows
@@ -356,20 +604,28 @@ class ResultBackend:
         if not task_ids:
             return {}
         keys = [names.result_key(t) for t in task_ids]
-        (out,) = await self.run_script_many("final_records", [(keys, ())])
-        return {task_ids[int(out[i]) - 1]: bytes(out[i + 1]) for i in range(0, len(out), 2)}
+        groups = self._slot_groups(keys)
+        outs = await self.run_script_many("final_records", [([keys[i] for i in g], ()) for g in groups])
+        found: dict[str, bytes] = {}
+        for group, out in zip(groups, outs, strict=True):
+            for j in range(0, len(out), 2):
+                found[task_ids[group[int(out[j]) - 1]]] = bytes(out[j + 1])
+        return found
 
     async def store(self, request: StoreRequest) -> bool:
         """Write one state unless a final one is stored."""
         return (await self.store_many([request]))[0]
 
+    async def fencing_tokens(self, task_id: str) -> tuple[int, int]:
+        """``(latest claim's token, token of the claim whose state is stored)``; 0 where none."""
+        fence, wfence = await self._call(
+            f"reading the tokens of {task_id}", lambda c: c.hmget(names.result_key(task_id), ["fence", "wfence"]))
+        return int(fence or 0), int(wfence or 0)
+
     async def read(self, task_id: str) -> tuple[str, ResultRecord | None]:
         """Return ``(state, record)``; state PENDING and no record when nothing is stored."""
-        try:
-            pending: Any = self._c().hmget(names.result_key(task_id), ["state", "record"])
-            state, record = await pending
-        except Exception as exc:
-            raise _translate(exc, self.url, f"reading result {task_id}") from exc
+        state, record = await self._call(
+            f"reading result {task_id}", lambda c: c.hmget(names.result_key(task_id), ["state", "record"]))
         if state is None:
             return PENDING, None
         rec = decode_record(record) if record else None
@@ -377,69 +633,69 @@ class ResultBackend:
 
     async def forget(self, task_id: str) -> None:
         """Delete a task's stored state (before a dead letter is replayed)."""
-        try:
-            await self._c().delete(names.result_key(task_id))
-        except Exception as exc:
-            raise _translate(exc, self.url, f"deleting result {task_id}") from exc
+        await self._call(f"deleting result {task_id}", lambda c: c.delete(names.result_key(task_id)))
 
     async def set_once(self, key: str, value: str, ttl_s: float) -> bool:
         """SET NX with a TTL: True if this call set it."""
-        try:
-            return bool(await self._c().set(key, value, nx=True, ex=max(1, int(ttl_s))))
-        except Exception as exc:
-            raise _translate(exc, self.url, f"setting {key}") from exc
+        return bool(await self._call(f"setting {key}", lambda c: c.set(key, value, nx=True, ex=max(1, int(ttl_s)))))
 
     async def set_fields(self, key: str, fields: dict[str, str]) -> None:
         """HSET several fields of a hash (a schedule's last run, say)."""
-        try:
-            await self._c().hset(key, mapping=fields)  # type: ignore[misc]
-        except Exception as exc:
-            raise _translate(exc, self.url, f"writing {key}") from exc
+        await self._call(f"writing {key}", lambda c: c.hset(key, mapping=fields))
 
     async def get_fields_many(self, keys: Sequence[str]) -> list[dict[str, str]]:
         """HGETALL of each key, pipelined; a missing key gives an empty dict."""
         if not keys:
             return []
-        try:
-            pipe = self._c().pipeline(transaction=False)
+
+        def op(client: Any) -> Awaitable[list[Any]]:
+            pipe = client.pipeline(transaction=False)
             for key in keys:
                 pipe.hgetall(key)
-            rows = await pipe.execute()
-        except Exception as exc:
-            raise _translate(exc, self.url, f"reading {len(keys)} hashes") from exc
+            return pipe.execute()  # type: ignore[no-any-return]
+
+        rows = await self._call(f"reading {len(keys)} hashes", op)
         return [{_text(k): _text(v) for k, v in (row or {}).items()} for row in rows]
 
     async def keep_payload(self, data: bytes) -> str:
         """Keep a dead letter's payload (for :attr:`Broker.spill`) as long as dead letters live."""
         key = names.DLQ_PAYLOAD_KEY_PREFIX + hashlib.sha256(data).hexdigest()
-        try:
-            await self._c().set(key, data, ex=max(1, int(self.settings.dlq_max_age_s)))
-        except Exception as exc:
-            raise _translate(exc, self.url, "keeping a dead letter's payload") from exc
+        ex = max(1, int(self.settings.dlq_max_age_s))
+        await self._call("keeping a dead letter's payload", lambda c: c.set(key, data, ex=ex))
         return key
 
     async def get_bytes(self, key: str) -> bytes | None:
         """GET a binary value."""
-        try:
-            raw = await self._c().get(key)
-        except Exception as exc:
-            raise _translate(exc, self.url, f"reading {key}") from exc
+        raw = await self._call(f"reading {key}", lambda c: c.get(key))
         return bytes(raw) if raw is not None else None
 
     async def get_text(self, key: str) -> str | None:
         """GET a string value."""
-        try:
-            raw = await self._c().get(key)
-        except Exception as exc:
-            raise _translate(exc, self.url, f"reading {key}") from exc
+        raw = await self._call(f"reading {key}", lambda c: c.get(key))
         return raw.decode() if raw is not None else None
 
     async def ping(self) -> None:
-        """Round trip to the server."""
-        try:
-            await self._c().ping()
-        except Exception as exc:
-            raise _translate(exc, self.url, "pinging") from exc
+        """Round trip to the server (every primary of a Cluster)."""
+        await self._call("pinging", lambda c: c.ping())
+
+    async def config_values(self, name: str) -> list[str]:
+        """``CONFIG GET name`` of the primary (of every primary in a Cluster)."""
+        async def op(client: Any) -> list[str]:
+            if self.mode == "cluster":
+                got = await client.config_get(name, target_nodes=ValkeyCluster.PRIMARIES)
+                rows = list(got.values()) if got and all(isinstance(v, dict) for v in got.values()) else [got]
+            else:
+                rows = [await client.config_get(name)]
+            return [_text(r.get(name, r.get(name.encode(), ""))) for r in rows]
+
+        return await self._call(f"reading its {name} setting", op)
+
+    async def replication(self) -> dict[str, str]:
+        """``INFO replication`` of the primary (Sentinel) or of the node ``VALKEY_URL`` names."""
+        info = await self._call("reading its replication state", lambda c: c.info("replication"))
+        if self.mode == "cluster" and info and all(isinstance(v, dict) for v in info.values()):
+            info = next(iter(info.values()))
+        return {str(k): _text(v) for k, v in info.items()}
 
 
 def _text(value: Any) -> str:

@@ -1,7 +1,8 @@
 """Test against the real thing: embedded servers, in-process workers, a pytest plugin.
 
 ``EmbeddedServers`` starts a real nats-server (JetStream on) and a real
-valkey-server on free loopback ports; ``heddle_process`` runs a ``heddle``
+valkey-server on free loopback ports (``EmbeddedValkeySentinel`` and
+``EmbeddedValkeyCluster`` a highly available Valkey); ``heddle_process`` runs a ``heddle``
 command against them as a subprocess. ``running_worker`` runs a worker for an
 app in a background thread; ``aworker`` runs one on the current event loop.
 The pytest plugin (installed with the package) provides the fixtures
@@ -25,6 +26,7 @@ from heddle.testing.servers import (
     nats_server_binary,
     valkey_server_binary,
 )
+from heddle.testing.valkey_ha import EmbeddedValkeyCluster, EmbeddedValkeySentinel
 
 if TYPE_CHECKING:
     from heddle.app import Heddle
@@ -34,6 +36,8 @@ __all__ = [
     "EmbeddedNats",
     "EmbeddedServers",
     "EmbeddedValkey",
+    "EmbeddedValkeyCluster",
+    "EmbeddedValkeySentinel",
     "aworker",
     "free_port",
     "heddle_process",
