@@ -16,6 +16,17 @@ server or model without structured outputs sends.
 The server is a few dozen lines of asyncio (HTTP/1.1 with keep-alive) in a
 background thread, so a test can hold a request open for seconds, answer with
 broken bytes, or see the client hang up.
+
+A request that asks for a stream (``stream: true``) is answered in the provider's
+streaming wire format, over chunked transfer encoding, one piece of the reply's
+text per event: Anthropic's server-sent events (message_start,
+content_block_start, ping, content_block_delta text_delta..., content_block_stop,
+message_delta, message_stop), OpenAI's ``data: {chat.completion.chunk}`` events
+(a usage chunk when ``stream_options.include_usage``) ending with ``data: [DONE]``,
+and Ollama's NDJSON lines ending with ``done: true``. ``Reply.hold`` makes the
+fake send the first ``hold_after`` pieces, then wait until the test sets the
+event, so a test can see chunks arrive while the provider is still streaming;
+``Reply.cut_after`` drops the connection after that many pieces.
 """
 
 from __future__ import annotations
@@ -62,6 +73,16 @@ class Reply:
     raw: bytes | None = None
     input_tokens: int = 11
     output_tokens: int = 7
+    pieces: list[str] | None = None
+    hold: threading.Event | None = None
+    hold_after: int = 1
+    cut_after: int | None = None
+
+    def split(self) -> list[str]:
+        """The pieces a streamed answer sends: ``pieces``, or the text a word at a time."""
+        if self.pieces is not None:
+            return list(self.pieces)
+        return re.findall(r"\s*\S+|\s+$", self.text) or [self.text]
 
 
 @dataclass
@@ -93,6 +114,8 @@ class FakeProvider:
         self.requests: list[Seen] = []
         self.violations: list[str] = []
         self.hangups = 0
+        #: Pieces of streamed answers sent so far, over all requests.
+        self.pieces_sent = 0
         self._changed = threading.Condition()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.base_events.Server | None = None
@@ -251,6 +274,8 @@ class FakeProvider:
             return False
         if reply.delay_s and await self._until_hangup(reader, reply.delay_s):
             return False
+        if body.get("stream") is True and reply.status < 400 and reply.raw is None:
+            return await self._stream(writer, body, reply)
         if reply.raw is not None:
             data = reply.raw
         elif reply.status >= 400:
@@ -268,6 +293,39 @@ class FakeProvider:
             head.append(f"request-id: req_{uuid.uuid4().hex[:16]}")
         writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + data)
         await writer.drain()
+
+    async def _stream(self, writer: asyncio.StreamWriter, request: dict[str, Any], reply: Reply) -> bool:
+        """Answer in the provider's streaming format, a piece at a time (chunked transfer encoding)."""
+        ctype = "application/x-ndjson" if self.kind == "ollama" else "text/event-stream"
+        head = ["HTTP/1.1 200 OK", f"content-type: {ctype}", "transfer-encoding: chunked", "connection: keep-alive",
+                "cache-control: no-cache"]
+        if self.kind == "anthropic":
+            head.append(f"request-id: req_{uuid.uuid4().hex[:16]}")
+        writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
+
+        async def send(data: str) -> None:
+            raw = data.encode()
+            writer.write(f"{len(raw):x}\r\n".encode() + raw + b"\r\n")
+            await writer.drain()
+
+        events = stream_events(self.kind, request, reply)
+        pieces = reply.split()
+        for before, _ in events[0]:
+            await send(before)
+        for i, piece in enumerate(pieces):
+            if reply.cut_after is not None and i == reply.cut_after:
+                writer.close()
+                return False
+            if reply.hold is not None and i == reply.hold_after:
+                await asyncio.get_running_loop().run_in_executor(None, reply.hold.wait, 60)
+            await send(delta_event(self.kind, request["model"], piece))
+            self.pieces_sent += 1
+            self._notify()
+        for after, _ in events[1]:
+            await send(after)
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        return True
 
     # -- the protocols ---------------------------------------------------------------
 
@@ -308,11 +366,14 @@ class FakeProvider:
                 rf.get("type") != "json_schema" or not isinstance(rf.get("json_schema", {}).get("schema"), dict)
             ):
                 return "response_format: expected {type: json_schema, json_schema: {name, schema}}"
+            so = body.get("stream_options")
+            if so is not None and (body.get("stream") is not True or not isinstance(so, dict)):
+                return "stream_options: only allowed with stream: true, as an object"
             if rf is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", str(rf["json_schema"].get("name"))):
                 return "response_format.json_schema.name: must match ^[a-zA-Z0-9_-]{1,64}$"
             return None
-        if body.get("stream") is not False:
-            return "stream: Ollama streams unless the request says stream: false"
+        if not isinstance(body.get("stream"), bool):
+            return "stream: Ollama streams unless the request says stream: false (say true or false)"
         fmt = body.get("format")
         if fmt is not None and fmt != "json" and not isinstance(fmt, dict):
             return "format: must be 'json' or a JSON schema"
@@ -441,6 +502,62 @@ def success_body(kind: str, request: dict[str, Any], reply: Reply) -> Any:
         "eval_count": reply.output_tokens,
         "eval_duration": 700_000,
     }
+
+
+def _sse(event: str | None, data: Any) -> str:
+    return (f"event: {event}\n" if event else "") + f"data: {json.dumps(data)}\n\n"
+
+
+def delta_event(kind: str, model: str, piece: str) -> str:
+    """One piece of streamed text as the provider sends it."""
+    if kind == "anthropic":
+        return _sse("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                            "delta": {"type": "text_delta", "text": piece}})
+    if kind == "openai":
+        return _sse(None, {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": int(time.time()),
+                           "model": model, "choices": [{"index": 0, "delta": {"content": piece}, "logprobs": None,
+                                                        "finish_reason": None}]})
+    return json.dumps({"model": model, "created_at": time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime()),
+                       "message": {"role": "assistant", "content": piece}, "done": False}) + "\n"
+
+
+def stream_events(kind: str, request: dict[str, Any], reply: Reply) -> tuple[list[tuple[str, str]],
+                                                                          list[tuple[str, str]]]:
+    """What a streamed answer sends before and after its text pieces: ([(data, name)], [(data, name)])."""
+    model = request["model"]
+    if kind == "anthropic":
+        start = {"type": "message_start", "message": {
+            "id": f"msg_{uuid.uuid4().hex[:24]}", "type": "message", "role": "assistant", "content": [],
+            "model": model, "stop_reason": None, "stop_sequence": None,
+            "usage": {"input_tokens": reply.input_tokens, "output_tokens": 1, "cache_creation_input_tokens": 0,
+                      "cache_read_input_tokens": 0}}}
+        before = [(_sse("message_start", start), "message_start"),
+                  (_sse("content_block_start", {"type": "content_block_start", "index": 0,
+                                                "content_block": {"type": "text", "text": ""}}), ""),
+                  (_sse("ping", {"type": "ping"}), "ping")]
+        after = [(_sse("content_block_stop", {"type": "content_block_stop", "index": 0}), ""),
+                 (_sse("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn",
+                                                                            "stop_sequence": None},
+                                         "usage": {"output_tokens": reply.output_tokens}}), ""),
+                 (_sse("message_stop", {"type": "message_stop"}), "")]
+        return before, after
+    if kind == "openai":
+        base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": int(time.time()), "model": model}
+        before = [(_sse(None, {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                                    "logprobs": None, "finish_reason": None}]}), "")]
+        after = [(_sse(None, {**base, "choices": [{"index": 0, "delta": {}, "logprobs": None,
+                                                   "finish_reason": "stop"}]}), "")]
+        if (request.get("stream_options") or {}).get("include_usage"):
+            after.append((_sse(None, {**base, "choices": [], "usage": {
+                "prompt_tokens": reply.input_tokens, "completion_tokens": reply.output_tokens,
+                "total_tokens": reply.input_tokens + reply.output_tokens}}), ""))
+        after.append(("data: [DONE]\n\n", ""))
+        return before, after
+    done = {"model": model, "created_at": time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime()),
+            "message": {"role": "assistant", "content": ""}, "done_reason": "stop", "done": True,
+            "total_duration": 1_000_000, "load_duration": 100_000, "prompt_eval_count": reply.input_tokens,
+            "prompt_eval_duration": 200_000, "eval_count": reply.output_tokens, "eval_duration": 700_000}
+    return [], [(json.dumps(done) + "\n", "")]
 
 
 def settings_for(provider: FakeProvider, model: str = "fake-model", **extra: Any) -> tuple[str, Any]:

@@ -38,7 +38,7 @@ async def test_streams_and_consumers_are_created_idempotently_with_explicit_limi
 
         tasks = await broker.js.stream_info(names.TASKS_STREAM)
         assert tasks.config.retention == "workqueue"
-        assert set(tasks.config.subjects) == {"heddle.tasks.incoming", "heddle.tasks.*.*"}
+        assert set(tasks.config.subjects) == {"heddle.tasks.incoming", "heddle.tasks.*.*", "heddle.tasks.*.*.*"}
         dlq = await broker.js.stream_info(names.DLQ_STREAM)
         assert dlq.config.subjects == ["heddle.tasks.dead_letter"]
         assert dlq.config.max_msgs == settings.dlq_max_msgs

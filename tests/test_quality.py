@@ -86,6 +86,7 @@ _INTERNAL_SIGNALS = {
     "heddle.graphs.run.NodeFailure",  # a node failed: turned into the goal's FAILURE record
     "heddle.llm.backends.base.AttemptFailed",  # one HTTP attempt failed: retried or turned into LLMBackendError
     "heddle.llm.extract.NoJSONFound",  # the model's text held no JSON: turned into LLMOutputError
+    "heddle.llm.backends.http.StreamFailed",  # an error event in a streamed reply: turned into AttemptFailed
 }
 
 

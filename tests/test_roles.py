@@ -285,7 +285,19 @@ def define(app: heddle.Heddle) -> dict[str, Any]:
     def fail() -> int:
         raise ValueError("on purpose")
 
-    return {"add": add, "fail": fail}
+    @app.task(name="roles.stream")
+    async def stream(*pieces: str) -> str:
+        from heddle.chunks import task_writer
+
+        writer = task_writer()
+        assert writer is not None
+        writer.begin()
+        for piece in pieces:
+            await writer.write(piece)
+        assert not writer.failed  # the worker role may publish its task's chunks
+        return "".join(pieces)
+
+    return {"add": add, "fail": fail, "stream": stream}
 
 
 @pytest.fixture
@@ -320,6 +332,21 @@ def test_client_router_worker_and_orchestrator_do_their_work_with_their_own_cred
     assert len(notices) == 1 and "NATS user 'client'" in notices[0]
     others = [v for v in violations(caplog) if v not in notices]
     assert others == []
+
+
+def test_a_worker_streams_chunks_that_the_client_and_the_workshop_roles_replay(bus, actors, caplog):
+    client = actors["client"]
+    pieces = ["Once ", "upon ", "a ", "time."]
+    r = client.tasks["roles.stream"].delay(*pieces)
+    assert [str(c) for c in r.stream(timeout=30)] == pieces
+    assert r.get(timeout=30) == "Once upon a time."
+    workshop = bus.app("workshop", client.name)
+    try:
+        assert list(heddle.AsyncResult(r.id, workshop).stream(timeout=30)) == pieces
+    finally:
+        workshop.close()
+    notices = [v for v in violations(caplog) if 'subscription to "heddle.results.' in v]
+    assert [v for v in violations(caplog) if v not in notices] == []
 
 
 def test_the_workshop_serves_its_pages_with_the_workshop_role_only(bus, actors, caplog):

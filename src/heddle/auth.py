@@ -36,7 +36,7 @@ __all__ = ["ROLES", "Permissions", "add_auth_command", "inbox_prefix", "nats_aut
 ROLES = ("client", "worker", "router", "orchestrator", "workshop")
 
 _API = "$JS.API"
-_STREAMS = (names.TASKS_STREAM, names.DLQ_STREAM, names.GOALS_STREAM)
+_STREAMS = (names.TASKS_STREAM, names.DLQ_STREAM, names.GOALS_STREAM, names.STREAMS_STREAM)
 _KV_STREAM = f"KV_{names.WORKERS_BUCKET}"
 _KV_SUBJECTS = f"$KV.{names.WORKERS_BUCKET}.>"
 _PASSWORD_BYTES = 32
@@ -61,7 +61,7 @@ def inbox_prefix(role: str) -> str:
 
 
 def _streams(*ops: str) -> list[str]:
-    """Stream API calls ``ops`` (``CREATE``, ``UPDATE``, ``INFO``) on Heddle's three streams."""
+    """Stream API calls ``ops`` (``CREATE``, ``UPDATE``, ``INFO``) on Heddle's four streams."""
     return [f"{_API}.STREAM.{op}.{s}" for op in ops for s in _STREAMS]
 
 
@@ -112,6 +112,17 @@ _SCHEDULES_READ = [f"{_API}.STREAM.INFO.{_SCHEDULES}", f"{_API}.STREAM.MSG.GET.{
 _SEND = [names.INCOMING_SUBJECT, names.GOALS_SUBJECT]  # tasks and goals, as a client sends them
 _RESULTS = f"{names.RESULT_SUBJECT_PREFIX}>"
 _INFO = f"{_API}.INFO"  # account info: preflight and /readyz
+# Token streams (heddle.chunks): workers publish a task's chunks on heddle.streams.{id};
+# readers (handle.stream(), the Workshop) replay one task's subject through an ordered
+# consumer of their own (an ephemeral push consumer, flow-controlled, delivered to their
+# inbox) and read the subject's last sequence to know where a finished task's stream ends.
+_CHUNKS = names.STREAMS_STREAM
+_STREAM_READ = [
+    f"{_API}.CONSUMER.CREATE.{_CHUNKS}",
+    f"{_API}.CONSUMER.CREATE.{_CHUNKS}.>",
+    f"{_API}.STREAM.MSG.GET.{_CHUNKS}",
+    f"$JS.FC.{_CHUNKS}.>",
+]
 
 
 def role_permissions() -> dict[str, Permissions]:
@@ -124,7 +135,7 @@ def role_permissions() -> dict[str, Permissions]:
         # subscribe to one heddle.results.{id} may subscribe to heddle.results.> too (nats-server
         # cannot tell them apart), so clients get no result notices (docs/security.md).
         "client": Permissions(
-            publish=(_INFO, *_streams("CREATE"), *_SEND, names.REVOKE_SUBJECT),
+            publish=(_INFO, *_streams("CREATE"), *_SEND, names.REVOKE_SUBJECT, *_STREAM_READ),
             subscribe=(f"{inbox_prefix('client')}.>",),
         ),
         # Consumes its worker type's subject, stores results, announces them and its events,
@@ -134,7 +145,7 @@ def role_permissions() -> dict[str, Permissions]:
                 _INFO, *_streams("CREATE"), *_KV_CREATE, _KV_SUBJECTS, *worker_consumer,
                 *_messages(names.TASKS_STREAM), names.DEAD_LETTER_SUBJECT, *_SEND, _RESULTS,
                 f"{names.TASK_EVENTS_PREFIX}>", f"{names.WORKER_EVENTS_PREFIX}>", f"{names.LLM_EVENTS_PREFIX}>",
-                *_SCHEDULER,
+                *_SCHEDULER, names.STREAM_SUBJECTS, *_STREAM_READ,
             ),
             publish_deny=tuple(not_theirs),
             subscribe=(f"{inbox_prefix('worker')}.>", names.REVOKE_SUBJECT, _advisory("*"),
@@ -169,7 +180,7 @@ def role_permissions() -> dict[str, Permissions]:
                 *(f"{_API}.CONSUMER.{op}.{s}" for op in ("LIST", "NAMES") for s in _STREAMS),
                 *(f"{_API}.CONSUMER.INFO.{s}.*" for s in _STREAMS),
                 f"{_API}.STREAM.MSG.GET.{names.DLQ_STREAM}", *_SCHEDULES_READ,
-                *_SEND, names.REVOKE_SUBJECT,
+                *_SEND, names.REVOKE_SUBJECT, *_STREAM_READ,
             ),
             subscribe=(f"{inbox_prefix('workshop')}.>", names.EVENTS_ALL, _RESULTS, _KV_SUBJECTS),
         ),

@@ -38,6 +38,11 @@ _MAX_PENDING_PUBLISHES = 8192
 # Header bytes a message may carry without being measured: JetStream stores at most
 # 64 KiB of headers, so a payload this far below max_payload always fits.
 _HEADERS_ROOM = 65 * 1024
+# Token streams (HEDDLE_STREAMS): a reader replays a task's chunks for this long after
+# they were written, and the stream never holds more than this in all (oldest go first).
+STREAMS_MAX_AGE_S = 3600.0
+STREAMS_MAX_BYTES = 256 * 1024 * 1024
+STREAMS_MAX_MSGS_PER_SUBJECT = 100_000
 _NATS_HDR_LINE = b"NATS/1.0\r\n"
 
 
@@ -388,7 +393,7 @@ class Broker:
         return self.js
 
     async def ensure_streams(self) -> None:
-        """Create or update the task, goal and dead-letter streams (idempotent)."""
+        """Create or update the task, goal, dead-letter and token-chunk streams (idempotent)."""
         s = self.settings
         tasks = api.StreamConfig(
             name=names.TASKS_STREAM,
@@ -413,7 +418,17 @@ class Broker:
             storage=api.StorageType.FILE,
             duplicate_window=s.dedup_window_s,
         )
-        for cfg in (tasks, dlq, goals):
+        chunks = api.StreamConfig(  # token chunks of streamed LLM replies (heddle.chunks)
+            name=names.STREAMS_STREAM,
+            subjects=[names.STREAM_SUBJECTS],
+            retention=api.RetentionPolicy.LIMITS,
+            storage=api.StorageType.FILE,
+            max_age=STREAMS_MAX_AGE_S,
+            max_bytes=STREAMS_MAX_BYTES,
+            max_msgs_per_subject=STREAMS_MAX_MSGS_PER_SUBJECT,
+            discard=api.DiscardPolicy.OLD,
+        )
+        for cfg in (tasks, dlq, goals, chunks):
             await self._add_or_update_stream(cfg)
 
     async def ensure_schedules_stream(self) -> None:

@@ -298,3 +298,18 @@ def schedule_key(app: str, name: str) -> str:
 def periodic_task_id(app: str, name: str, tick_ms: int) -> str:
     """The task id of one tick: the same for every delivery of that tick, so it runs once."""
     return f"{PERIODIC_ID_PREFIX}{app}:{name}:{tick_ms}"
+
+
+# Token streams (heddle.chunks): a streaming LLM call publishes its reply's chunks, as the
+# provider sends them, on ``heddle.streams.{task_id}`` in HEDDLE_STREAMS, a limits stream
+# bounded by age and size, so a reader that joins late replays them from the first.
+STREAMS_STREAM = "HEDDLE_STREAMS"
+STREAM_SUBJECT_PREFIX = "heddle.streams."
+STREAM_SUBJECTS = "heddle.streams.*"
+# A task header that asks an LLM worker to stream its reply (``apply_async(headers={...: "1"})``).
+HDR_STREAM = "heddle-stream"
+
+
+def stream_subject(task_id: str) -> str:
+    """JetStream subject the token chunks of task ``task_id`` are published on."""
+    return f"{STREAM_SUBJECT_PREFIX}{task_id}"

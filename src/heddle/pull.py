@@ -14,6 +14,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
@@ -268,3 +269,70 @@ def _description(msg: Msg) -> str:
 def _expire(fut: asyncio.Future[Any]) -> None:
     if not fut.done():
         fut.set_exception(TimeoutError())
+
+
+class SubjectReader:
+    """Every message stored on one subject of a limits stream, from the first, in order.
+
+    An ordered consumer (ephemeral, in memory, flow-controlled; nats-py re-creates
+    it from the next sequence if a delivery goes missing): a reader that opens
+    after the writer began still gets every message the stream holds, then each
+    new one as it is stored. A token stream's reader (:mod:`heddle.chunks`).
+
+    Args:
+        broker: A connected broker.
+        stream: The stream.
+        subject: The one subject to read.
+    """
+
+    def __init__(self, broker: Broker, stream: str, subject: str) -> None:
+        self._broker = broker
+        self.stream = stream
+        self.subject = subject
+        self._sub: Any = None
+        #: Stream sequence of the last message returned (0: none yet).
+        self.last_seq = 0
+
+    def _js(self) -> JetStreamContext:
+        if self._broker.js is None:
+            raise BrokerError("broker is not connected; call connect() first")
+        return self._broker.js
+
+    async def open(self) -> None:
+        """Create the consumer and start the deliveries."""
+        try:
+            self._sub = await self._js().subscribe(
+                self.subject, stream=self.stream, ordered_consumer=True,
+                deliver_policy=api.DeliverPolicy.ALL, inactive_threshold=10.0,
+            )
+        except Exception as exc:
+            raise translate(exc, self._broker.url, f"reading {self.subject} from {self.stream}") from exc
+
+    async def next(self) -> bytes:
+        """The next message's payload; waits until one is stored."""
+        try:
+            msg = await self._sub.next_msg(timeout=None)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise translate(exc, self._broker.url, f"reading {self.subject} from {self.stream}") from exc
+        self.last_seq = msg.metadata.sequence.stream
+        data: bytes = msg.data
+        return data
+
+    async def stored_until(self) -> int:
+        """Stream sequence of the newest message stored on the subject (0: none)."""
+        try:
+            raw = await self._js().get_last_msg(self.stream, self.subject)
+        except nats.js.errors.NotFoundError:
+            return 0
+        except Exception as exc:
+            raise translate(exc, self._broker.url, f"reading the last message on {self.subject}") from exc
+        return int(raw.seq or 0)
+
+    async def close(self) -> None:
+        """Stop the deliveries (the server drops the consumer once it is unused)."""
+        if self._sub is not None:
+            sub, self._sub = self._sub, None
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()

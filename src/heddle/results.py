@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import AsyncGenerator, Iterator
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from heddle import names
@@ -15,6 +16,7 @@ from heddle.errors import BackendError, ResultTimeout, TaskError, TaskExpired, T
 from heddle.messages import EXPIRED_ERROR, FAILURE, PENDING, READY_STATES, REVOKED, SUCCESS, ResultRecord
 
 if TYPE_CHECKING:
+    from heddle.chunks import StreamChunk
     from heddle.connections import Client
     from heddle.notices import Watch
 
@@ -153,6 +155,61 @@ class AsyncResult(Generic[R]):
         if info is None:
             return TaskError(self.id, "heddle.UnknownError", f"task ended in {record.state}")
         return TaskError(self.id, info.type, info.message, info.traceback)
+
+    async def astream(self, timeout: float | None = None) -> AsyncGenerator[StreamChunk, None]:
+        """Yield the task's streamed reply text, chunk by chunk, from the first, until the task ends.
+
+        A task streams when its LLM worker has ``stream: true`` or it was sent with
+        ``stream=True`` (:mod:`heddle.chunks`). Joining late loses nothing: the chunks
+        are replayed from the first, in order, then each new one as it is published.
+        The iteration ends once the task's final state is stored (at once for a task
+        that streams nothing); read the result with :meth:`aget` as usual. Each chunk
+        is a ``str``; ``chunk.new_reply`` marks the first chunk of a reply that
+        supersedes the text before it (a retry, a repair, an escalation).
+
+        Args:
+            timeout: Seconds to wait for the task to end; None waits forever.
+
+        Raises:
+            ResultTimeout: The task did not end in time.
+
+        Example:
+            >>> async for chunk in handle.astream(timeout=60):
+            ...     print(chunk, end="", flush=True)
+        """
+        import asyncio
+
+        from heddle.chunks import follow
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        await self.sent()
+        conns = await self.app.connections()
+        ended = self._wait(asyncio.get_running_loop(), deadline, timeout)
+        async for chunk in follow(conns.broker, self.id, ended):
+            yield chunk
+
+    def stream(self, timeout: float | None = None) -> Iterator[StreamChunk]:
+        """Iterate over the task's streamed reply text from sync code (see :meth:`astream`).
+
+        Example:
+            >>> for chunk in handle.stream(timeout=60):
+            ...     print(chunk, end="", flush=True)
+        """
+        self.app.refuse_blocking_in_loop("result.stream()", "async for chunk in result.astream()")
+        chunks = self.astream(timeout)
+
+        async def step() -> StreamChunk:
+            return await chunks.__anext__()
+
+        try:
+            while True:
+                try:
+                    yield self.app.run_sync(step(), self._portal_timeout(timeout))
+                except StopAsyncIteration:
+                    return
+        finally:
+            with contextlib.suppress(Exception):
+                self.app.run_sync(chunks.aclose(), 30.0)
 
     async def arevoke(self) -> None:
         """Revoke: a pending or delayed task never runs; a running one is cancelled."""

@@ -30,6 +30,7 @@ import msgspec
 from heddle import events, names
 from heddle.actor import Actor, acknowledge, seq_of
 from heddle.bands import Bands
+from heddle.chunks import bind_broker
 from heddle.context import TaskContext, set_current_task
 from heddle.errors import (
     ArgumentTypeError,
@@ -493,6 +494,7 @@ class Worker(Actor):
             ctx.meta["concurrency"] = f"{job.lease.label} (limit {job.lease.limit})"
         # This coroutine runs in its own asyncio task, so the context var is local to it.
         set_current_task(ctx)
+        bind_broker(self.conns.broker if self.conns is not None else None)  # token streams (heddle.chunks)
         try:
             args, kwargs = tm.args, tm.kwargs
             if task.arguments is not None:  # type hints: the declared types, from plain data

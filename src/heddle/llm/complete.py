@@ -26,10 +26,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from heddle.chunks import task_writer
 from heddle.context import task_context
 from heddle.errors import BudgetExceeded, ConfigError, LLMConfigError, LLMInputError, LLMOutputError
 from heddle.llm.backends import Backend, backend_for_tier
-from heddle.llm.backends.base import ChatReply, ChatRequest
+from heddle.llm.backends.base import ChatReply, ChatRequest, TextSink
 from heddle.llm.extract import NoJSONFound, extract_json
 from heddle.llm.models import ModelSchema
 from heddle.llm.prices import Budget, price_for, task_budget
@@ -216,6 +217,7 @@ async def complete(
     escalation: Sequence[str] = (),
     structured_output: str = "auto",
     schema_name: str = "output",
+    stream: bool = False,
     budget_usd: float | None = None,
 ) -> Completion:
     """Call the model of ``tier`` and return its reply, parsed and validated when ``schema`` is given.
@@ -241,6 +243,9 @@ async def complete(
             structured-output field where the provider and model take one;
             ``prompt``: only in the system prompt.
         schema_name: The schema's name where a provider asks for one (OpenAI-compatible).
+        stream: Ask the provider for a streamed reply and, inside a task run by a worker,
+            publish its text as it arrives on the task's token stream (``handle.stream()``,
+            :mod:`heddle.chunks`); outside a task the reply is streamed but not published.
         budget_usd: What this call may cost in all, repair and escalation included (inside
             a task, the lower of it and the task's budget, counting what the task spent
             before); see :mod:`heddle.llm.prices`.
@@ -289,6 +294,7 @@ async def complete(
         retries=retries,
         schema_name=schema_name,
         native_schema=structured_output == "auto",
+        stream=_stream_sink() if stream else None,
     )
     budget = task_budget(budget_usd)
     chain = escalation_chain(tier, escalation) if validator is not None else [tier]
@@ -346,6 +352,19 @@ async def complete(
         + (f"; not available: {', '.join(skipped)} (no backend configured)" if skipped else "")
         + f"; last reply: {_clip(completion.text)!r}"
     )
+
+
+def _stream_sink() -> TextSink:
+    """The running task's chunk writer, or a sink that drops the text outside a task."""
+    return task_writer() or _NoSink()
+
+
+class _NoSink:
+    def begin(self) -> None:
+        pass
+
+    async def write(self, text: str) -> None:
+        pass
 
 
 def _tier_entry(c: Completion) -> dict[str, Any]:

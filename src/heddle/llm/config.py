@@ -17,6 +17,7 @@ A worker config::
     retries: 2                           # per model request, on 429 / 5xx / connection errors / timeouts
     escalation: [standard, frontier]     # output still invalid after its repair -> the next tier
     structured_output: auto              # auto: the schema in the provider's own field where it can; prompt
+    stream: true                         # publish the reply's tokens as they arrive (handle.stream())
     budget_usd: 0.05                     # most a task's model calls may cost, in US dollars
 
 Unknown keys and wrong types are errors; all of them are reported at once,
@@ -79,6 +80,8 @@ class WorkerConfig:
             take one) or ``prompt`` (only in the prompt).
         input_model: ``module:Name`` of the Pydantic model given as ``input_schema``, or "".
         output_model: ``module:Name`` of the Pydantic model given as ``output_schema``, or "".
+        stream: Stream every reply and publish its text as it arrives on the task's token
+            stream (:mod:`heddle.chunks`); a task sent with the ``heddle-stream`` header streams too.
         budget_usd: Most one task's model calls may cost in all (repair and escalation
             included), in US dollars; None: no limit (see ``heddle.llm.prices``).
         source: The file it was loaded from.
@@ -99,6 +102,7 @@ class WorkerConfig:
     structured_output: str = "auto"
     input_model: str = ""
     output_model: str = ""
+    stream: bool = False
     budget_usd: float | None = None
     source: str = field(default="", compare=False)
 
@@ -223,6 +227,12 @@ def _structured_output(v: Any) -> str | None:
     return None
 
 
+def _boolean(v: Any) -> str | None:
+    if not isinstance(v, bool):
+        return f"must be true or false, got {_kind(v)} {_short(v)}"
+    return None
+
+
 # key -> (required, checker). Schemas get a deeper check below.
 WORKER_KEYS: dict[str, tuple[bool, Callable[[Any], str | None]]] = {
     "name": (True, _check_name),
@@ -238,6 +248,7 @@ WORKER_KEYS: dict[str, tuple[bool, Callable[[Any], str | None]]] = {
     "retries": (False, _int(0, MAX_RETRIES)),
     "escalation": (False, _escalation),
     "structured_output": (False, _structured_output),
+    "stream": (False, _boolean),
     "budget_usd": (False, _number(0.0, 1e6, lo_open=True)),
 }
 # Keys only a worker config has: how `heddle validate` tells one from other config files.

@@ -104,6 +104,7 @@ class _Runner:
                 escalation=c.escalation,
                 structured_output=c.structured_output,
                 schema_name=c.name,
+                stream=c.stream or (ctx is not None and ctx.headers.get(names.HDR_STREAM, "") not in ("", "0")),
                 budget_usd=c.budget_usd,
             )
         except Exception as exc:
@@ -297,9 +298,15 @@ class LLMWorkerHandle:
         """Send one input object (or its fields as keywords)."""
         return self.apply_async(self._payload(payload, fields))
 
-    def apply_async(self, payload: dict[str, Any], **options: Any) -> AsyncResult[Any]:
-        """Send one input object with ``apply_async`` options (``tier``, ``task_id``, ``countdown``...)."""
+    def apply_async(self, payload: dict[str, Any], *, stream: bool = False, **options: Any) -> AsyncResult[Any]:
+        """Send one input object with ``apply_async`` options (``tier``, ``task_id``, ``countdown``...).
+
+        With ``stream=True`` the worker streams its reply (as with ``stream: true`` in its
+        config): read it with ``result.stream()`` / ``result.astream()``.
+        """
         payload = self._payload(payload, {})
+        if stream:
+            options["headers"] = {**(options.get("headers") or {}), names.HDR_STREAM: "1"}
         if self.tier and "tier" not in options:
             options["tier"] = self.tier
         return self.app.send_task(self.name, (payload,), worker_type=self.name, **options)

@@ -508,6 +508,26 @@ def build_app(ws: Workshop) -> ASGIApp:
         return render(request, "_result.html", task_id=task_id, state=state, record=record,
                       final=state in READY_STATES and record is not None)
 
+    async def task_stream(request: Request) -> Response:
+        """A task's token stream as server-sent events: ``chunk`` ({text, new_reply}) from the first, then ``end``."""
+        from heddle.results import AsyncResult
+
+        try:
+            result: AsyncResult[Any] = AsyncResult(request.path_params["task_id"], ws.app)
+        except HeddleError as exc:
+            return PlainTextResponse(str(exc), status_code=404)
+
+        async def gen() -> AsyncIterator[str]:
+            try:
+                async for chunk in result.astream(timeout=STREAM_WAIT_S):
+                    data = json.dumps({"text": _shown(str(chunk)), "new_reply": chunk.new_reply})
+                    yield f"event: chunk\ndata: {data}\n\n"
+            except HeddleError as exc:
+                yield f"event: problem\ndata: {json.dumps(_shown(str(exc)))}\n\n"
+            yield "event: end\ndata: {}\n\n"
+
+        return StreamingResponse(gen(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
+
     # -- try a worker ------------------------------------------------------------------------
 
     async def try_page(request: Request) -> Response:
@@ -540,7 +560,9 @@ def build_app(ws: Workshop) -> ASGIApp:
         try:
             if target.config is not None:
                 payload = payload_from_form(target.config, form)
-                result = ws.app.send_task(target.task, payload, worker_type=target.worker_type, tier=tier)
+                headers = {names.HDR_STREAM: "1"} if form.get("stream") else None  # heddle.chunks
+                result = ws.app.send_task(target.task, payload, worker_type=target.worker_type, tier=tier,
+                                          headers=headers)
             else:
                 args, kwargs = args_from_form(form)
                 result = ws.app.send_task(target.task, args, kwargs, worker_type=target.worker_type, tier=tier)
@@ -648,6 +670,7 @@ def build_app(ws: Workshop) -> ASGIApp:
         Route("/fragments/tasks", tasks_fragment),
         Route("/tasks/{task_id}", task_page),
         Route("/fragments/result/{task_id}", result_fragment),
+        Route("/tasks/{task_id}/stream", task_stream),
         Route("/try", try_page),
         Route("/fragments/try-form", try_form),
         Route("/try", try_submit, methods=["POST"]),
@@ -662,6 +685,10 @@ def build_app(ws: Workshop) -> ASGIApp:
         Mount("/static", app=StaticFiles(directory=HERE / "static"), name="static"),
     ]
     return Guard(Starlette(routes=routes), ws)
+
+
+# How long a page may follow one task's token stream before the server ends it.
+STREAM_WAIT_S = 600.0
 
 
 def _hdrs() -> dict[str, str]:

@@ -112,6 +112,16 @@ class AnthropicBackend(Backend):
             if fmt is not None:
                 kwargs["output_config"] = {"format": fmt}
         try:
+            if request.stream is not None:
+                events = await client.messages.create(
+                    model=self.model,
+                    max_tokens=request.max_tokens,
+                    messages=request.messages,  # type: ignore[arg-type]
+                    timeout=request.timeout_s,
+                    stream=True,
+                    **kwargs,
+                )
+                return await self._read_stream(events, request)
             message = await client.messages.create(
                 model=self.model,
                 max_tokens=request.max_tokens,
@@ -150,3 +160,39 @@ class AnthropicBackend(Backend):
             raise AttemptFailed(
                 self.error(f"unexpected response shape ({type(exc).__name__}: {exc})"), retryable=False
             ) from None
+
+    async def _read_stream(self, events: Any, request: ChatRequest) -> ChatReply:
+        """Read a streamed reply's server-sent events; each text delta goes to the request's sink.
+
+        message_start (model, input tokens), content_block_delta (text_delta: the text),
+        message_delta (stop reason, output tokens), message_stop (the end); ping and the
+        content block start and stop carry nothing needed.
+        """
+        sink = request.stream
+        assert sink is not None
+        parts: list[str] = []
+        model, input_tokens, output_tokens, stop, done = self.model, 0, 0, "", False
+        try:
+            async for event in events:
+                kind = event.type
+                if kind == "content_block_delta" and event.delta.type == "text_delta":
+                    parts.append(event.delta.text)
+                    await sink.write(event.delta.text)
+                elif kind == "message_start":
+                    model = str(event.message.model or self.model)
+                    input_tokens = int(event.message.usage.input_tokens or 0)
+                    output_tokens = int(event.message.usage.output_tokens or 0)
+                elif kind == "message_delta":
+                    stop = str(event.delta.stop_reason or stop)
+                    output_tokens = int(event.usage.output_tokens or output_tokens)
+                    input_tokens = int(getattr(event.usage, "input_tokens", None) or input_tokens)
+                elif kind == "message_stop":
+                    done = True
+        except (AttributeError, TypeError) as exc:
+            raise AttemptFailed(
+                self.error(f"unexpected stream event ({type(exc).__name__}: {exc})"), retryable=False
+            ) from None
+        if not done:
+            raise AttemptFailed(self.error("the stream ended before message_stop"))
+        return ChatReply(text="".join(parts), model=model, input_tokens=input_tokens,
+                         output_tokens=output_tokens, stop_reason=stop)

@@ -16,6 +16,13 @@ OpenAI-compatible ``response_format``) unless the backend says the provider
 or model cannot take it (:meth:`Backend.native_schema_problem`), or the
 provider refuses it with a 400 that names the field; then the backend falls
 back, for good, to the schema in the prompt alone, and logs why once.
+
+Streaming: a request with a ``stream`` sink asks the provider for a streamed
+response (Anthropic ``stream: true`` server-sent events, Ollama's NDJSON lines,
+OpenAI-compatible ``data:`` events) and hands each text delta to the sink as it
+arrives; every attempt begins a reply on the sink first, so a retried attempt's
+text is told apart from the one it replaces. The reply returned is the same as
+without streaming.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import random
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from heddle.errors import LLMBackendError, LLMTimeout
 from heddle.redact import redact
@@ -44,6 +51,16 @@ RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
 MAX_RETRY_AFTER_S = 120.0
 BACKOFF_BASE_S = 0.5
 BACKOFF_MAX_S = 30.0
+
+
+class TextSink(Protocol):
+    """Where a streamed reply's text goes as it arrives (:class:`heddle.chunks.ChunkWriter`)."""
+
+    def begin(self) -> None:
+        """A new reply (an attempt) starts."""
+
+    async def write(self, text: str) -> None:
+        """One piece of the reply's text, in order."""
 
 
 @dataclass(frozen=True)
@@ -63,6 +80,7 @@ class ChatRequest:
             ``json_schema.name``): letters, digits, ``_`` and ``-``.
         native_schema: Whether to send ``json_schema`` in the provider's field
             (False: it is only in the prompt).
+        stream: Ask for a streamed response and hand its text to this sink as it arrives.
     """
 
     messages: list[dict[str, str]]
@@ -74,6 +92,7 @@ class ChatRequest:
     retries: int = 2
     schema_name: str = "output"
     native_schema: bool = True
+    stream: TextSink | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -257,6 +276,8 @@ class Backend(abc.ABC):
         attempts = request.retries + 1
         for attempt in range(1, attempts + 1):
             started = time.monotonic()
+            if request.stream is not None:
+                request.stream.begin()
             try:
                 async with asyncio.timeout(request.timeout_s):
                     reply = await self._attempt(request)

@@ -1,11 +1,12 @@
-"""Ollama: ``POST /api/chat`` without streaming."""
+"""Ollama: ``POST /api/chat``, whole (``stream: false``) or streamed as NDJSON lines (``stream: true``)."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from heddle.llm.backends.base import ChatReply, ChatRequest
-from heddle.llm.backends.http import HTTPBackend, as_int
+from heddle.llm.backends.http import HTTPBackend, StreamFailed, as_int
 
 
 class OllamaBackend(HTTPBackend):
@@ -32,7 +33,7 @@ class OllamaBackend(HTTPBackend):
         body: dict[str, Any] = {
             "model": self.model,
             "messages": self.chat_messages(request),
-            "stream": False,
+            "stream": request.stream is not None,
             "options": {"temperature": request.temperature, "num_predict": request.max_tokens},
         }
         if request.json_schema is not None and request.native_schema:
@@ -47,3 +48,17 @@ class OllamaBackend(HTTPBackend):
             output_tokens=as_int(body.get("eval_count")),
             stop_reason=str(body.get("done_reason") or ""),
         )
+
+    def parse_line(self, line: str, reply: dict[str, Any]) -> str:
+        # One JSON object a line: {"message": {"content": delta}, "done": false}, ..., then
+        # {"done": true, "done_reason", "prompt_eval_count", "eval_count"}; {"error": ...} on failure.
+        event = json.loads(line)
+        if "error" in event:
+            raise StreamFailed(str(event["error"]))
+        reply["model"] = event.get("model") or reply["model"]
+        if event.get("done"):
+            reply.update(done=True, stop_reason=event.get("done_reason") or "",
+                         input_tokens=as_int(event.get("prompt_eval_count")),
+                         output_tokens=as_int(event.get("eval_count")))
+        message = event.get("message") or {}
+        return str(message.get("content") or "")

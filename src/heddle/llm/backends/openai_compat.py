@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
 from heddle.llm.backends.base import ChatReply, ChatRequest
-from heddle.llm.backends.http import HTTPBackend, as_int
+from heddle.llm.backends.http import HTTPBackend, StreamFailed, as_int
 
 
 def _schema_name(name: str) -> str:
@@ -50,8 +51,10 @@ class OpenAICompatBackend(HTTPBackend):
             "messages": self.chat_messages(request),
             "max_tokens": request.max_tokens,
             "temperature": request.temperature,
-            "stream": False,
+            "stream": request.stream is not None,
         }
+        if request.stream is not None:  # usage comes in a last chunk of its own, before [DONE]
+            body["stream_options"] = {"include_usage": True}
         if request.json_schema is not None and request.native_schema:
             body["response_format"] = {
                 "type": "json_schema",
@@ -70,3 +73,27 @@ class OpenAICompatBackend(HTTPBackend):
             output_tokens=as_int(usage.get("completion_tokens")),
             stop_reason=str(choice.get("finish_reason") or ""),
         )
+
+    def parse_line(self, line: str, reply: dict[str, Any]) -> str:
+        # Server-sent events: "data: {chat.completion.chunk}" lines, then "data: [DONE]".
+        if not line.startswith("data:"):
+            return ""  # comments (": keep-alive"), event names, ids
+        data = line[len("data:"):].strip()
+        if data == "[DONE]":
+            reply["done"] = True
+            return ""
+        event = json.loads(data)
+        if event.get("error"):
+            err = event["error"]
+            raise StreamFailed(str(err.get("message") if isinstance(err, dict) else err))
+        reply["model"] = event.get("model") or reply["model"]
+        usage = event.get("usage")
+        if usage:
+            reply["input_tokens"] = as_int(usage.get("prompt_tokens"))
+            reply["output_tokens"] = as_int(usage.get("completion_tokens"))
+        text = ""
+        for choice in event.get("choices") or []:
+            if choice.get("finish_reason"):
+                reply["stop_reason"] = choice["finish_reason"]
+            text += (choice.get("delta") or {}).get("content") or ""
+        return text

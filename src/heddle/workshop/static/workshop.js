@@ -2,7 +2,8 @@
 // Elements opt in with data-watch="tick" (every tick), data-watch="tasks" (any task event),
 // data-watch-task="ID" (events of one task), data-watch-goal="ID" (progress of one goal or
 // pipeline run, and the events of its nodes' tasks) or data-watch-eval="ID" (progress of one evaluation run); each refreshes
-// through its htmx "refresh" trigger.
+// through its htmx "refresh" trigger. An element with data-stream-task="ID" shows that task's
+// token stream as the model writes it (/tasks/ID/stream: every chunk from the first, then "end").
 (function () {
   "use strict";
   var live = document.getElementById("live");
@@ -35,5 +36,27 @@
     source.addEventListener("goal", byId("goal"));
     source.addEventListener("eval", byId("eval"));
   }
-  if (window.EventSource) { connect(); }
+  function follow(el) {
+    if (el.getAttribute("data-streaming")) { return; }
+    el.setAttribute("data-streaming", "on");
+    var source = new EventSource("/tasks/" + encodeURIComponent(el.getAttribute("data-stream-task")) + "/stream");
+    // Every (re)connection replays the stream from its first chunk.
+    source.onopen = function () { el.textContent = ""; };
+    source.addEventListener("chunk", function (e) {
+      var chunk = JSON.parse(e.data);
+      if (chunk.new_reply) { el.textContent = ""; }  // a retry, repair or escalation writes it anew
+      el.hidden = false;
+      el.textContent += chunk.text;
+    });
+    source.addEventListener("problem", function (e) { el.setAttribute("data-problem", JSON.parse(e.data)); });
+    source.addEventListener("end", function () { source.close(); el.setAttribute("data-streaming", "done"); });
+  }
+  function followAll(root) {
+    if (root.matches && root.matches("[data-stream-task]")) { follow(root); }
+    if (root.querySelectorAll) { root.querySelectorAll("[data-stream-task]").forEach(follow); }
+  }
+  if (window.EventSource) {
+    connect();
+    if (window.htmx) { htmx.onLoad(followAll); } else { followAll(document); }
+  }
 })();
