@@ -167,6 +167,36 @@ async def test_a_plain_valkey_server_named_as_a_cluster_is_a_clear_error(single)
     await backend.close()
 
 
+async def test_under_a_valkey_cluster_with_replicas_results_wait_for_them_and_survive_a_primary_kill():
+    with EmbeddedValkeyCluster(3, replicas=1) as cluster:
+        backend = ResultBackend(Settings(valkey_url=cluster.url, valkey_cluster=True, valkey_wait_replicas=1,
+                                         valkey_wait_timeout_s=0.5))
+        await backend.connect()
+        try:
+            before = [f"b{uuid.uuid4().hex[:10]}" for _ in range(60)]
+            await backend.claim_many(before, "w")
+            # Keys on all three primaries: one WAIT goes to each, and each has its replica.
+            assert all(await backend.store_many([StoreRequest(t, SUCCESS, b"before") for t in before]))
+            victim = cluster.node_at(backend.client.get_node_from_key(names.result_key(before[0])).port)
+            victim.stop(kill=True)
+            after = [f"a{uuid.uuid4().hex[:10]}" for _ in range(60)]
+            # Retried against the promoted replica once the cluster has failed over...
+            await backend.claim_many(after, "w")
+            stores = [StoreRequest(t, SUCCESS, b"after") for t in after]
+            # ...which has no replica of its own: stored, but not to be acknowledged yet.
+            with pytest.raises(store.NotReplicated, match="only 0 of 1 replica"):
+                await backend.store_many(stores)
+            victim.start()  # back as the replica of the node that replaced it
+            cluster.wait_ready()
+            assert all(await backend.store_many(stores))  # the same claims' writes: counted as written
+            found = await backend.final_records(before + after)
+            assert found == {**{t: b"before" for t in before}, **{t: b"after" for t in after}}
+            promoted = backend.client.get_node_from_key(names.result_key(before[0])).port
+            assert promoted != victim.port
+        finally:
+            await backend.close()
+
+
 # -- fencing ---------------------------------------------------------------------------
 
 

@@ -232,18 +232,23 @@ class _SentinelProcess(EmbeddedValkey):
 
 
 class EmbeddedValkeyCluster:
-    """A Valkey Cluster of ``primaries`` nodes on loopback (no replicas), every slot served.
+    """A Valkey Cluster of ``primaries`` nodes on loopback, every slot served, each with ``replicas`` replicas.
 
     :attr:`url` names one node; ``VALKEY_CLUSTER=1`` tells Heddle to follow the slot map.
+    With replicas, killing a primary makes the cluster promote its replica (after
+    ``cluster-node-timeout``, 2 s here).
 
     Args:
-        primaries: Nodes, each serving an equal range of the 16384 slots (3 at least).
+        primaries: Nodes serving an equal range of the 16384 slots each (3 at least).
+        replicas: Replicas of each primary.
         host: Loopback address.
     """
 
-    def __init__(self, primaries: int = 3, host: str = "127.0.0.1") -> None:
+    def __init__(self, primaries: int = 3, replicas: int = 0, host: str = "127.0.0.1") -> None:
         self.host = host
-        self.bus_ports = [free_port(host) for _ in range(primaries)]
+        self.primaries = primaries
+        count = primaries * (1 + replicas)
+        self.bus_ports = [free_port(host) for _ in range(count)]
         self.nodes: list[EmbeddedValkey] = [
             EmbeddedValkey(host, None, None, args=[
                 "--cluster-enabled", "yes",
@@ -260,27 +265,43 @@ class EmbeddedValkeyCluster:
         """``VALKEY_URL`` of the first node (any node would do)."""
         return self.nodes[0].url
 
+    def node_at(self, port: int) -> EmbeddedValkey:
+        """The node listening on ``port``."""
+        return next(n for n in self.nodes if n.port == port)
+
     def start(self) -> EmbeddedValkeyCluster:
-        """Start the nodes, join them, assign the slots; return once every node says ``cluster_state:ok``."""
+        """Start the nodes, join them, assign the slots, attach replicas; return once the cluster is ok."""
         for n in self.nodes:
             n.start()
         first = self.nodes[0]
         for n in self.nodes[1:]:
             valkey_command(n.host, n.port, "CLUSTER", "MEET", first.host, first.port, self.bus_ports[0])
-        share = _SLOTS // len(self.nodes)
-        for i, n in enumerate(self.nodes):
-            last = _SLOTS - 1 if i == len(self.nodes) - 1 else (i + 1) * share - 1
+        primaries = self.nodes[:self.primaries]
+        share = _SLOTS // len(primaries)
+        for i, n in enumerate(primaries):
+            last = _SLOTS - 1 if i == len(primaries) - 1 else (i + 1) * share - 1
             valkey_command(n.host, n.port, "CLUSTER", "ADDSLOTSRANGE", i * share, last)
+        ids = [str(valkey_command(n.host, n.port, "CLUSTER", "MYID")) for n in primaries]
+        for j, n in enumerate(self.nodes[self.primaries:]):
+            primary_id = ids[j % len(primaries)]
+            # A replica must have heard of its primary (gossip) before it can follow it.
+            _wait(f"node {n.port} did not learn of primary {primary_id}",
+                  lambda n=n, primary_id=primary_id: valkey_command(
+                      n.host, n.port, "CLUSTER", "REPLICATE", primary_id) == "OK")
         self.wait_ready()
         return self
 
     def wait_ready(self, timeout_s: float = _READY_TIMEOUT_S) -> None:
-        """Wait until every node knows every other and reports ``cluster_state:ok``."""
+        """Wait until every running node knows the others and says ``cluster_state:ok``, replicas in sync."""
         def ok() -> bool:
-            for n in self.nodes:
+            running = [n for n in self.nodes if n.proc is not None]
+            for n in running:
                 info = str(valkey_command(n.host, n.port, "CLUSTER", "INFO"))
                 fields = dict(line.split(":", 1) for line in info.split() if ":" in line)
-                if fields.get("cluster_state") != "ok" or int(fields.get("cluster_known_nodes", 0)) < len(self.nodes):
+                if fields.get("cluster_state") != "ok" or int(fields.get("cluster_known_nodes", 0)) < len(running):
+                    return False
+                role = _info(n.host, n.port, "replication")
+                if role.get("role") == "slave" and role.get("master_link_status") != "up":
                     return False
             return True
 
