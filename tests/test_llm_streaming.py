@@ -21,9 +21,11 @@ from heddle.llm.backends.base import ChatRequest
 from heddle.results import AsyncResult
 from heddle.testing import aworker
 from tests.fake_providers import FakeProvider, Reply, settings_for
+from tests.test_llm_local_model import local_model
 from tests.test_llm_worker import make_app, write_config
 
 ANSWER = '{"label": "negative"}'
+__all__ = ["local_model"]  # a fixture, imported for pytest
 
 
 class Collect:
@@ -233,3 +235,46 @@ def test_heddle_validate_accepts_stream_and_rejects_a_wrong_value_or_a_misspelli
     typo, _ = write_config(tmp_path, name="typo", streem=True)
     (issue,) = validate_file(typo).issues
     assert "did you mean 'stream'?" in str(issue)
+
+
+# -- the embedded local model (llama.cpp's server streams both of its APIs) ------------------
+
+
+async def test_a_streaming_yaml_worker_on_the_real_embedded_model_streams_the_json_it_returns(
+    local_model, heddle_servers
+):
+    import dataclasses
+
+    from heddle.llm import worker_app
+    from heddle.llm.config import load_worker_config
+    from heddle.settings import LLMSettings
+    from tests.test_llm_local_model import EXAMPLES
+
+    config = load_worker_config(EXAMPLES / "classifier.yaml")
+    config = dataclasses.replace(config, name=f"cls{uuid.uuid4().hex[:8]}", stream=True)
+    settings = LLMSettings(lm_studio_url=local_model.url, lm_studio_model=local_model.model)
+    app = worker_app(config, "local", llm_settings=settings, nats_url=heddle_servers.nats_url,
+                     valkey_url=heddle_servers.valkey_url)
+    async with aworker(app, tier="local"):
+        r = app.send_task(config.name, {"text": "I love this phone. It works great and the battery lasts."})
+        chunks = [c async for c in r.astream(timeout=60)]
+        result = await r.aget(timeout=5)
+    await app.aclose()
+    assert len(chunks) > 1
+    tail = chunks[max((i for i, c in enumerate(chunks) if c.new_reply), default=0):]
+    assert json.loads("".join(tail)) == result  # the reply that was used, as it was written
+    assert r.record.meta["output_tokens"] > 0 and r.record.meta["input_tokens"] > 20
+
+
+async def test_the_anthropic_sdk_backend_streams_from_the_embedded_models_messages_endpoint(local_model):
+    from heddle.llm.local_model import MODEL_ALIAS
+    from heddle.settings import LLMSettings
+
+    settings = LLMSettings(anthropic_api_key="unused", anthropic_base_url=local_model.url, standard_model=MODEL_ALIAS)
+    backend = backend_for_tier("standard", settings)
+    sink = Collect()
+    reply = await backend.chat(ChatRequest(messages=[{"role": "user", "content": "Say hello."}], max_tokens=8,
+                                           stream=sink))
+    await backend.aclose()
+    assert reply.text.strip() and "".join(sink.parts) == reply.text and len(sink.parts) > 1
+    assert reply.input_tokens > 0 and 0 < reply.output_tokens <= 8
