@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import textwrap
 import uuid
-
-import pytest
 
 import heddle
 from heddle.graphs.pipeline import load_pipeline, validate_pipeline_file
 from heddle.llm import worker_app
-from heddle.testing import aworker
-from heddle.testing.orchestrators import aorchestrator
+from heddle.testing import aworker, running_worker
+from heddle.testing.orchestrators import aorchestrator, running_orchestrator
+from tests.conftest import ROOT
 from tests.fake_providers import FakeProvider, Reply, settings_for
 from tests.test_llm_worker import write_config
 
@@ -99,3 +102,90 @@ def test_heddle_validate_takes_cache_on_worker_stages_and_names_a_misspelling(tm
     assert len(found) == 3
     file.write_text("name: p\nstages:\n  - name: a\n    worker_type: w\n    cache: {ttl_seconds: 600}\n")
     assert load_pipeline(file).node.stages[0].cache_ttl_s == 600
+
+
+RERUN = """
+name: chain
+stages:
+  - name: first
+    worker_type: {name}
+    tier: local
+    input_mapping: {{text: goal.context.text}}
+  - name: side
+    worker_type: {name}
+    tier: local
+    input_mapping: {{text: goal.context.text}}
+  - name: second
+    worker_type: {name}
+    tier: local
+    input_mapping: {{text: first.output.label}}
+  - name: third
+    worker_type: {name}
+    tier: local
+    input_mapping: {{text: second.output.label, note: goal.context.note}}
+"""
+
+
+def label(word):
+    return Reply(text=json.dumps({"label": word}))
+
+
+def test_heddle_goals_rerun_reuses_the_stages_before_and_sends_only_the_stage_and_those_after(
+    tmp_path, heddle_servers
+):
+    path, name = write_config(tmp_path)
+    file = tmp_path / "chain.yaml"
+    file.write_text(textwrap.dedent(RERUN.format(name=name)))
+    client = heddle.Heddle(f"c{uuid.uuid4().hex[:8]}", **servers_of(heddle_servers))
+    env = {**os.environ, "NATS_URL": heddle_servers.nats_url, "VALKEY_URL": heddle_servers.valkey_url,
+           "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
+    rerun = [sys.executable, "-m", "heddle", "goals", "rerun"]
+    with FakeProvider("ollama") as p:
+        app = worker_app(path, "local", llm_settings=settings_for(p, model="m1")[1], **servers_of(heddle_servers))
+        p.add(label("positive"), label("neutral"), label("negative"), label("neutral"))
+        with running_worker(app), running_orchestrator(client):
+            g = load_pipeline(file).apply_async({"text": "Sunny.", "note": "old"}, app=client)
+            assert g.get(timeout=30)["third"] == {"label": "neutral"}
+            assert len(p.requests) == 4
+            sent_before = {json.loads(r.body["messages"][-1]["content"])["text"] for r in p.requests}
+            assert sent_before == {"Sunny.", "positive", "negative"}
+            p.add(label("negative"), label("positive"))
+            new_input = tmp_path / "input.json"
+            new_input.write_text(json.dumps({"text": "Ignored: first is reused.", "note": "new"}))
+            out = subprocess.run([*rerun, g.id, "--from", "second", "--input", str(new_input), "--timeout", "30",
+                                  "--json"], capture_output=True, text=True, timeout=90, env=env, cwd=tmp_path)
+            assert out.returncode == 0, out.stdout + out.stderr
+            doc = json.loads(out.stdout)
+            # Only second and third reached the provider, with first's stored output and the new note.
+            assert len(p.requests) == 6
+            second, third = (json.loads(r.body["messages"][-1]["content"]) for r in p.requests[4:])
+            assert second == {"text": "positive"}
+            assert third == {"text": "negative", "note": "new"}
+            assert (doc["rerun_of"], doc["from_stage"], doc["reused"], doc["sent"]) == (
+                g.id, "second", ["first", "side"], ["second", "third"])
+            assert doc["state"] == "SUCCESS" and doc["goal_id"] != g.id
+            assert doc["output"] == {"first": {"label": "positive"}, "side": {"label": "neutral"},
+                                     "second": {"label": "negative"}, "third": {"label": "positive"}}
+            rows = {r["name"]: r for r in doc["timeline"]}
+            assert rows["first"]["reason"] == f"reused from {g.id}:first"
+            assert rows["side"]["reason"] == f"reused from {g.id}:side"
+            assert "reason" not in rows["second"] and "reason" not in rows["third"]
+            new = client.AsyncResult(f"{doc['goal_id']}:first")
+            assert new.get(timeout=5) == {"label": "positive"} and new.record.meta["reused_from"] == f"{g.id}:first"
+            p.add(label("neutral"))
+            table = subprocess.run([*rerun, g.id, "--from", "third", "--quiet"], capture_output=True, text=True,
+                                   timeout=90, env=env, cwd=tmp_path)
+            assert table.returncode == 0, table.stdout + table.stderr
+            assert len(p.requests) == 7 and "timeline chain" in table.stdout
+            assert f"reused from {g.id}:second" in table.stdout
+            typo = subprocess.run([*rerun, g.id, "--from", "secnd"], capture_output=True, text=True, timeout=60,
+                                  env=env, cwd=tmp_path)
+            assert typo.returncode != 0
+            assert ("pipeline 'chain' has no stage 'secnd' (did you mean 'second'?); its stages: first, side, "
+                    "second, third") in typo.stderr
+            nowhere = subprocess.run([*rerun, "no-such-goal", "--from", "second"], capture_output=True, text=True,
+                                     timeout=60, env=env, cwd=tmp_path)
+            assert nowhere.returncode != 0 and "no goal no-such-goal: it never ran" in nowhere.stderr
+            assert len(p.requests) == 7
+        app.close()
+    client.close()

@@ -415,7 +415,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_llm_commands(sub)  # validate, models
     from heddle.cli.graphs import add_graph_commands
 
-    add_graph_commands(sub)  # orchestrator, submit
+    add_graph_commands(sub)  # orchestrator, submit, goals
     from heddle.status import add_status_commands
 
     add_status_commands(sub)  # status, events, inspect, schedules
@@ -447,7 +447,7 @@ def _dispatch(args: Any, rest: Sequence[str]) -> int:
             from heddle.cli.llm import run_llm_command
 
             return run_llm_command(args)
-        if args.command in ("orchestrator", "submit"):
+        if args.command in ("orchestrator", "submit", "goals"):
             from heddle.cli.graphs import run_graph_command
 
             return run_graph_command(args)

@@ -1,4 +1,5 @@
-"""Command line for goals: ``heddle orchestrator``, ``heddle submit``, and the worker's orchestrator flags.
+"""Command line for goals: ``heddle orchestrator``, ``heddle submit``, ``heddle goals rerun``, and the worker's
+orchestrator flags.
 
 ``heddle.cli`` wires these in.
 """
@@ -109,12 +110,29 @@ def add_graph_commands(sub: Any) -> None:
                    help="most the goal's model calls may cost in all, in US dollars (below the file's budget_usd)")
     s.add_argument("--json", action="store_true", help="print the outcome and timeline as JSON on stdout")
     s.add_argument("--quiet", action="store_true", help="no live progress")
+    g = sub.add_parser("goals", help="act on goals: rerun a finished pipeline goal from one stage")
+    gsub = g.add_subparsers(dest="goals_command", required=True)
+    r = gsub.add_parser("rerun", help="rerun a finished pipeline goal from STAGE: the stages before it are not "
+                                      "sent again (their stored outputs are reused), it and those after it are")
+    r.add_argument("goal_id", help="the finished goal")
+    r.add_argument("--from", dest="from_stage", required=True, metavar="STAGE", help="the first stage to send again")
+    r.add_argument("--input", default=None, metavar="FILE",
+                   help="new goal input: a JSON file (or a JSON object); default: the original goal's")
+    r.add_argument("-A", "--app", default=None, help="module[:attribute] of an app whose settings to use")
+    r.add_argument("--timeout", type=float, default=None, help="seconds to wait for the result (default: no limit)")
+    r.add_argument("--task-id", default=None, help="the new goal's id")
+    r.add_argument("--budget-usd", type=_positive_usd, default=None,
+                   help="most the rerun's model calls may cost, in US dollars (default: the original goal's)")
+    r.add_argument("--json", action="store_true", help="print the outcome and timeline as JSON on stdout")
+    r.add_argument("--quiet", action="store_true", help="no live progress")
 
 
 def run_graph_command(args: argparse.Namespace) -> int:
-    """Run ``heddle orchestrator`` or ``heddle submit``."""
+    """Run ``heddle orchestrator``, ``heddle submit`` or ``heddle goals rerun``."""
     if args.command == "orchestrator":
         return _run_orchestrator(args)
+    if args.command == "goals":
+        return _run_rerun(args)
     return _run_submit(args)
 
 
@@ -139,6 +157,42 @@ def _run_orchestrator(args: argparse.Namespace) -> int:
 
     run_actor_process(app, orch, args.health_port)
     return 0
+
+
+# -- heddle goals rerun --------------------------------------------------------------------
+
+
+def _run_rerun(args: argparse.Namespace) -> int:
+    from heddle.graphs.pipeline import Pipeline
+    from heddle.graphs.rerun import arerun
+
+    text = args.input
+    context = None
+    if text is not None:
+        context = _parse_input(text if text.lstrip().startswith("{") or text.startswith("@") else "@" + text)
+    app = _submit_app(args)
+
+    async def run() -> dict[str, Any]:
+        try:
+            rerun = await arerun(app, args.goal_id, args.from_stage, context, budget_usd=args.budget_usd,
+                                 task_id=args.task_id)
+        except BaseException:
+            await app.aclose()
+            raise
+        if not args.quiet:
+            err_console.print(
+                f"rerun of goal [cyan]{rerun.rerun_of}[/] from stage {escape(rerun.from_stage)} as goal "
+                f"[cyan]{rerun.result.id}[/]: reusing {escape(', '.join(rerun.reused) or 'nothing')}; "
+                f"sending {escape(', '.join(rerun.sent))}")
+        outcome = await _follow(app, rerun.result, Pipeline(rerun.node), args)
+        return {**outcome, "rerun_of": rerun.rerun_of, "from_stage": rerun.from_stage, "reused": rerun.reused,
+                "sent": rerun.sent}
+
+    try:
+        outcome = asyncio.run(run())
+    finally:
+        app.close()
+    return _print_outcome(outcome, outcome["pipeline"], args)
 
 
 # -- heddle submit -------------------------------------------------------------------------
@@ -180,11 +234,15 @@ def _run_submit(args: argparse.Namespace) -> int:
         outcome = asyncio.run(_submit(app, pipeline, context, args))
     finally:
         app.close()
+    return _print_outcome(outcome, pipeline.name, args)
+
+
+def _print_outcome(outcome: dict[str, Any], name: str, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(outcome, indent=2, default=str))
     else:
         out = Console(soft_wrap=True)
-        out.print(_timeline_table(outcome["timeline"], title=f"{pipeline.name} {outcome['goal_id']}"))
+        out.print(_timeline_table(outcome["timeline"], title=f"{name} {outcome['goal_id']}"))
         if outcome["cost_usd"] is not None:
             budget = f" of budget_usd {usd(outcome['budget_usd'])}" if outcome["budget_usd"] is not None else ""
             out.print(f"cost {usd(outcome['cost_usd'])}{budget}")
@@ -207,6 +265,10 @@ async def _submit(app: Heddle, pipeline: Pipeline, context: dict[str, Any], args
     await result.sent()
     if not args.quiet:
         err_console.print(f"submitted goal [cyan]{result.id}[/] ({pipeline.name}, {len(pipeline.node.stages)} stages)")
+    return await _follow(app, result, pipeline, args)
+
+
+async def _follow(app: Heddle, result: GraphResult, pipeline: Pipeline, args: argparse.Namespace) -> dict[str, Any]:
     waiter = asyncio.ensure_future(result.aget(timeout=args.timeout, propagate=False))
     if not args.quiet:
         await _show_progress(app, result, pipeline, waiter)

@@ -43,6 +43,7 @@ from heddle.graphs.model import (
     Node,
     NodeState,
     PipelineNode,
+    ReusedStage,
     TaskNode,
     child_path,
     goal_decoder,
@@ -462,6 +463,8 @@ def submit_goal(
     name: str = "",
     goal_id: str | None = None,
     budget_usd: float | None = None,
+    reuse: dict[str, ReusedStage] | None = None,
+    rerun_of: str = "",
 ) -> GraphResult:
     """Publish a goal to ``heddle.goals.incoming``; every graph is sent through here.
 
@@ -491,6 +494,8 @@ def submit_goal(
         name=label,
         submitted_at=time.time(),
         budget_usd=check_budget_usd(budget_usd, f"graph {label or gid!r}"),
+        reuse=dict(reuse or {}),
+        rerun_of=rerun_of,
     )
     payload = encoder.encode(msg)
     check_message_size(app.settings, f"graph {label or gid!r}", payload)

@@ -152,6 +152,20 @@ class PipelineNode(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True
 Node = TaskNode | ChainNode | GroupNode | ChordNode | MapNode | PipelineNode
 
 
+class ReusedStage(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A stage a rerun does not send: its stored output (or why it was skipped) from the original goal.
+
+    Attributes:
+        output: The stage's result in the original goal.
+        skipped: Why it was skipped there, when it was ("" when it ran).
+        task_id: The task id its result was stored under.
+    """
+
+    output: Any = None
+    skipped: str = ""
+    task_id: str = ""
+
+
 class GoalMessage(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """A graph to run, published on ``heddle.goals.incoming``.
 
@@ -164,6 +178,8 @@ class GoalMessage(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
         name: A label for displays (pipeline name).
         submitted_at: Epoch seconds.
         budget_usd: Most the goal's model calls may cost in all (US dollars), or None.
+        reuse: For a rerun (``heddle goals rerun``): pipeline stages not sent again, by name.
+        rerun_of: The goal this one reruns, or "".
     """
 
     v: int = WIRE_VERSION
@@ -175,6 +191,8 @@ class GoalMessage(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
     name: str = ""
     submitted_at: float = 0.0
     budget_usd: float | None = None
+    reuse: dict[str, ReusedStage] = {}
+    rerun_of: str = ""
 
 
 class NodeState(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):

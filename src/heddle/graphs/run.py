@@ -54,6 +54,7 @@ from heddle.graphs.model import (
     Node,
     NodeState,
     PipelineNode,
+    ReusedStage,
     TaskNode,
     child_path,
     node_label,
@@ -528,6 +529,10 @@ class GoalRun:
     async def _stage(self, sp: StagePlan, path: str, scope: dict[str, Any], skipped: set[str]) -> None:
         spec = sp.spec
         name = spec.name
+        reused = self.goal.reuse.get(name)
+        if reused is not None:
+            await self._reuse(path, name, reused, scope, skipped)
+            return
         reason = ""
         upstream = sorted(sp.reads & skipped)
         try:
@@ -555,6 +560,25 @@ class GoalRun:
             timeout_s=spec.timeout_s, retries=spec.retries, stage=True,
             headers={names.HDR_CACHE: str(spec.cache_ttl_s)} if spec.cache_ttl_s else None,
         )
+
+    async def _reuse(self, path: str, name: str, reused: ReusedStage, scope: dict[str, Any],
+                     skipped: set[str]) -> None:
+        """A rerun's stage before the one it reruns from: its original output, not sent again."""
+        if reused.skipped:
+            skipped.add(name)
+            await self._skip(path, name, reused.skipped)
+            return
+        scope[name] = reused.output
+        st = self.nodes.get(path)
+        if st is not None and st.state == SUCCEEDED:
+            return
+        tid = node_task_id(self.goal.id, path)
+        now = time.time()
+        reason = f"reused from {reused.task_id}"
+        await self.conns.store_final(ResultRecord(id=tid, state=SUCCESS, task=name, result=reused.output,
+                                                  worker=self.orchestrator, finished_at=now,
+                                                  meta={"reused_from": reused.task_id}))
+        await self.mark(NodeState(path=path, name=name, state=SUCCEEDED, task_id=tid, ended_at=now, reason=reason))
 
     async def _skip(self, path: str, name: str, reason: str) -> None:
         st = self.nodes.get(path)
