@@ -58,7 +58,7 @@ def test_the_try_form_of_a_yaml_worker_offers_streaming_and_a_task_stream_replay
 
 
 @needs_chromium
-def test_a_person_sees_the_reply_being_written_on_the_try_page(
+def test_a_person_sees_the_reply_being_written_on_the_try_page_and_replayed_on_the_task_page(
     tmp_path: Any, heddle_servers: EmbeddedServers, page: Any
 ) -> None:
     from playwright.sync_api import expect
@@ -93,6 +93,10 @@ def test_a_person_sees_the_reply_being_written_on_the_try_page(
                 expect(stream).to_have_attribute("data-streaming", "done")
                 expect(page.locator("#submitted .result").first).to_have_attribute("data-state", "SUCCESS")
                 assert page.locator("script:not([src])").count() == 0
+                # The task's page replays the stream from its first chunk, after the task ended.
+                page.click("#submitted a.task-link")
+                expect(page.locator("#stream")).to_have_text(reply.text)
+                expect(page.locator("#stream")).to_have_attribute("data-streaming", "done")
         finally:
             held.set()
             app.close()

@@ -39,7 +39,6 @@ import msgspec
 from heddle import names
 from heddle.broker import Broker
 from heddle.context import task_context
-from heddle.errors import HeddleError
 from heddle.pull import SubjectReader
 
 __all__ = ["ChunkWriter", "StreamChunk", "bind_broker", "follow", "task_writer"]
@@ -134,7 +133,7 @@ class ChunkWriter:
         data = _encoder.encode(Chunk(text=text, run=self.run, reply=max(1, self.reply)))
         try:
             await self.broker.publish(self.subject, data, {})
-        except HeddleError as exc:
+        except Exception as exc:  # a sync task's own loop, a lost connection: never the task's failure
             self.failed = True
             log.warning("cannot publish the token stream on %s (%s); the task goes on without it",
                         self.subject, exc)
