@@ -228,3 +228,53 @@ def test_heddle_submit_takes_budget_usd_and_prints_the_goals_cost(tmp_path, hedd
     bad = subprocess.run([sys.executable, "-m", "heddle", "submit", str(path), "--budget-usd", "-1"],
                          capture_output=True, text=True, timeout=60, env=env)
     assert bad.returncode == 2 and "must be US dollars > 0" in bad.stderr
+
+
+async def test_a_python_tasks_budget_from_apply_async_holds_across_its_model_calls(heddle_servers):
+    with FakeProvider("anthropic") as cloud:
+        _, settings = settings_for(cloud, model=SONNET)
+        app = heddle.Heddle(f"py{uuid.uuid4().hex[:8]}", nats_url=heddle_servers.nats_url,
+                            valkey_url=heddle_servers.valkey_url)
+
+        @app.task
+        async def ask_twice(question: str) -> list[str]:
+            first = await complete(question, tier="standard", settings=settings)
+            second = await complete(question + " Again.", tier="standard", settings=settings)
+            return [first.text, second.text]
+
+        cloud.add(Reply(text="Yes.", input_tokens=1000, output_tokens=100), Reply(text="Still yes."))
+        async with aworker(app):
+            r = ask_twice.apply_async(("Is 7 prime?",), budget_usd=0.004)
+            with pytest.raises(heddle.TaskError) as info:
+                await r.aget(timeout=30)
+        await app.aclose()
+        assert len(cloud.requests) == 1  # the first call spent $0.0045: the second was not made
+    assert info.value.type_name == "heddle.errors.BudgetExceeded"
+    assert info.value.remote_message.startswith(
+        "budget exceeded: spent $0.0045 of the task's budget_usd $0.004; the next call (tier standard")
+    assert (r.record.meta["cost_usd"], r.record.meta["llm_calls"]) == (pytest.approx(sonnet_cost(1000, 100)), 1)
+
+
+async def test_a_stage_stopped_by_what_is_left_of_the_goals_budget_names_the_goals_spending_too(
+    tmp_path, heddle_servers
+):
+    with FakeProvider("anthropic") as cloud:
+        app, name = _anthropic_worker(tmp_path, cloud, heddle_servers)
+        path = tmp_path / "twice.yaml"
+        path.write_text(textwrap.dedent(PIPELINE.format(budget=0.0046, name=name)))
+        client = heddle.Heddle(f"c{uuid.uuid4().hex[:8]}", nats_url=heddle_servers.nats_url,
+                               valkey_url=heddle_servers.valkey_url)
+        # The first stage's reply is invalid; its repair would pass what is left of the goal's budget.
+        cloud.add(Reply(text='{"label": "glad"}', input_tokens=1000, output_tokens=100))
+        async with aworker(app, tier="standard"), aorchestrator(client):
+            g = load_pipeline(path).apply_async({"text": "Great."}, app=client)
+            with pytest.raises(heddle.TaskError) as info:
+                await g.aget(timeout=30)
+        await app.aclose()
+        await client.aclose()
+        assert len(cloud.requests) == 1
+    message = info.value.remote_message
+    assert message.startswith("stage 'first' failed: budget exceeded: spent $0.0045 of the task's budget_usd "
+                              "$0.0046; the next repair call (tier standard")
+    assert message.endswith("(the goal has spent $0.0045 of its budget_usd $0.0046)")
+    assert g.record.meta["cost_usd"] == pytest.approx(sonnet_cost(1000, 100))
