@@ -160,6 +160,15 @@ async def test_under_a_valkey_cluster_rate_limits_and_concurrency_limits_hold(na
         await app.aclose()
 
 
+async def test_preflight_under_a_valkey_cluster_checks_every_primary_has_the_replicas_results_wait_for(
+    valkey_cluster,
+):
+    ok = await check_valkey(Settings(valkey_url=valkey_cluster.url, valkey_cluster=True))
+    assert ok.ok and ok.url.endswith("(cluster)"), ok
+    short = await check_valkey(Settings(valkey_url=valkey_cluster.url, valkey_cluster=True, valkey_wait_replicas=1))
+    assert not short.ok and "a primary has 0 connected replica(s)" in short.detail, short
+
+
 async def test_a_plain_valkey_server_named_as_a_cluster_is_a_clear_error(single):
     backend = ResultBackend(Settings(valkey_url=single.url, valkey_cluster=True))
     with pytest.raises(heddle.BackendError, match=r"VALKEY_CLUSTER is set but valkey-server at .* is not in cluster"):
@@ -173,6 +182,8 @@ async def test_under_a_valkey_cluster_with_replicas_results_wait_for_them_and_su
                                          valkey_wait_timeout_s=0.5))
         await backend.connect()
         try:
+            ready = await check_valkey(backend.settings)
+            assert ready.ok and "1 replica(s) connected (results wait for 1)" in ready.detail, ready
             before = [f"b{uuid.uuid4().hex[:10]}" for _ in range(60)]
             await backend.claim_many(before, "w")
             # Keys on all three primaries: one WAIT goes to each, and each has its replica.

@@ -237,13 +237,13 @@ async def check_valkey(settings: Settings, timeout_s: float | None = None) -> Ch
     try:
         await asyncio.wait_for(backend.connect(), timeout_s * 2)
         wanted = backend.replicas_to_wait
-        if wanted and not settings.valkey_cluster:
-            info = await asyncio.wait_for(backend.replication(), timeout_s)
-            have = int(info.get("connected_slaves", "0") or 0)
+        if wanted:
+            have = min(await asyncio.wait_for(backend.replica_counts(), timeout_s))
             if have < wanted:
                 return Check(
                     "Valkey", shown, False,
-                    f"the primary has {have} connected replica(s), and final results must reach {wanted} before "
+                    f"{'a' if settings.valkey_cluster else 'the'} primary has {have} connected replica(s), and final "
+                    f"results must reach {wanted} before "
                     f"a task is acknowledged (valkey_replicas_to_wait): no task would be acked",
                     "start the replicas (replicaof the primary), or set VALKEY_WAIT_REPLICAS to what the primary has "
                     "(0 acks a result held by the primary alone; docs/scaling.md)",

@@ -690,12 +690,15 @@ class ResultBackend:
 
         return await self._call(f"reading its {name} setting", op)
 
-    async def replication(self) -> dict[str, str]:
-        """``INFO replication`` of the primary (Sentinel) or of the node ``VALKEY_URL`` names."""
-        info = await self._call("reading its replication state", lambda c: c.info("replication"))
-        if self.mode == "cluster" and info and all(isinstance(v, dict) for v in info.values()):
-            info = next(iter(info.values()))
-        return {str(k): _text(v) for k, v in info.items()}
+    async def replica_counts(self) -> list[int]:
+        """Connected replicas of the primary (of each primary in a Cluster), from ``INFO replication``."""
+        async def op(client: Any) -> list[Any]:
+            if self.mode == "cluster":
+                return list((await client.info("replication", target_nodes=ValkeyCluster.PRIMARIES)).values())
+            return [await client.info("replication")]
+
+        rows = await self._call("reading its replication state", op)
+        return [int(row.get("connected_slaves", 0) or 0) for row in rows]
 
 
 def _text(value: Any) -> str:

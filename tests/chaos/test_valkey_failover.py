@@ -5,7 +5,9 @@ find the primary through ``VALKEY_SENTINELS``. Mid-run both replicas are frozen
 (SIGSTOP) and the link to them filled with a large write, so results stored
 from then on exist on the primary alone; once some have been stored there the
 primary is killed with SIGKILL and the replicas thawed: the sentinels promote
-one, which never saw those results, and the workers carry on against it.
+one, which never saw those results, and the workers carry on against it. (The
+workers are paused while the link fills, so the tasks they run at that moment
+are stored on the primary alone, whether or not their acks wait for a replica.)
 
 An acknowledged task is never redelivered, so a result that was acknowledged
 and then lost with the primary would leave its task unfinished for good. Bar,
@@ -113,16 +115,21 @@ def _run(nats: EmbeddedNats, sentinel: EmbeddedValkeySentinel, spawn_worker, tes
     try:
         ids = _submit(env, total, task_s)
         wait_progress(on_old, ids, total // 5, 120, "a fifth of the tasks")
-        for r in replicas:
-            os.kill(r.pid, signal.SIGSTOP)  # type: ignore[arg-type]
+        # The workers pause while the replicas are cut off, so the tasks they are running
+        # finish (and are stored) only once the link is full: on the primary alone.
+        for p in [*workers, *replicas]:
+            os.kill(p.pid, signal.SIGSTOP)  # type: ignore[arg-type]
         try:
-            # A frozen replica still receives into its socket buffer (and reads it when thawed),
-            # so first fill the buffers on the way to it: what follows stays in the primary's memory.
-            valkey_command(old.host, old.port, "SET", "heddle-test:ballast", "x" * _BALLAST_BYTES, timeout_s=30)
-            frozen_at = on_old.finished(ids) or 0
-            # Results stored from here on are on the primary alone.
-            # (With WAIT each worker holds at most its concurrency of them, stored and unacked.)
-            stored_alone = wait_progress(on_old, ids, frozen_at + 10, 60, "10 results stored on the primary alone")
+            try:
+                # A frozen replica still receives into its socket buffer (and reads it when thawed),
+                # so first fill the buffers on the way to it: what follows stays in the primary's memory.
+                valkey_command(old.host, old.port, "SET", "heddle-test:ballast", "x" * _BALLAST_BYTES, timeout_s=30)
+                frozen_at = on_old.finished(ids) or 0
+            finally:
+                for w in workers:
+                    os.kill(w.pid, signal.SIGCONT)
+            # (With WAIT each worker then holds at most its concurrency of them, stored and unacked.)
+            stored_alone = wait_progress(on_old, ids, frozen_at + 5, 60, "5 results stored on the primary alone")
             old.stop(kill=True)
         finally:
             for r in replicas:
