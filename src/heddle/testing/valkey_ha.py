@@ -97,10 +97,12 @@ class EmbeddedValkeySentinel:
         self.master_name = master_name
         self.down_after_ms = down_after_ms
         self.quorum = sentinels // 2 + 1
-        self.nodes: list[EmbeddedValkey] = [EmbeddedValkey(host, None, None)]
+        # Any node may become the primary: none waits 5 s (the default) for more replicas before a sync.
+        fast_sync = ["--repl-diskless-sync-delay", "0"]
+        self.nodes: list[EmbeddedValkey] = [EmbeddedValkey(host, None, None, args=fast_sync)]
         primary = self.nodes[0]
         self.nodes += [
-            EmbeddedValkey(host, None, None, args=["--replicaof", host, str(primary.port)])
+            EmbeddedValkey(host, None, None, args=[*fast_sync, "--replicaof", host, str(primary.port)])
             for _ in range(replicas)
         ]
         self.sentinels: list[EmbeddedValkey] = [_SentinelProcess(host, self) for _ in range(sentinels)]
@@ -256,6 +258,7 @@ class EmbeddedValkeyCluster:
                 "--cluster-node-timeout", "2000",
                 # The bus port is the client port + 10000 unless given: free ports run past 55535.
                 "--cluster-port", str(bus),
+                "--repl-diskless-sync-delay", "0",
             ])
             for bus in self.bus_ports
         ]
