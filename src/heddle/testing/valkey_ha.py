@@ -136,7 +136,17 @@ class EmbeddedValkeySentinel:
         return next(n for n in self.nodes if n.port == port)
 
     def start(self) -> EmbeddedValkeySentinel:
-        """Start the primary, its replicas and the sentinels; return once replicas are in sync and sentinels agree."""
+        """Start the primary, its replicas and the sentinels; return once replicas are in sync and sentinels agree.
+
+        If they do not, every process started is stopped before the error is raised.
+        """
+        try:
+            return self._start()
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self) -> EmbeddedValkeySentinel:
         for n in self.nodes:
             n.start()
         primary = self.nodes[0]
@@ -273,7 +283,17 @@ class EmbeddedValkeyCluster:
         return next(n for n in self.nodes if n.port == port)
 
     def start(self) -> EmbeddedValkeyCluster:
-        """Start the nodes, join them, assign the slots, attach replicas; return once the cluster is ok."""
+        """Start the nodes, join them, assign the slots, attach replicas; return once the cluster is ok.
+
+        If it does not get there, every node started is stopped before the error is raised.
+        """
+        try:
+            return self._start()
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self) -> EmbeddedValkeyCluster:
         for n in self.nodes:
             n.start()
         first = self.nodes[0]
