@@ -106,6 +106,9 @@ class Heddle:
             )
         self.settings = settings
         self.tasks: dict[str, Task[Any, Any]] = {}
+        # The most model tokens one task may write (a YAML LLM worker's max_output_tokens);
+        # its workers announce it, and routers add it to a task's token estimate.
+        self.max_output_tokens = 0
         #: Periodic schedules by name (``app.periodic``), run by every worker process that loads the app.
         self.schedules: dict[str, Schedule] = {}
         # Plain dict: uvloop loops cannot be weakly referenced. Closed loops are pruned.

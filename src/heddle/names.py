@@ -193,6 +193,9 @@ HDR_REPLAYED_AT = "Heddle-Replayed-At"
 # reservation and every bucket that applies to it at once, so in a Valkey Cluster
 # they must share a slot: the hash tag {rate} puts every rate key in one.
 RATE_KEY_PREFIX = "heddle:{rate}:"
+# Set by a router on a task it charged to model-token buckets: "{estimate} {key},{key}";
+# the worker settles the charge with the usage the provider reported (heddle.ratelimit).
+HDR_TOKEN_CHARGE = "Heddle-Token-Charge"
 # Concurrency-limit slots: heddle:limit:{task}:{key value} (heddle.limits).
 LIMIT_KEY_PREFIX = "heddle:limit:"
 # A task message put back on its subject while it waits for a concurrency slot

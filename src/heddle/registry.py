@@ -52,6 +52,8 @@ class WorkerInfo(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     version: str
     started_at: float
     tasks: list[str] = []
+    # The most model tokens one of its tasks may write (YAML LLM workers); 0: not an LLM worker.
+    max_output_tokens: int = 0
 
 
 class RoutingRules(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -76,8 +78,8 @@ class RoutingRules(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True
         return cls(
             tier_overrides=dict(rules.tier_overrides),
             fallback={k: list(v) for k, v in rules.fallback.items()},
-            limited_tiers=sorted(rules.tier_limits),
-            limited_workers=sorted(rules.worker_limits),
+            limited_tiers=sorted(rules.limited_tiers),
+            limited_workers=sorted(rules.limited_workers),
         )
 
 
@@ -99,6 +101,27 @@ async def _bucket(broker: Broker) -> Any:
     return await broker.key_value(names.WORKERS_BUCKET, ttl_s=ALIVE_TTL_S * 2, description="heddle workers")
 
 
+# How long a first announcement keeps trying: a replicated bucket just created on a
+# cluster answers only once its replicas have elected a leader.
+_FIRST_PUT_S = 30.0
+
+
+async def _first_put(kv: Any, key: str, value: bytes) -> None:
+    """Put ``key`` in the workers bucket, trying again while the bucket does not answer yet."""
+    deadline = time.monotonic() + _FIRST_PUT_S
+    wait = 0.1
+    while True:
+        try:
+            await kv.put(key, value)
+            return
+        except Exception as exc:  # nats-py's timeout or "no responders" while the bucket forms
+            if time.monotonic() + wait > deadline:
+                raise
+            log.warning("the workers bucket did not take %s yet (%r); trying again in %.1fs", key, exc, wait)
+            await asyncio.sleep(wait)
+            wait = min(2.0, wait * 2)
+
+
 class Heartbeat:
     """Announces one worker until stopped."""
 
@@ -116,7 +139,7 @@ class Heartbeat:
     async def start(self) -> None:
         """Announce now (before the worker reports ready) and keep announcing."""
         self._kv = await _bucket(self.broker)
-        await self._kv.put(self.key, _encoder.encode(self.info))
+        await _first_put(self._kv, self.key, _encoder.encode(self.info))
         await self._announce("online")
         self._task = asyncio.get_running_loop().create_task(self._beat())
 
@@ -208,6 +231,7 @@ class Registry:
         # worker_type -> set of tiers served ("*" = all); rebuilt on every change.
         self.tiers: dict[str, frozenset[str]] = {}
         self.default_tier: dict[str, str] = {}
+        self.max_output_tokens: dict[str, int] = {}  # worker type -> the most its live workers announce
 
     async def start(self) -> None:
         """Subscribe first, then load the bucket, so no announcement falls in between."""
@@ -270,11 +294,14 @@ class Registry:
     def _rebuild(self) -> None:
         tiers: dict[str, set[str]] = {}
         defaults: dict[str, str] = {}
+        outputs: dict[str, int] = {}
         for _, info in sorted(self._seen.values(), key=lambda x: x[1].id):
             tiers.setdefault(info.worker_type, set()).update(info.tiers)
             defaults.setdefault(info.worker_type, info.default_tier)
+            outputs[info.worker_type] = max(outputs.get(info.worker_type, 0), info.max_output_tokens)
         self.tiers = {k: frozenset(v) for k, v in tiers.items()}
         self.default_tier = defaults
+        self.max_output_tokens = outputs
         announced = [r for _, r in self._rules.values()]
         rules = announced[0] if announced and all(r == announced[0] for r in announced) else None
         if rules != self.rules:

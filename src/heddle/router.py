@@ -210,6 +210,7 @@ class Router(Actor):
         assert self.conns is not None and self._limiter is not None
         rules = self.rules
         tier_limits, worker_limits = rules.tier_limits, rules.worker_limits
+        tier_tokens, worker_tokens = rules.tier_token_limits, rules.worker_token_limits
         go: list[_Go] = []
         asks: list[Ask] = []
         asked: list[int] = []  # index into go for each ask
@@ -226,15 +227,25 @@ class Router(Actor):
             _, route, headers, _, msg_id = item
             tier, worker_type = route.tier, headers[names.HDR_WORKER_TYPE]
             assert tier is not None  # only routes with a tier are forwarded
-            buckets: list[tuple[str, Any]] = []
+            buckets: list[tuple[str, Any, float]] = []
             lim = tier_limits.get(tier)
             if lim is not None:
-                buckets.append((bucket_key("tier", tier), lim))
+                buckets.append((bucket_key("tier", tier), lim, 1.0))
             lim = worker_limits.get(worker_type)
             if lim is not None:
-                buckets.append((bucket_key("worker", worker_type), lim))
+                buckets.append((bucket_key("worker", worker_type), lim, 1.0))
+            token_buckets = [(bucket_key(kind, name), tok) for kind, name, tok in (
+                ("tokens-tier", tier, tier_tokens.get(tier)),
+                ("tokens-worker", worker_type, worker_tokens.get(worker_type)),
+            ) if tok is not None]
+            if token_buckets:
+                # Charged by an estimate now (the prompt's size, the most it may write);
+                # the worker settles it with the usage the provider reports.
+                estimate = self._token_estimate(item[0], worker_type)
+                buckets += [(key, tok, float(estimate)) for key, tok in token_buckets]
+                headers[names.HDR_TOKEN_CHARGE] = f"{estimate} {','.join(key for key, _ in token_buckets)}"
             if buckets:
-                reserve = all(b[1].on_limit == "delay" for b in buckets)
+                reserve = all(getattr(b[1], "on_limit", "delay") == "delay" for b in buckets)
                 asks.append(Ask(msg_id, tuple(buckets), reserve))
                 asked.append(len(go))
             go.append(item)
@@ -266,6 +277,11 @@ class Router(Actor):
             if held:
                 go = [g for i, g in enumerate(go) if i not in held]
         await self._forward(go)
+
+    def _token_estimate(self, msg: Msg, worker_type: str) -> int:
+        """Model tokens a task may use: its message at ~4 bytes a token, plus its workers' most output."""
+        max_output = self.registry.max_output_tokens.get(worker_type, 0) if self.registry is not None else 0
+        return len(msg.data) // 4 + max_output
 
     async def _classify(self, msg: Msg) -> _Go | None:
         """Read one message's envelope: return it to forward, or dead-letter or delay it here."""

@@ -7,7 +7,7 @@ and all of them are reported at once::
       summarizer: local
     rate_limits:
       tiers:                   # shared by every router replica
-        standard: {rate: 60/m, burst: 10}
+        standard: {rate: 60/m, burst: 10, tokens_per_minute: 400000}
       workers:
         extractor: {rate: 5/s, burst: 5, on_limit: delay}   # or dead_letter
     fallback:                  # tried in order when no worker of a tier is alive
@@ -17,6 +17,7 @@ and all of them are reported at once::
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import re
@@ -37,6 +38,7 @@ _PER = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 36
 _BURST_RE = re.compile(r"^[0-9]+$")  # ASCII digits only: str.isdigit() also accepts "²", which int() refuses
 #: Keys a router rules file may have at the top (``heddle validate`` recognises the file by them).
 RULES_KEYS = ("tier_overrides", "rate_limits", "fallback", "unknown_worker_grace_seconds")
+_LIMIT_KEYS = ("rate", "burst", "on_limit", "tokens_per_minute")
 
 # A bucket's rate and burst go to a Lua script in Valkey that divides by the rate
 # and sets the bucket's expiry to burst / rate seconds. A rate of 0 divides by
@@ -75,6 +77,20 @@ class RouterRules:
     fallback: dict[str, tuple[str, ...]] = field(default_factory=dict)
     unknown_worker_grace_s: float = 30.0
     source: str = ""
+    # Model tokens a minute (``tokens_per_minute``), as buckets of tokens a second with a
+    # minute's worth of burst; a task is charged its estimate (heddle.ratelimit).
+    tier_token_limits: dict[str, RateLimit] = field(default_factory=dict)
+    worker_token_limits: dict[str, RateLimit] = field(default_factory=dict)
+
+    @property
+    def limited_tiers(self) -> frozenset[str]:
+        """Tiers with any limit: their tasks go through the router."""
+        return frozenset(self.tier_limits) | frozenset(self.tier_token_limits)
+
+    @property
+    def limited_workers(self) -> frozenset[str]:
+        """Worker types with any limit: their tasks go through the router."""
+        return frozenset(self.worker_limits) | frozenset(self.worker_token_limits)
 
 
 def parse_rate(text: str) -> float:
@@ -132,14 +148,25 @@ class _Walker:
             return None
         return value
 
-    def limit(self, node: yaml.Node, where: str) -> RateLimit | None:
+    def limit(self, node: yaml.Node, where: str) -> tuple[RateLimit | None, RateLimit | None]:
+        """A limit entry: its request bucket and its model-token bucket (either may be absent)."""
         rate: float | None = None
         burst: int | None = None
+        tokens: int | None = None
         on_limit = "delay"
         ok = True
         for k, v in self.mapping(node, where):
             key = k.value
-            if key == "rate":
+            if key == "tokens_per_minute":
+                text = self.scalar(v, f"{where}.tokens_per_minute")
+                digits = text.lstrip("0") if text is not None and _BURST_RE.match(text) else ""
+                if not digits or len(digits) > 12:
+                    self.err(v, f"{where}.tokens_per_minute must be a whole number of model tokens >= 1 "
+                                f"(prompt and output), e.g. 40000; got {text!r}")
+                    ok = False
+                else:
+                    tokens = int(digits)
+            elif key == "rate":
                 text = self.scalar(v, f"{where}.rate")
                 try:
                     rate = parse_rate(text) if text is not None else None
@@ -167,14 +194,20 @@ class _Walker:
                 else:
                     on_limit = text
             else:
-                self.err(k, f"{where}: unknown key {key!r}; expected rate, burst, on_limit")
+                close = difflib.get_close_matches(str(key), _LIMIT_KEYS, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                self.err(k, f"{where}: unknown key {key!r}{hint}; expected {', '.join(_LIMIT_KEYS)}")
                 ok = False
-        if rate is None and ok:
-            self.err(node, f"{where} needs a rate, e.g. rate: 10/s")
-            return None
-        if not ok or rate is None:
-            return None
-        return RateLimit(rate, burst if burst is not None else max(1, min(MAX_BURST, int(rate))), on_limit)
+        if rate is None and tokens is None and ok:
+            self.err(node, f"{where} needs a rate (e.g. rate: 10/s), tokens_per_minute, or both")
+            return None, None
+        if not ok:
+            return None, None
+        requests = None
+        if rate is not None:
+            requests = RateLimit(rate, burst if burst is not None else max(1, min(MAX_BURST, int(rate))), on_limit)
+        token_bucket = RateLimit(tokens / 60.0, tokens) if tokens is not None else None
+        return requests, token_bucket
 
 
 def parse_rules(text: str, file: str = "<rules>") -> RouterRules:
@@ -191,6 +224,8 @@ def parse_rules(text: str, file: str = "<rules>") -> RouterRules:
     tier_limits: dict[str, RateLimit] = {}
     worker_limits: dict[str, RateLimit] = {}
     fallback: dict[str, tuple[str, ...]] = {}
+    tier_tokens: dict[str, RateLimit] = {}
+    worker_tokens: dict[str, RateLimit] = {}
     grace = 30.0
     for k, v in w.mapping(root, "rules"):
         key = k.value
@@ -206,14 +241,18 @@ def parse_rules(text: str, file: str = "<rules>") -> RouterRules:
                         if tk.value not in TIERS:
                             w.err(tk, f"rate_limits.tiers: {tk.value!r} is not a tier; use one of {', '.join(TIERS)}")
                             continue
-                        lim = w.limit(tv, f"rate_limits.tiers.{tk.value}")
+                        lim, tok = w.limit(tv, f"rate_limits.tiers.{tk.value}")
                         if lim:
                             tier_limits[tk.value] = lim
+                        if tok:
+                            tier_tokens[tk.value] = tok
                 elif rk.value == "workers":
                     for wk, wv in w.mapping(rv, "rate_limits.workers"):
-                        lim = w.limit(wv, f"rate_limits.workers.{wk.value}")
+                        lim, tok = w.limit(wv, f"rate_limits.workers.{wk.value}")
                         if lim:
                             worker_limits[wk.value] = lim
+                        if tok:
+                            worker_tokens[wk.value] = tok
                 else:
                     w.err(rk, f"rate_limits: unknown key {rk.value!r}; expected tiers or workers")
         elif key == "fallback":
@@ -238,7 +277,7 @@ def parse_rules(text: str, file: str = "<rules>") -> RouterRules:
             w.err(k, f"unknown key {key!r}; expected one of {', '.join(RULES_KEYS)}")
     if w.issues:
         raise RulesError(w.issues)
-    return RouterRules(overrides, tier_limits, worker_limits, fallback, grace, file)
+    return RouterRules(overrides, tier_limits, worker_limits, fallback, grace, file, tier_tokens, worker_tokens)
 
 
 def load_rules(path: str | os.PathLike[str]) -> RouterRules:

@@ -62,6 +62,7 @@ from heddle.messages import (
     usable_task_id,
 )
 from heddle.metrics import WorkerMetrics
+from heddle.ratelimit import RateLimiter
 from heddle.registry import Heartbeat, WorkerInfo, worker_id
 from heddle.store import StoreRequest, encode_record
 from heddle.version import __version__
@@ -192,6 +193,7 @@ class Worker(Actor):
                       "expired": 0, "waiting": 0}
         self._releasing: list[Lease] = []  # slots of settled tasks, given back after the store
         self._leases: Leases  # made in on_start, on the connection's result store
+        self._tokens: RateLimiter
         # Priority bands (heddle.bands); normal_idle: the last look at the default band found nothing.
         self._bands = Bands(self)
         self.normal_idle = True
@@ -259,6 +261,7 @@ class Worker(Actor):
                 version=__version__,
                 started_at=time.time(),
                 tasks=sorted(self.app.tasks),
+                max_output_tokens=int(getattr(self.app, "max_output_tokens", 0)),
             ),
             lambda state, info: events.publish(broker, events.worker_event(state, info)),  # heddle.events hook
         )
@@ -266,6 +269,7 @@ class Worker(Actor):
         self._bg.append(asyncio.get_running_loop().create_task(self._flush_loop(), name="heddle-flush"))
         # Concurrency slots last one AckWait: a SIGKILLed worker's free themselves in that time.
         self._leases = Leases(conns.backend, self.settings.ack_wait_s)
+        self._tokens = RateLimiter(conns.backend)  # settles routers' model-token charges
         self._bg.append(asyncio.get_running_loop().create_task(self._lease_loop(), name="heddle-leases"))
         await self._bands.start(conns)
         log.info("worker %s consuming %s", self.name, self.filter_subject)
@@ -585,6 +589,7 @@ class Worker(Actor):
             requests.append(StoreRequest(tm.id, o.state, rec))
             plans.append((o, "final", rec, 0.0))
         stored = await backend.store_many(requests) if requests else []
+        await self._settle_token_charges(outcomes)
         it = iter(stored)
         for o, action, rec, delay in plans:
             job = o.job
@@ -624,6 +629,28 @@ class Worker(Actor):
                     await events.job_event(broker, done, job, self, o)
                 await acknowledge(msg, "ack", job.message.id)
             self._finish(job)
+
+    async def _settle_token_charges(self, outcomes: list[Outcome]) -> None:
+        """Settle what routers charged these tasks' model-token buckets with the usage they reported."""
+        charges: list[tuple[list[str], float, float]] = []
+        for o in outcomes:
+            job = o.job
+            charge = (job.msg.headers or {}).get(names.HDR_TOKEN_CHARGE)
+            if not charge or job.context is None:
+                continue
+            estimate, _, keys = charge.partition(" ")
+            meta = job.context.meta
+            used = float(meta.get("input_tokens", 0) or 0) + float(meta.get("output_tokens", 0) or 0)
+            # The router charged the estimate once, for the first delivery; later attempts pay as they go.
+            charged = float(estimate) if estimate.isdigit() and (job.msg.metadata.num_delivered or 1) == 1 else 0.0
+            prefix = names.RATE_KEY_PREFIX
+            buckets = [k for k in keys.split(",") if k.startswith(prefix)][:4]  # only Heddle's own buckets
+            charges.append((buckets, used - charged, float(meta.get("rate_limited_s", 0) or 0)))
+        if charges:
+            try:
+                await self._tokens.settle(charges)
+            except HeddleError as exc:
+                log.warning("cannot settle model-token charges of %d tasks (%s)", len(charges), exc)
 
     def _record(self, o: Outcome, state: str, retries: int) -> bytes:
         job = o.job

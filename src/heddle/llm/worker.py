@@ -186,6 +186,7 @@ def worker_app(
     s = llm_settings if llm_settings is not None else LLMSettings.load()
     check_tier(served, s)  # fail at start-up, not at the first task
     app = Heddle(cfg.name, settings=settings, **overrides)
+    app.max_output_tokens = cfg.max_output_tokens  # routers' token estimate (heddle.ratelimit)
     runner = _Runner(cfg, app, served, s)
     for note in structured_output_notes(cfg, served, s, runner.outputs.schema):
         log.warning("%s", note)

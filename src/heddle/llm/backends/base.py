@@ -38,6 +38,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from heddle.context import task_context
 from heddle.errors import LLMBackendError, LLMTimeout
 from heddle.redact import redact
 
@@ -46,6 +47,19 @@ log = logging.getLogger("heddle.llm")
 # Statuses worth another attempt: timeouts, conflicts, rate limits, server errors
 # and Anthropic's 529 "overloaded".
 RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
+# The provider says: too many requests, or overloaded (Anthropic's 529).
+RATE_LIMIT_STATUSES = frozenset({429, 529})
+
+
+def _note_rate_limited(wait_s: float) -> None:
+    """Add a provider's rate-limit wait to the running task's metadata (``rate_limited_s``).
+
+    A worker that charged the task to model-token buckets empties them for as long
+    when it settles the task (heddle.ratelimit), so routers hold back its peers too.
+    """
+    ctx = task_context()
+    if ctx is not None:
+        ctx.meta["rate_limited_s"] = round(float(ctx.meta.get("rate_limited_s", 0.0)) + wait_s, 3)
 # A provider asking for a longer wait than this gets an error instead: the task
 # should fail (and be retried later by whoever sent it) rather than hold a slot.
 MAX_RETRY_AFTER_S = 120.0
@@ -311,6 +325,8 @@ class Backend(abc.ABC):
                 err.args = (f"{err.args[0]} (the provider asks to retry after {wait:.0f}s; not waiting that long)",)
                 raise err
             log.warning("%s; attempt %d of %d, retrying in %.2fs", err, attempt, attempts, wait)
+            if getattr(err, "status", None) in RATE_LIMIT_STATUSES:
+                _note_rate_limited(wait)
             await asyncio.sleep(wait)
         raise AssertionError("unreachable")  # pragma: no cover
 
