@@ -157,3 +157,19 @@ async def test_publishes_beyond_the_pending_bound_wait_their_turn_and_every_answ
     finally:
         await nc.jetstream().delete_stream(stream)
         await nc.close()
+
+
+async def test_every_consumer_is_listed_past_jetstreams_page_of_256(fresh_servers):
+    # `heddle status` and the Workshop's Queues table list them all (a worker type has three,
+    # one per priority band: a few dozen worker types pass a page).
+    broker = Broker(Settings(nats_url=fresh_servers.nats_url))
+    await broker.connect()
+    try:
+        await broker.ensure_streams()
+        made = [f"c{i:03d}" for i in range(300)]
+        for name in made:
+            await broker.ensure_named_consumer(name, f"heddle.tasks.{name}.standard", max_deliver=5)
+        listed = {ci.name for ci in await broker.consumers_info(names.TASKS_STREAM)}
+        assert set(made) <= listed
+    finally:
+        await broker.close()

@@ -28,6 +28,8 @@ from heddle.redact import redact
 from heddle.settings import Settings, dev_session_note, nats_server_urls, readable_file, server_endpoint
 
 log = logging.getLogger("heddle.broker")
+# Pages of a JetStream list (256 entries each) read at most: 256,000 consumers.
+_MAX_LIST_PAGES = 1000
 
 #: A message as consumers receive it (nats-py's): the type actors handle, named here so
 #: that nothing outside this module imports nats-py.
@@ -708,11 +710,17 @@ class Broker:
             raise translate(exc, self.url, f"reading stream {stream}") from exc
 
     async def consumers_info(self, stream: str) -> list[api.ConsumerInfo]:
-        """Every consumer of a stream with its counters."""
+        """Every consumer of a stream with its counters (JetStream lists them 256 a page)."""
+        found: list[api.ConsumerInfo] = []
         try:
-            return list(await self._js().consumers_info(stream))
+            for _ in range(_MAX_LIST_PAGES):
+                page = await self._js().consumers_info(stream, offset=len(found) or None)
+                found += page
+                if not page:
+                    break
         except Exception as exc:
             raise translate(exc, self.url, f"listing the consumers of {stream}") from exc
+        return found
 
     async def last_stream_msg(self, stream: str, subject: str) -> api.RawStreamMsg:
         """The newest stored message on ``subject`` (a KV key's current entry, say)."""
