@@ -8,12 +8,8 @@ Workshop is made as in its pod (``--host 0.0.0.0``) but listens on loopback only
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import re
-import threading
-from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -24,6 +20,7 @@ from heddle.testing import EmbeddedServers
 from heddle.workshop import TOKEN_ENV, Workshop, check_bind
 from heddle.workshop.web import SESSION_COOKIE
 from tests.conftest import ROOT, wait_for
+from tests.workshop_support import serving
 
 LOGIN_LINE = re.compile(r"log in at (http://\S+/\?token=(\S+))")
 
@@ -57,34 +54,6 @@ def test_a_given_token_is_kept_a_short_one_is_refused_and_loopback_needs_none(
     monkeypatch.delenv(TOKEN_ENV)
     on_loopback = Workshop(Heddle("workshop"), host="127.0.0.1")
     assert on_loopback.token is None and not on_loopback.token_generated
-
-
-@contextlib.contextmanager
-def serving(ws: Workshop) -> Iterator[Workshop]:
-    """Run ``ws`` on an event loop in a thread of its own until the block ends."""
-    errors: list[BaseException] = []
-    loop = asyncio.new_event_loop()
-
-    def run() -> None:
-        try:
-            loop.run_until_complete(ws.run())
-        except BaseException as exc:
-            errors.append(exc)
-        finally:
-            loop.close()
-
-    thread = threading.Thread(target=run, name="workshop", daemon=True)
-    thread.start()
-    wait_for(lambda: ws.ready.is_set() or errors, 20, "the Workshop to serve")
-    if errors:
-        raise errors[0]
-    try:
-        yield ws
-    finally:
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(ws.request_stop)
-        thread.join(15)
-        assert not thread.is_alive(), "the Workshop did not stop"
 
 
 def test_the_login_url_it_logs_once_signs_a_browser_in(

@@ -30,7 +30,13 @@ def running_workshop(servers: EmbeddedServers, **options: Any) -> Iterator[Works
     """A Workshop on a free loopback port, on an event loop in a thread of its own."""
     app = Heddle("workshop", nats_url=servers.nats_url, valkey_url=servers.valkey_url)
     options.setdefault("config_dirs", [ROOT / "configs"])
-    ws = Workshop(app, port=0, **options)
+    with serving(Workshop(app, port=0, **options)) as ws:
+        yield ws
+
+
+@contextlib.contextmanager
+def serving(ws: Workshop) -> Iterator[Workshop]:
+    """Run ``ws`` on an event loop in a thread of its own until the block ends."""
     errors: list[BaseException] = []
     loop = asyncio.new_event_loop()
 
