@@ -263,6 +263,21 @@ def _ref_problem(root: Mapping[str, Any], ref: Any) -> str | None:
             hint = f"; did you mean '#{close[0]}'?" if close else ""
             return f"$ref {ref!r} names no $anchor of this schema{hint}"
         return None
+    node, missing = _follow(root, ref)
+    if missing is not None:
+        names = [str(k) for k in node] if isinstance(node, Mapping) else []
+        close = difflib.get_close_matches(missing, names, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        return f"$ref {ref!r} does not resolve: there is no {missing!r} there{hint}"
+    return None
+
+
+def _follow(root: Any, ref: str) -> tuple[Any, str | None]:
+    """Follow a local JSON pointer ``ref`` (``#/a/b``) from ``root``.
+
+    Returns the node it names and None, or the last node reached and the step
+    that is not there.
+    """
     node: Any = root
     for raw in ref[1:].split("/")[1:] if ref != "#" else []:
         step = raw.replace("~1", "/").replace("~0", "~")
@@ -271,27 +286,16 @@ def _ref_problem(root: Mapping[str, Any], ref: Any) -> str | None:
         elif isinstance(node, list) and step.isdigit() and int(step) < len(node):
             node = node[int(step)]
         else:
-            names = [str(k) for k in node] if isinstance(node, Mapping) else []
-            close = difflib.get_close_matches(step, names, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            return f"$ref {ref!r} does not resolve: there is no {step!r} there{hint}"
-    return None
+            return node, step
+    return node, None
 
 
 def is_recursive(schema: Mapping[str, Any]) -> bool:
     """Whether following the schema's local ``$ref`` s can lead back to where it started."""
 
     def target(ref: str) -> Any:
-        node: Any = schema
-        for raw in ref[1:].split("/")[1:] if ref != "#" else []:
-            step = raw.replace("~1", "/").replace("~0", "~")
-            if isinstance(node, Mapping) and step in node:
-                node = node[step]
-            elif isinstance(node, list) and step.isdigit() and int(step) < len(node):
-                node = node[int(step)]
-            else:
-                return None
-        return node
+        node, missing = _follow(schema, ref)
+        return None if missing is not None else node
 
     def walk(s: Any, expanding: tuple[str, ...]) -> bool:
         if not isinstance(s, Mapping):
