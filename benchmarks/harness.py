@@ -263,7 +263,12 @@ class WorkerProcess:
     """
 
     def __init__(
-        self, servers: EmbeddedServers, config: BenchConfig, log_dir: Path, concurrency: int | None = None
+        self,
+        servers: EmbeddedServers,
+        config: BenchConfig,
+        log_dir: Path,
+        concurrency: int | None = None,
+        profile_to: Path | None = None,
     ) -> None:
         self.log_path = log_dir / f"worker-{uuid.uuid4().hex[:6]}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - handed to the child
@@ -274,10 +279,16 @@ class WorkerProcess:
             "HEDDLE_BENCH_APP": config.app_name,
             "PYTHONPATH": os.pathsep.join(p for p in (str(BENCH_DIR), os.environ.get("PYTHONPATH", "")) if p),
         }
+        # With ``profile_to``, the worker runs under cProfile, which writes its stats
+        # there when the worker exits (``stop()`` lets it drain and return).
+        runner = ["-m", "heddle"] if profile_to is None else [
+            "-c",
+            "import cProfile, runpy, sys; sys.argv[0] = 'heddle'; "
+            f"cProfile.run('runpy.run_module(\"heddle\", run_name=\"__main__\")', {str(profile_to)!r})",
+        ]
         self.command = [
             sys.executable,
-            "-m",
-            "heddle",
+            *runner,
             "worker",
             "-A",
             WORKER_MODULE,
