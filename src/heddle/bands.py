@@ -147,7 +147,8 @@ class Bands:
     def wake(self) -> None:
         """A slot was freed, or the default band ran dry: held tasks may start."""
         for b in self.bands.values():
-            b.wake.set()
+            if b.held is not None:  # a band without one is fetching, not waiting to be woken
+                b.wake.set()
 
     async def _run(self, band: Band) -> None:
         w = self.worker

@@ -89,12 +89,13 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local out = {{}}
 for i, key in ipairs(KEYS) do
-  local st = redis.call('HGET', key, 'state')
+  local h = redis.call('HMGET', key, 'state', 'retries', 'fence')
+  local st = h[1]
   if {_FINAL} then
     out[i] = {{st, redis.call('HGET', key, 'record') or '', 0, '0'}}
   else
-    local retries = tonumber(redis.call('HGET', key, 'retries') or '0')
-    local token = math.max(now, tonumber(redis.call('HGET', key, 'fence') or '0') + 1)
+    local retries = tonumber(h[2] or '0')
+    local token = math.max(now, tonumber(h[3] or '0') + 1)
     local fence = string.format('%d', token)
     redis.call('HSET', key, 'state', 'STARTED', 'started_at', ARGV[1], 'worker', ARGV[2], 'fence', fence)
     redis.call('EXPIRE', key, ARGV[3])
@@ -113,8 +114,9 @@ local out = {{}}
 for i, key in ipairs(KEYS) do
   local a = 2 + (i - 1) * 4
   local token = ARGV[a + 3]
-  local st = redis.call('HGET', key, 'state')
-  local held = tonumber(redis.call('HGET', key, 'wfence') or '0')
+  local h = redis.call('HMGET', key, 'state', 'wfence')
+  local st = h[1]
+  local held = tonumber(h[2] or '0')
   if {_FINAL} then
     if token ~= '' and tonumber(token) == held then out[i] = 1 else out[i] = 0 end
     redis.call('EXPIRE', key, ARGV[1])
@@ -122,13 +124,16 @@ for i, key in ipairs(KEYS) do
     out[i] = -1
     redis.call('EXPIRE', key, ARGV[1])
   else
-    redis.call('HSET', key, 'state', ARGV[a], 'record', ARGV[a + 1])
+    local fields = {{'state', ARGV[a], 'record', ARGV[a + 1]}}
     if ARGV[a + 2] ~= '' then
-      redis.call('HSET', key, 'retries', ARGV[a + 2])
+      fields[#fields + 1] = 'retries'
+      fields[#fields + 1] = ARGV[a + 2]
     end
     if token ~= '' then
-      redis.call('HSET', key, 'wfence', token)
+      fields[#fields + 1] = 'wfence'
+      fields[#fields + 1] = token
     end
+    redis.call('HSET', key, unpack(fields))
     redis.call('EXPIRE', key, ARGV[1])
     out[i] = 1
   end
