@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 import heddle
-from heddle.settings import DEFAULT_NATS_URL, DEFAULT_VALKEY_URL, DevSession, Settings
+from heddle.devsession import DevSession
+from heddle.settings import DEFAULT_NATS_URL, DEFAULT_VALKEY_URL, Settings
 from heddle.testing import free_port
 from tests.conftest import wait_for
 

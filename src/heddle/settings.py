@@ -1,21 +1,22 @@
-"""Settings: explicit arguments first, then environment variables, then defaults.
+"""Settings: explicit arguments first, then environment variables, then a settings file, then defaults.
 
-This is the one module that reads the environment, and the ``heddle dev``
-session file (``.heddle/dev.json``) that stands in for NATS_URL and VALKEY_URL
-in the directory where ``heddle dev`` runs.
+This is the one module that reads the environment. It also reads the settings
+file (``HEDDLE_SETTINGS``, :mod:`heddle.settingsfile`) and the ``heddle dev``
+session file (``.heddle/dev.json``, :mod:`heddle.devsession`) that stands in
+for NATS_URL and VALKEY_URL in the directory where ``heddle dev`` runs.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import re
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from heddle.devsession import DEV_SESSION_FILE, DevSession
 from heddle.errors import ConfigError
+from heddle.settingsfile import SETTINGS_FILE_ENV, read_settings_file
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 DEFAULT_VALKEY_URL = "valkey://127.0.0.1:6379/0"
@@ -414,20 +415,25 @@ class Settings:
 
     @classmethod
     def load(cls, **overrides: Any) -> Settings:
-        """Build settings from ``overrides`` (None means unset), then env, then defaults.
+        """Build settings from ``overrides`` (None means unset), then env, then the settings file, then defaults.
 
-        ``overrides`` may name the fields of :class:`NatsAuth` and :class:`ValkeyAuth`
+        The settings file is ``overrides["settings_file"]`` or ``HEDDLE_SETTINGS``
+        (:mod:`heddle.settingsfile`); a key it sets is overridden by its environment
+        variable or argument. ``overrides`` may name the fields of :class:`NatsAuth` and :class:`ValkeyAuth`
         flat (``nats_user=``, ``valkey_tls_ca=``); each replaces its variable alone.
         When neither URL is given (argument or ``NATS_URL``/``VALKEY_URL``), a running
         ``heddle dev`` in the current directory supplies both (:class:`DevSession`).
         """
-        known = ({f.name for f in fields(cls)} - {"extra"}) | set(AUTH_SETTINGS)
+        known = ({f.name for f in fields(cls)} - {"extra"}) | set(AUTH_SETTINGS) | {"settings_file"}
         unknown = sorted(set(overrides) - known)
         if unknown:
             raise ConfigError(
                 f"unknown setting(s) {', '.join(unknown)}; known settings: {', '.join(sorted(known))}"
             )
-        values: dict[str, Any] = {}
+        # Lowest first: the settings file, then the environment, then arguments.
+        path = overrides.pop("settings_file", None) or os.environ.get(SETTINGS_FILE_ENV, "").strip()
+        values: dict[str, Any] = read_settings_file(path, _file_kinds(cls)) if path else {}
+        flat = {name: values.pop(name) for name in list(values) if name in AUTH_SETTINGS}
         env = {"nats_url": "NATS_URL", "valkey_url": "VALKEY_URL", "health_host": "HEDDLE_HEALTH_HOST"}
         for name, var in env.items():
             if os.environ.get(var, "").strip():
@@ -448,7 +454,7 @@ class Settings:
         for name, var in _VALKEY_MODE_ENV.items():
             if os.environ.get(var, "").strip():
                 values[name] = _valkey_mode_env(var, os.environ[var].strip())
-        flat = {name: os.environ[var] for name, (_, _, var) in AUTH_SETTINGS.items() if os.environ.get(var)}
+        flat.update({name: os.environ[var] for name, (_, _, var) in AUTH_SETTINGS.items() if os.environ.get(var)})
         for name, value in overrides.items():
             if value is None:
                 continue
@@ -495,84 +501,13 @@ class Settings:
         return replace(self, **changes)
 
 
-# -- the heddle dev session ------------------------------------------------------------
+def _file_kinds(cls: type[Settings]) -> dict[str, str]:
+    """What a settings file may set: each field of ``cls`` by its annotation, and the flat credential names."""
+    kinds = {f.name: str(f.type) for f in fields(cls) if f.name not in ("extra", "nats_auth", "valkey_auth")}
+    return {**kinds, **dict.fromkeys(AUTH_SETTINGS, "str")}
 
-DEV_SESSION_FILE = os.path.join(".heddle", "dev.json")
 
-
-@dataclass(frozen=True)
-class DevSession:
-    """Where a running ``heddle dev`` serves, as it wrote to ``.heddle/dev.json`` in its directory.
-
-    Clients and ``heddle`` commands started in that directory use these URLs when
-    neither NATS_URL nor VALKEY_URL is set, so other shells need not export them.
-    A file whose ``heddle dev`` has exited (its pid is gone) is ignored. Only the
-    current directory is looked at, never its parents: a session applies to the
-    project it was started in and nowhere else.
-
-    Attributes:
-        nats_url: The embedded nats-server's URL.
-        valkey_url: The embedded valkey-server's URL.
-        pid: Process id of the ``heddle dev`` that wrote the file.
-        path: Absolute path of the file.
-    """
-
-    nats_url: str
-    valkey_url: str
-    pid: int
-    path: str
-
-    @staticmethod
-    def path_in(directory: str | None = None) -> str:
-        """The session file's absolute path in ``directory`` (default: the current one)."""
-        return os.path.abspath(os.path.join(directory or os.getcwd(), DEV_SESSION_FILE))
-
-    @property
-    def alive(self) -> bool:
-        """Whether the ``heddle dev`` that wrote the file still runs."""
-        if self.pid <= 0:
-            return False
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:  # another user's process: it exists
-            return True
-        return True
-
-    @classmethod
-    def read(cls, directory: str | None = None) -> DevSession | None:
-        """The session file in ``directory``, whether its ``heddle dev`` runs or not; None if absent or unreadable."""
-        try:
-            path = cls.path_in(directory)
-            with open(path, "rb") as f:
-                data = json.loads(f.read(64 * 1024))
-            return cls(str(data["nats_url"]), str(data["valkey_url"]), int(data["pid"]), path)
-        except (OSError, ValueError, KeyError, TypeError):
-            # No file, a cwd that was deleted, or a half-written or foreign file: no session.
-            return None
-
-    @classmethod
-    def find(cls, directory: str | None = None) -> DevSession | None:
-        """The running session of ``directory``: None without a file or when its ``heddle dev`` has exited."""
-        session = cls.read(directory)
-        return session if session is not None and session.alive else None
-
-    def write(self) -> None:
-        """Write the file (atomically: a reader never sees half of it)."""
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        tmp = f"{self.path}.{self.pid}.tmp"
-        with open(tmp, "w") as f:
-            json.dump({"nats_url": self.nats_url, "valkey_url": self.valkey_url, "pid": self.pid}, f)
-            f.write("\n")
-        os.replace(tmp, self.path)
-
-    def remove(self) -> None:
-        """Remove the file if it is still this session's."""
-        current = DevSession.read(os.path.dirname(os.path.dirname(self.path)))
-        if current is not None and current.pid == self.pid:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(self.path)
+# -- the heddle dev session (heddle.devsession) and errors about it ---------------------
 
 
 def dev_session_note(url: str, var: str) -> str:

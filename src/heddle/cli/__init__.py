@@ -24,7 +24,7 @@ from heddle.worker import DEFAULT_CONCURRENCY
 
 if TYPE_CHECKING:
     from heddle.cli.llm import DevLLM
-    from heddle.settings import DevSession
+    from heddle.devsession import DevSession
     from heddle.worker import Worker
 
 
@@ -237,7 +237,8 @@ def _run_dev(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 def _claim_dev_session(nats_url: str, valkey_url: str) -> DevSession | None:
     """Write ``.heddle/dev.json`` here, so other shells in this directory find the servers; say so."""
-    from heddle.settings import DEFAULT_NATS_URL, DEFAULT_VALKEY_URL, DevSession
+    from heddle.devsession import DevSession
+    from heddle.settings import DEFAULT_NATS_URL, DEFAULT_VALKEY_URL
 
     anywhere = nats_url == DEFAULT_NATS_URL and valkey_url == DEFAULT_VALKEY_URL
     path = DevSession.path_in()
