@@ -23,6 +23,7 @@ from nats.js import JetStreamContext, api
 
 from heddle import names
 from heddle.errors import BrokerError, BrokerUnavailable, ConfigError, HeddleError, MessageTooLarge
+from heddle.natsclient import Connection
 from heddle.pubacks import PubAcks, PublishAck
 from heddle.redact import redact
 from heddle.settings import Settings, dev_session_note, nats_server_urls, readable_file, server_endpoint
@@ -322,7 +323,7 @@ class Broker:
             error_cb=error,
             closed_cb=closed,
         )
-        nc = NATS()
+        nc = Connection()
         plain_text = (
             f"nats-server at {shown} does not use TLS, but this process asks for it (a tls:// URL or NATS_TLS_CA, "
             f"NATS_TLS_CERT); enable tls {{ }} on the server, or use nats:// and unset NATS_TLS_*"

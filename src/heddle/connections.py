@@ -76,7 +76,11 @@ class Connections:
         """
         if not self.broker.settings.direct_routing:
             return subject
-        routes = await asyncio.shield(self._following())
+        following = self._following()
+        if following.done() and not following.cancelled() and following.exception() is None:
+            routes = following.result()  # every send after the first: no shield, no extra future
+        else:
+            routes = await asyncio.shield(following)
         return routes.route(subject, headers) if routes is not None else subject
 
     async def worker_type_alive(self, worker_type: str) -> bool | None:

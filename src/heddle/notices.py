@@ -190,7 +190,7 @@ class Watches:
             w.done.set_result(record)
         if self._open.get(w.task_id) is w:
             del self._open[w.task_id]
-        if unsubscribe:
+        if unsubscribe and w.sub is not None:  # a watch on the connection's notice subscription has none
             self._spawn(_unsubscribe(w.sub))
 
     async def read(self, watches: list[Watch]) -> None:
