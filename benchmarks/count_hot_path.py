@@ -18,11 +18,11 @@ It starts embedded servers and one ``heddle worker -A bench_app`` under cProfile
   ``test_latency.py``, so each task travels alone).
 
 it reports, per task: the worker's and the client's Python function calls
-(cProfile's primitive calls, all of them, the event loop's included; the
-client's also count the ``>`` subscriber's callbacks), the Valkey commands run (inside
+(cProfile's primitive calls, all of them, the event loop's included), the Valkey commands run (inside
 Lua scripts too) and the microseconds Valkey spent on them (``INFO
 commandstats``), and the NATS messages of each kind the servers carried (seen
-by a ``>`` subscriber in this process, which adds no messages of its own).
+by a ``>`` subscriber on a thread of its own in this process, which adds no
+messages and no client calls).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import os
 import pstats
 import re
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -61,20 +62,49 @@ def _kind(subject: str) -> str:
     return subject
 
 
-async def _phase(task: Any, nats_url: str, n: int, sequential: bool) -> collections.Counter[str]:
-    """Run one phase; the NATS messages it caused, by kind."""
-    import nats
+class _Counter:
+    """A ``>`` subscriber on a thread and event loop of its own, so the client's profile leaves it out."""
 
-    seen: collections.Counter[str] = collections.Counter()
-    nc = await nats.connect(nats_url)
+    def __init__(self, nats_url: str) -> None:
+        self.seen: collections.Counter[str] = collections.Counter()
+        self._url = nats_url
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="counter", daemon=True)
+        self._nc: Any = None
 
-    async def count(msg: Any) -> None:
-        seen[_kind(msg.subject)] += 1
+    def start(self) -> None:
+        import nats
 
+        self._thread.start()
+
+        async def subscribe() -> None:
+            self._nc = await nats.connect(self._url)
+
+            async def count(msg: Any) -> None:
+                self.seen[_kind(msg.subject)] += 1
+
+            await self._nc.subscribe(">", cb=count)
+            await self._nc.flush()
+
+        asyncio.run_coroutine_threadsafe(subscribe(), self._loop).result(10)
+
+    def stop(self) -> collections.Counter[str]:
+        async def close() -> None:
+            await self._nc.flush()
+            # Notices, acks and events published just before the last result arrived.
+            await asyncio.sleep(0.5)
+            await self._nc.close()
+
+        asyncio.run_coroutine_threadsafe(close(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+        return self.seen
+
+
+async def _phase(task: Any, n: int, sequential: bool) -> None:
     try:
         await task.app.connect()
-        await nc.subscribe(">", cb=count)
-        await nc.flush()
         if sequential:
             for _ in range(n):
                 await task.apply_async().aget(timeout=60)
@@ -82,13 +112,8 @@ async def _phase(task: Any, nats_url: str, n: int, sequential: bool) -> collecti
             results = [task.apply_async() for _ in range(n)]
             for r in results:
                 await r.aget(timeout=120)
-        await nc.flush()
-        # Notices, acks and events published just before the last result arrived.
-        await asyncio.sleep(0.5)
     finally:
-        await nc.close()
         await task.app.aclose()
-    return seen
 
 
 def _valkey_stats(valkey_url: str, reset: bool = False) -> dict[str, Any]:
@@ -124,10 +149,13 @@ def run_phase(cfg: BenchConfig, out: Path, n: int, sequential: bool) -> dict[str
         worker = WorkerProcess(servers, cfg, out, profile_to=prof)
         try:
             _valkey_stats(servers.valkey_url, reset=True)
+            counter = _Counter(servers.nats_url)
+            counter.start()
             client = cProfile.Profile()
             client.enable()
-            seen = run_async(lambda: _phase(bench_app.noop, servers.nats_url, n, sequential))
+            run_async(lambda: _phase(bench_app.noop, n, sequential))
             client.disable()
+            seen = counter.stop()
             commands = _valkey_stats(servers.valkey_url)
         finally:
             worker.stop()
@@ -151,7 +179,7 @@ def report(counts: dict[str, Any]) -> str:
     lines = [
         f"{counts['phase']} ({counts['tasks']:,} tasks), per task:",
         f"  worker Python calls  {counts['python_calls']:8.1f}",
-        f"  client Python calls  {counts['client_python_calls']:8.1f}   (with the > subscriber's callbacks)",
+        f"  client Python calls  {counts['client_python_calls']:8.1f}",
         f"  Valkey commands      {counts['valkey_commands']:8.2f}   ({counts['valkey_us']:.1f} us in Valkey)",
     ]
     lines += [f"      {v:6.2f}  {k}" for k, v in sorted(counts["valkey_by_command"].items(), key=lambda kv: -kv[1])]
