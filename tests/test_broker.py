@@ -173,3 +173,73 @@ async def test_every_consumer_is_listed_past_jetstreams_page_of_256(fresh_server
         assert set(made) <= listed
     finally:
         await broker.close()
+
+
+async def test_a_publish_no_stream_answers_yet_is_sent_again_and_stored_once_when_one_does(heddle_servers):
+    # What a client sees while a cluster elects a stream's leader after losing a node:
+    # nats-server answers "no responders" for a few seconds, then the stream takes it.
+    import asyncio
+
+    import nats
+
+    broker = Broker(Settings(nats_url=heddle_servers.nats_url))
+    await broker.connect()
+    nc = await nats.connect(heddle_servers.nats_url)
+    stream = f"LATE_{free_port()}"
+    subject = f"late.{stream.lower()}"
+    try:
+        sending = asyncio.ensure_future(broker.publish(subject, b"task", {"Nats-Msg-Id": "once"}, timeout_s=20))
+        # The "election": half a second without a stream; a publish that was not sent
+        # again would have failed within milliseconds.
+        await asyncio.sleep(0.5)
+        assert not sending.done(), sending
+        await nc.jetstream().add_stream(name=stream, subjects=[subject])
+        ack = await asyncio.wait_for(sending, 20)
+        assert (ack.stream, ack.seq) == (stream, 1)
+        assert (await nc.jetstream().stream_info(stream)).state.messages == 1
+    finally:
+        await nc.jetstream().delete_stream(stream)
+        await nc.close()
+        await broker.close()
+
+
+async def test_a_publish_no_stream_ever_answers_fails_after_its_timeout_saying_why(heddle_servers):
+    from heddle.errors import BrokerError
+
+    broker = Broker(Settings(nats_url=heddle_servers.nats_url))
+    await broker.connect()
+    try:
+        with pytest.raises(BrokerError, match=r"no stream takes the subject.*no leader.*tried for 0\.5s"):
+            await broker.publish("nobody.stores.this", b"x", {"Nats-Msg-Id": "x"}, timeout_s=0.5)
+    finally:
+        await broker.close()
+
+
+def test_a_request_nats_server_leaves_unanswered_is_not_called_unreachable():
+    import nats.errors
+
+    from heddle.natsclient import translate
+
+    said = str(translate(nats.errors.TimeoutError(), "nats://127.0.0.1:4222", "updating stream HEDDLE_TASKS"))
+    assert "did not answer in time while updating stream HEDDLE_TASKS" in said
+    assert "elected new stream leaders" in said
+    assert "cannot reach" not in said
+
+
+async def test_a_publish_a_core_subscriber_takes_instead_of_a_stream_times_out_saying_so(heddle_servers):
+    import nats
+
+    from heddle.errors import BrokerError
+
+    broker = Broker(Settings(nats_url=heddle_servers.nats_url))
+    await broker.connect()
+    nc = await nats.connect(heddle_servers.nats_url)
+    try:
+        await nc.subscribe("taken.by.core")
+        await nc.flush()
+        with pytest.raises(BrokerError, match=r"did not acknowledge a message on taken\.by\.core within 0\.5s") as err:
+            await broker.publish("taken.by.core", b"x", {"Nats-Msg-Id": "y"}, timeout_s=0.5)
+        assert "cannot reach" not in str(err.value)
+    finally:
+        await nc.close()
+        await broker.close()

@@ -22,11 +22,11 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
 from heddle import names
-from heddle.errors import BrokerError, BrokerUnavailable, ConfigError, HeddleError, MessageTooLarge
-from heddle.natsclient import Connection
-from heddle.pubacks import PubAcks, PublishAck
+from heddle.errors import BrokerError, ConfigError, HeddleError, MessageTooLarge
+from heddle.natsclient import Connection, refused_credentials, translate
+from heddle.pubacks import NoStreamAnswered, PubAcks, PublishAck
 from heddle.redact import redact
-from heddle.settings import Settings, dev_session_note, nats_server_urls, readable_file, server_endpoint
+from heddle.settings import Settings, nats_server_urls, readable_file, server_endpoint
 
 log = logging.getLogger("heddle.broker")
 # Pages of a JetStream list (256 entries each) read at most: 256,000 consumers.
@@ -47,53 +47,8 @@ STREAMS_MAX_AGE_S = 3600.0
 STREAMS_MAX_BYTES = 256 * 1024 * 1024
 STREAMS_MAX_MSGS_PER_SUBJECT = 100_000
 _NATS_HDR_LINE = b"NATS/1.0\r\n"
-
-
-def translate(exc: BaseException, url: str, doing: str, refused: BaseException | None = None) -> BrokerError:
-    """Map a nats-py exception to a Heddle error that names the server and the fix, and no secret.
-
-    Args:
-        exc: What nats-py raised.
-        url: The server's URL (``NATS_URL``); shown with its secrets replaced.
-        doing: What was being done, for the message ("connecting").
-        refused: The error the server sent before ``exc`` (nats-py reports a
-            refused login on the error callback, then raises NoServersError).
-    """
-    if type(exc) is BrokerError:
-        return BrokerError(f"{exc}, while {doing}")  # said by heddle.pubacks, without the subject
-    shown = redact(url)
-    if refused is not None or _refused_credentials(exc):
-        said = redact(str(refused or exc), url)
-        return BrokerError(
-            f"authentication failed at nats-server {shown} while {doing}: the server refused the "
-            f"credentials ({said}). Fix the user and password (user:password@host) or the token "
-            f"(token@host) in NATS_URL, or the server's authorization config."
-        )
-    if isinstance(exc, nats.errors.NoServersError | OSError | nats.errors.ConnectionClosedError):
-        message = (
-            f"cannot reach nats-server at {shown} while {doing}: {exc!r}. "
-            f"Start it (`heddle dev` runs an embedded one) or set NATS_URL. "
-            f"{dev_session_note(url, 'NATS_URL')}".rstrip()
-        )
-        return BrokerUnavailable(redact(message, url))
-    if isinstance(exc, nats.js.errors.NoStreamResponseError | nats.errors.NoRespondersError):
-        return BrokerError(
-            f"JetStream at {shown} did not answer while {doing}; is nats-server running with "
-            f"JetStream enabled (`nats-server --jetstream`)?"
-        )
-    if isinstance(exc, nats.errors.TimeoutError | asyncio.TimeoutError):
-        return BrokerError(f"timed out talking to nats-server at {shown} while {doing}")
-    return BrokerError(redact(f"nats-server at {shown} failed while {doing}: {exc!r}", url))
-
-
-def _refused_credentials(exc: BaseException) -> bool:
-    """Whether ``exc`` says nats-server refused the client's credentials."""
-    if isinstance(exc, nats.errors.AuthorizationError | nats.errors.InvalidUserCredentialsError):
-        return True
-    # During the handshake nats-py raises a plain Error with the server's -ERR text:
-    # 'Authorization Violation', 'Authentication Timeout', 'User Authentication Expired'.
-    text = str(exc).lower()
-    return "authorization violation" in text or "authentication" in text
+# How often a publish that no stream answered is sent again (Broker.publish).
+NO_STREAM_RETRY_S = 0.1
 
 
 def connect_options(settings: Settings) -> dict[str, Any]:
@@ -174,7 +129,7 @@ def _connect_failure(settings: Settings, exc: BaseException, said: BaseException
     told = redact(str(said or exc), *settings.secrets())
     if isinstance(said, ssl.SSLError) or isinstance(exc, ssl.SSLError):
         return BrokerError(f"TLS failed for {where} while connecting ({told}). Fix: {settings.tls_fix('nats', told)}.")
-    if said is None and not _refused_credentials(exc):
+    if said is None and not refused_credentials(exc):
         return translate(exc, settings.nats_url, "connecting")
     shown = redact(settings.nats_url)
     at = f" at nats-server {shown}" if "@" in shown else ""  # which URL's user:*** was refused
@@ -275,7 +230,7 @@ class Broker:
         async def error(exc: Exception) -> None:
             # Permission violations and protocol errors are worth seeing; a reconnect
             # attempt that fails is said once by disconnected() above.
-            if _refused_credentials(exc) or isinstance(exc, ssl.SSLError | _PlainTextServer):
+            if refused_credentials(exc) or isinstance(exc, ssl.SSLError | _PlainTextServer):
                 refused[:] = [exc]
                 if isinstance(exc, ssl.SSLError | _PlainTextServer) and self.nc is None:
                     tls_failed.set()
@@ -486,9 +441,13 @@ class Broker:
             try:
                 # A higher replica count is applied in place; a lower one never is, so that
                 # a process with the default (1) cannot shrink a cluster's R3 streams.
-                current = (await js.stream_info(cfg.name or "")).config.num_replicas or 1
-                cfg.num_replicas = max(current, cfg.num_replicas or 1)
-                await js.update_stream(cfg)
+                current = (await js.stream_info(cfg.name or "")).config
+                cfg.num_replicas = max(current.num_replicas or 1, cfg.num_replicas or 1)
+                have = current.as_dict()
+                # A duplicate window of 0 asks for the server's default (what ``have`` shows).
+                if any(have.get(k) != v for k, v in cfg.as_dict().items() if (k, v) != ("duplicate_window", 0)):
+                    await js.update_stream(cfg)
+                # else: only the replicas differed, and the stream has more: nothing to change
             except Exception as exc2:
                 raise self._stream_error(exc2, f"updating stream {cfg.name}") from exc2
         except Exception as exc:
@@ -581,12 +540,30 @@ class Broker:
     async def publish(
         self, subject: str, payload: bytes, headers: dict[str, str], timeout_s: float = 5.0
     ) -> PublishAck:
-        """Publish to JetStream and wait for the stream's ack (pipelined with other publishes)."""
-        fut = await self.publish_start(subject, payload, headers, timeout_s)
-        try:
-            return await fut
-        except Exception as exc:
-            raise translate(exc, self.url, f"publishing to {subject}") from exc
+        """Publish to JetStream and wait for the stream's ack (pipelined with other publishes).
+
+        While no stream answers (a cluster electing the stream's leader after losing
+        a node, for a few seconds), the same message is sent again every
+        ``NO_STREAM_RETRY_S`` until ``timeout_s`` has passed; its ``Nats-Msg-Id``
+        makes the stream store it once.
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            fut = await self.publish_start(subject, payload, headers, max(0.05, deadline - time.monotonic()))
+            try:
+                return await fut
+            except NoStreamAnswered as exc:
+                if time.monotonic() + NO_STREAM_RETRY_S >= deadline:
+                    raise translate(exc, self.url, f"publishing to {subject} (tried for {timeout_s:g}s)") from exc
+            except TimeoutError as exc:  # the sweeper's: the connection is up, the answer is late
+                raise BrokerError(
+                    f"JetStream did not acknowledge a message on {subject} within {timeout_s:g}s (nats-server at "
+                    f"{redact(self.url)}): the stream may be overloaded or electing a leader, or something other "
+                    f"than a stream subscribes to the subject; the message may or may not be stored"
+                ) from exc
+            except Exception as exc:
+                raise translate(exc, self.url, f"publishing to {subject}") from exc
+            await asyncio.sleep(NO_STREAM_RETRY_S)
 
     async def publish_start(
         self, subject: str, payload: bytes, headers: dict[str, str], timeout_s: float = 5.0

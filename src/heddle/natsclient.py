@@ -1,4 +1,8 @@
-"""nats-py's client with a quicker header parser: what :class:`heddle.broker.Broker` connects with.
+"""nats-py's client as Heddle connects with it, and what its errors say: the seam below :mod:`heddle.broker`.
+
+:class:`Connection` is the client :class:`heddle.broker.Broker` connects with;
+:func:`translate` maps every nats-py exception to a Heddle error that names the
+server and the fix, once for the broker and the puller.
 
 Part of the transport with :mod:`heddle.broker` and :mod:`heddle.pull`. Every
 task delivery carries half a dozen headers (``Nats-Msg-Id``, the task name, the
@@ -6,16 +10,24 @@ worker type, the notice token...), and nats-py 2.16 parses each header name
 with a generator over its characters to reject names holding whitespace: a
 third of a worker's Python calls per task went there. :class:`Connection` does
 the same check with one regular-expression search and parses the same way
-otherwise; ``tests/test_fetch.py`` pins it to nats-py's result.
+otherwise; ``tests/test_nats_headers.py`` pins it to nats-py's result.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 
+import nats.errors
+import nats.js.errors
 from nats.aio.client import Client
 
-__all__ = ["Connection", "parse_header_lines"]
+from heddle.errors import BrokerError, BrokerUnavailable
+from heddle.pubacks import NoStreamAnswered
+from heddle.redact import redact
+from heddle.settings import dev_session_note
+
+__all__ = ["Connection", "parse_header_lines", "refused_credentials", "translate"]
 
 _CRLF = b"\r\n"
 # What str.isspace() calls whitespace (re's \s in a str pattern is the same set).
@@ -48,3 +60,55 @@ class Connection(Client):
     """A nats-py ``Client`` whose header parsing costs one regex search per header instead of a loop."""
 
     _parse_header_lines = staticmethod(parse_header_lines)
+
+
+def translate(exc: BaseException, url: str, doing: str, refused: BaseException | None = None) -> BrokerError:
+    """Map a nats-py exception to a Heddle error that names the server and the fix, and no secret.
+
+    Args:
+        exc: What nats-py raised.
+        url: The server's URL (``NATS_URL``); shown with its secrets replaced.
+        doing: What was being done, for the message ("connecting").
+        refused: The error the server sent before ``exc`` (nats-py reports a
+            refused login on the error callback, then raises NoServersError).
+    """
+    if type(exc) in (BrokerError, NoStreamAnswered):
+        return BrokerError(f"{exc}, while {doing}")  # said by heddle.pubacks, without the subject
+    shown = redact(url)
+    if refused is not None or refused_credentials(exc):
+        said = redact(str(refused or exc), url)
+        return BrokerError(
+            f"authentication failed at nats-server {shown} while {doing}: the server refused the "
+            f"credentials ({said}). Fix the user and password (user:password@host) or the token "
+            f"(token@host) in NATS_URL, or the server's authorization config."
+        )
+    if isinstance(exc, nats.errors.TimeoutError):  # a request unanswered on a live connection (also an OSError)
+        return BrokerError(
+            f"nats-server at {shown} did not answer in time while {doing}; a JetStream cluster that lost "
+            f"a node answers again once it has elected new stream leaders (seconds), else check the server"
+        )
+    if isinstance(exc, nats.errors.NoServersError | OSError | nats.errors.ConnectionClosedError):
+        message = (
+            f"cannot reach nats-server at {shown} while {doing}: {exc!r}. "
+            f"Start it (`heddle dev` runs an embedded one) or set NATS_URL. "
+            f"{dev_session_note(url, 'NATS_URL')}".rstrip()
+        )
+        return BrokerUnavailable(redact(message, url))
+    if isinstance(exc, nats.js.errors.NoStreamResponseError | nats.errors.NoRespondersError):
+        return BrokerError(
+            f"JetStream at {shown} did not answer while {doing}; is nats-server running with "
+            f"JetStream enabled (`nats-server --jetstream`)?"
+        )
+    if isinstance(exc, nats.errors.TimeoutError | asyncio.TimeoutError):
+        return BrokerError(f"timed out talking to nats-server at {shown} while {doing}")
+    return BrokerError(redact(f"nats-server at {shown} failed while {doing}: {exc!r}", url))
+
+
+def refused_credentials(exc: BaseException) -> bool:
+    """Whether ``exc`` says nats-server refused the client's credentials."""
+    if isinstance(exc, nats.errors.AuthorizationError | nats.errors.InvalidUserCredentialsError):
+        return True
+    # During the handshake nats-py raises a plain Error with the server's -ERR text:
+    # 'Authorization Violation', 'Authentication Timeout', 'User Authentication Expired'.
+    text = str(exc).lower()
+    return "authorization violation" in text or "authentication" in text

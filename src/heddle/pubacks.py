@@ -62,6 +62,10 @@ class _Reply(msgspec.Struct):
 _reply_decoder = msgspec.json.Decoder(_Reply)
 
 
+class NoStreamAnswered(BrokerError):
+    """Raised for a publish no stream answered (nats-server's "no responders"): worth sending again."""
+
+
 class PubAcks:
     """The pending JetStream publishes of one connection.
 
@@ -141,9 +145,9 @@ class PubAcks:
         if fut is None or fut.done():
             return
         if msg.headers and msg.headers.get("Status") == _NO_RESPONDERS:
-            fut.set_exception(BrokerError(
-                "JetStream did not answer: no stream takes the subject, or JetStream is not enabled "
-                "(`nats-server --jetstream`)"
+            fut.set_exception(NoStreamAnswered(
+                "JetStream did not answer: no stream takes the subject, JetStream is not enabled "
+                "(`nats-server --jetstream`), or the stream has no leader (a cluster electing one)"
             ))
             return
         try:

@@ -18,8 +18,9 @@ import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
-from heddle.broker import Broker, translate
+from heddle.broker import Broker
 from heddle.errors import BrokerError
+from heddle.natsclient import translate
 from heddle.redact import redact
 
 log = logging.getLogger("heddle.broker")

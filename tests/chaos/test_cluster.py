@@ -401,15 +401,30 @@ def test_more_replicas_than_the_cluster_has_servers_is_a_clear_error(cluster):
 
 
 def test_a_process_with_fewer_replicas_never_shrinks_a_streams_replicas(cluster):
-    async def ensure(replicas: int) -> int:
+    import nats
+
+    async def ensure(replicas: int) -> tuple[int, int]:
+        """The task stream's replicas after a process with ``replicas`` started, and the updates it sent."""
+        watcher = await nats.connect(cluster.url.split(","))
+        updates: list[str] = []
+
+        async def seen(msg: Any) -> None:
+            updates.append(msg.subject)
+
+        await watcher.subscribe("$JS.API.STREAM.UPDATE.>", cb=seen)
+        await watcher.flush()
         broker = Broker(Settings(nats_url=cluster.url, stream_replicas=replicas))
         await broker.connect()
         try:
             await broker.ensure_streams()
-            return int((await broker.stream_info("HEDDLE_TASKS")).config.num_replicas or 1)
+            await watcher.flush()
+            return int((await broker.stream_info("HEDDLE_TASKS")).config.num_replicas or 1), len(updates)
         finally:
             await broker.close()
+            await watcher.close()
 
-    assert asyncio.run(ensure(1)) == 1
-    assert asyncio.run(ensure(3)) == 3  # raised in place
-    assert asyncio.run(ensure(1)) == 3  # a default client leaves it at 3
+    assert asyncio.run(ensure(1))[0] == 1
+    assert asyncio.run(ensure(3)) == (3, 4)  # every stream raised in place
+    # A default client leaves them at 3, and with nothing else to change sends no update
+    # (each update is a round of the stream's Raft group, and fails during an election).
+    assert asyncio.run(ensure(1)) == (3, 0)
