@@ -142,7 +142,9 @@ def test_heddle_goals_rerun_reuses_the_stages_before_and_sends_only_the_stage_an
     rerun = [sys.executable, "-m", "heddle", "goals", "rerun"]
     with FakeProvider("ollama") as p:
         app = worker_app(path, "local", llm_settings=settings_for(p, model="m1")[1], **servers_of(heddle_servers))
-        p.add(label("positive"), label("neutral"), label("negative"), label("neutral"))
+        # first and side run at once with the same input, so either may ask first: both get
+        # the same answer. Then second (after first) and third (after second).
+        p.add(label("positive"), label("positive"), label("negative"), label("neutral"))
         with running_worker(app), running_orchestrator(client):
             g = load_pipeline(file).apply_async({"text": "Sunny.", "note": "old"}, app=client)
             assert g.get(timeout=30)["third"] == {"label": "neutral"}
@@ -164,7 +166,7 @@ def test_heddle_goals_rerun_reuses_the_stages_before_and_sends_only_the_stage_an
             assert (doc["rerun_of"], doc["from_stage"], doc["reused"], doc["sent"]) == (
                 g.id, "second", ["first", "side"], ["second", "third"])
             assert doc["state"] == "SUCCESS" and doc["goal_id"] != g.id
-            assert doc["output"] == {"first": {"label": "positive"}, "side": {"label": "neutral"},
+            assert doc["output"] == {"first": {"label": "positive"}, "side": {"label": "positive"},
                                      "second": {"label": "negative"}, "third": {"label": "positive"}}
             rows = {r["name"]: r for r in doc["timeline"]}
             assert rows["first"]["reason"] == f"reused from {g.id}:first"
