@@ -86,17 +86,20 @@ def test_every_problem_in_a_settings_file_is_reported_with_its_line(tmp_path):
         direct_routing: maybe
         nats_password: 12345
         valkey_sentinels: 26379
+        nats_url: [nats://worker:hunter2@10.0.0.1:4222]
     """)
     with pytest.raises(ConfigFileError) as err:
         Settings.load(settings_file=path)
     text = str(err.value)
-    assert "5 error(s) in the settings file" in text, text
+    assert "6 error(s) in the settings file" in text, text
     assert f"{path}:2: unknown key 'stream_replica' (did you mean 'stream_replicas'?)" in text, text
     assert f"{path}:3: ack_wait_s must be a number" in text and "'soon'" in text, text
     assert f"{path}:4: direct_routing must be true or false" in text, text
     assert f"{path}:5: nats_password must be a string, got int" in text, text
     assert "12345" not in text  # a password's value is never shown, even a wrong one
     assert f"{path}:6: valkey_sentinels must be a list of strings" in text, text
+    assert f"{path}:7: nats_url must be a string, got a list" in text, text
+    assert "hunter2" not in text  # nor a password inside a URL of the wrong type
 
 
 @pytest.mark.parametrize(

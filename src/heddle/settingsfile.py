@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from heddle.configfile import ConfigIssue, LineMap, issues_error, load_yaml, unknown_key_message
+from heddle.redact import redact
 
 __all__ = ["SETTINGS_FILE_ENV", "read_settings_file"]
 
@@ -85,8 +86,11 @@ def read_settings_file(path: str, kinds: Mapping[str, str]) -> dict[str, Any]:
             said, convert = _KINDS[kind]
             converted = convert(value)
             if converted is _WRONG:
-                shown = "" if key.endswith(_SECRET_SUFFIXES) else f" {value!r}"
-                issues.append(ConfigIssue(path, line, f"{key} must be {said}, got {type(value).__name__}{shown}"))
+                # A URL given as a list, say, may hold a password: redacted like any log line.
+                shown = "" if key.endswith(_SECRET_SUFFIXES) else f" {redact(repr(value))}"
+                what = "a list" if isinstance(value, list) else "a mapping" if isinstance(value, dict) else (
+                    type(value).__name__)
+                issues.append(ConfigIssue(path, line, f"{key} must be {said}, got {what}{shown}"))
                 continue
             values[key] = converted
     if issues:
