@@ -160,3 +160,16 @@ def test_a_worker_and_a_client_configured_by_the_file_alone_run_a_task(tmp_path,
                 client.close()
         finally:
             del os.environ["HEDDLE_SETTINGS"]
+
+
+def test_every_setting_can_come_from_a_settings_file(tmp_path):
+    from dataclasses import fields
+
+    from heddle.settings import AUTH_SETTINGS
+
+    names = [f.name for f in fields(Settings) if f.name not in ("extra", "nats_auth", "valkey_auth")]
+    text = "".join(f"{name}: {{}}\n" for name in [*names, *AUTH_SETTINGS])
+    with pytest.raises(ConfigFileError) as err:  # every value is of the wrong type, so each key is checked
+        Settings.load(settings_file=_file(tmp_path, text))
+    assert "unknown key" not in str(err.value), str(err.value)
+    assert f"{len(names) + len(AUTH_SETTINGS)} error(s)" in str(err.value)

@@ -16,7 +16,7 @@ from urllib.parse import unquote, urlsplit
 
 from heddle.devsession import DEV_SESSION_FILE, DevSession
 from heddle.errors import ConfigError
-from heddle.settingsfile import SETTINGS_FILE_ENV, read_settings_file
+from heddle.settingsfile import FILE_KINDS, SETTINGS_FILE_ENV, read_settings_file
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 DEFAULT_VALKEY_URL = "valkey://127.0.0.1:6379/0"
@@ -503,7 +503,7 @@ class Settings:
 
 def _file_kinds(cls: type[Settings]) -> dict[str, str]:
     """What a settings file may set: each field of ``cls`` by its annotation, and the flat credential names."""
-    kinds = {f.name: str(f.type) for f in fields(cls) if f.name not in ("extra", "nats_auth", "valkey_auth")}
+    kinds = {f.name: str(f.type) for f in fields(cls) if str(f.type) in FILE_KINDS}  # not extra, nor the auth structs
     return {**kinds, **dict.fromkeys(AUTH_SETTINGS, "str")}
 
 

@@ -24,7 +24,7 @@ from typing import Any
 from heddle.configfile import ConfigIssue, LineMap, issues_error, load_yaml, unknown_key_message
 from heddle.redact import redact
 
-__all__ = ["SETTINGS_FILE_ENV", "read_settings_file"]
+__all__ = ["FILE_KINDS", "SETTINGS_FILE_ENV", "read_settings_file"]
 
 #: The environment variable naming the settings file.
 SETTINGS_FILE_ENV = "HEDDLE_SETTINGS"
@@ -58,6 +58,8 @@ _KINDS: dict[str, tuple[str, Any]] = {
     "int | None": ("a whole number or null", lambda v: None if v is None else _whole(v)),
     "tuple[str, ...]": ("a list of strings (or one comma-separated string)", _strings),
 }
+#: The annotations a setting may have to be settable from a file.
+FILE_KINDS = frozenset(_KINDS)
 # Values never shown in an error.
 _SECRET_SUFFIXES = ("password", "token")
 
