@@ -87,6 +87,7 @@ _INTERNAL_SIGNALS = {
     "heddle.llm.backends.base.AttemptFailed",  # one HTTP attempt failed: retried or turned into LLMBackendError
     "heddle.llm.extract.NoJSONFound",  # the model's text held no JSON: turned into LLMOutputError
     "heddle.llm.backends.http.StreamFailed",  # an error event in a streamed reply: turned into AttemptFailed
+    "heddle.valkeylane.LaneDown",  # the lane cannot answer: the request goes through the pool instead
 }
 
 

@@ -63,6 +63,7 @@ from heddle.settings import (
     server_endpoint,
     tls_failure,
 )
+from heddle.valkeylane import CommandList, Lane, LaneDown, LaneKeeper, ReplyError
 
 log = logging.getLogger("heddle.store")
 T = TypeVar("T")
@@ -79,6 +80,8 @@ _MAX_REMEMBERED_TOKENS: Final = 100_000
 # Errors after which a Sentinel or Cluster client asks again who the primary is.
 _FAILOVER_ERRORS = (vexc.ConnectionError, vexc.TimeoutError, vexc.ReadOnlyError, vexc.ClusterDownError,
                     vexc.TryAgainError, OSError)
+# After the lane (heddle.valkeylane) is lost, scripts go through the pool this long at least.
+LANE_RETRY_S: Final = 1.0
 
 # Both scripts take a worker's whole batch (every key in KEYS), so a batch costs
 # one command to encode, send and parse instead of one per task.
@@ -226,6 +229,10 @@ class ResultBackend:
             "store": (STORE_LUA, ""),
             "final_records": (FINAL_RECORDS_LUA, ""),
         }
+        # Scripts go through the lane (heddle.valkeylane) when there is one: not in a
+        # Cluster (keys route by slot), nor when stores are followed by WAIT (it would
+        # hold every request queued behind it on the one connection).
+        self._lanes: LaneKeeper | None = None
 
     @property
     def url(self) -> str:
@@ -311,6 +318,10 @@ class ResultBackend:
                 await self.client.initialize()
             await self.client.ping()
             await self._load_scripts()
+            if self.mode != "cluster" and not self.replicas_to_wait:
+                self._lanes = LaneKeeper(self.client.connection_pool.make_connection,
+                                         max(10.0, self.settings.connect_timeout_s), LANE_RETRY_S, self._lane_lost)
+                await self._lanes.open()
         except Exception as exc:
             where = server_endpoint(self.url) if self.mode == "single" else self.where
             told = redact(str(exc), *self.settings.secrets()).rstrip(".")
@@ -356,8 +367,18 @@ class ResultBackend:
             # In a Cluster, SCRIPT LOAD goes to every primary.
             self._scripts[name] = (lua, str(_text(await self.client.script_load(lua))))
 
+    def _lane_lost(self, why: str) -> None:
+        log.debug("valkey: no lane (%s); scripts go through the pool", redact(why, *self.settings.secrets()))
+
+    @property
+    def lane(self) -> Lane | None:
+        """The open lane scripts take, if any (:mod:`heddle.valkeylane`)."""
+        return self._lanes.lane if self._lanes is not None else None
+
     async def close(self) -> None:
-        """Close the connection pool."""
+        """Close the lane and the connection pool."""
+        if self._lanes is not None:
+            self._lanes.close()
         client, self.client = self.client, None
         if client is not None:
             await client.aclose()
@@ -454,7 +475,44 @@ class ResultBackend:
         replies follow the scripts' in the returned list. In a Cluster the keys of one
         call must share a hash slot (a ``{tag}``); calls on different slots are fine.
         """
+        lane = self._lanes.current() if self._lanes is not None and self.client is not None else None
+        if lane is not None:
+            try:
+                return await self._run_on_lane(lane, name, calls, then)
+            except LaneDown as exc:
+                # Sent again through the pool: the same as the pool's own retry after a lost
+                # connection (a claim gets a newer token; a store by the same token is written once).
+                assert self._lanes is not None
+                self._lanes.lost(str(exc))
         return await self._call(f"running {name}", lambda client: self._run_scripts(client, name, calls, then))
+
+    async def _run_on_lane(
+        self,
+        lane: Lane,
+        name: str,
+        calls: Sequence[tuple[Sequence[str], Sequence[Any]]],
+        then: Callable[[Any], None] | None,
+    ) -> list[Any]:
+        """:meth:`_run_scripts` on the lane; any error reply but NOSCRIPT raises LaneDown (the pool says it)."""
+        for attempt in range(2):
+            sha = self._scripts[name][1]
+            if not sha:
+                await self._call("loading scripts", lambda client: self._load_scripts())
+                sha = self._scripts[name][1]
+            commands: list[Sequence[Any]] = [("EVALSHA", sha, len(keys), *keys, *args) for keys, args in calls]
+            if then is not None:
+                then(CommandList(commands))
+            out = await lane.execute(commands)
+            if attempt == 0 and any(isinstance(r, ReplyError) and str(r).startswith("NOSCRIPT") for r in out):
+                self._scripts = {n: (lua, "") for n, (lua, _) in self._scripts.items()}
+                continue
+            for r in out:
+                if isinstance(r, ReplyError):
+                    # The pool runs it again and turns the error into ours (READONLY after a
+                    # failover is ridden out there; the lane reconnects to the new primary).
+                    raise LaneDown(f"error reply {str(r)[:200]!r}")
+            return out
+        raise LaneDown("the scripts are not loaded")
 
     async def _run_scripts(
         self,

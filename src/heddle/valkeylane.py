@@ -1,0 +1,256 @@
+"""A lane to Valkey for the scripts on every task's path: one pipelined connection, no pool.
+
+Every task crosses Valkey twice (its claim and its store, :mod:`heddle.store`),
+and on a lone task both round trips are on the caller's critical path. Through
+valkey-py's pool and pipeline a script call costs about twice what the server
+and the socket take (a connection checked out and back in, a pipeline object,
+its command stack and response callbacks, a coroutine per read): measured on
+this project's 2-core machine, ~190 us against ~90 us for the same EVALSHA
+sent on a plain asyncio protocol.
+
+A :class:`Lane` is that plain protocol: one connection per result store (per
+event loop), requests written at once and answered in order (so concurrent
+callers pipeline on it), replies parsed in C by ``libvalkey``'s reader (the
+one valkey-py uses) inside ``data_received``, which resolves the caller's
+future directly: no reader task between the socket and the caller.
+
+It does not open the connection itself: valkey-py does (address, Sentinel's
+primary, TLS, AUTH, SELECT, protocol version, client name, exactly as for the
+pool), and the lane then takes the connected transport over. That relies on
+valkey-py 6's ``Connection._reader``/``_writer`` (asyncio streams);
+``tests/test_valkey_lane.py`` pins it.
+
+The lane never decides what an error means. A request it cannot answer (the
+connection is lost or was never made, or no reply came within the socket
+timeout) raises :class:`LaneDown`, and :mod:`heddle.store` sends the request
+again through the pool, whose error translation and failover handling then
+apply; error replies are returned as values for the store to look at.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import libvalkey
+
+# An error reply from the server (returned among the replies, never raised).
+ReplyError = libvalkey.ReplyError
+
+
+class LaneDown(Exception):
+    """Raised when the lane cannot answer a request; the caller sends it through the pool instead."""
+
+
+class _Request:
+    """Replies expected for one :meth:`Lane.execute`, in order."""
+
+    __slots__ = ("done", "left", "replies", "sent_at")
+
+    def __init__(self, n: int, done: asyncio.Future[list[Any]], sent_at: float) -> None:
+        self.left = n
+        self.replies: list[Any] = []
+        self.done = done
+        self.sent_at = sent_at
+
+
+class Lane(asyncio.Protocol):
+    """One connection to Valkey, taken over from valkey-py once connected; see the module docstring.
+
+    Args:
+        transport: The connected transport (TCP or TLS) whose protocol this becomes.
+        timeout_s: A request with no reply after this long fails the lane (the
+            server hangs, or the network dropped the connection silently).
+    """
+
+    def __init__(self, transport: asyncio.Transport, timeout_s: float) -> None:
+        self._transport = transport
+        self._timeout_s = timeout_s
+        self._reader = libvalkey.Reader()
+        self._pending: collections.deque[_Request] = collections.deque()
+        self._loop = asyncio.get_running_loop()
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._streams: tuple[Any, Any] = (None, None)
+        self.closed = False
+        #: Requests answered (tests and benchmarks read it to see the lane in use).
+        self.answered = 0
+
+    @classmethod
+    async def take_over(cls, connection: Any, timeout_s: float) -> Lane:
+        """Connect valkey-py's ``connection`` (from its pool's ``make_connection()``) and take its transport.
+
+        Raises:
+            LaneDown: The connection cannot be taken over (not stream-based, or
+                holding unread bytes); valkey-py's own errors are raised as they are.
+        """
+        await connection.connect()
+        reader, writer = getattr(connection, "_reader", None), getattr(connection, "_writer", None)
+        transport = getattr(writer, "transport", None)
+        if reader is None or transport is None or not hasattr(transport, "set_protocol"):
+            raise LaneDown(f"cannot take over a {type(connection).__name__}: it has no stream transport")
+        if getattr(reader, "_buffer", b""):
+            raise LaneDown("the connection holds unread replies")
+        # valkey-py lets go of it: its connection object no longer owns a socket. The
+        # streams stay referenced by the lane: a collected StreamWriter closes its transport.
+        connection._reader = connection._writer = None
+        lane = cls(transport, timeout_s)
+        lane._streams = (reader, writer)
+        transport.set_protocol(lane)
+        return lane
+
+    # -- the protocol -----------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        reader = self._reader
+        reader.feed(data)
+        pending = self._pending
+        while True:
+            try:
+                reply = reader.gets()
+            except Exception as exc:  # a protocol error: nothing after it can be trusted
+                self._fail(f"unreadable reply ({exc})")
+                return
+            if reply is False:
+                return
+            if not pending:
+                self._fail("a reply that no request asked for")
+                return
+            req = pending[0]
+            req.replies.append(reply)
+            req.left -= 1
+            if req.left == 0:
+                pending.popleft()
+                self.answered += 1
+                if not req.done.done():
+                    req.done.set_result(req.replies)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(f"connection lost ({exc})" if exc else "connection closed")
+
+    def eof_received(self) -> bool | None:
+        self._fail("the server closed the connection")
+        return None
+
+    # -- requests ---------------------------------------------------------------------
+
+    async def execute(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        """Send ``commands`` in one write; their replies, in order (error replies as :data:`ReplyError` values).
+
+        Raises:
+            LaneDown: The lane is closed, or closed before every reply came.
+        """
+        if self.closed:
+            raise LaneDown("the lane is closed")
+        done: asyncio.Future[list[Any]] = self._loop.create_future()
+        self._pending.append(_Request(len(commands), done, time.monotonic()))
+        pack = libvalkey.pack_command
+        self._transport.write(b"".join([pack(tuple(c)) for c in commands]))
+        if self._watchdog is None:
+            self._watchdog = self._loop.call_later(self._timeout_s, self._check)
+        return await done
+
+    def _check(self) -> None:
+        """Fail the lane if its oldest request has waited longer than the timeout; else look again later."""
+        self._watchdog = None
+        if self.closed or not self._pending:
+            return
+        waited = time.monotonic() - self._pending[0].sent_at
+        if waited >= self._timeout_s:
+            self._fail(f"no reply within {self._timeout_s:g}s")
+            return
+        self._watchdog = self._loop.call_later(self._timeout_s - waited, self._check)
+
+    def _fail(self, why: str) -> None:
+        if not self.closed:
+            self.closed = True
+            self._transport.abort()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        while self._pending:
+            req = self._pending.popleft()
+            if not req.done.done():
+                req.done.set_exception(LaneDown(why))
+
+    def close(self) -> None:
+        """Close the connection; requests still waiting raise :class:`LaneDown`."""
+        self._fail("the lane was closed")
+
+
+class LaneKeeper:
+    """The lane of one result store: opened on the pool's server, left when it fails, reopened after a pause.
+
+    Args:
+        make_connection: valkey-py's ``pool.make_connection`` (the server, or Sentinel's primary).
+        timeout_s: The lanes' reply timeout (the pool's socket timeout).
+        retry_s: After a lane is lost (or cannot be opened), requests go through the
+            pool for at least this long before a new one is opened in the background,
+            so a server that is down is not dialled twice per request.
+        on_lost: Told why, each time a lane is left (for a debug log line).
+    """
+
+    def __init__(
+        self, make_connection: Callable[[], Any], timeout_s: float, retry_s: float, on_lost: Callable[[str], None]
+    ) -> None:
+        self._make_connection = make_connection
+        self._timeout_s = timeout_s
+        self._retry_s = retry_s
+        self._on_lost = on_lost
+        self.lane: Lane | None = None
+        self._retry_at = 0.0
+        self._opening: asyncio.Task[None] | None = None
+
+    async def open(self) -> None:
+        """Open a lane now (at connect); without one, requests use the pool until a reopen succeeds."""
+        try:
+            self.lane = await Lane.take_over(self._make_connection(), self._timeout_s)
+        except Exception as exc:
+            self._on_lost(f"cannot open one ({exc})")
+            self._retry_at = time.monotonic() + self._retry_s
+
+    def current(self) -> Lane | None:
+        """The open lane, or None (then a new one is opened in the background, once the pause is over)."""
+        lane = self.lane
+        if lane is not None and not lane.closed:
+            return lane
+        if lane is not None:
+            self.lost("it was closed")
+        if (self._opening is None or self._opening.done()) and time.monotonic() >= self._retry_at:
+            self._retry_at = time.monotonic() + self._retry_s
+            self._opening = asyncio.get_running_loop().create_task(self.open(), name="heddle-valkey-lane")
+        return None
+
+    def lost(self, why: str) -> None:
+        """Leave the lane (it failed a request); requests go through the pool for a while."""
+        if self.lane is not None:
+            self.lane.close()
+        self.lane = None
+        self._retry_at = time.monotonic() + self._retry_s
+        self._on_lost(why)
+
+    def close(self) -> None:
+        """Close the lane and stop opening one."""
+        if self._opening is not None:
+            self._opening.cancel()
+            self._opening = None
+        if self.lane is not None:
+            self.lane.close()
+            self.lane = None
+
+
+class CommandList:
+    """Stands in for a valkey-py pipeline where a caller queues extra commands: records them for a lane."""
+
+    def __init__(self, commands: list[Sequence[Any]]) -> None:
+        self._commands = commands
+
+    def zrem(self, key: str, *members: str) -> None:
+        """Queue ``ZREM key member...``."""
+        self._commands.append(("ZREM", key, *members))
+
+    def execute_command(self, *args: Any) -> None:
+        """Queue any command."""
+        self._commands.append(args)
