@@ -159,3 +159,43 @@ async def test_a_timed_out_wait_says_whether_its_worker_type_is_alive_or_the_tas
             await later.aget(timeout=0.3)
     finally:
         await app.aclose()
+
+
+def test_a_sync_get_whose_notice_is_lost_still_gets_the_stored_result(fresh_servers):
+    # A sync caller waits for the notice in its own thread; the store is still the truth.
+    app = _app(fresh_servers)
+    try:
+        r = app.send_task("nobody.runs_this", (1,), worker_type="nobody")
+        asyncio.run(_store(fresh_servers, r.id, 45))  # stored, never announced
+        assert r.get(timeout=T) == 45
+        late = app.send_task("nobody.runs_this", (2,), worker_type="nobody")
+        with pytest.raises(heddle.ResultTimeout, match=r"within 0\.3s \(state PENDING\)"):
+            late.get(timeout=0.3)
+    finally:
+        app.close()
+
+
+class _CountingApp(heddle.Heddle):
+    """Counts the coroutines a sync caller hands to the app's loop thread."""
+
+    portal_calls = 0
+
+    def run_sync(self, coro, timeout_s=None):
+        self.portal_calls += 1
+        return super().run_sync(coro, timeout_s)
+
+
+def test_a_sync_delay_then_get_hands_one_call_to_the_loop_thread_not_two(heddle_app, heddle_worker):
+    @heddle_app.task
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    app = _CountingApp(heddle_app.name, settings=heddle_app.settings)
+    try:
+        assert app.send_task(add.name, (2, 3)).get(timeout=T) == 5  # the first call connects
+        app.portal_calls = 0
+        r = app.send_task(add.name, (4, 5))
+        assert r.get(timeout=T) == 9
+        assert app.portal_calls == 1  # the send; the wait needed no hop to the loop and back
+    finally:
+        app.close()

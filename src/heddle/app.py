@@ -22,6 +22,15 @@ from heddle.task import P, R, Task, TaskDecorator
 
 T = TypeVar("T")
 
+def _new_loop() -> asyncio.AbstractEventLoop:
+    """uvloop where it is installed: the portal's loop is Heddle's own, and sync callers wait on it."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
 class _Portal:
     """A background event loop thread that runs client coroutines for sync callers."""
 
@@ -33,7 +42,7 @@ class _Portal:
     def _ensure(self) -> asyncio.AbstractEventLoop:
         with self._lock:
             if self._loop is None or not self._thread or not self._thread.is_alive():
-                loop = asyncio.new_event_loop()
+                loop = _new_loop()
                 ready = threading.Event()
 
                 def run() -> None:
@@ -322,6 +331,7 @@ class Heddle:
             task.add_done_callback(self._pending_sends.discard)
             result.track_send(task)
             return
+        result.for_thread()
         self.run_sync(send, self.settings.connect_timeout_s * 3 + 10)
 
     def AsyncResult(self, task_id: str, task_name: str = "") -> _AsyncResult[Any]:

@@ -191,6 +191,8 @@ class TracksSend(Protocol):
 
     def track_send(self, sending: Any) -> None: ...
 
+    def for_thread(self) -> None: ...
+
 
 class Client(Protocol):
     """What the send path, result handles and graphs need from an app (:class:`heddle.Heddle` is one).

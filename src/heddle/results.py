@@ -6,6 +6,7 @@ connection's watches (:mod:`heddle.notices`); it never talks to a server itself.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import time
 from collections.abc import AsyncGenerator, Iterator
@@ -51,6 +52,10 @@ class AsyncResult(Generic[R]):
         self._watch: Watch | None = None
         self._loop: Any = None
         self._record: ResultRecord | None = None
+        # For a sync caller: the watch's outcome, passed to the caller's thread by the
+        # loop itself, so get() blocks on it without a hop to the loop and back.
+        self._for_thread = False
+        self._bridge: concurrent.futures.Future[ResultRecord] | None = None
         #: Set by the send: the worker type it went to and when it may run (epoch s), for
         #: a timeout that says why there is no result yet.
         self.worker_type = ""
@@ -63,9 +68,24 @@ class AsyncResult(Generic[R]):
         """The publish of this task runs as ``sending`` on the caller's loop; waits wait for it first."""
         self._sent = sending
 
+    def for_thread(self) -> None:
+        """The send runs for a sync caller, who waits in its own thread (set before the send runs)."""
+        self._for_thread = True
+
     def watch_from(self, watch: Watch, loop: Any) -> None:
-        """Wait through ``watch``, made on ``loop`` before the task was published."""
+        """Wait through ``watch``, made on ``loop`` (and running it) before the task was published."""
         self._watch, self._loop = watch, loop
+        if self._for_thread:
+            bridge: concurrent.futures.Future[ResultRecord] = concurrent.futures.Future()
+
+            def settled(done: Any) -> None:
+                if done.cancelled():
+                    bridge.cancel()  # evicted or released: get() takes the full path
+                else:
+                    bridge.set_result(done.result())
+
+            watch.done.add_done_callback(settled)
+            self._bridge = bridge
 
     @property
     def final_record(self) -> ResultRecord | None:
@@ -105,9 +125,12 @@ class AsyncResult(Generic[R]):
             TaskError: The task raised (remote type, message and traceback attached).
             TaskRevoked: The task was revoked.
         """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        return await self._aget(deadline, timeout, propagate)
+
+    async def _aget(self, deadline: float | None, timeout: float | None, propagate: bool) -> R:
         import asyncio
 
-        deadline = None if timeout is None else time.monotonic() + timeout
         await self.sent()
         record = await self._wait(asyncio.get_running_loop(), deadline, timeout)
         value: R = self._outcome(record, propagate)
@@ -221,7 +244,21 @@ class AsyncResult(Generic[R]):
     def get(self, timeout: float | None = None, propagate: bool = True) -> R:
         """Block until the result is ready and return it (see :meth:`aget`)."""
         self.app.refuse_blocking_in_loop("result.get()", "await result.aget()")
-        return self.app.run_sync(self.aget(timeout, propagate), self._portal_timeout(timeout))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        bridge, watch = self._bridge, self._watch
+        if self._record is None and bridge is not None and watch is not None and watch.fresh:
+            # The task was sent from this thread and JetStream stored it as new, so its notice
+            # settles the watch: wait for that here, with no hop to the loop. The store is not
+            # read here, so after RECHECK_S (or the timeout) the full wait takes over, which reads it.
+            from heddle.notices import RECHECK_S
+
+            first = RECHECK_S if timeout is None else min(timeout, RECHECK_S)
+            with contextlib.suppress(concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
+                self._record = bridge.result(first)
+            if self._record is not None:
+                value: R = self._outcome(self._record, propagate)
+                return value
+        return self.app.run_sync(self._aget(deadline, timeout, propagate), self._portal_timeout(timeout))
 
     def _portal_timeout(self, timeout: float | None) -> float | None:
         return None if timeout is None else timeout + 30.0
