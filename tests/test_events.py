@@ -88,6 +88,36 @@ async def test_a_task_announces_received_started_and_succeeded_with_its_argument
     await app.aclose()
 
 
+async def test_a_quick_tasks_events_come_in_order_and_a_long_tasks_start_is_seen_while_it_runs(
+    heddle_servers: EmbeddedServers, recorder: Recorder
+) -> None:
+    # The worker holds received and started to send them with the outcome (heddle.events.Held),
+    # at most EVENT_HOLD_S: a task still running by then is seen to start.
+    app = new_app(heddle_servers)
+    release = asyncio.Event()
+
+    @app.task
+    async def long_one() -> str:
+        await release.wait()
+        return "done"
+
+    add = next(t for n, t in app.tasks.items() if n.endswith("add"))
+    async with aworker(app):
+        quick = [await add.aapply_async((i, i)) for i in range(20)]
+        for r in quick:
+            await r.aget(timeout=10)
+        for r in quick:
+            await recorder.wait(lambda e, r=r: e.get("id") == r.id and e["state"] == "succeeded")
+            states = [e["state"] for e in recorder.seen if e.get("id") == r.id and e["state"] != "received"]
+            assert states == ["started", "succeeded"]
+        r = await long_one.aapply_async()
+        await recorder.wait(lambda e: e.get("id") == r.id and e["state"] == "started", timeout_s=10)
+        assert await r.astate() == "STARTED"
+        release.set()
+        assert await r.aget(timeout=10) == "done"
+    await app.aclose()
+
+
 async def test_a_failing_task_announces_its_retry_its_failure_and_the_error(
     heddle_servers: EmbeddedServers, recorder: Recorder
 ) -> None:

@@ -30,6 +30,7 @@ event on ``heddle.events.>`` into a plain dict for the CLI and the Workshop.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import TYPE_CHECKING, Any, Final
@@ -142,6 +143,48 @@ TASK_SUBJECTS: Final = {s: f"{names.TASK_EVENTS_PREFIX}{s}" for s in TASK_STATES
 WORKER_SUBJECTS: Final = {s: f"{names.WORKER_EVENTS_PREFIX}{s}" for s in WORKER_STATES}
 
 
+class Held:
+    """Events held back a moment, so that they leave in the same write as what follows them.
+
+    A worker's ``received`` and ``started`` go out with the task's outcome when it
+    ends within :attr:`hold_s` (one socket write and one server read per task
+    instead of two), else when the hold is over: a watcher sees a long task start
+    at most ``hold_s`` late, stamped with the time it really started.
+
+    Args:
+        broker: The connection they are published on.
+        hold_s: The longest an event is held.
+    """
+
+    def __init__(self, broker: Broker, hold_s: float) -> None:
+        self.broker = broker
+        self.hold_s = hold_s
+        self._events: list[TaskEvent] = []
+        self._timer: Any = None
+        self._flushing: Any = None
+
+    def add(self, event: TaskEvent) -> None:
+        """Hold ``event`` until :meth:`flush`, or ``hold_s`` from now at the latest."""
+        self._events.append(event)
+        if self._timer is None:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(self.hold_s, self._due)
+
+    def _due(self) -> None:
+        self._timer = None
+        if self._events:
+            self._flushing = asyncio.ensure_future(self.flush())
+
+    async def flush(self) -> None:
+        """Publish every held event now, in the order they were added."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        events, self._events = self._events, []
+        for ev in events:
+            await publish(self.broker, ev)
+
+
 async def publish(broker: Broker, event: TaskEvent | WorkerEvent) -> None:
     """Announce ``event``; best effort: events never fail the work they describe."""
     subjects = TASK_SUBJECTS if isinstance(event, TaskEvent) else WORKER_SUBJECTS
@@ -207,10 +250,15 @@ async def job_event(broker: Broker, state: str, job: Any, worker: Any, outcome: 
     Called once per task per transition from the worker's batch loops; builds
     one struct and appends one publish to the connection's buffer.
     """
+    await publish(broker, job_task_event(state, job, worker, outcome))
+
+
+def job_task_event(state: str, job: Any, worker: Any, outcome: Any = None) -> TaskEvent:
+    """The :class:`TaskEvent` of a worker's job transition, stamped now (see :func:`job_event`)."""
     tm = job.message
     headers = job.msg.headers or {}
     meta: dict[str, Any] = job.context.meta if job.context is not None else {}
-    ev = TaskEvent(
+    return TaskEvent(
         state=state,
         id=tm.id,
         task=tm.task,
@@ -224,7 +272,6 @@ async def job_event(broker: Broker, state: str, job: Any, worker: Any, outcome: 
         input_tokens=int(meta.get("input_tokens", 0) or 0),
         output_tokens=int(meta.get("output_tokens", 0) or 0),
     )
-    await publish(broker, ev)
 
 
 def worker_event(state: str, info: Any) -> WorkerEvent:

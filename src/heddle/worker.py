@@ -90,6 +90,8 @@ _ETA_SLACK_S = 0.01
 _MAX_NAK_DELAY_S = 24 * 3600.0
 # Deliveries a task waiting for a concurrency slot leaves spare below MaxDeliver (heddle.limits).
 _DELIVERY_SPARE = 3
+# The longest a task's received and started events wait to leave with its outcome (heddle.events.Held).
+EVENT_HOLD_S = 0.01
 # Task names quoted in reasons and logs are cut to this (a hostile one can be megabytes).
 _NAME_IN_REASON = 200
 
@@ -266,6 +268,7 @@ class Worker(Actor):
             lambda state, info: events.publish(broker, events.worker_event(state, info)),  # heddle.events hook
         )
         await self._heartbeat.start()
+        self._held = events.Held(broker, EVENT_HOLD_S)
         self._bg.append(asyncio.get_running_loop().create_task(self._flush_loop(), name="heddle-flush"))
         # Concurrency slots last one AckWait: a SIGKILLed worker's free themselves in that time.
         self._leases = Leases(conns.backend, self.settings.ack_wait_s)
@@ -331,11 +334,12 @@ class Worker(Actor):
             self.inflight[tm.id] = job
             job.runner = loop.create_task(self._execute(job))
             headers = msg.headers or {}
+            # Held until the outcome is written (or EVENT_HOLD_S), to leave in the same write.
             if names.HDR_ROUTED_BY not in headers:
                 # Sent here directly (heddle.routes): no router announced it.
-                await events.publish(self.conns.broker, events.received(  # heddle.events hook
+                self._held.add(events.received(  # heddle.events hook
                     msg.data, headers, headers.get(names.HDR_TIER, ""), by=self.name))
-            await events.job_event(self.conns.broker, events.STARTED, job, self)  # heddle.events hook
+            self._held.add(events.job_task_event(events.STARTED, job, self))  # heddle.events hook
 
     async def _take_slots(
         self, batch: list[tuple[Msg, TaskMessage, Task[Any, Any]]]
@@ -590,6 +594,8 @@ class Worker(Actor):
             plans.append((o, "final", rec, 0.0))
         stored = await backend.store_many(requests) if requests else []
         await self._settle_token_charges(outcomes)
+        # Every task's received and started go before its outcome, in the same write.
+        await self._held.flush()
         it = iter(stored)
         for o, action, rec, delay in plans:
             job = o.job
@@ -737,6 +743,8 @@ class Worker(Actor):
             await asyncio.wait(runners, timeout=5)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._flush(), 10)
+        with contextlib.suppress(Exception):
+            await self._held.flush()
         if self._heartbeat is not None:
             await self._heartbeat.stop()
         self._pool.shutdown(wait=False, cancel_futures=True)
