@@ -125,12 +125,12 @@ async def test_a_burst_of_concurrent_result_reads_shares_a_bounded_pool_of_conne
 async def test_publishes_beyond_the_pending_bound_wait_their_turn_and_every_answer_is_read(heddle_servers):
     import asyncio
 
-    import nats
-
     from heddle.errors import BrokerError
+    from heddle.natsclient import Connection
     from heddle.pubacks import PubAcks
 
-    nc = await nats.connect(heddle_servers.nats_url)
+    nc = Connection()
+    await nc.connect(heddle_servers.nats_url)
     stream = f"PUBACKS_{free_port()}"
     subject = f"pubacks.{stream.lower()}"
     try:

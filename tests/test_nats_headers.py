@@ -1,4 +1,5 @@
-"""heddle.natsclient parses NATS headers exactly as nats-py does, only with fewer calls."""
+"""heddle.natsclient parses NATS headers exactly as nats-py does, only with fewer calls, and serves
+inline subscriptions in its reader (both pinned to nats-py's internals here)."""
 
 from __future__ import annotations
 
@@ -59,3 +60,38 @@ def test_the_broker_receives_the_headers_a_plain_nats_py_client_receives(heddle_
     ours, theirs, kind = asyncio.run(exchange())
     assert kind is Connection
     assert ours == theirs == headers
+
+
+async def test_an_inline_subscription_gets_every_message_in_order_in_the_reader_and_holds_none_pending(
+    heddle_servers,
+):
+    nc = Connection()
+    await nc.connect(heddle_servers.nats_url)
+    plain = await nats.connect(heddle_servers.nats_url)
+    try:
+        got: list[bytes] = []
+        tasks: set[object] = set()
+
+        def handler(msg) -> None:
+            got.append(msg.data)
+            tasks.add(asyncio.current_task())  # the reader's task: no task of its own per subscription
+            if msg.data == b"boom":
+                raise RuntimeError("a broken handler")  # logged; the reader goes on
+
+        sub = await nc.subscribe_inline("inline.test", handler)
+        await nc.flush()
+        sent = [b"boom"] + [b"%d" % i for i in range(2000)]
+        for data in sent:
+            await plain.publish("inline.test", data)
+        await plain.flush()
+        for _ in range(500):
+            if len(got) == len(sent):
+                break
+            await asyncio.sleep(0.01)  # pacing of a bounded wait for the messages
+        assert got == sent
+        assert sub._pending_size == 0 and sub.pending_msgs == 0
+        assert len(tasks) == 1 and sub._wait_for_msgs_task is None
+        await sub.drain()  # nats-py's drain joins the pending queue
+    finally:
+        await plain.close()
+        await nc.close()

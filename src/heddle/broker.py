@@ -17,7 +17,6 @@ from typing import Any
 import nats
 import nats.errors
 import nats.js.errors
-from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
@@ -150,7 +149,7 @@ class Broker:
     def __init__(self, settings: Settings, name: str = "heddle") -> None:
         self.settings = settings
         self.name = name
-        self.nc: NATS | None = None
+        self.nc: Connection | None = None
         self.js: JetStreamContext | None = None
         self._reconnected_cbs: list[Callable[[], Awaitable[None]]] = []
         self.disconnected_at: float | None = None
@@ -596,11 +595,19 @@ class Broker:
         subject: str,
         cb: Callable[[Msg], Awaitable[None]] | None = None,
         future: asyncio.Future[Any] | None = None,
+        inline: Callable[[Msg], None] | None = None,
     ) -> Any:
-        """Core NATS subscription; thin wrapper so callers never import nats-py."""
+        """Core NATS subscription; thin wrapper so callers never import nats-py.
+
+        ``inline`` is a plain function called in the connection's reader as each message
+        is parsed (:meth:`heddle.natsclient.Connection.subscribe_inline`): for handlers
+        that only settle futures, on a path a caller waits on.
+        """
         if self.nc is None:
             raise BrokerError("broker is not connected")
         try:
+            if inline is not None:
+                return await self.nc.subscribe_inline(subject, inline)
             sub = await self.nc.subscribe(subject, cb=cb, future=future)
             if future is not None:
                 # A future takes one message: have the server drop the interest after

@@ -16,11 +16,15 @@ otherwise; ``tests/test_nats_headers.py`` pins it to nats-py's result.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
+from collections.abc import Callable
 
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 
 from heddle.errors import BrokerError, BrokerUnavailable
 from heddle.pubacks import NoStreamAnswered
@@ -28,6 +32,8 @@ from heddle.redact import redact
 from heddle.settings import dev_session_note
 
 __all__ = ["Connection", "parse_header_lines", "refused_credentials", "translate"]
+
+log = logging.getLogger("heddle.broker")
 
 _CRLF = b"\r\n"
 # What str.isspace() calls whitespace (re's \s in a str pattern is the same set).
@@ -57,9 +63,52 @@ def parse_header_lines(raw: bytes) -> dict[str, str]:
 
 
 class Connection(Client):
-    """A nats-py ``Client`` whose header parsing costs one regex search per header instead of a loop."""
+    """A nats-py ``Client`` with a leaner header parser, and subscriptions served in its reader.
+
+    ``subscribe_inline`` is for the subscriptions every task's round trip waits on
+    (publish acks, result notices): nats-py hands each message of a callback
+    subscription to a task of its own through a queue, one more turn of the event
+    loop per message; an inline subscription's handler is called by the reader as
+    soon as the message is parsed. The handler must not block and must not raise
+    (what it raises is logged and dropped). ``tests/test_nats_headers.py`` pins the
+    nats-py internals both rely on.
+    """
 
     _parse_header_lines = staticmethod(parse_header_lines)
+
+    async def subscribe_inline(self, subject: str, handler: Callable[[Msg], None]) -> Subscription:
+        """Subscribe to ``subject``; ``handler(msg)`` is called in the reader for each message."""
+        sub = await self.subscribe(subject)  # no callback: nats-py starts no task for it
+        sub._pending_queue = _Inline(sub, handler)  # type: ignore[assignment]
+        return sub
+
+
+class _Inline:
+    """Stands in for a subscription's pending queue: every message goes to the handler at once."""
+
+    def __init__(self, sub: Subscription, handler: Callable[[Msg], None]) -> None:
+        self._sub = sub
+        self._handler = handler
+
+    def put_nowait(self, msg: Msg) -> None:
+        # nats-py counted the bytes as pending before queueing them: nothing is left pending.
+        self._sub._pending_size -= len(msg.data)
+        try:
+            self._handler(msg)
+        except Exception:
+            log.exception("a handler of %s failed on a message", msg.subject[:200])
+
+    def qsize(self) -> int:
+        return 0
+
+    def empty(self) -> bool:
+        return True
+
+    def task_done(self) -> None:
+        """Nothing is queued."""
+
+    async def join(self) -> None:
+        """Nothing is queued (Subscription.drain waits on it)."""
 
 
 def translate(exc: BaseException, url: str, doing: str, refused: BaseException | None = None) -> BrokerError:

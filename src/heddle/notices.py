@@ -36,6 +36,7 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from heddle import names
@@ -58,11 +59,14 @@ _READ_CHUNK = 1000
 class Watch:
     """One task's result, awaited: settled by its notice or by a read of the store."""
 
-    __slots__ = ("checked_at", "done", "fresh", "sub", "task_id", "waiting")
+    __slots__ = ("checked_at", "done", "fresh", "on_settled", "sub", "task_id", "waiting")
 
     def __init__(self, task_id: str, done: asyncio.Future[ResultRecord]) -> None:
         self.task_id = task_id
         self.done = done
+        # Called as soon as ``done`` is settled or cancelled, in the same turn of the loop
+        # (a done-callback of the future would run a turn later): what waits wakes a turn sooner.
+        self.on_settled: list[Callable[[], None]] = []
         self.sub: Any = None
         # True once a publish made through this watch was stored by JetStream as new:
         # such a message always ends in a notice, so waiting needs no first read.
@@ -70,6 +74,18 @@ class Watch:
         # How many waits are on it (only awaited watches are re-read periodically).
         self.waiting = 0
         self.checked_at = time.monotonic()
+
+
+def _end(w: Watch, record: ResultRecord | None) -> None:
+    """Settle ``w`` with ``record`` (or cancel it: no notice will come through it) and wake its waiters."""
+    if not w.done.done():
+        if record is None:
+            w.done.cancel()
+        else:
+            w.done.set_result(record)
+    callbacks, w.on_settled = w.on_settled, []
+    for cb in callbacks:
+        cb()
 
 
 class Watches:
@@ -127,14 +143,14 @@ class Watches:
             return w
         if self._mux is None:
             # ">": a task id may hold dots (graph nodes: ``{goal}:0.3``), so it can be several tokens.
-            self._mux = await self.broker.subscribe(self._mux_prefix + ">", cb=self._on_mux)
+            self._mux = await self.broker.subscribe(self._mux_prefix + ">", inline=self._on_mux)
         w = Watch(task_id, asyncio.get_running_loop().create_future())
         self._open[task_id] = w
         if len(self._open) > self.max_watches:
             await self._evict()
         return w
 
-    async def _on_mux(self, msg: Any) -> None:
+    def _on_mux(self, msg: Any) -> None:
         w = self._open.get(msg.subject[len(self._mux_prefix):])
         if w is None or w.done.done():
             return
@@ -186,8 +202,7 @@ class Watches:
         await self.read([w])
 
     def _settle(self, w: Watch, record: ResultRecord, unsubscribe: bool = True) -> None:
-        if not w.done.done():
-            w.done.set_result(record)
+        _end(w, record)
         if self._open.get(w.task_id) is w:
             del self._open[w.task_id]
         if unsubscribe and w.sub is not None:  # a watch on the connection's notice subscription has none
@@ -253,8 +268,7 @@ class Watches:
                     log.warning("cannot read the result of task %s yet (%s); waiting for its notice", task_id, exc)
             if not w.done.done():
                 remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-                # asyncio.wait leaves the future alone on timeout (wait_for would cancel it).
-                await asyncio.wait((w.done,), timeout=remaining)
+                await _woken(w, remaining)
             if w.done.done() and not w.done.cancelled():
                 return w.done.result(), True
             timed_out = deadline is not None and time.monotonic() >= deadline
@@ -266,8 +280,7 @@ class Watches:
         """Stop watching a task whose result the caller will not wait for through this watch."""
         w = self._open.pop(task_id, None)
         if w is not None:
-            if not w.done.done():
-                w.done.cancel()
+            _end(w, None)
             self._spawn(_unsubscribe(w.sub))
 
     async def _evict(self) -> None:
@@ -281,7 +294,7 @@ class Watches:
             del self._open[task_id]
             # Cancelled, the future tells a later wait that no notice will come, so it
             # subscribes and reads the store itself instead of waiting out its timeout.
-            w.done.cancel()
+            _end(w, None)
             await _unsubscribe(w.sub)
 
     async def _on_reconnect(self) -> None:
@@ -326,13 +339,36 @@ class Watches:
         """Cancel every watch and the background work."""
         self._mux = None
         for w in self._open.values():
-            if not w.done.done():
-                w.done.cancel()
+            _end(w, None)
         self._open.clear()
         for t in [self._sweeper, *self._tasks]:
             if t is not None:
                 t.cancel()
         self._sweeper = None
+
+
+async def _woken(w: Watch, timeout_s: float | None) -> None:
+    """Wait until ``w`` is settled or cancelled, or ``timeout_s`` passes; never cancels ``w.done``.
+
+    Not ``asyncio.wait((w.done,))``: it is woken by a done-callback, a turn of the loop
+    after the notice, and wakes this task another turn later; ``on_settled`` wakes it at once.
+    """
+    loop = asyncio.get_running_loop()
+    woken: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not woken.done():
+            woken.set_result(None)
+
+    w.on_settled.append(wake)
+    timer = loop.call_later(timeout_s, wake) if timeout_s is not None else None
+    try:
+        await woken
+    finally:
+        if timer is not None:
+            timer.cancel()
+        if wake in w.on_settled:
+            w.on_settled.remove(wake)
 
 
 def _valid_record(task_id: str, data: bytes) -> ResultRecord | None:

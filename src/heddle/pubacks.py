@@ -88,9 +88,12 @@ class PubAcks:
         self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self, nc: Any) -> None:
-        """Subscribe to this connection's reply subjects (nats-py re-subscribes after reconnects)."""
+        """Subscribe to this connection's reply subjects (nats-py re-subscribes after reconnects).
+
+        ``nc`` is a :class:`heddle.natsclient.Connection`: the answers are handled in its reader.
+        """
         self._prefix = nc.new_inbox() + "."
-        self._sub = await nc.subscribe(self._prefix + "*", cb=self._on_reply)
+        self._sub = await nc.subscribe_inline(self._prefix + "*", self._on_reply)
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -138,7 +141,7 @@ class PubAcks:
                 self._granted += 1
                 free -= 1
 
-    async def _on_reply(self, msg: Any) -> None:
+    def _on_reply(self, msg: Any) -> None:
         fut = self._pending.pop(msg.subject[len(self._prefix):], None)
         if self._waiting:
             self._make_room()

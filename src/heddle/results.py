@@ -78,13 +78,13 @@ class AsyncResult(Generic[R]):
         if self._for_thread:
             bridge: concurrent.futures.Future[ResultRecord] = concurrent.futures.Future()
 
-            def settled(done: Any) -> None:
-                if done.cancelled():
+            def settled() -> None:
+                if watch.done.cancelled():
                     bridge.cancel()  # evicted or released: get() takes the full path
                 else:
-                    bridge.set_result(done.result())
+                    bridge.set_result(watch.done.result())
 
-            watch.done.add_done_callback(settled)
+            watch.on_settled.append(settled)
             self._bridge = bridge
 
     @property
