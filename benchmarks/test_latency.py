@@ -14,11 +14,12 @@ the figure is the pure path: publish, delivery, claim, run, store, notice.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
 import baseline
-from harness import TARGETS, median, percentile, run_async
+from harness import TARGETS, CpuMeter, median, percentile, run_async, server_pids
 from rich.table import Table
 
 _WARMUP = 50
@@ -48,14 +49,18 @@ def _sync_round_trips(task: Any, n: int) -> tuple[list[float], dict[str, list[fl
     return samples, phases
 
 
-async def _async_round_trips(task: Any, n: int) -> list[float]:
+async def _async_round_trips(task: Any, n: int, meter: CpuMeter) -> list[float]:
+    """Time ``await apply_async().aget()``; ``meter`` takes the CPU of the timed calls."""
     samples = []
     try:
         for i in range(_WARMUP + n):
+            if i == _WARMUP:
+                meter.start()
             t0 = time.perf_counter()
             await task.apply_async().aget(timeout=30)
             if i >= _WARMUP:
                 samples.append(time.perf_counter() - t0)
+        meter.stop()
     finally:
         await task.app.aclose()
     return samples
@@ -81,13 +86,16 @@ def test_round_trip_latency_against_a_raw_nats_baseline(
     sync: list[list[float]] = []
     aio: list[list[float]] = []
     phases: dict[str, list[list[float]]] = {}
+    cpu: list[dict[str, float]] = []
     for i in range(cfg.rounds):
         raw.append(run_async(lambda: baseline.round_trips(servers.nats_url, n)))
         samples, round_phases = _sync_round_trips(bench_app.noop, n)
         sync.append(samples)
         for name, values in round_phases.items():
             phases.setdefault(name, []).append(values)
-        aio.append(run_async(lambda: _async_round_trips(bench_app.noop, n)))
+        meter = CpuMeter({"client": os.getpid(), "worker": worker.pid, **server_pids(servers)})
+        aio.append(run_async(lambda: _async_round_trips(bench_app.noop, n, meter)))  # noqa: B023
+        cpu.append({name: s / n * 1e6 for name, s in meter.used.items()})
         report.progress(
             f"round {i + 1}/{cfg.rounds}: p50 raw {percentile(raw[-1], 50) * 1e3:.2f} ms, "
             f"delay().get() {percentile(sync[-1], 50) * 1e3:.2f} ms, "
@@ -103,6 +111,8 @@ def test_round_trip_latency_against_a_raw_nats_baseline(
     figures["sync_phases_p50_ms"] = {
         name: median([percentile(r, 50) for r in rounds]) * 1e3 for name, rounds in phases.items()
     }
+    # CPU each process spent per lone task (aget phase): the four processes share two cores here.
+    figures["async_cpu_us_per_task"] = {name: median([c[name] for c in cpu]) for name in cpu[0]}
     figures["ratio_sync_p50_to_raw_p50"] = (
         figures["heddle_sync_delay_get"]["p50_ms"] / figures["raw_nats_round_trip"]["p50_ms"]
     )
@@ -142,3 +152,12 @@ def test_round_trip_latency_against_a_raw_nats_baseline(
     for name, label in labels.items():
         p.add_row(name, f"{figures['sync_phases_p50_ms'][name]:.2f}", label)
     report.show(p)
+
+    c = Table(title="CPU per lone task, aget() phase (us; median of rounds)")
+    for name in figures["async_cpu_us_per_task"]:
+        c.add_column(name, justify="right")
+    c.add_column("all", justify="right")
+    used = figures["async_cpu_us_per_task"]
+    c.add_row(*(f"{v:.0f}" for v in used.values()), f"{sum(used.values()):.0f}")
+    busy = sum(used.values()) / (figures["heddle_async_apply_async_aget"]["mean_ms"] * 1e3)
+    report.show(c, note=f"{busy:.2f} of the machine's {os.cpu_count()} cores busy on average over these round trips")

@@ -188,3 +188,35 @@ async def test_a_lane_takes_over_valkey_pys_connection_which_then_owns_no_socket
         await pool.aclose()
     with pytest.raises(LaneDown, match="closed"):
         await lane.execute([("PING",)])
+
+
+async def test_under_sentinel_the_lane_follows_a_failover_to_the_new_primary():
+    from heddle.testing.valkey_ha import EmbeddedValkeySentinel
+
+    with EmbeddedValkeySentinel(replicas=1, sentinels=3) as s:
+        # Results wait for a replica under Sentinel by default (then there is no lane): not here.
+        backend = ResultBackend(Settings(valkey_url=s.url, valkey_sentinels=s.sentinel_addresses,
+                                         valkey_sentinel_master=s.master_name, valkey_wait_replicas=0))
+        await backend.connect()
+        try:
+            old = backend.lane
+            assert old is not None
+            await backend.claim_many(_ids(1), "w")
+            assert old.answered == 1
+            primary = s.primary()
+            primary.stop(kill=True)
+            await asyncio.to_thread(s.wait_failover, primary.port)
+            # The pool rides out the failover; the lane reopens on the promoted replica.
+            ids = _ids(3)
+            claims = await backend.claim_many(ids, "w")
+            assert all(c.token for c in claims) and old.closed
+            new = await _lane_back(backend, old)
+            assert new.answered >= 1
+            await backend.claim_many(_ids(1), "w")
+            plain = valkey_async.Valkey(host="127.0.0.1", port=s.primary_port())
+            try:
+                assert await plain.hget(names.result_key(ids[0]), "state") == b"STARTED"
+            finally:
+                await plain.aclose()
+        finally:
+            await backend.close()
