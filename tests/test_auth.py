@@ -435,6 +435,19 @@ def test_valkey_over_mutual_tls_with_valkey_tls_files_and_clear_errors_for_each_
         good = {"valkey_url": v.url, "valkey_password": VALKEY_PASSWORD, "valkey_tls_ca": tls["ca.pem"],
                 "valkey_tls_cert": tls["client.pem"], "valkey_tls_key": tls["client.key"]}
         round_trip(nats_url=nats.url, **good)
+
+        async def on_the_lane() -> int:
+            # The claim and store scripts take the lane (heddle.valkeylane): over TLS too.
+            backend = ResultBackend(heddle.Heddle("lane", nats_url=nats.url, **good).settings)
+            await backend.connect()
+            try:
+                claims = await backend.claim_many([uuid.uuid4().hex], "w")
+                assert claims[0].token and backend.lane is not None
+                return backend.lane.answered
+            finally:
+                await backend.close()
+
+        assert asyncio.run(on_the_lane()) == 1
         wrong_ca = refused_valkey(**{**good, "valkey_tls_ca": tls["other-ca.pem"]})
         no_cert = refused_valkey(valkey_url=v.url, valkey_password=VALKEY_PASSWORD, valkey_tls_ca=tls["ca.pem"])
         foreign = refused_valkey(**{**good, "valkey_tls_cert": tls["stranger.pem"],

@@ -144,10 +144,14 @@ class Lane(asyncio.Protocol):
         """
         if self.closed:
             raise LaneDown("the lane is closed")
+        pack = libvalkey.pack_command
+        data = b"".join([pack(tuple(c)) for c in commands])
         done: asyncio.Future[list[Any]] = self._loop.create_future()
         self._pending.append(_Request(len(commands), done, time.monotonic()))
-        pack = libvalkey.pack_command
-        self._transport.write(b"".join([pack(tuple(c)) for c in commands]))
+        try:
+            self._transport.write(data)
+        except Exception as exc:  # a transport that broke under us: nothing was sent
+            self._fail(f"cannot write ({exc!r})")
         if self._watchdog is None:
             self._watchdog = self._loop.call_later(self._timeout_s, self._check)
         return await done
