@@ -164,11 +164,15 @@ async def test_an_error_reply_on_the_lane_is_the_same_clear_error_as_through_the
             await plain.set(names.result_key(task_id), "not a hash")
         finally:
             await plain.aclose()
+        lane = backend.lane
+        assert lane is not None
         with pytest.raises(BackendError) as on_lane:
             await backend.claim_many([task_id], "w")
-        assert backend.lane is None  # left after the error reply, reopened later
+        assert backend.lane is lane and lane.answered == 1  # an error reply leaves the connection usable
+        lane.close()
         with pytest.raises(BackendError) as on_pool:
             await backend.claim_many([task_id], "w")
+        assert lane.answered == 1
         assert "WRONGTYPE" in str(on_lane.value)
         assert str(on_lane.value) == str(on_pool.value)
     finally:

@@ -46,6 +46,7 @@ from typing import Any, Final, TypeVar
 import msgspec
 import valkey.asyncio as valkey_async
 import valkey.exceptions as vexc
+from valkey._parsers.base import BaseParser  # valkey-py's own error-reply mapping, for the lane's replies
 from valkey.asyncio.cluster import ValkeyCluster
 from valkey.asyncio.connection import parse_url
 from valkey.asyncio.sentinel import MasterNotFoundError, Sentinel
@@ -493,7 +494,12 @@ class ResultBackend:
         calls: Sequence[tuple[Sequence[str], Sequence[Any]]],
         then: Callable[[Any], None] | None,
     ) -> list[Any]:
-        """:meth:`_run_scripts` on the lane; any error reply but NOSCRIPT raises LaneDown (the pool says it)."""
+        """:meth:`_run_scripts` on the lane.
+
+        An error reply is raised as the pool would raise it, once (the other calls of the
+        pipeline are not run twice); one that says the server cannot take writes now
+        (READONLY after a failover, LOADING) raises LaneDown: the pool rides it out.
+        """
         for attempt in range(2):
             sha = self._scripts[name][1]
             if not sha:
@@ -508,9 +514,10 @@ class ResultBackend:
                 continue
             for r in out:
                 if isinstance(r, ReplyError):
-                    # The pool runs it again and turns the error into ours (READONLY after a
-                    # failover is ridden out there; the lane reconnects to the new primary).
-                    raise LaneDown(f"error reply {str(r)[:200]!r}")
+                    exc = BaseParser.parse_error(str(r))  # type: ignore[no-untyped-call]
+                    if isinstance(exc, _FAILOVER_ERRORS):  # READONLY, LOADING (a ConnectionError)...
+                        raise LaneDown(f"{type(exc).__name__}: {str(exc)[:200]}")
+                    raise _translate(exc, self.url, f"running {name}", "" if self.mode == "single" else self.where)
             return out
         raise LaneDown("the scripts are not loaded")
 

@@ -23,8 +23,8 @@ valkey-py 6's ``Connection._reader``/``_writer`` (asyncio streams);
 The lane never decides what an error means. A request it cannot answer (the
 connection is lost or was never made, or no reply came within the socket
 timeout) raises :class:`LaneDown`, and :mod:`heddle.store` sends the request
-again through the pool, whose error translation and failover handling then
-apply; error replies are returned as values for the store to look at.
+again through the pool, whose failover handling then applies; error replies are
+returned as values for the store to look at.
 """
 
 from __future__ import annotations
