@@ -9,9 +9,10 @@ script cache flushed under it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import valkey.asyncio as valkey_async
@@ -33,6 +34,17 @@ def valkey() -> Iterator[EmbeddedValkey]:
         yield v  # type: ignore[misc]
 
 
+@contextlib.asynccontextmanager
+async def _backend(**settings: object) -> AsyncIterator[ResultBackend]:
+    """A connected result store (with its lane), closed afterwards."""
+    backend = ResultBackend(Settings(**settings))  # type: ignore[arg-type]
+    await backend.connect()
+    try:
+        yield backend
+    finally:
+        await backend.close()
+
+
 def _ids(n: int) -> list[str]:
     return [uuid.uuid4().hex for _ in range(n)]
 
@@ -50,9 +62,7 @@ async def _lane_back(backend: ResultBackend, old: Lane | None) -> Lane:
 
 
 async def test_claims_and_stores_go_through_the_lane_and_answer_as_the_pool_does(valkey):
-    backend = ResultBackend(Settings(valkey_url=valkey.url))
-    await backend.connect()
-    try:
+    async with _backend(valkey_url=valkey.url) as backend:
         lane = backend.lane
         assert lane is not None and not lane.closed
         before = lane.answered
@@ -69,15 +79,11 @@ async def test_claims_and_stores_go_through_the_lane_and_answer_as_the_pool_does
         lane.close()
         assert await backend.final_records(ids) == {ids[0]: record}
         assert (await backend.claim_many(ids[1:2], "w3"))[0].previous_state == "STARTED"
-    finally:
-        await backend.close()
 
 
 async def test_the_lane_inherits_the_pools_login_on_a_server_with_a_password():
     with EmbeddedValkey("127.0.0.1", None, None, password="s3cret-lane") as v:
-        backend = ResultBackend(Settings(valkey_url=f"valkey://:s3cret-lane@127.0.0.1:{v.port}/3"))
-        await backend.connect()
-        try:
+        async with _backend(valkey_url=f"valkey://:s3cret-lane@127.0.0.1:{v.port}/3") as backend:
             ids = _ids(2)
             await backend.claim_many(ids, "w")
             lane = backend.lane
@@ -88,14 +94,10 @@ async def test_the_lane_inherits_the_pools_login_on_a_server_with_a_password():
                 assert await plain.hget(names.result_key(ids[0]), "state") == b"STARTED"
             finally:
                 await plain.aclose()
-        finally:
-            await backend.close()
 
 
 async def test_after_a_valkey_restart_scripts_fall_back_to_the_pool_and_a_new_lane_opens(valkey):
-    backend = ResultBackend(Settings(valkey_url=valkey.url))
-    await backend.connect()
-    try:
+    async with _backend(valkey_url=valkey.url) as backend:
         old = backend.lane
         assert old is not None
         valkey.restart(kill=True)
@@ -113,17 +115,13 @@ async def test_after_a_valkey_restart_scripts_fall_back_to_the_pool_and_a_new_la
         ids = _ids(2)
         claims = await backend.claim_many(ids, "w")
         assert all(c.token for c in claims) and backend.lane is new
-    finally:
-        await backend.close()
 
 
 async def test_a_frozen_server_fails_the_lane_within_its_timeout_and_nothing_waits_forever(valkey):
-    backend = ResultBackend(Settings(valkey_url=valkey.url))
-    await backend.connect()
-    lane = backend.lane
-    assert lane is not None
-    lane._timeout_s = 0.3  # the socket timeout (10 s) made short for this test
-    try:
+    async with _backend(valkey_url=valkey.url) as backend:
+        lane = backend.lane
+        assert lane is not None
+        lane._timeout_s = 0.3  # the socket timeout (10 s) made short for this test
         valkey.pause()
         try:
             with pytest.raises(LaneDown, match="no reply within"):
@@ -132,14 +130,10 @@ async def test_a_frozen_server_fails_the_lane_within_its_timeout_and_nothing_wai
             valkey.resume()
         assert lane.closed
         await _lane_back(backend, lane)
-    finally:
-        await backend.close()
 
 
 async def test_a_flushed_script_cache_is_reloaded_on_the_lane(valkey):
-    backend = ResultBackend(Settings(valkey_url=valkey.url))
-    await backend.connect()
-    try:
+    async with _backend(valkey_url=valkey.url) as backend:
         lane = backend.lane
         assert lane is not None
         plain = valkey_async.Valkey.from_url(valkey.url)
@@ -150,14 +144,10 @@ async def test_a_flushed_script_cache_is_reloaded_on_the_lane(valkey):
         claims = await backend.claim_many(_ids(2), "w")
         assert all(c.token for c in claims)
         assert backend.lane is lane and not lane.closed  # NOSCRIPT is not a reason to leave the lane
-    finally:
-        await backend.close()
 
 
 async def test_an_error_reply_on_the_lane_is_the_same_clear_error_as_through_the_pool(valkey):
-    backend = ResultBackend(Settings(valkey_url=valkey.url))
-    await backend.connect()
-    try:
+    async with _backend(valkey_url=valkey.url) as backend:
         task_id = uuid.uuid4().hex
         plain = valkey_async.Valkey.from_url(valkey.url)
         try:
@@ -175,8 +165,6 @@ async def test_an_error_reply_on_the_lane_is_the_same_clear_error_as_through_the
         assert lane.answered == 1
         assert "WRONGTYPE" in str(on_lane.value)
         assert str(on_lane.value) == str(on_pool.value)
-    finally:
-        await backend.close()
 
 
 async def test_a_lane_takes_over_valkey_pys_connection_which_then_owns_no_socket(valkey):
@@ -199,10 +187,8 @@ async def test_under_sentinel_the_lane_follows_a_failover_to_the_new_primary():
 
     with EmbeddedValkeySentinel(replicas=1, sentinels=3) as s:
         # Results wait for a replica under Sentinel by default (then there is no lane): not here.
-        backend = ResultBackend(Settings(valkey_url=s.url, valkey_sentinels=s.sentinel_addresses,
-                                         valkey_sentinel_master=s.master_name, valkey_wait_replicas=0))
-        await backend.connect()
-        try:
+        async with _backend(valkey_url=s.url, valkey_sentinels=s.sentinel_addresses,
+                            valkey_sentinel_master=s.master_name, valkey_wait_replicas=0) as backend:
             old = backend.lane
             assert old is not None
             await backend.claim_many(_ids(1), "w")
@@ -222,5 +208,3 @@ async def test_under_sentinel_the_lane_follows_a_failover_to_the_new_primary():
                 assert await plain.hget(names.result_key(ids[0]), "state") == b"STARTED"
             finally:
                 await plain.aclose()
-        finally:
-            await backend.close()
