@@ -162,11 +162,15 @@ async def follow(broker: Broker, task_id: str, ended: Awaitable[Any]) -> AsyncIt
     await reader.open()
     done = asyncio.ensure_future(ended)
     until: int | None = None  # the last sequence to read, once the task has ended
+    # The sequence of the last chunk taken from ``get``. Not ``reader.last_seq``: a read still
+    # pending here may have taken the next chunk already (while ``stored_until`` was awaited),
+    # and ending on that would drop the chunk it holds.
+    taken = 0
     last: tuple[str, int] | None = None
     reply = 0
     get: asyncio.Future[bytes] | None = None
     try:
-        while until is None or reader.last_seq < until:
+        while until is None or taken < until:
             if get is None:
                 get = asyncio.ensure_future(reader.next())
             if until is None:
@@ -177,6 +181,7 @@ async def follow(broker: Broker, task_id: str, ended: Awaitable[Any]) -> AsyncIt
                     until = await reader.stored_until()
                     continue
             data = await get
+            taken = reader.last_seq  # one read at a time: this is the chunk just taken
             get = None
             try:
                 chunk = _decoder.decode(data)
