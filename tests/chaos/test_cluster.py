@@ -318,16 +318,19 @@ class _EventTap:
 
 
 def _leaders(url: str) -> bool:
-    """True once every stream Heddle made, and the workers bucket, answers with a leader."""
+    """True once every stream Heddle made, and the workers bucket, answers with a leader, and
+    JetStream's meta leader answers the stream creation a starting client sends (stream info is
+    answered by a stream's leader; creating or updating one needs the meta leader, elected apart)."""
 
     async def ask() -> bool:
-        broker = Broker(Settings(nats_url=url))
+        broker = Broker(Settings(nats_url=url, stream_replicas=3))
         try:
             await broker.connect()
             for stream in (*STREAMS, names.STREAMS_STREAM, f"KV_{names.WORKERS_BUCKET}"):
                 info = await broker.stream_info(stream)
                 if info.cluster is None or not info.cluster.leader:
                     return False
+            await broker.ensure_streams()
             return True
         except heddle.HeddleError:
             return False
