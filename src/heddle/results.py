@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from heddle import names
 from heddle.errors import BackendError, ResultTimeout, TaskError, TaskExpired, TaskRevoked
 from heddle.messages import EXPIRED_ERROR, FAILURE, PENDING, READY_STATES, REVOKED, SUCCESS, ResultRecord
+from heddle.notices import RECHECK_S
 
 if TYPE_CHECKING:
     from heddle.chunks import StreamChunk
@@ -250,8 +251,6 @@ class AsyncResult(Generic[R]):
             # The task was sent from this thread and JetStream stored it as new, so its notice
             # settles the watch: wait for that here, with no hop to the loop. The store is not
             # read here, so after RECHECK_S (or the timeout) the full wait takes over, which reads it.
-            from heddle.notices import RECHECK_S
-
             first = RECHECK_S if timeout is None else min(timeout, RECHECK_S)
             with contextlib.suppress(concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
                 self._record = bridge.result(first)
