@@ -334,6 +334,28 @@ def test_client_router_worker_and_orchestrator_do_their_work_with_their_own_cred
     assert others == []
 
 
+def test_the_client_role_hears_its_results_at_once_on_valkey_though_the_bus_gives_it_no_notices(
+    bus, actors, monkeypatch
+):
+    # With the periodic re-read of the store an hour away, a result that arrives came by its notice.
+    import heddle.notices
+    import heddle.results
+
+    add = actors["client"].tasks["roles.add"]
+    assert add.delay(1, 1).get(timeout=30) == 2  # connected, following its channel
+    monkeypatch.setattr(heddle.notices, "RECHECK_S", 3600.0)
+    monkeypatch.setattr(heddle.results, "RECHECK_S", 3600.0)
+    assert add.delay(20, 22).get(timeout=15) == 42
+
+    async def waited() -> int:
+        try:
+            return await add.apply_async((2, 2)).aget(timeout=15)
+        finally:
+            await actors["client"].aclose()  # this loop's connections
+
+    assert asyncio.run(waited()) == 4
+
+
 def test_a_worker_streams_chunks_that_the_client_and_the_workshop_roles_replay(bus, actors, caplog):
     client = actors["client"]
     pieces = ["Once ", "upon ", "a ", "time."]

@@ -236,7 +236,7 @@ class Actor:
                     error=ErrorInfo(type=error_type, message=reason),
                     worker=getattr(self, "name", self.what),
                     finished_at=time.time(),
-                ), names.sender_of(msg.headers))
+                ), *names.notice_route(msg.headers))
         except HeddleError as exc:
             log.warning("could not dead-letter message #%d (%s); leaving it for redelivery", seq, exc)
             return False
@@ -424,7 +424,7 @@ async def dead_letter_exhausted(
                 error=ErrorInfo(type="heddle.MaxDeliveriesExceeded", message=reason),
                 worker=actor,
                 finished_at=time.time(),
-            ), names.sender_of(headers))
+            ), *names.notice_route(headers))
         await broker.delete_stream_msg(stream, seq)
     except HeddleError as exc:
         logger.warning("could not dead-letter message #%d: %s", seq, exc)

@@ -129,31 +129,40 @@ class Connections:
         """Stop watching a task's result notice (its result is read some other way)."""
         self.watches.release(task_id)
 
-    async def store_final(self, record: ResultRecord, sender: str = names.NO_SENDER) -> bool:
+    async def store_final(self, record: ResultRecord, sender: str = names.NO_SENDER, channel: str = "") -> bool:
         """Store a final (or RETRY) record unless a final one is there, then announce it.
 
         The one path for every actor that ends a task: worker, router, orchestrator,
-        revoke. ``sender`` is the notice token of the task's message
-        (:func:`heddle.names.sender_of`). Returns False (and announces nothing) if a
-        final state was stored first.
+        revoke. ``sender`` and ``channel`` say where the task's message asked for its
+        notice (:func:`heddle.names.notice_route`): a sender that follows Valkey is told
+        there by the store itself, and the NATS notice is left to handles elsewhere.
+        Returns False (and announces nothing) if a final state was stored first.
         """
         data = encode_record(record)
-        if not await self.backend.store(StoreRequest(record.id, record.state, data)):
+        if not await self.backend.store(StoreRequest(record.id, record.state, data, channel=channel)):
             return False
-        await self.notify(record.id, data, sender)
+        await self.notify(record.id, data, names.NO_SENDER if channel and self.backend.announces else sender)
         return True
 
-    async def notify(self, task_id: str, record: bytes, sender: str = names.NO_SENDER) -> None:
+    async def notify(self, task_id: str, record: bytes, sender: str = names.NO_SENDER, channel: str = "") -> None:
         """Announce a stored final record to whoever waits on it (heddle.notices).
 
         ``sender`` is the notice token the task was sent with (its connection follows
         ``heddle.results.{sender}.>``); handles on tasks sent elsewhere follow
-        ``heddle.results.*.{id}``, so one notice reaches both.
+        ``heddle.results.*.{id}``, so one notice reaches both. A sender that follows
+        ``channel`` on Valkey is told there instead (a store script tells it as it
+        stores; this is for a record stored before, such as a duplicate's).
 
         A record too large for one NATS message is announced empty: waiters read the
         store. Never raises: the record is stored, and waiters re-read the store when a
         notice is lost, so a failed notice costs latency, not the result.
         """
+        if channel and self.backend.announces:
+            try:
+                await self.backend.announce(channel, task_id, record)
+                sender = names.NO_SENDER
+            except HeddleError as exc:
+                log.warning("could not announce the result of task %s on Valkey (%s); trying NATS", task_id, exc)
         subject = names.notice_subject(sender, task_id)
         try:
             if len(record) + 1024 > self.broker.max_payload:
@@ -167,8 +176,12 @@ class Connections:
         """Store REVOKED (a pending task never runs) and tell workers (a running one is cancelled)."""
         now = time.time()
         # A task this connection sent is announced on its own notice subscription.
-        sender = self.watches.token if self.watches.get(task_id) is not None else names.NO_SENDER
-        await self.store_final(ResultRecord(id=task_id, state=REVOKED, task=task_name, finished_at=now), sender)
+        sender, channel = names.NO_SENDER, ""
+        if self.watches.get(task_id) is not None:
+            sender = self.watches.token
+            channel = names.notice_channel(sender) if self.watches.on_valkey else ""
+        await self.store_final(ResultRecord(id=task_id, state=REVOKED, task=task_name, finished_at=now),
+                               sender, channel)
         await self.broker.publish_core(names.REVOKE_SUBJECT, encoder.encode(RevokeNotice(id=task_id)))
         await self.broker.flush()
 

@@ -178,6 +178,31 @@ WORKERS_BUCKET = "heddle_workers"
 # these are never one of them.
 ROUTING_RULES_PREFIX = "_routing="
 
+
+# A sender that follows ``heddle:notices:{sender}`` on Valkey says so in HDR_NOTIFY_VALKEY;
+# its worker's store script then announces the task's final record there, in the same
+# step as it stores it (heddle.notices).
+NOTICE_CHANNEL_PREFIX = "heddle:notices:"
+HDR_NOTIFY_VALKEY = "Heddle-Notify-Valkey"
+
+
+def notice_channel(sender: str) -> str:
+    """Valkey channel of the result notices of the tasks ``sender`` sent (see HDR_NOTIFY_VALKEY)."""
+    return f"{NOTICE_CHANNEL_PREFIX}{sender}"
+
+
+def channel_of(headers: dict[str, str] | None) -> str:
+    """The Valkey channel a task message asks its result to be announced on, or "" for none."""
+    if not headers or headers.get(HDR_NOTIFY_VALKEY) != "1":
+        return ""
+    sender = sender_of(headers)
+    return "" if sender == NO_SENDER else notice_channel(sender)
+
+
+def notice_route(headers: dict[str, str] | None) -> tuple[str, str]:
+    """``(sender, channel)``: where a task message asks its result to be announced (NATS, Valkey)."""
+    return sender_of(headers), channel_of(headers)
+
 # Router.
 ROUTER_CONSUMER = "heddle-router"
 HDR_TIER_REQUESTED = "Heddle-Tier-Requested"

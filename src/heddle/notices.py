@@ -9,18 +9,29 @@ elsewhere subscribes to ``heddle.results.*.{id}``. The notice is only a wake-up 
 keeps nothing, so a notice published while this client is disconnected, or before
 its subscriptions are re-registered after a reconnect (a worker that reconnects
 first flushes its buffered notices into a server that does not know our
-subscription yet), is gone. The stored record is the truth, so a watch settles on
-whichever comes first:
+subscription yet), is gone.
+
+A connection also follows its own Valkey channel, ``heddle:notices:{token}``, and
+while it does, its sends say so (``Heddle-Notify-Valkey``): the worker's store
+script then publishes the final record there in the same step as it stores it
+(:mod:`heddle.store`), and the NATS notice goes to ``heddle.results._.{id}``, for
+handles elsewhere. The caller hears at once, with no hop back through the worker
+and nats-server, and hears even where the bus refuses it notices (the ``client``
+role, docs/security.md). Valkey's pub/sub keeps nothing either: when the feed's
+connection comes back, every open watch is read.
+
+The stored record is the truth, so a watch settles on whichever comes first:
 
 * a notice that carries this task's id and a final record (anything else on the
-  subject, junk bytes or another task's record, is ignored and the watch
-  re-subscribes); an empty notice says the record is too large to announce, and
-  the store is read;
+  subject or channel, junk bytes or another task's record, is ignored and a NATS
+  watch re-subscribes); an empty NATS notice, or the task's result key on the
+  channel, says the record is too large to announce, and the store is read;
 * a read of the store when a wait starts on a watch that may have missed its
   notice (one made by the wait itself, or a task JetStream deduplicated);
 * a read of the store for every open watch after each reconnect, once nats-py has
   re-registered the subscriptions (a record stored before the read is found by
-  it; one stored after it is announced to the subscription);
+  it; one stored after it is announced to the subscription), and after the Valkey
+  feed subscribed again;
 * a read of the store, every :data:`RECHECK_S`, for watches someone is waiting on
   (a notice lost on the publisher's side: the worker's connection failed between
   its store and its publish).
@@ -47,6 +58,7 @@ from heddle.messages import decode as bounded_decode
 if TYPE_CHECKING:
     from heddle.broker import Broker
     from heddle.store import ResultBackend
+    from heddle.valkeylane import ChannelFeed
 
 log = logging.getLogger("heddle.notices")
 
@@ -111,10 +123,17 @@ class Watches:
         self.token = uuid.uuid4().hex[:16]
         self._mux: Any = None
         self._mux_prefix = f"{names.RESULT_SUBJECT_PREFIX}{self.token}."
+        self._feed: ChannelFeed | None = None
+        self._key_prefix = names.RESULT_KEY_PREFIX.encode()
         broker.on_reconnect(self._on_reconnect)
 
     def __len__(self) -> int:
         return len(self._open)
+
+    @property
+    def on_valkey(self) -> bool:
+        """True while this connection follows its notices on Valkey: sends then ask for them there."""
+        return self._feed is not None and self._feed.ready
 
     def get(self, task_id: str) -> Watch | None:
         """The open watch of a task, if any."""
@@ -144,6 +163,9 @@ class Watches:
         if self._mux is None:
             # ">": a task id may hold dots (graph nodes: ``{goal}:0.3``), so it can be several tokens.
             self._mux = await self.broker.subscribe(self._mux_prefix + ">", inline=self._on_mux)
+        if self._feed is None and self.backend.announces:
+            self._feed = self.backend.follow(names.notice_channel(self.token), self._on_feed, self._on_feed_back)
+            await self._feed.start()
         w = Watch(task_id, asyncio.get_running_loop().create_future())
         self._open[task_id] = w
         if len(self._open) > self.max_watches:
@@ -165,6 +187,26 @@ class Watches:
             return
         log.warning("ignored a result notice for task %s that is not its final record (%d bytes)",
                     w.task_id, len(data))
+
+    def _on_feed(self, data: bytes) -> None:
+        if data.startswith(self._key_prefix):
+            # The record was too large to announce: its key says which task to read.
+            w = self._open.get(data[len(self._key_prefix):].decode("utf-8", "replace"))
+            if w is not None and not w.done.done():
+                self._spawn(self._read_all("after a notice too large to carry its record", [w]))
+            return
+        try:
+            record = bounded_decode(record_decoder, data)
+        except DecodeError:
+            log.debug("ignored %d bytes on %s that are no result record", len(data), names.notice_channel(self.token))
+            return
+        w = self._open.get(record.id)
+        if w is not None and not w.done.done() and record.state in READY_STATES:
+            self._settle(w, record)
+
+    def _on_feed_back(self) -> None:
+        # Notices published while the feed was down are gone: read what they would have said.
+        self._spawn(self._read_all("after the Valkey notice feed came back"))
 
     async def _subscribe(self, w: Watch) -> None:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -338,6 +380,9 @@ class Watches:
     async def close(self) -> None:
         """Cancel every watch and the background work."""
         self._mux = None
+        if self._feed is not None:
+            self._feed.close()
+            self._feed = None
         for w in self._open.values():
             _end(w, None)
         self._open.clear()

@@ -226,7 +226,7 @@ class Orchestrator(Actor):
                 await acknowledge(active.msg, "nak", goal_id, delay=_RETRY_DELAY_S, logger=log)
                 return
             try:
-                await self._finish(run, record, names.sender_of(active.msg.headers))
+                await self._finish(run, record, *names.notice_route(active.msg.headers))
             except HeddleError as exc:
                 log.warning("cannot store the result of goal %s (%s); retrying", goal_id, exc)
                 await acknowledge(active.msg, "nak", goal_id, delay=_RETRY_DELAY_S, logger=log)
@@ -238,10 +238,10 @@ class Orchestrator(Actor):
                 del self.active[goal_id]
             self.slot_freed()
 
-    async def _finish(self, run: GoalRun, record: ResultRecord, sender: str) -> None:
+    async def _finish(self, run: GoalRun, record: ResultRecord, sender: str, channel: str = "") -> None:
         """Store the goal's result like a task result (announced to ``sender``), then its final checkpoint."""
         assert self.store is not None
-        await self._store_result(record, sender)
+        await self._store_result(record, sender, channel)
         state = GOAL_SUCCEEDED if record.state == SUCCESS else GOAL_FAILED
         await self.store.put(run.goal.id, goal=run.goal_state(state, record.finished_at))
         with contextlib.suppress(Exception):
@@ -250,9 +250,9 @@ class Orchestrator(Actor):
         log.info("goal %s %s after %.3fs (%d node(s))", run.goal.id, record.state,
                  record.finished_at - record.started_at, len(record.meta.get("timeline", ())))
 
-    async def _store_result(self, record: ResultRecord, sender: str = names.NO_SENDER) -> None:
+    async def _store_result(self, record: ResultRecord, sender: str = names.NO_SENDER, channel: str = "") -> None:
         assert self.conns is not None
-        await self.conns.store_final(record, sender)
+        await self.conns.store_final(record, sender, channel)
 
     # -- control -------------------------------------------------------------------------
 

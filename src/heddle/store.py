@@ -64,12 +64,12 @@ from heddle.settings import (
     server_endpoint,
     tls_failure,
 )
-from heddle.valkeylane import CommandList, Lane, LaneDown, LaneKeeper, ReplyError
+from heddle.storescripts import CLAIM_LUA, FINAL_RECORDS_LUA, NOTICE_MAX_BYTES, STORE_LUA
+from heddle.valkeylane import ChannelFeed, CommandList, Lane, LaneDown, LaneKeeper, ReplyError
 
 log = logging.getLogger("heddle.store")
 T = TypeVar("T")
 
-_FINAL = "st == 'SUCCESS' or st == 'FAILURE' or st == 'REVOKED'"
 _MAX_CONNECTIONS = 64  # per process and event loop; Valkey allows 10,000 clients by default
 # Under Sentinel or Cluster, how long an operation that lost its primary keeps being
 # retried (against the one rediscovered) before its error is raised: a failover takes
@@ -83,83 +83,6 @@ _FAILOVER_ERRORS = (vexc.ConnectionError, vexc.TimeoutError, vexc.ReadOnlyError,
                     vexc.TryAgainError, OSError)
 # After the lane (heddle.valkeylane) is lost, scripts go through the pool this long at least.
 LANE_RETRY_S: Final = 1.0
-
-# Both scripts take a worker's whole batch (every key in KEYS), so a batch costs
-# one command to encode, send and parse instead of one per task.
-# A claim's token: the server's clock in microseconds, above the task's last token
-# (tostring would print a float this large in exponent form; %d keeps every digit).
-CLAIM_LUA = f"""
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local out = {{}}
-for i, key in ipairs(KEYS) do
-  local h = redis.call('HMGET', key, 'state', 'retries', 'fence')
-  local st = h[1]
-  if {_FINAL} then
-    out[i] = {{st, redis.call('HGET', key, 'record') or '', 0, '0'}}
-  else
-    local retries = tonumber(h[2] or '0')
-    local token = math.max(now, tonumber(h[3] or '0') + 1)
-    local fence = string.format('%d', token)
-    redis.call('HSET', key, 'state', 'STARTED', 'started_at', ARGV[1], 'worker', ARGV[2], 'fence', fence)
-    redis.call('EXPIRE', key, ARGV[3])
-    out[i] = {{st or '', '', retries, fence}}
-  end
-end
-return out
-"""
-
-# ARGV: ttl, then state, record, retries ('' = unchanged), token ('' = none) for each
-# key. Per key: 1 written (or already written by this token), 0 a final state is
-# stored, -1 fenced off (a newer claim's state is stored). The EXPIRE on every path is
-# a write, so a WAIT after this script also covers a final state found stored.
-STORE_LUA = f"""
-local out = {{}}
-for i, key in ipairs(KEYS) do
-  local a = 2 + (i - 1) * 4
-  local token = ARGV[a + 3]
-  local h = redis.call('HMGET', key, 'state', 'wfence')
-  local st = h[1]
-  local held = tonumber(h[2] or '0')
-  if {_FINAL} then
-    if token ~= '' and tonumber(token) == held then out[i] = 1 else out[i] = 0 end
-    redis.call('EXPIRE', key, ARGV[1])
-  elseif token ~= '' and tonumber(token) < held and ARGV[a] ~= 'SUCCESS' and ARGV[a] ~= 'FAILURE' then
-    out[i] = -1
-    redis.call('EXPIRE', key, ARGV[1])
-  else
-    local fields = {{'state', ARGV[a], 'record', ARGV[a + 1]}}
-    if ARGV[a + 2] ~= '' then
-      fields[#fields + 1] = 'retries'
-      fields[#fields + 1] = ARGV[a + 2]
-    end
-    if token ~= '' then
-      fields[#fields + 1] = 'wfence'
-      fields[#fields + 1] = token
-    end
-    redis.call('HSET', key, unpack(fields))
-    redis.call('EXPIRE', key, ARGV[1])
-    out[i] = 1
-  end
-end
-return out
-"""
-
-
-# The final records among KEYS, as a flat list of (index, record) pairs: waiting
-# handles read many at once without a command each.
-FINAL_RECORDS_LUA = f"""
-local out = {{}}
-for i, key in ipairs(KEYS) do
-  local st = redis.call('HGET', key, 'state')
-  if {_FINAL} then
-    out[#out + 1] = i
-    out[#out + 1] = redis.call('HGET', key, 'record') or ''
-  end
-end
-return out
-"""
-
 
 class Claim(msgspec.Struct, frozen=True):
     """What ``claim`` found: the previous state, a final record if any, retries so far, the fencing token."""
@@ -183,6 +106,7 @@ class StoreRequest(msgspec.Struct, frozen=True):
     record: bytes
     retries: int | None = None
     token: int = 0
+    channel: str = ""  # a final state written is announced there (:attr:`ResultBackend.announces`)
 
 
 class NotReplicated(BackendError):
@@ -367,6 +291,26 @@ class ResultBackend:
         for name, (lua, _) in list(self._scripts.items()):
             # In a Cluster, SCRIPT LOAD goes to every primary.
             self._scripts[name] = (lua, str(_text(await self.client.script_load(lua))))
+
+    @property
+    def announces(self) -> bool:
+        """Whether stores announce final states on Valkey (``StoreRequest.channel``).
+
+        Not under a Cluster (a channel is not a key of the script's slot), nor when a
+        result must reach replicas first: a notice published by the script would come
+        before its ``WAIT`` (heddle.notices says what waiters do without it).
+        """
+        return self.mode != "cluster" and not self.replicas_to_wait
+
+    def follow(self, channel: str, on_message: Callable[[bytes], None], on_ready: Callable[[], None]) -> ChannelFeed:
+        """A feed of ``channel``'s messages on a connection of its own (:class:`heddle.valkeylane.ChannelFeed`)."""
+        assert self.client is not None and self.mode != "cluster"
+
+        def lost(why: str) -> None:
+            log.debug("valkey: notice feed %s lost (%s)", channel, redact(why, *self.settings.secrets()))
+
+        return ChannelFeed(self.client.connection_pool.make_connection, channel, on_message, on_ready, lost,
+                           max(10.0, self.settings.connect_timeout_s), LANE_RETRY_S)
 
     def _lane_lost(self, why: str) -> None:
         log.debug("valkey: no lane (%s); scripts go through the pool", redact(why, *self.settings.secrets()))
@@ -603,7 +547,7 @@ class ResultBackend:
             for i in group:
                 r = requests[i]
                 args += (r.state, r.record, "" if r.retries is None else str(r.retries),
-                         str(tokens[i]) if tokens[i] else "")
+                         str(tokens[i]) if tokens[i] else "", r.channel if self.announces else "")
             calls.append(([keys[i] for i in group], args))
         waits = 0
         must_wait = [keys[i] for i, r in enumerate(requests) if r.state in READY_STATES]
@@ -668,6 +612,11 @@ class ResultBackend:
             (st.decode() if st else PENDING, w.decode() if w else "", float(at) if at else 0.0)
             for st, w, at in rows
         ]
+
+    async def announce(self, channel: str, task_id: str, record: bytes) -> None:
+        """Publish a stored final record on ``channel``, as the store script does (too large: its key)."""
+        payload = record if len(record) <= NOTICE_MAX_BYTES else names.result_key(task_id).encode()
+        await self._call(f"announcing the result of {task_id}", lambda c: c.publish(channel, payload))
 
     async def final_records(self, task_ids: Sequence[str]) -> dict[str, bytes]:
         """The stored records of the tasks among ``task_ids`` that reached a final state."""

@@ -1,4 +1,4 @@
-"""A lane to Valkey for the scripts on every task's path: one pipelined connection, no pool.
+"""Connections to Valkey taken over from valkey-py: a lane for the scripts on every task's path, and feeds.
 
 Every task crosses Valkey twice (its claim and its store, :mod:`heddle.store`),
 and on a lone task both round trips are on the caller's critical path. Through
@@ -19,6 +19,11 @@ primary, TLS, AUTH, SELECT, protocol version, client name, exactly as for the
 pool), and the lane then takes the connected transport over. That relies on
 valkey-py 6's ``Connection._reader``/``_writer`` (asyncio streams);
 ``tests/test_valkey_lane.py`` pins it.
+
+A :class:`ChannelFeed` is the same take-over for a connection in subscribe mode:
+a client's result notices (:mod:`heddle.notices`) are parsed in ``data_received``
+and handed on there, and a connection that is lost or stops answering its PINGs is
+reopened a moment later.
 
 The lane never decides what an error means. A request it cannot answer (the
 connection is lost or was never made, or no reply came within the socket
@@ -43,6 +48,30 @@ ReplyError = libvalkey.ReplyError
 
 class LaneDown(Exception):
     """Raised when the lane cannot answer a request; the caller sends it through the pool instead."""
+
+
+async def _take(connection: Any) -> tuple[asyncio.Transport, tuple[Any, Any]]:
+    """Connect valkey-py's ``connection`` and take its transport and streams from it.
+
+    The streams must stay referenced by whoever takes the transport: a collected
+    StreamWriter closes it.
+
+    Raises:
+        LaneDown: The connection cannot be taken over (not stream-based, or holding
+            unread bytes); valkey-py's own errors are raised as they are.
+    """
+    await connection.connect()
+    reader, writer = getattr(connection, "_reader", None), getattr(connection, "_writer", None)
+    transport = getattr(writer, "transport", None)
+    if reader is None or transport is None or not hasattr(transport, "set_protocol"):
+        await connection.disconnect()
+        raise LaneDown(f"cannot take over a {type(connection).__name__}: it has no stream transport")
+    if getattr(reader, "_buffer", b""):
+        await connection.disconnect()
+        raise LaneDown("the connection holds unread replies")
+    # valkey-py lets go of it: its connection object no longer owns a socket.
+    connection._reader = connection._writer = None
+    return transport, (reader, writer)
 
 
 class _Request:
@@ -86,18 +115,9 @@ class Lane(asyncio.Protocol):
             LaneDown: The connection cannot be taken over (not stream-based, or
                 holding unread bytes); valkey-py's own errors are raised as they are.
         """
-        await connection.connect()
-        reader, writer = getattr(connection, "_reader", None), getattr(connection, "_writer", None)
-        transport = getattr(writer, "transport", None)
-        if reader is None or transport is None or not hasattr(transport, "set_protocol"):
-            raise LaneDown(f"cannot take over a {type(connection).__name__}: it has no stream transport")
-        if getattr(reader, "_buffer", b""):
-            raise LaneDown("the connection holds unread replies")
-        # valkey-py lets go of it: its connection object no longer owns a socket. The
-        # streams stay referenced by the lane: a collected StreamWriter closes its transport.
-        connection._reader = connection._writer = None
+        transport, streams = await _take(connection)
         lane = cls(transport, timeout_s)
-        lane._streams = (reader, writer)
+        lane._streams = streams
         transport.set_protocol(lane)
         return lane
 
@@ -258,3 +278,192 @@ class CommandList:
     def execute_command(self, *args: Any) -> None:
         """Queue any command."""
         self._commands.append(args)
+
+
+class _Subscribed(asyncio.Protocol):
+    """One connection in subscribe mode: pushes parsed in ``data_received`` and handed to its feed."""
+
+    def __init__(self, feed: ChannelFeed, transport: asyncio.Transport) -> None:
+        self._feed = feed
+        self._transport = transport
+        self._reader = libvalkey.Reader()
+        self._streams: tuple[Any, Any] = (None, None)
+        self.closed = False
+        self.confirmed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.pinged = False  # a PING is out and unanswered
+
+    def data_received(self, data: bytes) -> None:
+        reader = self._reader
+        reader.feed(data)
+        while True:
+            try:
+                reply = reader.gets()
+            except Exception as exc:  # a protocol error: nothing after it can be trusted
+                self.fail(f"unreadable reply ({exc})")
+                return
+            if reply is False:
+                return
+            if isinstance(reply, list) and len(reply) == 3 and reply[0] == b"message":
+                self._feed.deliver(reply[2])
+            elif isinstance(reply, list) and reply and reply[0] == b"subscribe":
+                if not self.confirmed.done():
+                    self.confirmed.set_result(None)
+            elif isinstance(reply, ReplyError):
+                self.fail(f"the server refused: {reply}")
+                return
+            else:  # a PING's answer (["pong", ""] in RESP2, PONG in RESP3)
+                self.pinged = False
+
+    def ping(self) -> None:
+        if self.pinged:
+            self.fail("no answer to a PING")
+            return
+        self.pinged = True
+        self._transport.write(libvalkey.pack_command(("PING",)))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.fail(f"connection lost ({exc})" if exc else "connection closed")
+
+    def eof_received(self) -> bool | None:
+        self.fail("the server closed the connection")
+        return None
+
+    def fail(self, why: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._transport.abort()
+        if not self.confirmed.done():
+            self.confirmed.set_exception(LaneDown(why))
+        self._feed.lost(self, why)
+
+
+class ChannelFeed:
+    """The messages of one Valkey pub/sub channel, handed to a callback as they arrive.
+
+    The connection is opened by valkey-py (as for a :class:`Lane`) and taken over,
+    so a message costs no reader task: it is parsed in ``data_received`` and
+    ``on_message`` runs there. A lost connection (or one that stops answering the
+    PING sent every ``ping_s``) is reopened after ``retry_s``, and ``on_ready`` runs
+    each time the subscription is confirmed again: messages published meanwhile
+    are gone, as pub/sub keeps nothing.
+
+    Args:
+        make_connection: valkey-py's ``pool.make_connection`` (the server, or Sentinel's primary).
+        channel: The channel.
+        on_message: Called with each message's bytes.
+        on_ready: Called after every confirmed subscription but the first.
+        on_lost: Told why, each time the connection is lost (for a log line).
+        timeout_s: How long a subscription may take to be confirmed.
+        retry_s: The pause before a lost connection is reopened.
+        ping_s: How often the connection is checked.
+    """
+
+    def __init__(
+        self,
+        make_connection: Callable[[], Any],
+        channel: str,
+        on_message: Callable[[bytes], None],
+        on_ready: Callable[[], None],
+        on_lost: Callable[[str], None],
+        timeout_s: float,
+        retry_s: float,
+        ping_s: float = 5.0,
+    ) -> None:
+        self._make_connection = make_connection
+        self.channel = channel
+        self._on_message = on_message
+        self._on_ready = on_ready
+        self._on_lost = on_lost
+        self._timeout_s = timeout_s
+        self._retry_s = retry_s
+        self._ping_s = ping_s
+        self._conn: _Subscribed | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._pinger: asyncio.TimerHandle | None = None
+        self._closed = False
+        #: Messages handed on (tests read it to see the feed in use).
+        self.delivered = 0
+
+    @property
+    def ready(self) -> bool:
+        """True while the subscription is confirmed and its connection open."""
+        c = self._conn
+        return c is not None and not c.closed and c.confirmed.done() and c.confirmed.exception() is None
+
+    async def start(self) -> bool:
+        """Subscribe now; True once confirmed. If it cannot be, it is tried again in the background."""
+        try:
+            await self._open()
+        except Exception as exc:
+            self._on_lost(f"cannot subscribe ({exc})")
+            self._try_again()
+            return False
+        return True
+
+    async def _open(self) -> None:
+        transport, streams = await _take(self._make_connection())
+        conn = _Subscribed(self, transport)
+        conn._streams = streams
+        transport.set_protocol(conn)
+        self._conn = conn
+        transport.write(libvalkey.pack_command(("SUBSCRIBE", self.channel)))
+        try:
+            await asyncio.wait_for(asyncio.shield(conn.confirmed), self._timeout_s)
+        except TimeoutError:
+            conn.fail(f"SUBSCRIBE not confirmed within {self._timeout_s:g}s")
+            raise LaneDown(f"SUBSCRIBE not confirmed within {self._timeout_s:g}s") from None
+        self._schedule_ping()
+
+    def deliver(self, data: bytes) -> None:
+        self.delivered += 1
+        self._on_message(data)
+
+    def _schedule_ping(self) -> None:
+        if self._pinger is not None:
+            self._pinger.cancel()
+        self._pinger = asyncio.get_running_loop().call_later(self._ping_s, self._ping)
+
+    def _ping(self) -> None:
+        self._pinger = None
+        c = self._conn
+        if c is None or c.closed or self._closed:
+            return
+        c.ping()
+        if not c.closed:
+            self._schedule_ping()
+
+    def lost(self, conn: _Subscribed, why: str) -> None:
+        if conn is not self._conn or self._closed:
+            return
+        self._conn = None
+        self._on_lost(why)
+        self._try_again()
+
+    def _try_again(self) -> None:
+        if not self._closed and (self._task is None or self._task.done()):
+            self._task = asyncio.get_running_loop().create_task(self._reopen(), name="heddle-valkey-feed")
+
+    async def _reopen(self) -> None:
+        while not self._closed:
+            await asyncio.sleep(self._retry_s)
+            try:
+                await self._open()
+            except Exception as exc:
+                self._on_lost(f"cannot subscribe again ({exc})")
+                continue
+            self._on_ready()
+            return
+
+    def close(self) -> None:
+        """Unsubscribe for good: close the connection and stop reopening it."""
+        self._closed = True
+        if self._pinger is not None:
+            self._pinger.cancel()
+            self._pinger = None
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            conn.fail("the feed was closed")

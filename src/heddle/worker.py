@@ -317,7 +317,7 @@ class Worker(Actor):
                 # crash between store and ack, or a revoked task): do not run again,
                 # but announce the stored result for whoever sent this copy.
                 if claim.final_record:
-                    await self.conns.notify(tm.id, claim.final_record, names.sender_of(msg.headers))
+                    await self.conns.notify(tm.id, claim.final_record, *names.notice_route(msg.headers))
                 await acknowledge(msg, "ack", tm.id)
                 if tm.id in leases and tm.id not in self.inflight:
                     self._releasing.append(leases[tm.id])
@@ -465,7 +465,7 @@ class Worker(Actor):
         record = ResultRecord(id=tm.id, state=REVOKED, task=tm.task, worker=self.name, finished_at=now,
                               error=error)
         # A final state stored first (it ran, or was revoked) stands; either way this copy is done.
-        await self.conns.store_final(record, names.sender_of(msg.headers))
+        await self.conns.store_final(record, *names.notice_route(msg.headers))
         self.stats["expired"] += 1
         await acknowledge(msg, "ack", tm.id)
         await events.publish(self.conns.broker, events.task_event(  # heddle.events hook
@@ -590,13 +590,14 @@ class Worker(Actor):
                     plans.append((o, "retry", rec, delay))
                     continue
             rec = self._record(o, o.state, retries)  # may turn an unencodable SUCCESS into FAILURE
-            requests.append(StoreRequest(tm.id, o.state, rec))
+            requests.append(StoreRequest(tm.id, o.state, rec, channel=names.channel_of(job.msg.headers)))
             plans.append((o, "final", rec, 0.0))
         stored = await backend.store_many(requests) if requests else []
         await self._settle_token_charges(outcomes)
         # Every task's received and started go before its outcome, in the same write.
         await self._held.flush()
         it = iter(stored)
+        announced = backend.announces  # the store told the senders that follow Valkey (names.channel_of)
         for o, action, rec, delay in plans:
             job = o.job
             msg = job.msg
@@ -613,8 +614,12 @@ class Worker(Actor):
             else:
                 wrote = next(it)
                 if wrote:
-                    # Never raises: a lost notice costs waiters a re-read, not the result.
-                    await self.conns.notify(job.message.id, rec, names.sender_of(msg.headers))
+                    # Never raises: a lost notice costs waiters a re-read, not the result. A sender
+                    # told on Valkey is not told again: the notice is for handles elsewhere.
+                    sender = names.sender_of(msg.headers)
+                    if announced and names.channel_of(msg.headers):
+                        sender = names.NO_SENDER
+                    await self.conns.notify(job.message.id, rec, sender)
                     if o.state == FAILURE:
                         self.stats["failed"] += 1
                         self.metrics.failed(msg.subject, job.message.task, o.finished_at - job.started_at)

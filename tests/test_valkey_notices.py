@@ -1,0 +1,274 @@
+"""Result notices on Valkey: the store script that writes a final result announces it
+on the sender's channel in the same step (heddle.notices), so the record is stored
+before anyone hears of it, and a sender the bus gives no notices (the ``client``
+role, tests/test_roles.py) still hears at once. Each test waits for results with the
+periodic re-read of the store pushed out to an hour: a result that arrives came by
+its notice (or by a read the feed itself asked for)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import msgspec
+import nats
+import pytest
+import valkey.asyncio as valkey_async
+
+import heddle
+import heddle.notices
+import heddle.results
+from heddle import names
+from heddle.messages import SUCCESS, ResultRecord
+from heddle.settings import Settings
+from heddle.store import ResultBackend, StoreRequest, encode_record
+from heddle.storescripts import NOTICE_MAX_BYTES
+from heddle.testing import EmbeddedValkey
+from heddle.valkeylane import ChannelFeed
+
+T = 15.0
+
+
+@pytest.fixture
+def no_rereads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Waiting handles read the store only when told to (no periodic re-read within a test)."""
+    monkeypatch.setattr(heddle.notices, "RECHECK_S", 3600.0)
+    monkeypatch.setattr(heddle.results, "RECHECK_S", 3600.0)
+
+
+def _app(servers) -> heddle.Heddle:
+    return heddle.Heddle(f"v{uuid.uuid4().hex[:10]}", nats_url=servers.nats_url, valkey_url=servers.valkey_url)
+
+
+async def _stored_silently(servers, task_id: str, result: object) -> None:
+    """Store a final result as a worker would, with no notice anywhere."""
+    record = encode_record(ResultRecord(id=task_id, state=SUCCESS, task="t", result=result))
+    client = valkey_async.Valkey.from_url(servers.valkey_url)
+    try:
+        await client.hset(names.result_key(task_id), mapping={"state": SUCCESS, "record": record})
+    finally:
+        await client.aclose()
+
+
+async def _valkey_publish(servers, channel: str, *payloads: bytes) -> None:
+    await _valkey_publish_url(servers.valkey_url, channel, *payloads)
+
+
+async def _valkey_publish_url(url: str, channel: str, *payloads: bytes) -> None:
+    client = valkey_async.Valkey.from_url(url)
+    try:
+        for p in payloads:
+            await client.publish(channel, p)
+    finally:
+        await client.aclose()
+
+
+async def _heard(pubsub, n: int) -> list[dict]:
+    """The next ``n`` messages of a valkey-py ``PubSub`` (its subscribe confirmations skipped)."""
+    deadline = asyncio.get_running_loop().time() + T
+    heard: list[dict] = []
+    while len(heard) < n:
+        assert asyncio.get_running_loop().time() < deadline, f"heard only {heard!r}"
+        msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+        if msg is not None:
+            heard.append(msg)
+    return heard
+
+
+async def _wait_until(predicate, what: str, timeout_s: float = T) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def test_a_result_is_announced_on_the_senders_valkey_channel_and_on_nats_for_handles_elsewhere(
+    heddle_app, heddle_worker, heddle_servers, no_rereads
+):
+    @heddle_app.task
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    listener = valkey_async.Valkey.from_url(heddle_servers.valkey_url)
+    pubsub = listener.pubsub()
+    await pubsub.psubscribe(f"{names.NOTICE_CHANNEL_PREFIX}*")
+    nc = await nats.connect(heddle_servers.nats_url)
+    subjects: list[str] = []
+
+    async def heard(msg) -> None:
+        subjects.append(msg.subject)
+
+    await nc.subscribe(f"{names.RESULT_SUBJECT_PREFIX}>", cb=heard)
+    await nc.flush()
+    try:
+        r = add.apply_async((2, 3))
+        assert await r.aget(timeout=T) == 5
+        conns = await heddle_app.connections()
+        (announced,) = await _heard(pubsub, 1)
+        assert announced["channel"] == names.notice_channel(conns.notice_token).encode()
+        record = msgspec.msgpack.decode(announced["data"], type=ResultRecord)
+        assert (record.id, record.state, record.result) == (r.id, SUCCESS, 5)
+        # The sender was told on Valkey; the NATS notice is for handles on the task elsewhere.
+        await _wait_until(lambda: subjects, "the NATS notice")
+        assert subjects == [names.notice_subject(names.NO_SENDER, r.id)]
+        # A handle elsewhere, made after the result, still finds it.
+        other = _app(heddle_servers)
+        try:
+            assert await other.AsyncResult(r.id).aget(timeout=T) == 5
+        finally:
+            await other.aclose()
+    finally:
+        await nc.close()
+        await pubsub.aclose()
+        await listener.aclose()
+
+
+def test_a_sync_caller_gets_its_result_by_the_valkey_notice(heddle_app, heddle_worker, no_rereads):
+    @heddle_app.task
+    def mul(x: int, y: int) -> int:
+        return x * y
+
+    assert mul.delay(6, 7).get(timeout=T) == 42
+    r = mul.delay(3, 3)
+    assert r.get(timeout=T) == 9
+
+
+async def test_junk_and_other_records_on_the_channel_are_ignored_and_a_key_sends_the_handle_to_the_store(
+    fresh_servers, no_rereads
+):
+    app = _app(fresh_servers)
+    try:
+        r = app.send_task("nobody.runs_this", (1,), worker_type="nobody")
+        await r.sent()
+        conns = await app.connections()
+        assert conns.watches.on_valkey
+        channel = names.notice_channel(conns.notice_token)
+        waiting = asyncio.ensure_future(r.aget(timeout=T))
+        forged = encode_record(ResultRecord(id="someone-else", state=SUCCESS, task="t", result=666))
+        not_final = encode_record(ResultRecord(id=r.id, state="STARTED", task="t"))
+        await _valkey_publish(fresh_servers, channel, b"\xc1junk", b"", forged, not_final,
+                              names.result_key("not-watched").encode())
+        await _stored_silently(fresh_servers, r.id, 43)
+        assert not waiting.done()
+        # A record too large to announce is announced by its key: the handle reads it.
+        await _valkey_publish(fresh_servers, channel, names.result_key(r.id).encode())
+        assert await waiting == 43
+    finally:
+        await app.aclose()
+
+
+async def test_a_store_announces_a_record_too_large_to_carry_by_its_key_and_nothing_but_final_states(
+    heddle_servers,
+):
+    backend = ResultBackend(Settings.load(nats_url=heddle_servers.nats_url, valkey_url=heddle_servers.valkey_url))
+    await backend.connect()
+    listener = valkey_async.Valkey.from_url(heddle_servers.valkey_url)
+    pubsub = listener.pubsub()
+    channel = names.notice_channel(uuid.uuid4().hex[:16])
+    await pubsub.subscribe(channel)
+    try:
+        big, small, retry = (f"big-{uuid.uuid4().hex}", f"small-{uuid.uuid4().hex}", f"retry-{uuid.uuid4().hex}")
+        big_record = encode_record(ResultRecord(id=big, state=SUCCESS, task="t", result="x" * NOTICE_MAX_BYTES))
+        small_record = encode_record(ResultRecord(id=small, state=SUCCESS, task="t", result=1))
+        assert await backend.store_many([
+            StoreRequest(retry, "RETRY", encode_record(ResultRecord(id=retry, state="RETRY", task="t")), 1,
+                         channel=channel),
+            StoreRequest(big, SUCCESS, big_record, channel=channel),
+            StoreRequest(small, SUCCESS, small_record, channel=channel),
+        ]) == [True, True, True]
+        # Written again over a final state: refused, and not announced again.
+        assert await backend.store_many([StoreRequest(small, SUCCESS, small_record, channel=channel)]) == [False]
+        after = f"after-{uuid.uuid4().hex}"
+        after_record = encode_record(ResultRecord(id=after, state=SUCCESS, task="t", result=2))
+        assert await backend.store(StoreRequest(after, SUCCESS, after_record, channel=channel))
+        heard = [m["data"] for m in await _heard(pubsub, 3)]
+        assert heard == [names.result_key(big).encode(), small_record, after_record]
+    finally:
+        await pubsub.aclose()
+        await listener.aclose()
+        await backend.close()
+
+
+def test_stores_announce_nothing_where_a_notice_could_come_before_its_wait_or_outside_its_slot():
+    assert ResultBackend(Settings.load()).announces
+    assert not ResultBackend(Settings.load(valkey_wait_replicas=1)).announces
+    assert not ResultBackend(Settings.load(valkey_cluster=True)).announces
+
+
+async def test_after_its_connection_is_killed_the_feed_subscribes_again_and_reads_what_it_may_have_missed(
+    fresh_servers, no_rereads
+):
+    app = _app(fresh_servers)
+    admin = valkey_async.Valkey.from_url(fresh_servers.valkey_url)
+    try:
+        r = app.send_task("nobody.runs_this", (1,), worker_type="nobody")
+        await r.sent()
+        conns = await app.connections()
+        waiting = asyncio.ensure_future(r.aget(timeout=T))
+        # Stored with no notice, as if announced while the feed was down.
+        await _stored_silently(fresh_servers, r.id, 44)
+        assert await admin.client_kill_filter(_type="pubsub") == 1
+        assert await waiting == 44
+        await _wait_until(lambda: conns.watches.on_valkey, "the feed to be back")
+    finally:
+        await admin.aclose()
+        await app.aclose()
+
+
+def test_after_a_valkey_restart_results_come_by_the_valkey_notice_again(fresh_servers, tmp_path, monkeypatch):
+    app = _app(fresh_servers)
+
+    @app.task(name="vn.double")
+    async def double(x: int) -> int:
+        return 2 * x
+
+    from heddle.testing import running_worker
+
+    try:
+        with running_worker(app):
+            assert double.delay(1).get(timeout=T) == 2
+            fresh_servers.valkey.restart(kill=True)
+            assert double.delay(2).get(timeout=30) == 4  # through the pool and the re-read, at worst
+
+            async def back() -> bool:
+                conns = await app.connections()
+                return conns.watches.on_valkey
+
+            deadline = T
+            while not app.run_sync(back()):
+                deadline -= 0.05
+                assert deadline > 0, "the notice feed never came back"
+                app.run_sync(asyncio.sleep(0.05))
+            monkeypatch.setattr(heddle.notices, "RECHECK_S", 3600.0)
+            monkeypatch.setattr(heddle.results, "RECHECK_S", 3600.0)
+            assert double.delay(3).get(timeout=T) == 6
+    finally:
+        app.close()
+
+
+async def test_a_feed_whose_server_stops_answering_is_dropped_and_subscribes_again_once_it_answers():
+    with EmbeddedValkey("127.0.0.1", None, None) as valkey:
+        backend = ResultBackend(Settings.load(valkey_url=valkey.url))
+        await backend.connect()
+        got: list[bytes] = []
+        lost: list[str] = []
+        back: list[bool] = []
+        # The PING interval (5 s) and the pause before subscribing again (1 s) made short for this test.
+        feed = ChannelFeed(backend.client.connection_pool.make_connection, "heddle:notices:frozen", got.append,
+                           lambda: back.append(True), lost.append, timeout_s=2.0, retry_s=0.1, ping_s=0.2)
+        try:
+            assert await feed.start() and feed.ready
+            valkey.pause()
+            try:
+                await _wait_until(lambda: not feed.ready, "the feed to give up on a server that does not answer")
+                assert "no answer to a PING" in lost[0]
+            finally:
+                valkey.resume()
+            await _wait_until(lambda: back and feed.ready, "the feed to subscribe again")
+            await _valkey_publish_url(valkey.url, "heddle:notices:frozen", b"after")
+            await _wait_until(lambda: got == [b"after"], "the message published after it came back")
+        finally:
+            feed.close()
+            await backend.close()
+        assert not feed.ready
