@@ -273,3 +273,16 @@ async def test_a_feed_whose_server_stops_answering_is_dropped_and_subscribes_aga
             feed.close()
             await backend.close()
         assert not feed.ready
+
+
+async def test_a_burst_of_first_sends_on_a_new_connection_all_ask_for_their_notices_on_valkey(
+    heddle_app, heddle_worker, no_rereads
+):
+    @heddle_app.task
+    async def echo(x: int) -> int:
+        return x
+
+    handles = [echo.apply_async((i,)) for i in range(200)]  # all before the connection's feed is confirmed
+    assert [await r.aget(timeout=T) for r in handles] == list(range(200))
+    conns = await heddle_app.connections()
+    assert conns.watches.feed_messages == 200

@@ -124,6 +124,7 @@ class Watches:
         self._mux: Any = None
         self._mux_prefix = f"{names.RESULT_SUBJECT_PREFIX}{self.token}."
         self._feed: ChannelFeed | None = None
+        self._feed_started: asyncio.Future[bool] | None = None
         self._key_prefix = names.RESULT_KEY_PREFIX.encode()
         broker.on_reconnect(self._on_reconnect)
 
@@ -134,6 +135,11 @@ class Watches:
     def on_valkey(self) -> bool:
         """True while this connection follows its notices on Valkey: sends then ask for them there."""
         return self._feed is not None and self._feed.ready
+
+    @property
+    def feed_messages(self) -> int:
+        """Messages the Valkey feed has handed on (tests read it to see the feed in use)."""
+        return self._feed.delivered if self._feed is not None else 0
 
     def get(self, task_id: str) -> Watch | None:
         """The open watch of a task, if any."""
@@ -163,9 +169,13 @@ class Watches:
         if self._mux is None:
             # ">": a task id may hold dots (graph nodes: ``{goal}:0.3``), so it can be several tokens.
             self._mux = await self.broker.subscribe(self._mux_prefix + ">", inline=self._on_mux)
-        if self._feed is None and self.backend.announces:
+        if self._feed_started is None and self.backend.announces:
             self._feed = self.backend.follow(names.notice_channel(self.token), self._on_feed, self._on_feed_back)
-            await self._feed.start()
+            self._feed_started = asyncio.ensure_future(self._feed.start())
+        if self._feed_started is not None and not self._feed_started.done():
+            # Every send until the feed is confirmed waits for it, so that a burst of
+            # first sends asks for notices on Valkey too (a failed start retries in the background).
+            await asyncio.shield(self._feed_started)
         w = Watch(task_id, asyncio.get_running_loop().create_future())
         self._open[task_id] = w
         if len(self._open) > self.max_watches:
@@ -383,6 +393,9 @@ class Watches:
         if self._feed is not None:
             self._feed.close()
             self._feed = None
+        if self._feed_started is not None:
+            self._feed_started.cancel()
+            self._feed_started = None
         for w in self._open.values():
             _end(w, None)
         self._open.clear()
