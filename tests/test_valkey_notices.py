@@ -286,3 +286,22 @@ async def test_a_burst_of_first_sends_on_a_new_connection_all_ask_for_their_noti
     assert [await r.aget(timeout=T) for r in handles] == list(range(200))
     conns = await heddle_app.connections()
     assert conns.watches.feed_messages == 200
+
+
+async def test_a_record_stored_before_is_announced_on_the_channel_its_copy_asked_for(heddle_app, heddle_servers):
+    # A duplicate whose result is already stored is announced by the worker itself (Connections.notify).
+    conns = await heddle_app.connections()
+    channel = names.notice_channel(uuid.uuid4().hex[:16])
+    listener = valkey_async.Valkey.from_url(heddle_servers.valkey_url)
+    pubsub = listener.pubsub()
+    await pubsub.subscribe(channel)
+    try:
+        small = encode_record(ResultRecord(id="dup-small", state=SUCCESS, task="t", result=1))
+        big = encode_record(ResultRecord(id="dup-big", state=SUCCESS, task="t", result="x" * NOTICE_MAX_BYTES))
+        await conns.notify("dup-small", small, "sender", channel)
+        await conns.notify("dup-big", big, "sender", channel)
+        heard = [m["data"] for m in await _heard(pubsub, 2)]
+        assert heard == [small, names.result_key("dup-big").encode()]
+    finally:
+        await pubsub.aclose()
+        await listener.aclose()

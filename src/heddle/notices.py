@@ -66,6 +66,8 @@ log = logging.getLogger("heddle.notices")
 RECHECK_S = 2.0
 # Watches read per script call.
 _READ_CHUNK = 1000
+# How long a send waits for its connection's Valkey notice feed to be confirmed.
+FEED_WAIT_S = 2.0
 
 
 class Watch:
@@ -173,9 +175,11 @@ class Watches:
             self._feed = self.backend.follow(names.notice_channel(self.token), self._on_feed, self._on_feed_back)
             self._feed_started = asyncio.ensure_future(self._feed.start())
         if self._feed_started is not None and not self._feed_started.done():
-            # Every send until the feed is confirmed waits for it, so that a burst of
-            # first sends asks for notices on Valkey too (a failed start retries in the background).
-            await asyncio.shield(self._feed_started)
+            # Every send until the feed is confirmed waits for it (FEED_WAIT_S at most), so
+            # that a burst of first sends asks for notices on Valkey too; a feed that cannot
+            # start keeps trying in the background, and sends go on without it meanwhile.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._feed_started), FEED_WAIT_S)
         w = Watch(task_id, asyncio.get_running_loop().create_future())
         self._open[task_id] = w
         if len(self._open) > self.max_watches:
