@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import nats
+import nats.errors
 import pytest
 from nats.aio.client import Client
 
@@ -27,6 +28,40 @@ BLOCKS = [
 @pytest.mark.parametrize("block", BLOCKS)
 def test_header_blocks_parse_as_nats_py_parses_them(block):
     assert parse_header_lines(block) == Client._parse_header_lines(block)
+
+
+HEADER_DICTS = [
+    {"Nats-Msg-Id": "3b75d175a3f74ec2", "Heddle-Task": "bench.noop", "Heddle-Notify": "a1b2"},
+    {" Padded ": "  value  ", "Tabbed": "\tx\t", "Unicode": "caf\u00e9 \u2603"},
+    {"Broken": "line\r\nInjected: 1", "Ends": "x\n", "Starts": "\rx", "Empty": ""},
+    {"   ": "an empty name is skipped", "Kept": "1"},
+    {},
+]
+
+
+def _sent(client: Client, headers: dict[str, str]) -> bytes:
+    """The bytes ``client`` queues to publish ``headers`` (nothing is connected)."""
+    sent: list[bytes] = []
+
+    async def capture(cmd: bytes, priority: bool = False) -> None:
+        sent.append(cmd)
+
+    client._send_command = capture  # type: ignore[method-assign]
+    client._flush_queue = None
+    asyncio.run(client._send_publish("hdr.test", "_INBOX.x.1", b"payload", 7, headers))
+    return b"".join(sent)
+
+
+@pytest.mark.parametrize("headers", HEADER_DICTS)
+def test_headers_are_sent_as_the_bytes_nats_py_sends(headers):
+    assert _sent(Connection(), headers) == _sent(Client(), headers)
+
+
+@pytest.mark.parametrize("name", ["Bad Name", "Bad:Name", "Caf\u00e9"])
+def test_a_header_name_nats_py_refuses_is_refused_alike(name):
+    for client in (Client(), Connection()):
+        with pytest.raises(nats.errors.BadHeaderError):
+            _sent(client, {name: "x"})
 
 
 def test_the_broker_receives_the_headers_a_plain_nats_py_client_receives(heddle_servers):

@@ -10,7 +10,10 @@ worker type, the notice token...), and nats-py 2.16 parses each header name
 with a generator over its characters to reject names holding whitespace: a
 third of a worker's Python calls per task went there. :class:`Connection` does
 the same check with one regular-expression search and parses the same way
-otherwise; ``tests/test_nats_headers.py`` pins it to nats-py's result.
+otherwise; ``tests/test_nats_headers.py`` pins it to nats-py's result. Sending,
+nats-py builds each header line with a regular-expression match of the name and
+five byte-array calls; :func:`encode_headers` checks a name once and builds the
+block as one string, to the same bytes (pinned by the same file).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from heddle.pubacks import NoStreamAnswered
 from heddle.redact import redact
 from heddle.settings import dev_session_note
 
-__all__ = ["Connection", "parse_header_lines", "refused_credentials", "translate"]
+__all__ = ["Connection", "encode_headers", "parse_header_lines", "refused_credentials", "translate"]
 
 log = logging.getLogger("heddle.broker")
 
@@ -62,6 +65,38 @@ def parse_header_lines(raw: bytes) -> dict[str, str]:
     return out
 
 
+# What nats-py accepts as a header name, and how it keeps a value on one line.
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_ONE_LINE = str.maketrans({"\r": " ", "\n": " "})
+# Names already checked (a process sends a handful; bounded against a sender of endless new ones).
+_CHECKED_NAMES: set[str] = set()
+_MAX_CHECKED_NAMES = 1024
+
+
+def encode_headers(headers: dict[str, str]) -> bytes:
+    """The header block nats-py 2.16 sends for ``headers``, byte for byte, with fewer calls.
+
+    Names are stripped and an empty one skipped; a name with other characters raises
+    ``nats.errors.BadHeaderError``; values are stripped and a CR or LF in them becomes a space.
+    """
+    lines = ["NATS/1.0\r\n"]
+    for name, value in headers.items():
+        if name not in _CHECKED_NAMES:
+            stripped = name.strip()
+            if not stripped:
+                continue
+            if not _HEADER_NAME.fullmatch(stripped):
+                raise nats.errors.BadHeaderError(stripped)
+            if stripped == name and len(_CHECKED_NAMES) < _MAX_CHECKED_NAMES:
+                _CHECKED_NAMES.add(name)
+            name = stripped
+        if "\r" in value or "\n" in value:
+            value = value.translate(_ONE_LINE)
+        lines.append(f"{name}: {value.strip()}\r\n")
+    lines.append("\r\n")
+    return "".join(lines).encode()
+
+
 class Connection(Client):
     """A nats-py ``Client`` with a leaner header parser, and subscriptions served in its reader.
 
@@ -75,6 +110,23 @@ class Connection(Client):
     """
 
     _parse_header_lines = staticmethod(parse_header_lines)
+
+    async def _send_publish(
+        self, subject: str, reply: str, payload: bytes, payload_size: int, headers: dict[str, str] | None
+    ) -> None:
+        if headers is None:
+            await super()._send_publish(subject, reply, payload, payload_size, headers)
+            return
+        if not subject:
+            raise nats.errors.BadSubjectError
+        hdr = encode_headers(headers)
+        self.stats["out_msgs"] += 1
+        self.stats["out_bytes"] += payload_size
+        await self._send_command(
+            b"".join((f"HPUB {subject} {reply} {len(hdr)} {len(hdr) + len(payload)}\r\n".encode(), hdr, payload,
+                      _CRLF)))
+        if self._flush_queue is not None and self._flush_queue.empty():
+            await self._flush_pending()
 
     async def subscribe_inline(self, subject: str, handler: Callable[[Msg], None]) -> Subscription:
         """Subscribe to ``subject``; ``handler(msg)`` is called in the reader for each message."""
