@@ -126,7 +126,7 @@ class Watches:
         self._mux: Any = None
         self._mux_prefix = f"{names.RESULT_SUBJECT_PREFIX}{self.token}."
         self._feed: ChannelFeed | None = None
-        self._feed_started: asyncio.Future[bool] | None = None
+        self._feed_started: asyncio.Future[None] | None = None
         self._key_prefix = names.RESULT_KEY_PREFIX.encode()
         broker.on_reconnect(self._on_reconnect)
 
@@ -173,13 +173,11 @@ class Watches:
             self._mux = await self.broker.subscribe(self._mux_prefix + ">", inline=self._on_mux)
         if self._feed_started is None and self.backend.announces:
             self._feed = self.backend.follow(names.notice_channel(self.token), self._on_feed, self._on_feed_back)
-            self._feed_started = asyncio.ensure_future(self._feed.start())
+            self._feed_started = asyncio.ensure_future(self._start_feed(self._feed))
         if self._feed_started is not None and not self._feed_started.done():
-            # Every send until the feed is confirmed waits for it (FEED_WAIT_S at most), so
-            # that a burst of first sends asks for notices on Valkey too; a feed that cannot
-            # start keeps trying in the background, and sends go on without it meanwhile.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._feed_started), FEED_WAIT_S)
+            # Every send until the feed is confirmed waits for it, so that a burst of first
+            # sends asks for notices on Valkey too.
+            await self._feed_started
         w = Watch(task_id, asyncio.get_running_loop().create_future())
         self._open[task_id] = w
         if len(self._open) > self.max_watches:
@@ -201,6 +199,15 @@ class Watches:
             return
         log.warning("ignored a result notice for task %s that is not its final record (%d bytes)",
                     w.task_id, len(data))
+
+    async def _start_feed(self, feed: ChannelFeed) -> None:
+        # FEED_WAIT_S at most: a feed that is slow to start goes on starting (and one that
+        # cannot keeps trying) in the background, and sends go on without it meanwhile.
+        starting = asyncio.ensure_future(feed.start())
+        self._tasks.add(starting)
+        starting.add_done_callback(self._tasks.discard)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(starting), FEED_WAIT_S)
 
     def _on_feed(self, data: bytes) -> None:
         if data.startswith(self._key_prefix):

@@ -596,7 +596,7 @@ class Worker(Actor):
         await self._settle_token_charges(outcomes)
         # Every task's received and started go before its outcome, in the same write.
         await self._held.flush()
-        it = iter(stored)
+        it = iter(zip(stored, requests, strict=True))
         announced = backend.announces  # the store told the senders that follow Valkey (names.channel_of)
         for o, action, rec, delay in plans:
             job = o.job
@@ -612,13 +612,11 @@ class Worker(Actor):
                 await acknowledge(msg, "nak", job.message.id, delay=delay)
                 await events.job_event(broker, events.RETRIED, job, self, o)  # heddle.events hook
             else:
-                wrote = next(it)
+                wrote, request = next(it)
                 if wrote:
                     # Never raises: a lost notice costs waiters a re-read, not the result. A sender
                     # told on Valkey is not told again: the notice is for handles elsewhere.
-                    sender = names.sender_of(msg.headers)
-                    if announced and names.channel_of(msg.headers):
-                        sender = names.NO_SENDER
+                    sender = names.NO_SENDER if announced and request.channel else names.sender_of(msg.headers)
                     await self.conns.notify(job.message.id, rec, sender)
                     if o.state == FAILURE:
                         self.stats["failed"] += 1
