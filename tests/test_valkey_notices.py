@@ -25,6 +25,7 @@ from heddle.store import ResultBackend, StoreRequest, encode_record
 from heddle.storescripts import NOTICE_MAX_BYTES
 from heddle.testing import EmbeddedValkey
 from heddle.valkeylane import ChannelFeed
+from tests.test_result_notices import _app, _store  # a store with no notice anywhere
 
 T = 15.0
 
@@ -34,20 +35,6 @@ def no_rereads(monkeypatch: pytest.MonkeyPatch) -> None:
     """Waiting handles read the store only when told to (no periodic re-read within a test)."""
     monkeypatch.setattr(heddle.notices, "RECHECK_S", 3600.0)
     monkeypatch.setattr(heddle.results, "RECHECK_S", 3600.0)
-
-
-def _app(servers) -> heddle.Heddle:
-    return heddle.Heddle(f"v{uuid.uuid4().hex[:10]}", nats_url=servers.nats_url, valkey_url=servers.valkey_url)
-
-
-async def _stored_silently(servers, task_id: str, result: object) -> None:
-    """Store a final result as a worker would, with no notice anywhere."""
-    record = encode_record(ResultRecord(id=task_id, state=SUCCESS, task="t", result=result))
-    client = valkey_async.Valkey.from_url(servers.valkey_url)
-    try:
-        await client.hset(names.result_key(task_id), mapping={"state": SUCCESS, "record": record})
-    finally:
-        await client.aclose()
 
 
 async def _valkey_publish(servers, channel: str, *payloads: bytes) -> None:
@@ -150,7 +137,7 @@ async def test_junk_and_other_records_on_the_channel_are_ignored_and_a_key_sends
         not_final = encode_record(ResultRecord(id=r.id, state="STARTED", task="t"))
         await _valkey_publish(fresh_servers, channel, b"\xc1junk", b"", forged, not_final,
                               names.result_key("not-watched").encode())
-        await _stored_silently(fresh_servers, r.id, 43)
+        await _store(fresh_servers, r.id, 43)
         assert not waiting.done()
         # A record too large to announce is announced by its key: the handle reads it.
         await _valkey_publish(fresh_servers, channel, names.result_key(r.id).encode())
@@ -208,7 +195,7 @@ async def test_after_its_connection_is_killed_the_feed_subscribes_again_and_read
         conns = await app.connections()
         waiting = asyncio.ensure_future(r.aget(timeout=T))
         # Stored with no notice, as if announced while the feed was down.
-        await _stored_silently(fresh_servers, r.id, 44)
+        await _store(fresh_servers, r.id, 44)
         assert await admin.client_kill_filter(_type="pubsub") == 1
         assert await waiting == 44
         await _wait_until(lambda: conns.watches.on_valkey, "the feed to be back")
@@ -305,3 +292,27 @@ async def test_a_record_stored_before_is_announced_on_the_channel_its_copy_asked
     finally:
         await pubsub.aclose()
         await listener.aclose()
+
+
+async def test_a_message_its_handler_fails_on_is_logged_and_the_feed_goes_on(heddle_servers, caplog):
+    backend = ResultBackend(Settings.load(valkey_url=heddle_servers.valkey_url))
+    await backend.connect()
+    got: list[bytes] = []
+
+    def handle(data: bytes) -> None:
+        if data == b"boom":
+            raise ValueError("a handler that fails")
+        got.append(data)
+
+    channel = f"heddle:notices:{uuid.uuid4().hex[:16]}"
+    feed = ChannelFeed(backend.client.connection_pool.make_connection, channel, handle, lambda: None,
+                       lambda why: None, timeout_s=5.0, retry_s=1.0)
+    try:
+        assert await feed.start()
+        await _valkey_publish_url(heddle_servers.valkey_url, channel, b"one", b"boom", b"two")
+        await _wait_until(lambda: got == [b"one", b"two"], "the message after the failing one")
+        assert feed.ready
+        assert any("could not be handled" in r.getMessage() for r in caplog.records)
+    finally:
+        feed.close()
+        await backend.close()

@@ -36,11 +36,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import libvalkey
+
+log = logging.getLogger("heddle.valkeylane")
 
 # An error reply from the server (returned among the replies, never raised).
 ReplyError = libvalkey.ReplyError
@@ -417,7 +420,10 @@ class ChannelFeed:
 
     def deliver(self, data: bytes) -> None:
         self.delivered += 1
-        self._on_message(data)
+        try:
+            self._on_message(data)
+        except Exception:  # one bad message must not take the connection's reader down
+            log.exception("a message on %s could not be handled; it is skipped", self.channel)
 
     def _schedule_ping(self) -> None:
         if self._pinger is not None:
