@@ -9,7 +9,16 @@ import json
 from typing import Any
 
 from heddle.testing import EmbeddedServers, running_worker
-from tests.workshop_support import ARTIFACTS, XSS, make_app, needs_chromium, page, running_workshop, task_name
+from tests.workshop_support import (
+    ARTIFACTS,
+    XSS,
+    choose_target,
+    make_app,
+    needs_chromium,
+    page,
+    running_workshop,
+    task_name,
+)
 
 pytestmark = needs_chromium
 __all__ = ["page"]  # a fixture, imported for pytest
@@ -31,7 +40,7 @@ def test_a_person_tries_a_task_sees_the_result_arrive_live_and_no_script_runs(
 
         # Try a worker: choose the task, fill in the form, run it; the result arrives without a reload.
         page.click("text=Try a worker")
-        page.select_option("select[name=target]", f"task:{app.name}:{task_name(app, 'echo')}")
+        choose_target(page, f"task:{app.name}:{task_name(app, 'echo')}")
         expect(page.locator("#run-form textarea[name=args]")).to_be_visible()
         # Bad arguments are refused with a message on the page.
         page.fill("#run-form textarea[name=args]", "[1,")

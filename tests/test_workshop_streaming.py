@@ -13,7 +13,7 @@ from heddle.testing import EmbeddedServers, running_worker
 from tests.conftest import wait_for
 from tests.fake_providers import FakeProvider, Reply
 from tests.test_llm_worker import make_app, write_config
-from tests.workshop_support import ARTIFACTS, needs_chromium, page, post, running_workshop
+from tests.workshop_support import ARTIFACTS, choose_target, needs_chromium, page, post, running_workshop
 
 __all__ = ["page"]  # a fixture, imported for pytest
 
@@ -77,7 +77,7 @@ def test_a_person_sees_the_reply_being_written_on_the_try_page_and_replayed_on_t
         try:
             with running_worker(app), running_workshop(heddle_servers, config_dirs=[tmp_path]) as ws:
                 page.goto(ws.url + "/try")
-                page.select_option("select[name=target]", f"yaml:{name}:{name}")
+                choose_target(page, f"yaml:{name}:{name}")
                 expect(page.locator("#run-form input[name=stream]")).to_be_checked()
                 page.fill("#run-form [name=field_text]", "The food was cold.")
                 page.select_option("#run-form select[name=tier]", "local")

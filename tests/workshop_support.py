@@ -143,3 +143,17 @@ def page() -> Iterator[Any]:
             yield pg
         finally:
             browser.close()
+
+
+def choose_target(page: Any, key: str) -> None:
+    """Choose ``key`` on the Try page and wait for its form.
+
+    The page opens with the first target's form already shown; choosing fetches the
+    form again (htmx) and swaps it in, so what is typed before the swap is lost.
+    Waiting for the form that replaced the one on the page makes typing safe.
+    """
+    from playwright.sync_api import expect
+
+    page.evaluate("() => { const f = document.querySelector('#run-form'); if (f) { f.dataset.replaced = '1'; } }")
+    page.select_option("select[name=target]", key)
+    expect(page.locator("#run-form:not([data-replaced])")).to_have_count(1)
