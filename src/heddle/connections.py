@@ -141,8 +141,12 @@ class Connections:
         data = encode_record(record)
         if not await self.backend.store(StoreRequest(record.id, record.state, data, channel=channel)):
             return False
-        await self.notify(record.id, data, names.NO_SENDER if channel and self.backend.announces else sender)
+        await self.notify(record.id, data, self.nats_sender(sender, channel))
         return True
+
+    def nats_sender(self, sender: str, channel: str) -> str:
+        """The sender a stored result's NATS notice names: none when its store told it on ``channel``."""
+        return names.NO_SENDER if channel and self.backend.announces else sender
 
     async def notify(self, task_id: str, record: bytes, sender: str = names.NO_SENDER, channel: str = "") -> None:
         """Announce a stored final record to whoever waits on it (heddle.notices).

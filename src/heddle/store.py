@@ -541,13 +541,14 @@ class ResultBackend:
         # A final state takes the task out of the audit (heddle.audit), in the same round trip.
         done = [r.task_id for r in requests if r.state in READY_STATES]
         groups = self._slot_groups(keys)
+        announces = self.announces
         calls = []
         for group in groups:
             args: list[Any] = [self._ttl]
             for i in group:
                 r = requests[i]
                 args += (r.state, r.record, "" if r.retries is None else str(r.retries),
-                         str(tokens[i]) if tokens[i] else "", r.channel if self.announces else "")
+                         str(tokens[i]) if tokens[i] else "", r.channel if announces else "")
             calls.append(([keys[i] for i in group], args))
         waits = 0
         must_wait = [keys[i] for i, r in enumerate(requests) if r.state in READY_STATES]

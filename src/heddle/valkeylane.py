@@ -77,6 +77,21 @@ async def _take(connection: Any) -> tuple[asyncio.Transport, tuple[Any, Any]]:
     return transport, (reader, writer)
 
 
+def _replies(reader: Any, data: bytes) -> tuple[list[Any], str]:
+    """Feed ``data`` to a libvalkey reader: every whole reply now readable, and why reading
+    broke off ("" if it did not: a protocol error, after which nothing can be trusted)."""
+    reader.feed(data)
+    replies: list[Any] = []
+    while True:
+        try:
+            reply = reader.gets()
+        except Exception as exc:
+            return replies, f"unreadable reply ({exc})"
+        if reply is False:
+            return replies, ""
+        replies.append(reply)
+
+
 class _Request:
     """Replies expected for one :meth:`Lane.execute`, in order."""
 
@@ -127,17 +142,9 @@ class Lane(asyncio.Protocol):
     # -- the protocol -----------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        reader = self._reader
-        reader.feed(data)
+        replies, broken = _replies(self._reader, data)
         pending = self._pending
-        while True:
-            try:
-                reply = reader.gets()
-            except Exception as exc:  # a protocol error: nothing after it can be trusted
-                self._fail(f"unreadable reply ({exc})")
-                return
-            if reply is False:
-                return
+        for reply in replies:
             if not pending:
                 self._fail("a reply that no request asked for")
                 return
@@ -149,6 +156,8 @@ class Lane(asyncio.Protocol):
                 self.answered += 1
                 if not req.done.done():
                     req.done.set_result(req.replies)
+        if broken:
+            self._fail(broken)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._fail(f"connection lost ({exc})" if exc else "connection closed")
@@ -296,16 +305,8 @@ class _Subscribed(asyncio.Protocol):
         self.pinged = False  # a PING is out and unanswered
 
     def data_received(self, data: bytes) -> None:
-        reader = self._reader
-        reader.feed(data)
-        while True:
-            try:
-                reply = reader.gets()
-            except Exception as exc:  # a protocol error: nothing after it can be trusted
-                self.fail(f"unreadable reply ({exc})")
-                return
-            if reply is False:
-                return
+        replies, broken = _replies(self._reader, data)
+        for reply in replies:
             if isinstance(reply, list) and len(reply) == 3 and reply[0] == b"message":
                 self._feed.deliver(reply[2])
             elif isinstance(reply, list) and reply and reply[0] == b"subscribe":
@@ -316,6 +317,8 @@ class _Subscribed(asyncio.Protocol):
                 return
             else:  # a PING's answer (["pong", ""] in RESP2, PONG in RESP3)
                 self.pinged = False
+        if broken:
+            self.fail(broken)
 
     def ping(self) -> None:
         if self.pinged:

@@ -597,7 +597,6 @@ class Worker(Actor):
         # Every task's received and started go before its outcome, in the same write.
         await self._held.flush()
         it = iter(zip(stored, requests, strict=True))
-        announced = backend.announces  # the store told the senders that follow Valkey (names.channel_of)
         for o, action, rec, delay in plans:
             job = o.job
             msg = job.msg
@@ -616,7 +615,7 @@ class Worker(Actor):
                 if wrote:
                     # Never raises: a lost notice costs waiters a re-read, not the result. A sender
                     # told on Valkey is not told again: the notice is for handles elsewhere.
-                    sender = names.NO_SENDER if announced and request.channel else names.sender_of(msg.headers)
+                    sender = self.conns.nats_sender(names.sender_of(msg.headers), request.channel)
                     await self.conns.notify(job.message.id, rec, sender)
                     if o.state == FAILURE:
                         self.stats["failed"] += 1
