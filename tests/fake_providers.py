@@ -62,6 +62,8 @@ class Reply:
         raw: Send these bytes as the body instead of JSON.
         input_tokens: Usage reported.
         output_tokens: Usage reported.
+        cache_read_tokens: Prompt tokens an Anthropic answer reports as read from its prompt cache.
+        cache_write_tokens: Prompt tokens an Anthropic answer reports as written to its prompt cache.
     """
 
     text: str = ""
@@ -73,6 +75,8 @@ class Reply:
     raw: bytes | None = None
     input_tokens: int = 11
     output_tokens: int = 7
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
     pieces: list[str] | None = None
     hold: threading.Event | None = None
     hold_after: int = 1
@@ -476,7 +480,8 @@ def success_body(kind: str, request: dict[str, Any], reply: Reply) -> Any:
             "stop_reason": "end_turn",
             "stop_sequence": None,
             "usage": {"input_tokens": reply.input_tokens, "output_tokens": reply.output_tokens,
-                      "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0},
+                      "cache_creation_input_tokens": reply.cache_write_tokens,
+                      "cache_read_input_tokens": reply.cache_read_tokens},
         }
     if kind == "openai":
         return {
@@ -529,8 +534,9 @@ def stream_events(kind: str, request: dict[str, Any], reply: Reply) -> tuple[lis
         start = {"type": "message_start", "message": {
             "id": f"msg_{uuid.uuid4().hex[:24]}", "type": "message", "role": "assistant", "content": [],
             "model": model, "stop_reason": None, "stop_sequence": None,
-            "usage": {"input_tokens": reply.input_tokens, "output_tokens": 1, "cache_creation_input_tokens": 0,
-                      "cache_read_input_tokens": 0}}}
+            "usage": {"input_tokens": reply.input_tokens, "output_tokens": 1,
+                      "cache_creation_input_tokens": reply.cache_write_tokens,
+                      "cache_read_input_tokens": reply.cache_read_tokens}}}
         before = [(_sse("message_start", start), "message_start"),
                   (_sse("content_block_start", {"type": "content_block_start", "index": 0,
                                                 "content_block": {"type": "text", "text": ""}}), ""),

@@ -137,6 +137,26 @@ async def test_anthropic_rejects_a_wrong_key_without_retrying_and_the_error_name
         assert len(p.requests) == 1
 
 
+@pytest.mark.parametrize("streamed", [False, True])
+async def test_anthropic_prompt_tokens_read_from_or_written_to_its_prompt_cache_count_as_input(streamed):
+    # The Messages API reports cached prompt tokens apart from input_tokens; llama.cpp's
+    # endpoint reports a fully cached prompt as input_tokens 0 and the rest as cache reads.
+    from heddle.llm.backends.base import ChatRequest
+    from tests.test_llm_streaming import Collect
+
+    with FakeProvider("anthropic") as p:
+        tier, settings = settings_for(p)
+        p.add(Reply(text="hi there", input_tokens=0, cache_read_tokens=12, cache_write_tokens=3,
+                    pieces=["hi", " there"]))
+        backend = backend_for_tier(tier, settings)
+        try:
+            reply = await backend.chat(ChatRequest(messages=[{"role": "user", "content": "hi"}], max_tokens=8,
+                                                   stream=Collect() if streamed else None))
+        finally:
+            await backend.aclose()
+        assert reply.text == "hi there" and reply.input_tokens == 15
+
+
 async def test_an_unknown_ollama_model_says_how_to_pull_it():
     with FakeProvider("ollama") as p:
         tier, settings = settings_for(p, model="llama9")

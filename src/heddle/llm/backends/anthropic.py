@@ -152,7 +152,7 @@ class AnthropicBackend(Backend):
             return ChatReply(
                 text=text,
                 model=str(message.model or self.model),
-                input_tokens=int(usage.input_tokens or 0),
+                input_tokens=_prompt_tokens(usage),
                 output_tokens=int(usage.output_tokens or 0),
                 stop_reason=str(message.stop_reason or ""),
             )
@@ -180,12 +180,12 @@ class AnthropicBackend(Backend):
                     await sink.write(event.delta.text)
                 elif kind == "message_start":
                     model = str(event.message.model or self.model)
-                    input_tokens = int(event.message.usage.input_tokens or 0)
+                    input_tokens = _prompt_tokens(event.message.usage)
                     output_tokens = int(event.message.usage.output_tokens or 0)
                 elif kind == "message_delta":
                     stop = str(event.delta.stop_reason or stop)
                     output_tokens = int(event.usage.output_tokens or output_tokens)
-                    input_tokens = int(getattr(event.usage, "input_tokens", None) or input_tokens)
+                    input_tokens = _prompt_tokens(event.usage) or input_tokens
                 elif kind == "message_stop":
                     done = True
         except (AttributeError, TypeError) as exc:
@@ -196,3 +196,10 @@ class AnthropicBackend(Backend):
             raise AttemptFailed(self.error("the stream ended before message_stop"))
         return ChatReply(text="".join(parts), model=model, input_tokens=input_tokens,
                          output_tokens=output_tokens, stop_reason=stop)
+
+
+def _prompt_tokens(usage: Any) -> int:
+    """The prompt's tokens: the Messages API counts those read from or written to its prompt cache
+    apart from ``input_tokens`` (a fully cached prompt reports 0 there)."""
+    return sum(int(getattr(usage, name, None) or 0)
+               for name in ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens"))
