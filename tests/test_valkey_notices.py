@@ -8,6 +8,7 @@ its notice (or by a read the feed itself asked for)."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import uuid
 
 import msgspec
@@ -70,43 +71,63 @@ async def _wait_until(predicate, what: str, timeout_s: float = T) -> None:
         await asyncio.sleep(0.02)
 
 
-async def test_a_result_is_announced_on_the_senders_valkey_channel_and_on_nats_for_handles_elsewhere(
+async def test_a_result_told_on_valkey_reaches_its_sender_and_a_handle_elsewhere_with_no_nats_notice(
     heddle_app, heddle_worker, heddle_servers, no_rereads
 ):
+    gate = threading.Event()
+
     @heddle_app.task
-    async def add(x: int, y: int) -> int:
+    def add(x: int, y: int) -> int:
+        gate.wait(T)  # held until the handle elsewhere waits
         return x + y
 
     conns = await heddle_app.connections()
-    channel = names.notice_channel(conns.notice_token)
     listener = valkey_async.Valkey.from_url(heddle_servers.valkey_url)
     pubsub = listener.pubsub()
-    await pubsub.subscribe(channel)
     nc = await nats.connect(heddle_servers.nats_url)
-    subjects: list[str] = []
+    notices: list[str] = []
+    succeeded: list[str] = []
 
-    async def heard(msg) -> None:
-        subjects.append(msg.subject)
+    async def notice(msg) -> None:
+        notices.append(msg.subject)
 
-    await nc.subscribe(f"{names.RESULT_SUBJECT_PREFIX}>", cb=heard)
+    async def event(msg) -> None:
+        succeeded.append(msg.data)
+
+    await nc.subscribe(f"{names.RESULT_SUBJECT_PREFIX}>", cb=notice)
+    await nc.subscribe(f"{names.TASK_EVENTS_PREFIX}succeeded", cb=event)
     await nc.flush()
+    other = _app(heddle_servers)
     try:
         r = add.apply_async((2, 3))
+        await pubsub.subscribe(names.notice_channel(conns.notice_token), names.task_notice_channel(r.id))
+        elsewhere = asyncio.ensure_future(other.AsyncResult(r.id).aget(timeout=T))
+        theirs = await other.connections()
+        await _wait_until(lambda: (w := theirs.watches.get(r.id)) is not None and w.waiting, "the wait elsewhere")
+        gate.set()
         assert await r.aget(timeout=T) == 5
-        (announced,) = await _heard(pubsub, 1)
-        record = msgspec.msgpack.decode(announced["data"], type=ResultRecord)
-        assert (record.id, record.state, record.result) == (r.id, SUCCESS, 5)
-        # The sender was told on Valkey; the NATS notice is for handles on the task elsewhere.
-        await _wait_until(lambda: [s for s in subjects if s.endswith(f".{r.id}")], "the NATS notice")
-        ours = [s for s in subjects if s.endswith(f".{r.id}")]
-        assert ours == [names.notice_subject(names.NO_SENDER, r.id)]
+        assert await elsewhere == 5
+        # Once on the sender's channel, once on the task's, in the store's own step.
+        heard = await _heard(pubsub, 2)
+        assert sorted(m["channel"] for m in heard) == sorted(
+            [names.notice_channel(conns.notice_token).encode(), names.task_notice_channel(r.id).encode()])
+        for m in heard:
+            record = msgspec.msgpack.decode(m["data"], type=ResultRecord)
+            assert (record.id, record.state, record.result) == (r.id, SUCCESS, 5)
+        assert theirs.watches.feed_messages == 1  # the handle elsewhere heard it on the task's channel
+        # The worker publishes a task's notice before its succeeded event, on one connection:
+        # once the event is here, a NATS notice would be too. None was sent.
+        await _wait_until(lambda: any(r.id.encode() in e for e in succeeded), "the succeeded event")
+        assert [s for s in notices if s.endswith(f".{r.id}")] == []
         # A handle elsewhere, made after the result, still finds it.
-        other = _app(heddle_servers)
+        later = _app(heddle_servers)
         try:
-            assert await other.AsyncResult(r.id).aget(timeout=T) == 5
+            assert await later.AsyncResult(r.id).aget(timeout=T) == 5
         finally:
-            await other.aclose()
+            await later.aclose()
     finally:
+        gate.set()
+        await other.aclose()
         await nc.close()
         await pubsub.aclose()
         await listener.aclose()
@@ -155,6 +176,7 @@ async def test_a_store_announces_a_record_too_large_to_carry_by_its_key_and_noth
     pubsub = listener.pubsub()
     channel = names.notice_channel(uuid.uuid4().hex[:16])
     await pubsub.subscribe(channel)
+    await pubsub.psubscribe(f"{names.TASK_NOTICE_CHANNEL_PREFIX}*")
     try:
         big, small, retry = (f"big-{uuid.uuid4().hex}", f"small-{uuid.uuid4().hex}", f"retry-{uuid.uuid4().hex}")
         big_record = encode_record(ResultRecord(id=big, state=SUCCESS, task="t", result="x" * NOTICE_MAX_BYTES))
@@ -170,8 +192,13 @@ async def test_a_store_announces_a_record_too_large_to_carry_by_its_key_and_noth
         after = f"after-{uuid.uuid4().hex}"
         after_record = encode_record(ResultRecord(id=after, state=SUCCESS, task="t", result=2))
         assert await backend.store(StoreRequest(after, SUCCESS, after_record, channel=channel))
-        heard = [m["data"] for m in await _heard(pubsub, 3)]
-        assert heard == [names.result_key(big).encode(), small_record, after_record]
+        heard = [(m["channel"].decode(), m["data"]) for m in await _heard(pubsub, 6)]
+        # Each on the sender's channel, then on the task's own.
+        assert heard == [
+            (channel, names.result_key(big).encode()), (names.task_notice_channel(big), names.result_key(big).encode()),
+            (channel, small_record), (names.task_notice_channel(small), small_record),
+            (channel, after_record), (names.task_notice_channel(after), after_record),
+        ]
     finally:
         await pubsub.aclose()
         await listener.aclose()
@@ -275,23 +302,72 @@ async def test_a_burst_of_first_sends_on_a_new_connection_all_ask_for_their_noti
     assert conns.watches.feed_messages == 200
 
 
-async def test_a_record_stored_before_is_announced_on_the_channel_its_copy_asked_for(heddle_app, heddle_servers):
+async def test_a_record_stored_before_is_announced_on_the_channels_its_copy_asked_for_and_not_on_nats(
+    heddle_app, heddle_servers
+):
     # A duplicate whose result is already stored is announced by the worker itself (Connections.notify).
     conns = await heddle_app.connections()
     channel = names.notice_channel(uuid.uuid4().hex[:16])
+    small_id, big_id, nats_id = (f"dup-{uuid.uuid4().hex[:8]}" for _ in range(3))
     listener = valkey_async.Valkey.from_url(heddle_servers.valkey_url)
     pubsub = listener.pubsub()
-    await pubsub.subscribe(channel)
+    await pubsub.subscribe(channel, names.task_notice_channel(small_id), names.task_notice_channel(big_id))
+    nc = await nats.connect(heddle_servers.nats_url)
+    notices: list[str] = []
+
+    async def notice(msg) -> None:
+        if msg.subject.rsplit(".", 1)[-1] in (small_id, big_id, nats_id):
+            notices.append(msg.subject)
+
+    await nc.subscribe(f"{names.RESULT_SUBJECT_PREFIX}>", cb=notice)
+    await nc.flush()
     try:
-        small = encode_record(ResultRecord(id="dup-small", state=SUCCESS, task="t", result=1))
-        big = encode_record(ResultRecord(id="dup-big", state=SUCCESS, task="t", result="x" * NOTICE_MAX_BYTES))
-        await conns.notify("dup-small", small, "sender", channel)
-        await conns.notify("dup-big", big, "sender", channel)
-        heard = [m["data"] for m in await _heard(pubsub, 2)]
-        assert heard == [small, names.result_key("dup-big").encode()]
+        small = encode_record(ResultRecord(id=small_id, state=SUCCESS, task="t", result=1))
+        big = encode_record(ResultRecord(id=big_id, state=SUCCESS, task="t", result="x" * NOTICE_MAX_BYTES))
+        await conns.notify(small_id, small, "sender", channel)
+        await conns.notify(big_id, big, "sender", channel)
+        heard = [(m["channel"].decode(), m["data"]) for m in await _heard(pubsub, 4)]
+        big_key = names.result_key(big_id).encode()
+        assert heard == [(channel, small), (names.task_notice_channel(small_id), small),
+                         (channel, big_key), (names.task_notice_channel(big_id), big_key)]
+        # A copy that asked for no Valkey notice is told on NATS; on one connection, after the others.
+        await conns.notify(nats_id, small, "sender")
+        await _wait_until(lambda: notices, "the NATS notice")
+        assert notices == [names.notice_subject("sender", nats_id)]
     finally:
+        await nc.close()
         await pubsub.aclose()
         await listener.aclose()
+
+
+async def test_a_channel_added_to_a_feed_is_subscribed_again_with_it_and_not_after_it_is_removed(heddle_servers):
+    backend = ResultBackend(Settings.load(valkey_url=heddle_servers.valkey_url))
+    await backend.connect()
+    admin = valkey_async.Valkey.from_url(heddle_servers.valkey_url)
+    got: list[bytes] = []
+    main, extra, gone = (f"heddle:test-feed:{uuid.uuid4().hex[:12]}" for _ in range(3))
+    feed = ChannelFeed(backend.client.connection_pool.make_connection, main, got.append, lambda: None,
+                       lambda why: None, timeout_s=5.0, retry_s=0.05)
+    try:
+        assert await feed.start()
+        assert await feed.add(extra) and await feed.add(gone)
+        feed.remove(gone)
+        await _valkey_publish(heddle_servers, gone, b"not followed")
+        await _valkey_publish(heddle_servers, extra, b"extra")
+        await _wait_until(lambda: got == [b"extra"], "the added channel's message")
+        killed = await admin.client_kill_filter(_type="pubsub")
+        assert killed >= 1
+        await _wait_until(lambda: feed.ready, "the feed to subscribe again")
+        assert await feed.add(extra)  # already followed: confirmed by the new subscription
+        await _valkey_publish(heddle_servers, gone, b"still not followed")
+        await _valkey_publish(heddle_servers, extra, b"extra again")
+        await _valkey_publish(heddle_servers, main, b"main")
+        await _wait_until(lambda: got[-1:] == [b"main"], "the main channel's message")
+        assert got == [b"extra", b"extra again", b"main"]
+    finally:
+        feed.close()
+        await admin.aclose()
+        await backend.close()
 
 
 async def test_a_message_its_handler_fails_on_is_logged_and_the_feed_goes_on(heddle_servers, caplog):

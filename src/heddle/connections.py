@@ -135,18 +135,20 @@ class Connections:
         The one path for every actor that ends a task: worker, router, orchestrator,
         revoke. ``sender`` and ``channel`` say where the task's message asked for its
         notice (:func:`heddle.names.notice_route`): a sender that follows Valkey is told
-        there by the store itself, and the NATS notice is left to handles elsewhere.
-        Returns False (and announces nothing) if a final state was stored first.
+        there by the store itself (and handles elsewhere on the task's channel), so no
+        NATS notice is sent. Returns False (and announces nothing) if a final state was
+        stored first.
         """
         data = encode_record(record)
         if not await self.backend.store(StoreRequest(record.id, record.state, data, channel=channel)):
             return False
-        await self.notify(record.id, data, self.nats_sender(sender, channel))
+        if not self.told_by_store(channel):
+            await self.notify(record.id, data, sender)
         return True
 
-    def nats_sender(self, sender: str, channel: str) -> str:
-        """The sender a stored result's NATS notice names: none when its store told it on ``channel``."""
-        return names.NO_SENDER if channel and self.backend.announces else sender
+    def told_by_store(self, channel: str) -> bool:
+        """Whether storing a final record with ``channel`` announced it (on Valkey): then no other notice is due."""
+        return bool(channel) and self.backend.announces
 
     async def notify(self, task_id: str, record: bytes, sender: str = names.NO_SENDER, channel: str = "") -> None:
         """Announce a stored final record to whoever waits on it (heddle.notices).
@@ -154,17 +156,18 @@ class Connections:
         ``sender`` is the notice token the task was sent with (its connection follows
         ``heddle.results.{sender}.>``); handles on tasks sent elsewhere follow
         ``heddle.results.*.{id}``, so one notice reaches both. A sender that follows
-        ``channel`` on Valkey is told there instead (a store script tells it as it
-        stores; this is for a record stored before, such as a duplicate's).
+        ``channel`` on Valkey is told there instead, and handles elsewhere on the task's
+        channel (a store script tells them as it stores; this is for a record stored
+        before, such as a duplicate's): then no NATS notice is sent.
 
         A record too large for one NATS message is announced empty: waiters read the
         store. Never raises: the record is stored, and waiters re-read the store when a
         notice is lost, so a failed notice costs latency, not the result.
         """
-        if channel and self.backend.announces:
+        if self.told_by_store(channel):
             try:
                 await self.backend.announce(channel, task_id, record)
-                sender = names.NO_SENDER
+                return
             except HeddleError as exc:
                 log.warning("could not announce the result of task %s on Valkey (%s); trying NATS", task_id, exc)
         subject = names.notice_subject(sender, task_id)

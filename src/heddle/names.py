@@ -180,15 +180,22 @@ ROUTING_RULES_PREFIX = "_routing="
 
 
 # A sender that follows ``heddle:notices:{sender}`` on Valkey says so in HDR_NOTIFY_VALKEY;
-# its worker's store script then announces the task's final record there, in the same
-# step as it stores it (heddle.notices).
+# its worker's store script then announces the task's final record there, and on the
+# task's own channel ``heddle:task-notices:{id}`` for handles elsewhere, in the same step
+# as it stores it, and no NATS notice is sent (heddle.notices).
 NOTICE_CHANNEL_PREFIX = "heddle:notices:"
+TASK_NOTICE_CHANNEL_PREFIX = "heddle:task-notices:"
 HDR_NOTIFY_VALKEY = "Heddle-Notify-Valkey"
 
 
 def notice_channel(sender: str) -> str:
     """Valkey channel of the result notices of the tasks ``sender`` sent (see HDR_NOTIFY_VALKEY)."""
     return f"{NOTICE_CHANNEL_PREFIX}{sender}"
+
+
+def task_notice_channel(task_id: str) -> str:
+    """Valkey channel a handle on a task sent elsewhere follows, for a sender told on Valkey."""
+    return f"{TASK_NOTICE_CHANNEL_PREFIX}{task_id}"
 
 
 def channel_of(headers: dict[str, str] | None) -> str:

@@ -13,12 +13,14 @@ subscription yet), is gone.
 
 A connection also follows its own Valkey channel, ``heddle:notices:{token}``, and
 while it does, its sends say so (``Heddle-Notify-Valkey``): the worker's store
-script then publishes the final record there in the same step as it stores it
-(:mod:`heddle.store`), and the NATS notice goes to ``heddle.results._.{id}``, for
-handles elsewhere. The caller hears at once, with no hop back through the worker
-and nats-server, and hears even where the bus refuses it notices (the ``client``
-role, docs/security.md). Valkey's pub/sub keeps nothing either: when the feed's
-connection comes back, every open watch is read.
+script then publishes the final record there, and on the task's own channel
+``heddle:task-notices:{id}`` for handles elsewhere, in the same step as it stores
+it (:mod:`heddle.store`), and no NATS notice is sent: one notice per task. The
+caller hears at once, with no hop back through the worker and nats-server, and
+hears even where the bus refuses it notices (the ``client`` role,
+docs/security.md). A handle elsewhere follows the task's channel on its own
+connection's feed as well as the NATS subject. Valkey's pub/sub keeps nothing
+either: when the feed's connection comes back, every open watch is read.
 
 The stored record is the truth, so a watch settles on whichever comes first:
 
@@ -73,7 +75,7 @@ FEED_WAIT_S = 2.0
 class Watch:
     """One task's result, awaited: settled by its notice or by a read of the store."""
 
-    __slots__ = ("checked_at", "done", "fresh", "on_settled", "sub", "task_id", "waiting")
+    __slots__ = ("channel", "checked_at", "done", "fresh", "on_settled", "sub", "task_id", "waiting")
 
     def __init__(self, task_id: str, done: asyncio.Future[ResultRecord]) -> None:
         self.task_id = task_id
@@ -82,6 +84,8 @@ class Watch:
         # (a done-callback of the future would run a turn later): what waits wakes a turn sooner.
         self.on_settled: list[Callable[[], None]] = []
         self.sub: Any = None
+        # The task's Valkey channel, when a handle elsewhere follows it on the connection's feed.
+        self.channel = ""
         # True once a publish made through this watch was stored by JetStream as new:
         # such a message always ends in a notice, so waiting needs no first read.
         self.fresh = False
@@ -155,6 +159,11 @@ class Watches:
         w = Watch(task_id, asyncio.get_running_loop().create_future())
         self._open[task_id] = w
         await self._subscribe(w)
+        await self._follow_feed()
+        if self.on_valkey and self._feed is not None:
+            # A sender told on Valkey gets no NATS notice sent: its store tells the task's channel.
+            w.channel = names.task_notice_channel(task_id)
+            await self._feed.add(w.channel)
         await self._evict()
         return w
 
@@ -171,18 +180,22 @@ class Watches:
         if self._mux is None:
             # ">": a task id may hold dots (graph nodes: ``{goal}:0.3``), so it can be several tokens.
             self._mux = await self.broker.subscribe(self._mux_prefix + ">", inline=self._on_mux)
-        if self._feed_started is None and self.backend.announces:
-            self._feed = self.backend.follow(names.notice_channel(self.token), self._on_feed, self._on_feed_back)
-            self._feed_started = asyncio.ensure_future(self._start_feed(self._feed))
-        if self._feed_started is not None and not self._feed_started.done():
-            # Every send until the feed is confirmed waits for it, so that a burst of first
-            # sends asks for notices on Valkey too.
-            await self._feed_started
+        await self._follow_feed()
         w = Watch(task_id, asyncio.get_running_loop().create_future())
         self._open[task_id] = w
         if len(self._open) > self.max_watches:
             await self._evict()
         return w
+
+    async def _follow_feed(self) -> None:
+        """Start following this connection's Valkey channel (once), and wait until it is confirmed."""
+        if self._feed_started is None and self.backend.announces:
+            self._feed = self.backend.follow(names.notice_channel(self.token), self._on_feed, self._on_feed_back)
+            self._feed_started = asyncio.ensure_future(self._start_feed(self._feed))
+        if self._feed_started is not None and not self._feed_started.done():
+            # Every send (and watch) until the feed is confirmed waits for it, so that a
+            # burst of first sends asks for notices on Valkey too.
+            await self._feed_started
 
     def _on_mux(self, msg: Any) -> None:
         w = self._open.get(msg.subject[len(self._mux_prefix):])
@@ -270,6 +283,13 @@ class Watches:
             del self._open[w.task_id]
         if unsubscribe and w.sub is not None:  # a watch on the connection's notice subscription has none
             self._spawn(_unsubscribe(w.sub))
+        self._leave_channel(w)
+
+    def _leave_channel(self, w: Watch) -> None:
+        if w.channel:
+            if self._feed is not None:
+                self._feed.remove(w.channel)
+            w.channel = ""
 
     async def read(self, watches: list[Watch]) -> None:
         """Settle every watch whose final record is stored (pipelined reads)."""
@@ -345,6 +365,7 @@ class Watches:
         if w is not None:
             _end(w, None)
             self._spawn(_unsubscribe(w.sub))
+            self._leave_channel(w)
 
     async def _evict(self) -> None:
         spared = 0
@@ -358,6 +379,7 @@ class Watches:
             # Cancelled, the future tells a later wait that no notice will come, so it
             # subscribes and reads the store itself instead of waiting out its timeout.
             _end(w, None)
+            self._leave_channel(w)
             await _unsubscribe(w.sub)
 
     async def _on_reconnect(self) -> None:

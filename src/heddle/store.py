@@ -615,9 +615,19 @@ class ResultBackend:
         ]
 
     async def announce(self, channel: str, task_id: str, record: bytes) -> None:
-        """Publish a stored final record on ``channel``, as the store script does (too large: its key)."""
+        """Publish a stored final record on ``channel`` and the task's channel, as the store script does.
+
+        A record too large to announce is announced by its key.
+        """
         payload = record if len(record) <= NOTICE_MAX_BYTES else names.result_key(task_id).encode()
-        await self._call(f"announcing the result of {task_id}", lambda c: c.publish(channel, payload))
+
+        async def publish(c: Any) -> Any:
+            pipe = c.pipeline(transaction=False)
+            pipe.publish(channel, payload)
+            pipe.publish(names.task_notice_channel(task_id), payload)
+            return await pipe.execute()
+
+        await self._call(f"announcing the result of {task_id}", publish)
 
     async def final_records(self, task_ids: Sequence[str]) -> dict[str, bytes]:
         """The stored records of the tasks among ``task_ids`` that reached a final state."""

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 from typing import Final
 
+from heddle import names
+
 # A final record larger than this is announced on Valkey by its key: the waiter reads it.
 NOTICE_MAX_BYTES: Final = 256 * 1024
 
 _FINAL = "st == 'SUCCESS' or st == 'FAILURE' or st == 'REVOKED'"
+# Where a result key's task id starts (Lua counts from 1).
+_ID_AT = len(names.RESULT_KEY_PREFIX) + 1
 
 # A claim's token: the server's clock in microseconds, above the task's last token
 # (tostring would print a float this large in exponent form; %d keeps every digit).
@@ -40,8 +44,10 @@ return out
 # channel ('' = none) for each key. Per key: 1 written (or already written by this
 # token), 0 a final state is stored, -1 fenced off (a newer claim's state is stored).
 # The EXPIRE on every path is a write, so a WAIT after this script also covers a final
-# state found stored. A final state written is announced on the key's channel, in the
-# same script: its record, or the key itself when the record is too large to announce.
+# state found stored. A final state written is announced on the key's channel and on
+# the task's own channel (names.task_notice_channel: the key's task id after the task
+# channel prefix), in the same script: its record, or the key itself when the record
+# is too large to announce.
 STORE_LUA = f"""
 local out = {{}}
 for i, key in ipairs(KEYS) do
@@ -71,11 +77,10 @@ for i, key in ipairs(KEYS) do
     out[i] = 1
     local channel = ARGV[a + 4]
     if channel ~= '' and (ARGV[a] == 'SUCCESS' or ARGV[a] == 'FAILURE' or ARGV[a] == 'REVOKED') then
-      if #ARGV[a + 1] <= {NOTICE_MAX_BYTES} then
-        redis.call('PUBLISH', channel, ARGV[a + 1])
-      else
-        redis.call('PUBLISH', channel, key)
-      end
+      local notice = key
+      if #ARGV[a + 1] <= {NOTICE_MAX_BYTES} then notice = ARGV[a + 1] end
+      redis.call('PUBLISH', channel, notice)
+      redis.call('PUBLISH', '{names.TASK_NOTICE_CHANNEL_PREFIX}' .. string.sub(key, {_ID_AT}), notice)
     end
   end
 end

@@ -309,9 +309,14 @@ class _Subscribed(asyncio.Protocol):
         for reply in replies:
             if isinstance(reply, list) and len(reply) == 3 and reply[0] == b"message":
                 self._feed.deliver(reply[2])
-            elif isinstance(reply, list) and reply and reply[0] == b"subscribe":
-                if not self.confirmed.done():
-                    self.confirmed.set_result(None)
+            elif isinstance(reply, list) and len(reply) == 3 and reply[0] == b"subscribe":
+                if reply[1] == self._feed.channel_bytes:
+                    if not self.confirmed.done():
+                        self.confirmed.set_result(None)
+                else:
+                    self._feed.subscribed(reply[1])
+            elif isinstance(reply, list) and len(reply) == 3 and reply[0] == b"unsubscribe":
+                continue
             elif isinstance(reply, ReplyError):
                 self.fail(f"the server refused: {reply}")
                 return
@@ -325,7 +330,10 @@ class _Subscribed(asyncio.Protocol):
             self.fail("no answer to a PING")
             return
         self.pinged = True
-        self._transport.write(libvalkey.pack_command(("PING",)))
+        self.write(("PING",))
+
+    def write(self, command: tuple[str, ...]) -> None:
+        self._transport.write(libvalkey.pack_command(command))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.fail(f"connection lost ({exc})" if exc else "connection closed")
@@ -352,7 +360,9 @@ class ChannelFeed:
     ``on_message`` runs there. A lost connection (or one that stops answering the
     PING sent every ``ping_s``) is reopened after ``retry_s``, and ``on_ready`` runs
     each time the subscription is confirmed again: messages published meanwhile
-    are gone, as pub/sub keeps nothing.
+    are gone, as pub/sub keeps nothing. More channels can be followed on the same
+    connection for a while (:meth:`add`, :meth:`remove`); they are subscribed again
+    with it.
 
     Args:
         make_connection: valkey-py's ``pool.make_connection`` (the server, or Sentinel's primary).
@@ -384,6 +394,9 @@ class ChannelFeed:
         self._timeout_s = timeout_s
         self._retry_s = retry_s
         self._ping_s = ping_s
+        self.channel_bytes = channel.encode()
+        # The channels added, each with its subscription's confirmation (None once confirmed).
+        self._more: dict[bytes, asyncio.Future[None] | None] = {}
         self._conn: _Subscribed | None = None
         self._task: asyncio.Task[None] | None = None
         self._pinger: asyncio.TimerHandle | None = None
@@ -413,13 +426,56 @@ class ChannelFeed:
         conn._streams = streams
         transport.set_protocol(conn)
         self._conn = conn
-        transport.write(libvalkey.pack_command(("SUBSCRIBE", self.channel)))
+        for ch, confirmed in self._more.items():
+            if confirmed is None:
+                self._more[ch] = asyncio.get_running_loop().create_future()
+        transport.write(libvalkey.pack_command(("SUBSCRIBE", self.channel, *self._more)))
         try:
             await asyncio.wait_for(asyncio.shield(conn.confirmed), self._timeout_s)
         except TimeoutError:
             conn.fail(f"SUBSCRIBE not confirmed within {self._timeout_s:g}s")
             raise LaneDown(f"SUBSCRIBE not confirmed within {self._timeout_s:g}s") from None
         self._schedule_ping()
+
+    async def add(self, channel: str) -> bool:
+        """Follow ``channel`` too; True once the server confirmed it (False: the feed is down or slow).
+
+        Its messages go to ``on_message`` like the others'. Until :meth:`remove`, it is
+        subscribed again whenever the connection is.
+        """
+        key = channel.encode()
+        if key not in self._more:
+            self._more[key] = asyncio.get_running_loop().create_future()
+            if self.ready and self._conn is not None:
+                self._conn.write(("SUBSCRIBE", channel))
+        confirmed = self._more[key]
+        if confirmed is None:
+            return self.ready
+        try:
+            await asyncio.wait_for(asyncio.shield(confirmed), self._timeout_s)
+        except TimeoutError:
+            return False
+        except asyncio.CancelledError:
+            if confirmed.cancelled():  # removed meanwhile
+                return False
+            raise
+        return self.ready
+
+    def remove(self, channel: str) -> None:
+        """Stop following a channel :meth:`add` added."""
+        confirmed = self._more.pop(channel.encode(), None)
+        if confirmed is not None:
+            confirmed.cancel()
+        if self.ready and self._conn is not None:
+            self._conn.write(("UNSUBSCRIBE", channel))
+
+    def subscribed(self, channel: bytes) -> None:
+        """The server confirmed an added channel."""
+        confirmed = self._more.get(channel)
+        if confirmed is not None:
+            self._more[channel] = None
+            if not confirmed.done():
+                confirmed.set_result(None)
 
     def deliver(self, data: bytes) -> None:
         self.delivered += 1

@@ -613,10 +613,9 @@ class Worker(Actor):
             else:
                 wrote, request = next(it)
                 if wrote:
-                    # Never raises: a lost notice costs waiters a re-read, not the result. A sender
-                    # told on Valkey is not told again: the notice is for handles elsewhere.
-                    sender = self.conns.nats_sender(names.sender_of(msg.headers), request.channel)
-                    await self.conns.notify(job.message.id, rec, sender)
+                    if not self.conns.told_by_store(request.channel):
+                        # Never raises: a lost notice costs waiters a re-read, not the result.
+                        await self.conns.notify(job.message.id, rec, names.sender_of(msg.headers))
                     if o.state == FAILURE:
                         self.stats["failed"] += 1
                         self.metrics.failed(msg.subject, job.message.task, o.finished_at - job.started_at)
