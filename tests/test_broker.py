@@ -175,7 +175,20 @@ async def test_every_consumer_is_listed_past_jetstreams_page_of_256(fresh_server
         await broker.close()
 
 
-async def test_a_publish_no_stream_answers_yet_is_sent_again_and_stored_once_when_one_does(heddle_servers):
+async def _publish(broker: Broker, how: str, subject: str, payload: bytes, headers: dict, timeout_s: float):
+    """Publish the usual way, or queued in the caller's step (``publish_now``): both end alike."""
+    if how == "publish":
+        return await broker.publish(subject, payload, headers, timeout_s=timeout_s)
+    sent = broker.publish_now(subject, payload, headers, timeout_s=timeout_s)
+    assert sent is not None
+    return await sent
+
+
+both_ways = pytest.mark.parametrize("how", ["publish", "publish_now"])
+
+
+@both_ways
+async def test_a_publish_no_stream_answers_yet_is_sent_again_and_stored_once_when_one_does(heddle_servers, how):
     # What a client sees while a cluster elects a stream's leader after losing a node:
     # nats-server answers "no responders" for a few seconds, then the stream takes it.
     import asyncio
@@ -188,7 +201,7 @@ async def test_a_publish_no_stream_answers_yet_is_sent_again_and_stored_once_whe
     stream = f"LATE_{free_port()}"
     subject = f"late.{stream.lower()}"
     try:
-        sending = asyncio.ensure_future(broker.publish(subject, b"task", {"Nats-Msg-Id": "once"}, timeout_s=20))
+        sending = asyncio.ensure_future(_publish(broker, how, subject, b"task", {"Nats-Msg-Id": "once"}, 20))
         # The "election": half a second without a stream; a publish that was not sent
         # again would have failed within milliseconds.
         await asyncio.sleep(0.5)
@@ -203,14 +216,15 @@ async def test_a_publish_no_stream_answers_yet_is_sent_again_and_stored_once_whe
         await broker.close()
 
 
-async def test_a_publish_no_stream_ever_answers_fails_after_its_timeout_saying_why(heddle_servers):
+@both_ways
+async def test_a_publish_no_stream_ever_answers_fails_after_its_timeout_saying_why(heddle_servers, how):
     from heddle.errors import BrokerError
 
     broker = Broker(Settings(nats_url=heddle_servers.nats_url))
     await broker.connect()
     try:
         with pytest.raises(BrokerError, match=r"no stream takes the subject.*no leader.*tried for 0\.5s"):
-            await broker.publish("nobody.stores.this", b"x", {"Nats-Msg-Id": "x"}, timeout_s=0.5)
+            await _publish(broker, how, "nobody.stores.this", b"x", {"Nats-Msg-Id": "x"}, 0.5)
     finally:
         await broker.close()
 
@@ -226,7 +240,8 @@ def test_a_request_nats_server_leaves_unanswered_is_not_called_unreachable():
     assert "cannot reach" not in said
 
 
-async def test_a_publish_a_core_subscriber_takes_instead_of_a_stream_times_out_saying_so(heddle_servers):
+@both_ways
+async def test_a_publish_a_core_subscriber_takes_instead_of_a_stream_times_out_saying_so(heddle_servers, how):
     import nats
 
     from heddle.errors import BrokerError
@@ -238,7 +253,7 @@ async def test_a_publish_a_core_subscriber_takes_instead_of_a_stream_times_out_s
         await nc.subscribe("taken.by.core")
         await nc.flush()
         with pytest.raises(BrokerError, match=r"did not acknowledge a message on taken\.by\.core within 0\.5s") as err:
-            await broker.publish("taken.by.core", b"x", {"Nats-Msg-Id": "y"}, timeout_s=0.5)
+            await _publish(broker, how, "taken.by.core", b"x", {"Nats-Msg-Id": "y"}, 0.5)
         assert "cannot reach" not in str(err.value)
     finally:
         await nc.close()

@@ -88,6 +88,7 @@ _INTERNAL_SIGNALS = {
     "heddle.llm.extract.NoJSONFound",  # the model's text held no JSON: turned into LLMOutputError
     "heddle.llm.backends.http.StreamFailed",  # an error event in a streamed reply: turned into AttemptFailed
     "heddle.valkeylane.LaneDown",  # the lane cannot answer: the request goes through the pool instead
+    "heddle.natsclient.PlainTextServer",  # nats-py's error callback must see its own type: turned into BrokerError
 }
 
 

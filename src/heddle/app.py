@@ -268,6 +268,25 @@ class Heddle:
             self._conns[loop] = fut
         return await asyncio.shield(fut)
 
+    def connections_now(self) -> Connections | None:
+        """The running loop's open connections, for a send made in the caller's own step.
+
+        None outside a loop, on the sync callers' loop, before they are open, and while a
+        send that had to wait is pending (it goes first).
+        """
+        if self._pending_sends:
+            return None
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return None
+        fut = self._conns.get(loop)
+        if fut is None or not fut.done() or fut.cancelled() or fut.exception() is not None:
+            return None
+        if self._portal.in_portal():
+            return None
+        return fut.result()
+
     async def _open(self) -> Connections:
         conns = Connections(self.settings, client_name(self.name))
         await conns.start()
@@ -290,6 +309,9 @@ class Heddle:
         if self._pending_sends:
             await asyncio.gather(*list(self._pending_sends), return_exceptions=True)
         loop = asyncio.get_running_loop()
+        fut = self._conns.get(loop)
+        if fut is not None and fut.done() and not fut.cancelled() and fut.exception() is None:
+            await fut.result().broker.publishes_settled()  # the sends made in their callers' step
         fut = self._conns.pop(loop, None)
         if fut is not None and fut.done() and not fut.cancelled() and fut.exception() is None:
             await fut.result().close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
 import ssl
@@ -21,11 +22,18 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
 from heddle import names
-from heddle.errors import BrokerError, ConfigError, HeddleError, MessageTooLarge
-from heddle.natsclient import Connection, refused_credentials, translate
+from heddle.errors import BrokerError, HeddleError, MessageTooLarge
+from heddle.natsclient import (
+    Connection,
+    PlainTextServer,
+    connect_failure,
+    connect_options,
+    refused_credentials,
+    translate,
+)
 from heddle.pubacks import NoStreamAnswered, PubAcks, PublishAck
 from heddle.redact import redact
-from heddle.settings import Settings, nats_server_urls, readable_file, server_endpoint
+from heddle.settings import Settings, nats_server_urls
 
 log = logging.getLogger("heddle.broker")
 # Pages of a JetStream list (256 entries each) read at most: 256,000 consumers.
@@ -50,56 +58,6 @@ _NATS_HDR_LINE = b"NATS/1.0\r\n"
 NO_STREAM_RETRY_S = 0.1
 
 
-def connect_options(settings: Settings) -> dict[str, Any]:
-    """nats-py ``connect()`` options for the credentials and TLS in ``settings``.
-
-    Credentials inside ``NATS_URL`` stay there (nats-py reads them from the URL).
-    TLS files are read here, so a missing or unreadable one fails before any
-    connection with the variable to fix.
-
-    Raises:
-        ConfigError: A file named by ``NATS_NKEY``, ``NATS_CREDS`` or ``NATS_TLS_*``
-            cannot be read, or is not what it should be.
-    """
-    a = settings.nats_auth
-    opts: dict[str, Any] = {}
-    if a.inbox_prefix:
-        opts["inbox_prefix"] = a.inbox_prefix
-    if a.user:
-        opts["user"], opts["password"] = a.user, a.password
-    if a.token:
-        opts["token"] = a.token
-    if a.nkey or a.creds:
-        try:
-            import nkeys  # noqa: F401 - nats-py signs the server's nonce with it
-        except ImportError:
-            raise ConfigError(
-                "NATS_NKEY and NATS_CREDS need the nkeys package: pip install 'nats-py[nkeys]'"
-            ) from None
-    if a.nkey:
-        opts["nkeys_seed"] = readable_file("NATS_NKEY", a.nkey)
-    if a.creds:
-        opts["user_credentials"] = readable_file("NATS_CREDS", a.creds)
-    if settings.nats_tls:
-        ca = readable_file("NATS_TLS_CA", a.tls_ca) if a.tls_ca else None
-        try:
-            ctx = ssl.create_default_context(cafile=ca)
-        except ssl.SSLError as exc:
-            raise ConfigError(f"NATS_TLS_CA={a.tls_ca} is not a PEM CA certificate ({exc.reason or exc})") from None
-        if a.tls_cert and a.tls_key:
-            cert = readable_file("NATS_TLS_CERT", a.tls_cert)
-            key = readable_file("NATS_TLS_KEY", a.tls_key)
-            try:
-                ctx.load_cert_chain(cert, key)
-            except ssl.SSLError as exc:
-                raise ConfigError(
-                    f"NATS_TLS_CERT={a.tls_cert} and NATS_TLS_KEY={a.tls_key} are not a PEM certificate and "
-                    f"its private key ({exc.reason or exc})"
-                ) from None
-        opts["tls"] = ctx
-    return opts
-
-
 # A permission refused again within this long is logged at debug (counted in the next warning).
 _VIOLATION_LOG_S = 60.0
 _VIOLATION = re.compile(r'for (\w+) to "([^"]*)"')
@@ -114,28 +72,6 @@ def _violation_kind(said: str) -> str:
     if len(tokens) > 2 and tokens[-1] not in ("*", ">"):
         tokens[-1] = "…"
     return f"{m.group(1)} {'.'.join(tokens)}"
-
-
-class _PlainTextServer(nats.errors.Error):
-    """The server does not use TLS, but this process asks for it: its password or token is kept back."""
-
-
-def _connect_failure(settings: Settings, exc: BaseException, said: BaseException | None) -> BrokerError:
-    """The error for a first connection that failed: a refused login or TLS names the variable to fix."""
-    if isinstance(said, _PlainTextServer):
-        return BrokerError(str(said))
-    where = ", ".join(server_endpoint(u) for u in nats_server_urls(settings.nats_url))
-    told = redact(str(said or exc), *settings.secrets())
-    if isinstance(said, ssl.SSLError) or isinstance(exc, ssl.SSLError):
-        return BrokerError(f"TLS failed for {where} while connecting ({told}). Fix: {settings.tls_fix('nats', told)}.")
-    if said is None and not refused_credentials(exc):
-        return translate(exc, settings.nats_url, "connecting")
-    shown = redact(settings.nats_url)
-    at = f" at nats-server {shown}" if "@" in shown else ""  # which URL's user:*** was refused
-    return BrokerError(
-        f"authentication failed{at}: authorization failed for {where} while connecting ({told}). "
-        f"{settings.login_fix('nats')}."
-    )
 
 
 class Broker:
@@ -159,6 +95,8 @@ class Broker:
         self.lost_event = asyncio.Event()
         self._closing = False
         self._pubacks = PubAcks(_MAX_PENDING_PUBLISHES)
+        # publish_now's messages being sent again after no stream answered them.
+        self._again: set[asyncio.Task[None]] = set()
         # Keeps a dead letter's payload elsewhere when it is too large to copy with its
         # headers; returns where (Connections sets it to the result store's).
         self.spill: Callable[[bytes], Awaitable[str]] | None = None
@@ -229,9 +167,9 @@ class Broker:
         async def error(exc: Exception) -> None:
             # Permission violations and protocol errors are worth seeing; a reconnect
             # attempt that fails is said once by disconnected() above.
-            if refused_credentials(exc) or isinstance(exc, ssl.SSLError | _PlainTextServer):
+            if refused_credentials(exc) or isinstance(exc, ssl.SSLError | PlainTextServer):
                 refused[:] = [exc]
-                if isinstance(exc, ssl.SSLError | _PlainTextServer) and self.nc is None:
+                if isinstance(exc, ssl.SSLError | PlainTextServer) and self.nc is None:
                     tls_failed.set()
             said = redact(str(exc), *secrets)
             if "permissions violation" in said:
@@ -289,7 +227,7 @@ class Broker:
             def guarded(value: str) -> Callable[[], str]:
                 def give() -> str:
                     if not nc._server_info.get("tls_required"):
-                        raise _PlainTextServer(plain_text)
+                        raise PlainTextServer(plain_text)
                     return value
 
                 return give
@@ -315,11 +253,11 @@ class Broker:
             connecting.cancel()
             with contextlib.suppress(BaseException):
                 await connecting
-            raise _connect_failure(self.settings, refused[0], refused[0])
+            raise connect_failure(self.settings, refused[0], refused[0])
         try:
             connecting.result()
         except Exception as exc:
-            raise _connect_failure(self.settings, exc, refused[0] if refused else None) from exc
+            raise connect_failure(self.settings, exc, refused[0] if refused else None) from exc
         self.nc = nc
         if self.settings.nats_tls and not self.nc._server_info.get("tls_required"):
             # Logged in without a password (an nkey, a .creds file, a URL's): still never
@@ -546,23 +484,109 @@ class Broker:
         ``NO_STREAM_RETRY_S`` until ``timeout_s`` has passed; its ``Nats-Msg-Id``
         makes the stream store it once.
         """
-        deadline = time.monotonic() + timeout_s
+        return await self._publish_until(subject, payload, headers, timeout_s, time.monotonic() + timeout_s)
+
+    async def _publish_until(
+        self, subject: str, payload: bytes, headers: dict[str, str], timeout_s: float, deadline: float
+    ) -> PublishAck:
         while True:
             fut = await self.publish_start(subject, payload, headers, max(0.05, deadline - time.monotonic()))
             try:
                 return await fut
-            except NoStreamAnswered as exc:
-                if time.monotonic() + NO_STREAM_RETRY_S >= deadline:
-                    raise translate(exc, self.url, f"publishing to {subject} (tried for {timeout_s:g}s)") from exc
-            except TimeoutError as exc:  # the sweeper's: the connection is up, the answer is late
-                raise BrokerError(
-                    f"JetStream did not acknowledge a message on {subject} within {timeout_s:g}s (nats-server at "
-                    f"{redact(self.url)}): the stream may be overloaded or electing a leader, or something other "
-                    f"than a stream subscribes to the subject; the message may or may not be stored"
-                ) from exc
             except Exception as exc:
-                raise translate(exc, self.url, f"publishing to {subject}") from exc
+                err = self._ack_error(exc, subject, timeout_s, deadline)
+                if err is not None:
+                    raise err from exc
             await asyncio.sleep(NO_STREAM_RETRY_S)
+
+    def _ack_error(self, exc: BaseException, subject: str, timeout_s: float, deadline: float) -> BrokerError | None:
+        """What a failed publish of ``subject`` raises; None for one to send again (no stream answered yet)."""
+        if isinstance(exc, NoStreamAnswered):
+            if time.monotonic() + NO_STREAM_RETRY_S < deadline:
+                return None
+            return translate(exc, self.url, f"publishing to {subject} (tried for {timeout_s:g}s)")
+        if isinstance(exc, TimeoutError):  # the sweeper's: the connection is up, the answer is late
+            return BrokerError(
+                f"JetStream did not acknowledge a message on {subject} within {timeout_s:g}s (nats-server at "
+                f"{redact(self.url)}): the stream may be overloaded or electing a leader, or something other "
+                f"than a stream subscribes to the subject; the message may or may not be stored"
+            )
+        return translate(exc, self.url, f"publishing to {subject}")
+
+    def publish_now(
+        self, subject: str, payload: bytes, headers: dict[str, str], timeout_s: float = 5.0,
+        on_stored: Callable[[PublishAck], None] | None = None,
+    ) -> asyncio.Future[PublishAck] | None:
+        """:meth:`publish` without awaiting: the message is queued now, its ack comes in the future returned.
+
+        The future ends as ``await publish(...)`` would (the same ack, the same errors,
+        the same sending again while no stream answers); ``on_stored`` is called with
+        the ack first. None, with nothing sent, when the message would have to wait
+        (for room among the pending publishes, or in nats-py's buffer) or is too large:
+        :meth:`publish` then does what is needed, or raises what is wrong.
+        """
+        nc = self.nc
+        if nc is None:
+            return None
+        try:
+            self.check_size(subject, payload, headers)
+        except MessageTooLarge:
+            return None
+        deadline = time.monotonic() + timeout_s
+        ack = self._pubacks.publish_now(nc, subject, payload, headers, timeout_s)
+        if ack is None:
+            return None
+        out: asyncio.Future[PublishAck] = asyncio.get_running_loop().create_future()
+        ack.add_done_callback(functools.partial(
+            self._answered, out, on_stored, (subject, payload, headers, timeout_s, deadline)))
+        return out
+
+    def _answered(
+        self, out: asyncio.Future[PublishAck], on_stored: Callable[[PublishAck], None] | None,
+        message: tuple[str, bytes, dict[str, str], float, float], ack: asyncio.Future[PublishAck],
+    ) -> None:
+        if out.done():
+            return
+        if ack.cancelled():
+            out.cancel()
+            return
+        exc = ack.exception()
+        if exc is None:
+            if on_stored is not None:
+                on_stored(ack.result())
+            out.set_result(ack.result())
+            return
+        subject, _, _, timeout_s, deadline = message
+        err = self._ack_error(exc, subject, timeout_s, deadline)
+        if err is None:
+            again = asyncio.get_running_loop().create_task(self._publish_again(out, on_stored, message))
+            self._again.add(again)
+            again.add_done_callback(self._again.discard)
+            return
+        err.__cause__ = exc
+        out.set_exception(err)
+
+    async def _publish_again(
+        self, out: asyncio.Future[PublishAck], on_stored: Callable[[PublishAck], None] | None,
+        message: tuple[str, bytes, dict[str, str], float, float],
+    ) -> None:
+        await asyncio.sleep(NO_STREAM_RETRY_S)
+        try:
+            stored = await self._publish_until(*message)
+        except Exception as exc:
+            if not out.done():
+                out.set_exception(exc)
+            return
+        if not out.done():
+            if on_stored is not None:
+                on_stored(stored)
+            out.set_result(stored)
+
+    async def publishes_settled(self) -> None:
+        """Wait until every publish made here is answered (or has failed)."""
+        await self._pubacks.settled()
+        while self._again:
+            await asyncio.gather(*list(self._again), return_exceptions=True)
 
     async def publish_start(
         self, subject: str, payload: bytes, headers: dict[str, str], timeout_s: float = 5.0

@@ -14,7 +14,7 @@ import os
 import socket
 import time
 from collections.abc import Coroutine, Mapping
-from typing import Any, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 from heddle import names
 from heddle.audit import SubmissionLog
@@ -112,6 +112,36 @@ class Connections:
             return None
         return Routes(registry, self.broker.settings.default_tier)
 
+    def send_now(self, task_id: str, subject: str, payload: bytes, headers: dict[str, str]) -> SendNow | None:
+        """Send a task without awaiting, when nothing needs waiting for; else None, and nothing is sent.
+
+        Does what :func:`heddle.send.publish` does (watch, audit, route, publish) in the
+        caller's own step: a loop of sends that never yields (``[t.apply_async() for
+        ...]``) reaches the server while it runs. ``headers`` are left as they are.
+        """
+        if not self._streams_ready:
+            return None
+        routes: Routes | None = None
+        if subject == names.INCOMING_SUBJECT and self.broker.settings.direct_routing:
+            following = self._routes
+            if following is None or not following.done() or following.cancelled() or following.exception():
+                return None
+            routes = following.result()
+        watch = self.watches.expect_now(task_id)
+        if watch is None:
+            return None
+        headers = dict(headers)
+        headers[names.HDR_NOTIFY] = self.watches.token
+        if self.watches.on_valkey:
+            headers[names.HDR_NOTIFY_VALKEY] = "1"
+        if routes is not None:
+            subject = routes.route(subject, headers)
+        sent = self.broker.publish_now(subject, payload, headers, on_stored=watch.stored)
+        if sent is None:
+            return None
+        self.submissions.record(task_id)
+        return SendNow(watch, sent)
+
     async def watch(self, task_id: str) -> Watch:
         """Subscribe to the result notice of a task sent elsewhere."""
         return await self.watches.watch(task_id)
@@ -206,6 +236,13 @@ class Connections:
         await self.broker.close()
 
 
+class SendNow(NamedTuple):
+    """A send made by :meth:`Connections.send_now`: its result's watch, and its publish's ack to come."""
+
+    watch: Watch
+    sent: asyncio.Future[Any]
+
+
 class TracksSend(Protocol):
     """A result handle that waits for its own publish (``AsyncResult``)."""
 
@@ -237,6 +274,10 @@ class Client(Protocol):
         """The connections bound to the running loop, connecting on first use."""
         ...
 
+    def connections_now(self) -> Connections | None:
+        """The running loop's open connections, for a send made in the caller's step (else None)."""
+        ...
+
     def run_sync(self, coro: Coroutine[Any, Any, T], timeout_s: float | None = None) -> T:
         """Run ``coro`` for a sync caller and block until it is done."""
         ...
@@ -254,4 +295,4 @@ class Client(Protocol):
         ...
 
 
-__all__ = ["MAX_WATCHES", "Client", "Connections", "TracksSend", "client_name"]
+__all__ = ["MAX_WATCHES", "Client", "Connections", "SendNow", "TracksSend", "client_name"]

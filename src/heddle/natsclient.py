@@ -21,7 +21,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import ssl
 from collections.abc import Callable
+from typing import Any
 
 import nats.errors
 import nats.js.errors
@@ -29,16 +31,25 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from heddle.errors import BrokerError, BrokerUnavailable
+from heddle.errors import BrokerError, BrokerUnavailable, ConfigError
 from heddle.pubacks import NoStreamAnswered
 from heddle.redact import redact
-from heddle.settings import dev_session_note
+from heddle.settings import Settings, dev_session_note, nats_server_urls, readable_file, server_endpoint
 
-__all__ = ["Connection", "encode_headers", "parse_header_lines", "refused_credentials", "translate"]
+__all__ = [
+    "Connection", "PlainTextServer", "connect_failure", "connect_options", "encode_headers", "parse_header_lines",
+    "refused_credentials", "translate",
+]
 
 log = logging.getLogger("heddle.broker")
 
 _CRLF = b"\r\n"
+# A publish made without the event loop (Connection.publish_now) is written to the socket
+# at once when this much is waiting, so that a loop of sends that never yields (a list of
+# apply_async calls) reaches the server while it runs, not all at its end.
+SYNC_WRITE_BYTES = 32 * 1024
+# ... unless the socket's own buffer holds this much already: the flusher then writes it.
+_SYNC_WRITE_BUFFERED = 1024 * 1024
 # What str.isspace() calls whitespace (re's \s in a str pattern is the same set).
 _WHITESPACE = re.compile(r"\s")
 
@@ -128,6 +139,52 @@ class Connection(Client):
         if self._flush_queue is not None and self._flush_queue.empty():
             await self._flush_pending()
 
+    def publish_now(self, subject: str, payload: bytes, reply: str, headers: dict[str, str]) -> bool:
+        """Queue a publish without awaiting: False (nothing queued) if it must wait its turn.
+
+        It is queued as ``publish`` queues it, for the flusher to write at the loop's next
+        turn; once :data:`SYNC_WRITE_BYTES` are waiting they are written at once, so that
+        sends made in a loop that does not yield reach the server meanwhile. False while
+        not connected, draining, or with nats-py's pending buffer full: the caller then
+        publishes the usual way, which waits.
+        """
+        if not self.is_connected or self.is_draining_pubs or self._flush_queue is None or not subject:
+            return False
+        hdr = encode_headers(headers)
+        cmd = b"".join((f"HPUB {subject} {reply} {len(hdr)} {len(hdr) + len(payload)}\r\n".encode(), hdr, payload,
+                        _CRLF))
+        if self._pending_data_size + len(cmd) > self._max_pending_size > 0:
+            return False
+        self.stats["out_msgs"] += 1
+        self.stats["out_bytes"] += len(payload)
+        self._pending.append(cmd)
+        self._pending_data_size += len(cmd)
+        if self._pending_data_size >= SYNC_WRITE_BYTES and self._write_pending_now():
+            return True
+        if self._flush_queue.empty():
+            self._flush_queue.put_nowait(self._kick())
+        return True
+
+    def _write_pending_now(self) -> bool:
+        """Write the pending commands to the socket now, as the flusher would; False if it cannot."""
+        writer = getattr(self._transport, "_io_writer", None)  # nats-py's TcpTransport (not websockets)
+        transport = getattr(writer, "transport", None)
+        if transport is None or transport.is_closing() or transport.get_write_buffer_size() > _SYNC_WRITE_BUFFERED:
+            return False
+        transport.writelines(self._pending)
+        self._pending = []
+        self._pending_data_size = 0
+        return True
+
+    def _kick(self) -> asyncio.Future[None]:
+        # The flusher sets the future it is handed unless it is done: a done one serves every kick.
+        kick: asyncio.Future[None] | None = getattr(self, "_kick_future", None)
+        if kick is None:
+            kick = asyncio.get_running_loop().create_future()
+            kick.set_result(None)
+            self._kick_future = kick
+        return kick
+
     async def subscribe_inline(self, subject: str, handler: Callable[[Msg], None]) -> Subscription:
         """Subscribe to ``subject``; ``handler(msg)`` is called in the reader for each message."""
         sub = await self.subscribe(subject)  # no callback: nats-py starts no task for it
@@ -161,6 +218,78 @@ class _Inline:
 
     async def join(self) -> None:
         """Nothing is queued (Subscription.drain waits on it)."""
+
+
+def connect_options(settings: Settings) -> dict[str, Any]:
+    """nats-py ``connect()`` options for the credentials and TLS in ``settings``.
+
+    Credentials inside ``NATS_URL`` stay there (nats-py reads them from the URL).
+    TLS files are read here, so a missing or unreadable one fails before any
+    connection with the variable to fix.
+
+    Raises:
+        ConfigError: A file named by ``NATS_NKEY``, ``NATS_CREDS`` or ``NATS_TLS_*``
+            cannot be read, or is not what it should be.
+    """
+    a = settings.nats_auth
+    opts: dict[str, Any] = {}
+    if a.inbox_prefix:
+        opts["inbox_prefix"] = a.inbox_prefix
+    if a.user:
+        opts["user"], opts["password"] = a.user, a.password
+    if a.token:
+        opts["token"] = a.token
+    if a.nkey or a.creds:
+        try:
+            import nkeys  # noqa: F401 - nats-py signs the server's nonce with it
+        except ImportError:
+            raise ConfigError(
+                "NATS_NKEY and NATS_CREDS need the nkeys package: pip install 'nats-py[nkeys]'"
+            ) from None
+    if a.nkey:
+        opts["nkeys_seed"] = readable_file("NATS_NKEY", a.nkey)
+    if a.creds:
+        opts["user_credentials"] = readable_file("NATS_CREDS", a.creds)
+    if settings.nats_tls:
+        ca = readable_file("NATS_TLS_CA", a.tls_ca) if a.tls_ca else None
+        try:
+            ctx = ssl.create_default_context(cafile=ca)
+        except ssl.SSLError as exc:
+            raise ConfigError(f"NATS_TLS_CA={a.tls_ca} is not a PEM CA certificate ({exc.reason or exc})") from None
+        if a.tls_cert and a.tls_key:
+            cert = readable_file("NATS_TLS_CERT", a.tls_cert)
+            key = readable_file("NATS_TLS_KEY", a.tls_key)
+            try:
+                ctx.load_cert_chain(cert, key)
+            except ssl.SSLError as exc:
+                raise ConfigError(
+                    f"NATS_TLS_CERT={a.tls_cert} and NATS_TLS_KEY={a.tls_key} are not a PEM certificate and "
+                    f"its private key ({exc.reason or exc})"
+                ) from None
+        opts["tls"] = ctx
+    return opts
+
+
+class PlainTextServer(nats.errors.Error):
+    """The server does not use TLS, but this process asks for it: its password or token is kept back."""
+
+
+def connect_failure(settings: Settings, exc: BaseException, said: BaseException | None) -> BrokerError:
+    """The error for a first connection that failed: a refused login or TLS names the variable to fix."""
+    if isinstance(said, PlainTextServer):
+        return BrokerError(str(said))
+    where = ", ".join(server_endpoint(u) for u in nats_server_urls(settings.nats_url))
+    told = redact(str(said or exc), *settings.secrets())
+    if isinstance(said, ssl.SSLError) or isinstance(exc, ssl.SSLError):
+        return BrokerError(f"TLS failed for {where} while connecting ({told}). Fix: {settings.tls_fix('nats', told)}.")
+    if said is None and not refused_credentials(exc):
+        return translate(exc, settings.nats_url, "connecting")
+    shown = redact(settings.nats_url)
+    at = f" at nats-server {shown}" if "@" in shown else ""  # which URL's user:*** was refused
+    return BrokerError(
+        f"authentication failed{at}: authorization failed for {where} while connecting ({told}). "
+        f"{settings.login_fix('nats')}."
+    )
 
 
 def translate(exc: BaseException, url: str, doing: str, refused: BaseException | None = None) -> BrokerError:

@@ -93,6 +93,16 @@ class Watch:
         self.waiting = 0
         self.checked_at = time.monotonic()
 
+    def stored(self, ack: Any) -> None:
+        """JetStream stored the task's message (``ack`` is its :class:`heddle.pubacks.PublishAck`).
+
+        A new message always ends in a notice (a worker that finds the result already
+        stored announces the stored one again), so waiting needs no first read unless
+        the notice is lost (read again periodically); a duplicate JetStream dropped may
+        have finished long ago.
+        """
+        self.fresh = self.fresh or not ack.duplicate
+
 
 def _end(w: Watch, record: ResultRecord | None) -> None:
     """Settle ``w`` with ``record`` (or cancel it: no notice will come through it) and wake its waiters."""
@@ -185,6 +195,21 @@ class Watches:
         self._open[task_id] = w
         if len(self._open) > self.max_watches:
             await self._evict()
+        return w
+
+    def expect_now(self, task_id: str) -> Watch | None:
+        """:meth:`expect` without awaiting: None when it would have to wait (first sends, or over the bound)."""
+        w = self._open.get(task_id)
+        if w is not None and not w.done.done():
+            return w
+        if self._mux is None or (self._feed_started is not None and not self._feed_started.done()):
+            return None
+        if self._feed_started is None and self.backend.announces:
+            return None
+        if len(self._open) >= self.max_watches:
+            return None
+        w = Watch(task_id, asyncio.get_running_loop().create_future())
+        self._open[task_id] = w
         return w
 
     async def _follow_feed(self) -> None:

@@ -131,6 +131,33 @@ class PubAcks:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep(), name="heddle-puback-sweep")
         return fut
 
+    def publish_now(
+        self, nc: Any, subject: str, payload: bytes, headers: dict[str, str], timeout_s: float
+    ) -> asyncio.Future[PublishAck] | None:
+        """:meth:`publish` without awaiting: None (nothing sent) when it would have to wait.
+
+        It would wait while the pending publishes are at the bound or others wait for
+        room (they go first), and while nats-py cannot take the message at once
+        (``nc.publish_now``, :class:`heddle.natsclient.Connection`).
+        """
+        if self._waiting or self._granted or len(self._pending) >= self.max_pending:
+            return None
+        token = format(next(self._tokens), "x")
+        if not nc.publish_now(subject, payload, self._prefix + token, headers):
+            return None
+        # The answer cannot come before this returns: it is read by the loop, which is ours.
+        fut: asyncio.Future[PublishAck] = asyncio.get_running_loop().create_future()
+        self._pending[token] = fut
+        self._deadlines.append((time.monotonic() + timeout_s, token))
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep(), name="heddle-puback-sweep")
+        return fut
+
+    async def settled(self) -> None:
+        """Wait until every pending publish is answered or has timed out."""
+        while unanswered := [f for f in self._pending.values() if not f.done()]:
+            await asyncio.gather(*unanswered, return_exceptions=True)
+
     def _make_room(self) -> None:
         """Give the free places to the publishes waiting longest."""
         free = self.max_pending - len(self._pending) - self._granted

@@ -246,7 +246,20 @@ def send_by_name(
 def submit(
     app: Client, result: AsyncResult[Any], subject: str, payload: bytes, headers: dict[str, str]
 ) -> AsyncResult[Any]:
-    """Publish an encoded message for ``result``: on the caller's loop, or to the end for sync callers."""
+    """Publish an encoded message for ``result``: on the caller's loop, or to the end for sync callers.
+
+    On an async caller's loop whose connections are open and have nothing waiting, the
+    message is queued in this call (:meth:`Connections.send_now`); otherwise a task on
+    the loop sends it. Sends that had to wait go first: while one is pending, every later
+    send waits too, so a connection publishes in the order of the calls.
+    """
+    conns = app.connections_now()
+    if conns is not None:
+        now = conns.send_now(result.id, subject, payload, headers)
+        if now is not None:
+            result.watch_from(now.watch, asyncio.get_running_loop())
+            result.track_send(now.sent)
+            return result
     app.dispatch(result, publish(app, result, subject, payload, headers))
     return result
 
@@ -266,9 +279,4 @@ async def publish(app: Client, result: AsyncResult[Any], subject: str, payload: 
     conns.submissions.record(result.id)
     if subject == names.INCOMING_SUBJECT:
         subject = await conns.route(subject, headers)
-    ack = await conns.broker.publish(subject, payload, headers)
-    # A new message always ends in a notice (a worker that finds the result
-    # already stored sends the stored one again), so waiting needs no Valkey
-    # read unless the notice is lost (heddle.notices covers that); a duplicate
-    # dropped by JetStream may have finished long ago.
-    watch.fresh = watch.fresh or not ack.duplicate
+    watch.stored(await conns.broker.publish(subject, payload, headers))

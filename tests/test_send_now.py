@@ -1,0 +1,138 @@
+"""Sends made in the caller's own step (heddle.connections.Connections.send_now): a loop
+of ``apply_async`` calls that never yields reaches nats-server while it runs, the
+connection still publishes in the order of the calls, and closing the app waits for
+every ack. Each test has servers of its own; the tasks go to a worker type nobody runs,
+so they stay in the stream (the router is not running either)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import nats
+
+import heddle
+import heddle.broker
+from heddle import names
+from tests.test_result_notices import _app
+
+T = 15.0
+
+
+class _Observer:
+    """A subscriber to ``heddle.tasks.>`` on a thread and loop of its own: it hears the server
+    while the test's loop is busy in a loop that does not yield."""
+
+    def __init__(self, nats_url: str) -> None:
+        self.ids: list[str] = []
+        self.first = threading.Event()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="observer", daemon=True)
+        self._thread.start()
+        self._nc: Any = asyncio.run_coroutine_threadsafe(self._start(nats_url), self._loop).result(T)
+
+    async def _start(self, url: str) -> Any:
+        nc = await nats.connect(url)
+
+        async def heard(msg: Any) -> None:
+            self.ids.append((msg.headers or {}).get(names.HDR_MSG_ID, ""))
+            self.first.set()
+
+        await nc.subscribe("heddle.tasks.>", cb=heard)
+        await nc.flush()
+        return nc
+
+    def wait_for(self, n: int) -> list[str]:
+        async def until() -> None:
+            while len(self.ids) < n:
+                await asyncio.sleep(0.01)
+
+        asyncio.run_coroutine_threadsafe(asyncio.wait_for(until(), T), self._loop).result(T + 1)
+        return list(self.ids)
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._nc.close(), self._loop).result(T)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(T)
+
+
+async def _connected(app: heddle.Heddle) -> None:
+    """Open the connections and make one send, so that later ones need nothing set up."""
+    await app.connect()
+    await app.send_task("nobody.runs_this", worker_type="nobody").sent()
+
+
+async def test_a_loop_of_sends_that_never_yields_reaches_the_server_while_it_runs(fresh_servers):
+    app = _app(fresh_servers)
+    observer = _Observer(fresh_servers.nats_url)
+    try:
+        await _connected(app)
+        observer.wait_for(1)
+        observer.first.clear()
+        handles = []
+        heard_at = None
+        for i in range(20_000):  # no await in here: the event loop does not run
+            handles.append(app.send_task("nobody.runs_this", (i,), worker_type="nobody"))
+            if observer.first.is_set():
+                heard_at = i
+                break
+        assert heard_at is not None, "nats-server heard nothing until the loop ended"
+        for r in handles:
+            await asyncio.wait_for(r.sent(), T)
+        assert observer.wait_for(len(handles) + 1)[1:] == [r.id for r in handles]
+    finally:
+        observer.close()
+        await app.aclose()
+
+
+async def test_sends_leave_in_the_order_they_were_made_also_past_the_bound_on_pending_publishes(
+    fresh_servers, monkeypatch
+):
+    monkeypatch.setattr(heddle.broker, "_MAX_PENDING_PUBLISHES", 64)
+    app = _app(fresh_servers)
+    observer = _Observer(fresh_servers.nats_url)
+    try:
+        await _connected(app)
+        first = [app.send_task("nobody.runs_this", (i,), worker_type="nobody") for i in range(300)]
+        await first[0].sent()  # acks come in, and sends that waited get their turns
+        second = [app.send_task("nobody.runs_this", (i,), worker_type="nobody") for i in range(300)]
+        handles = first + second
+        # Past the 64 publishes awaiting their ack, sends wait their turn in a task of their own.
+        waited = [isinstance(r._sent, asyncio.Task) for r in handles]
+        assert any(waited) and not all(waited)
+        for r in handles:
+            await asyncio.wait_for(r.sent(), T)
+        assert observer.wait_for(len(handles) + 1)[1:] == [r.id for r in handles]
+    finally:
+        observer.close()
+        await app.aclose()
+
+
+async def test_closing_the_app_right_after_a_burst_of_sends_waits_for_every_ack(fresh_servers):
+    app = _app(fresh_servers)
+    try:
+        await _connected(app)
+        handles = [app.send_task("nobody.runs_this", (i,), worker_type="nobody") for i in range(2_000)]
+        assert not any(isinstance(r._sent, asyncio.Task) for r in handles)  # all sent in the callers' step
+    finally:
+        await app.aclose()
+    assert all(r._sent.done() and r._sent.exception() is None for r in handles)
+    nc = await nats.connect(fresh_servers.nats_url)
+    try:
+        info = await nc.jetstream().stream_info(names.TASKS_STREAM)
+        assert info.state.messages == 2_001
+    finally:
+        await nc.close()
+
+
+async def test_a_handle_sent_in_the_callers_step_gets_its_result(heddle_app, heddle_worker):
+    @heddle_app.task
+    async def square(x: int) -> int:
+        return x * x
+
+    await heddle_app.connect()
+    await square.apply_async((1,)).aget(timeout=T)
+    handles = [square.apply_async((i,)) for i in range(200)]
+    assert not any(isinstance(r._sent, asyncio.Task) for r in handles)
+    assert [await r.aget(timeout=T) for r in handles] == [i * i for i in range(200)]
