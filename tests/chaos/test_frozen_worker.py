@@ -2,7 +2,9 @@
 
 Its tasks are redelivered and completed by a second worker; when the frozen one
 wakes up and finishes them late, its stale results must not replace the stored
-ones, nor be announced on the result subjects.
+ones, nor be announced: on NATS (``heddle.results.>``) nor on Valkey (the task's
+channel, ``heddle:task-notices:{id}``, where the store announces a result whose
+sender follows Valkey, instead of NATS).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 
 import nats
 import pytest
+import valkey.asyncio as valkey_async
 
 from heddle import names
 from heddle.messages import SUCCESS, record_decoder
@@ -29,30 +32,49 @@ SYNC_STAMP = f"{CHAOS}.sync_stamp"
 
 
 class NoticeTap:
-    """Every result notice published on ``heddle.results.>``, collected in a thread."""
+    """Every result notice, on ``heddle.results.>`` and on every task's Valkey channel, collected in a thread."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, valkey_url: str) -> None:
         self.notices: dict[str, list[Any]] = defaultdict(list)
         self._ready = threading.Event()
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._main(url)), daemon=True)
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main(url, valkey_url)), daemon=True)
         self._thread.start()
         assert self._ready.wait(10), "the notice tap did not subscribe"
 
-    async def _main(self, url: str) -> None:
+    def _heard(self, data: bytes) -> None:
+        rec = record_decoder.decode(data)
+        self.notices[rec.id].append(rec.result)
+
+    async def _main(self, url: str, valkey_url: str) -> None:
         nc = await nats.connect(url)
+        vk = valkey_async.Valkey.from_url(valkey_url)
+        pubsub = vk.pubsub()
         self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
 
         async def cb(msg: Any) -> None:
-            rec = record_decoder.decode(msg.data)
-            self.notices[rec.id].append(rec.result)
+            self._heard(msg.data)
 
         await nc.subscribe(names.result_subject("*"), cb=cb)
         await nc.flush()
+        await pubsub.psubscribe(f"{names.TASK_NOTICE_CHANNEL_PREFIX}*")
+        while await pubsub.get_message(timeout=1.0) is None:  # the subscription's confirmation
+            pass
+
+        async def read_valkey() -> None:
+            while True:
+                msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                if msg is not None:
+                    self._heard(msg["data"])
+
+        reading = asyncio.ensure_future(read_valkey())
         self._ready.set()
         await self._stop.wait()
+        reading.cancel()
         await nc.drain()
+        await pubsub.aclose()
+        await vk.aclose()
 
     def close(self) -> None:
         if self._loop and self._stop:
@@ -66,7 +88,7 @@ def test_a_frozen_workers_late_results_never_overwrite_the_redelivered_ones(
     tasks = int(size("FROZEN_TASKS", 8, 32))
     ack_wait = 2.0
     env = test_env(fresh_servers, HEDDLE_TEST_ACK_WAIT=str(ack_wait))
-    tap = NoticeTap(env["NATS_URL"])
+    tap = NoticeTap(env["NATS_URL"], env["VALKEY_URL"])
     results = Results(env["VALKEY_URL"])
     began = time.monotonic()
     try:
