@@ -57,6 +57,37 @@ def test_headers_are_sent_as_the_bytes_nats_py_sends(headers):
     assert _sent(Connection(), headers) == _sent(Client(), headers)
 
 
+@pytest.mark.parametrize("headers", HEADER_DICTS)
+def test_a_publish_queued_in_the_callers_step_is_the_bytes_nats_py_publishes(heddle_servers, headers):
+    async def queued() -> bytes:
+        nc = Connection()
+        await nc.connect(heddle_servers.nats_url)
+        try:
+            await nc.flush()
+            assert nc.publish_now("hdr.test", b"payload", "_INBOX.x.1", headers)
+            return b"".join(nc._pending)  # in the same step: the flusher has not run
+        finally:
+            await nc.close()
+
+    assert asyncio.run(queued()) == _sent(Client(), headers)
+
+
+def test_a_publish_queued_in_the_callers_step_leaves_a_bad_header_name_to_the_usual_publish(heddle_servers):
+    async def refused() -> list[bytes]:
+        nc = Connection()
+        await nc.connect(heddle_servers.nats_url)
+        try:
+            await nc.flush()
+            assert not nc.publish_now("hdr.test", b"payload", "_INBOX.x.1", {"Bad Name": "x"})
+            with pytest.raises(nats.errors.BadHeaderError):
+                await nc.publish("hdr.test", b"payload", headers={"Bad Name": "x"})
+            return list(nc._pending)
+        finally:
+            await nc.close()
+
+    assert asyncio.run(refused()) == []
+
+
 @pytest.mark.parametrize("name", ["Bad Name", "Bad:Name", "Caf\u00e9"])
 def test_a_header_name_nats_py_refuses_is_refused_alike(name):
     for client in (Client(), Connection()):

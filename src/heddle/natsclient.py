@@ -150,7 +150,10 @@ class Connection(Client):
         """
         if not self.is_connected or self.is_draining_pubs or self._flush_queue is None or not subject:
             return False
-        hdr = encode_headers(headers)
+        try:
+            hdr = encode_headers(headers)
+        except nats.errors.BadHeaderError:
+            return False  # publish raises it, where the send is awaited
         cmd = b"".join((f"HPUB {subject} {reply} {len(hdr)} {len(hdr) + len(payload)}\r\n".encode(), hdr, payload,
                         _CRLF))
         if self._pending_data_size + len(cmd) > self._max_pending_size > 0:
