@@ -136,3 +136,25 @@ async def test_a_handle_sent_in_the_callers_step_gets_its_result(heddle_app, hed
     handles = [square.apply_async((i,)) for i in range(200)]
     assert not any(isinstance(r._sent, asyncio.Task) for r in handles)
     assert [await r.aget(timeout=T) for r in handles] == [i * i for i in range(200)]
+
+
+def test_task_ids_are_random_hex_never_repeated_and_a_forked_child_draws_its_own():
+    import os
+    import re
+
+    from heddle.send import new_task_id
+
+    ids = [new_task_id() for _ in range(5_000)]  # many draws of the OS's random bytes
+    assert len(set(ids)) == len(ids)
+    assert all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: send one id back, then leave at once
+        os.write(write, new_task_id().encode())
+        os._exit(0)
+    os.close(write)
+    child = os.read(read, 64).decode()
+    os.close(read)
+    os.waitpid(pid, 0)
+    parents_next = [new_task_id() for _ in range(256)]
+    assert re.fullmatch(r"[0-9a-f]{32}", child) and child not in parents_next and child not in ids
