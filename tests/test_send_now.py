@@ -63,6 +63,13 @@ async def _connected(app: heddle.Heddle) -> None:
     await app.send_task("nobody.runs_this", worker_type="nobody").sent()
 
 
+async def _heard_in_order(observer: _Observer, handles: list[Any]) -> None:
+    """Every send is stored, and the server heard them in the order they were made (after _connected's)."""
+    for r in handles:
+        await asyncio.wait_for(r.sent(), T)
+    assert observer.wait_for(len(handles) + 1)[1:] == [r.id for r in handles]
+
+
 async def test_a_loop_of_sends_that_never_yields_reaches_the_server_while_it_runs(fresh_servers):
     app = _app(fresh_servers)
     observer = _Observer(fresh_servers.nats_url)
@@ -78,9 +85,7 @@ async def test_a_loop_of_sends_that_never_yields_reaches_the_server_while_it_run
                 heard_at = i
                 break
         assert heard_at is not None, "nats-server heard nothing until the loop ended"
-        for r in handles:
-            await asyncio.wait_for(r.sent(), T)
-        assert observer.wait_for(len(handles) + 1)[1:] == [r.id for r in handles]
+        await _heard_in_order(observer, handles)
     finally:
         observer.close()
         await app.aclose()
@@ -101,9 +106,7 @@ async def test_sends_leave_in_the_order_they_were_made_also_past_the_bound_on_pe
         # Past the 64 publishes awaiting their ack, sends wait their turn in a task of their own.
         waited = [isinstance(r._sent, asyncio.Task) for r in handles]
         assert any(waited) and not all(waited)
-        for r in handles:
-            await asyncio.wait_for(r.sent(), T)
-        assert observer.wait_for(len(handles) + 1)[1:] == [r.id for r in handles]
+        await _heard_in_order(observer, handles)
     finally:
         observer.close()
         await app.aclose()
