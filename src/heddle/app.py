@@ -257,9 +257,10 @@ class Heddle:
     async def connections(self) -> Connections:
         """The connections bound to the running loop, connecting on first use."""
         loop = asyncio.get_running_loop()
+        opened = self._opened(loop)
+        if opened is not None:
+            return opened  # the per-call fast path: no shield, no extra future
         fut = self._conns.get(loop)
-        if fut is not None and fut.done() and not fut.cancelled() and fut.exception() is None:
-            return fut.result()  # the per-call fast path: no shield, no extra future
         if fut is None:
             for old in [lp for lp in self._conns if lp.is_closed()]:
                 del self._conns[old]
@@ -280,10 +281,12 @@ class Heddle:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return None
+        return None if self._portal.in_portal() else self._opened(loop)
+
+    def _opened(self, loop: asyncio.AbstractEventLoop) -> Connections | None:
+        """``loop``'s connections if they are open (not connecting, not failed)."""
         fut = self._conns.get(loop)
         if fut is None or not fut.done() or fut.cancelled() or fut.exception() is not None:
-            return None
-        if self._portal.in_portal():
             return None
         return fut.result()
 
@@ -309,12 +312,12 @@ class Heddle:
         if self._pending_sends:
             await asyncio.gather(*list(self._pending_sends), return_exceptions=True)
         loop = asyncio.get_running_loop()
-        fut = self._conns.get(loop)
-        if fut is not None and fut.done() and not fut.cancelled() and fut.exception() is None:
-            await fut.result().broker.publishes_settled()  # the sends made in their callers' step
-        fut = self._conns.pop(loop, None)
-        if fut is not None and fut.done() and not fut.cancelled() and fut.exception() is None:
-            await fut.result().close()
+        conns = self._opened(loop)
+        if conns is not None:
+            await conns.broker.publishes_settled()  # the sends made in their callers' step
+        self._conns.pop(loop, None)
+        if conns is not None:
+            await conns.close()
 
     def close(self) -> None:
         """Close the connections used by sync callers and stop their thread."""

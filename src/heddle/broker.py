@@ -74,6 +74,13 @@ def _violation_kind(said: str) -> str:
     return f"{m.group(1)} {'.'.join(tokens)}"
 
 
+def _stored(out: asyncio.Future[PublishAck], on_stored: Callable[[PublishAck], None] | None, ack: PublishAck) -> None:
+    """End a :meth:`Broker.publish_now` future with the stream's ack, telling ``on_stored`` first."""
+    if on_stored is not None:
+        on_stored(ack)
+    out.set_result(ack)
+
+
 class Broker:
     """A NATS connection with Heddle's streams and consumers on it.
 
@@ -552,9 +559,7 @@ class Broker:
             return
         exc = ack.exception()
         if exc is None:
-            if on_stored is not None:
-                on_stored(ack.result())
-            out.set_result(ack.result())
+            _stored(out, on_stored, ack.result())
             return
         subject, _, _, timeout_s, deadline = message
         err = self._ack_error(exc, subject, timeout_s, deadline)
@@ -578,9 +583,7 @@ class Broker:
                 out.set_exception(exc)
             return
         if not out.done():
-            if on_stored is not None:
-                on_stored(stored)
-            out.set_result(stored)
+            _stored(out, on_stored, stored)
 
     async def publishes_settled(self) -> None:
         """Wait until every publish made here is answered (or has failed)."""

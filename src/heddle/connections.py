@@ -130,10 +130,7 @@ class Connections:
         watch = self.watches.expect_now(task_id)
         if watch is None:
             return None
-        headers = dict(headers)
-        headers[names.HDR_NOTIFY] = self.watches.token
-        if self.watches.on_valkey:
-            headers[names.HDR_NOTIFY_VALKEY] = "1"
+        headers = self.ask_for_notice(dict(headers))
         if routes is not None:
             subject = routes.route(subject, headers)
         sent = self.broker.publish_now(subject, payload, headers, on_stored=watch.stored)
@@ -141,6 +138,13 @@ class Connections:
             return None
         self.submissions.record(task_id)
         return SendNow(watch, sent)
+
+    def ask_for_notice(self, headers: dict[str, str]) -> dict[str, str]:
+        """``headers`` with the ones asking for this connection's result notice (NATS, and Valkey while followed)."""
+        headers[names.HDR_NOTIFY] = self.watches.token
+        if self.watches.on_valkey:
+            headers[names.HDR_NOTIFY_VALKEY] = "1"
+        return headers
 
     async def watch(self, task_id: str) -> Watch:
         """Subscribe to the result notice of a task sent elsewhere."""

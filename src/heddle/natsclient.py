@@ -108,6 +108,12 @@ def encode_headers(headers: dict[str, str]) -> bytes:
     return "".join(lines).encode()
 
 
+def _hpub(subject: str, reply: str, payload: bytes, headers: dict[str, str]) -> bytes:
+    """The ``HPUB`` command nats-py sends for a message with headers."""
+    hdr = encode_headers(headers)
+    return b"".join((f"HPUB {subject} {reply} {len(hdr)} {len(hdr) + len(payload)}\r\n".encode(), hdr, payload, _CRLF))
+
+
 class Connection(Client):
     """A nats-py ``Client`` with a leaner header parser, and subscriptions served in its reader.
 
@@ -121,6 +127,7 @@ class Connection(Client):
     """
 
     _parse_header_lines = staticmethod(parse_header_lines)
+    _kick_future: asyncio.Future[None] | None = None
 
     async def _send_publish(
         self, subject: str, reply: str, payload: bytes, payload_size: int, headers: dict[str, str] | None
@@ -130,12 +137,10 @@ class Connection(Client):
             return
         if not subject:
             raise nats.errors.BadSubjectError
-        hdr = encode_headers(headers)
+        cmd = _hpub(subject, reply, payload, headers)
         self.stats["out_msgs"] += 1
         self.stats["out_bytes"] += payload_size
-        await self._send_command(
-            b"".join((f"HPUB {subject} {reply} {len(hdr)} {len(hdr) + len(payload)}\r\n".encode(), hdr, payload,
-                      _CRLF)))
+        await self._send_command(cmd)
         if self._flush_queue is not None and self._flush_queue.empty():
             await self._flush_pending()
 
@@ -151,11 +156,9 @@ class Connection(Client):
         if not self.is_connected or self.is_draining_pubs or self._flush_queue is None or not subject:
             return False
         try:
-            hdr = encode_headers(headers)
+            cmd = _hpub(subject, reply, payload, headers)
         except nats.errors.BadHeaderError:
             return False  # publish raises it, where the send is awaited
-        cmd = b"".join((f"HPUB {subject} {reply} {len(hdr)} {len(hdr) + len(payload)}\r\n".encode(), hdr, payload,
-                        _CRLF))
         if self._pending_data_size + len(cmd) > self._max_pending_size > 0:
             return False
         self.stats["out_msgs"] += 1
@@ -181,12 +184,10 @@ class Connection(Client):
 
     def _kick(self) -> asyncio.Future[None]:
         # The flusher sets the future it is handed unless it is done: a done one serves every kick.
-        kick: asyncio.Future[None] | None = getattr(self, "_kick_future", None)
-        if kick is None:
-            kick = asyncio.get_running_loop().create_future()
-            kick.set_result(None)
-            self._kick_future = kick
-        return kick
+        if self._kick_future is None:
+            self._kick_future = asyncio.get_running_loop().create_future()
+            self._kick_future.set_result(None)
+        return self._kick_future
 
     async def subscribe_inline(self, subject: str, handler: Callable[[Msg], None]) -> Subscription:
         """Subscribe to ``subject``; ``handler(msg)`` is called in the reader for each message."""

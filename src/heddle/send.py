@@ -290,9 +290,7 @@ async def publish(app: Client, result: AsyncResult[Any], subject: str, payload: 
     conns = await app.connections()
     await conns.ensure_streams()
     watch = await conns.expect(result.id)
-    headers[names.HDR_NOTIFY] = conns.notice_token
-    if conns.watches.on_valkey:
-        headers[names.HDR_NOTIFY_VALKEY] = "1"
+    conns.ask_for_notice(headers)
     result.watch_from(watch, asyncio.get_running_loop())
     # Recorded in the background, with the other sends of this turn of the loop: the
     # audit never holds a send back (heddle.audit says what that trades).
