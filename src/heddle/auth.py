@@ -94,11 +94,6 @@ _KV_READ = [
     f"{_API}.STREAM.MSG.GET.{_KV_STREAM}",
     f"{_API}.DIRECT.GET.{_KV_STREAM}",
     f"{_API}.DIRECT.GET.{_KV_STREAM}.>",
-    # kv.keys() reads the bucket through a short-lived consumer of its own.
-    f"{_API}.CONSUMER.CREATE.{_KV_STREAM}",
-    f"{_API}.CONSUMER.CREATE.{_KV_STREAM}.>",
-    f"{_API}.CONSUMER.INFO.{_KV_STREAM}.*",
-    f"{_API}.CONSUMER.DELETE.{_KV_STREAM}.*",
 ]
 # Periodic schedules (heddle.schedules): a worker process of an app with schedules creates
 # the stream, installs and removes definitions, and takes ticks from its app's consumer.

@@ -17,17 +17,20 @@ import os
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import msgspec
+from nats.js.errors import NotFoundError
 
 from heddle import names
 from heddle.background import cancel_and_wait
-from heddle.errors import DecodeError
+from heddle.errors import DecodeError, HeddleError
 from heddle.messages import decode as bounded_decode
 from heddle.rules import RouterRules
 
 if TYPE_CHECKING:
+    from nats.js import api
+
     from heddle.broker import Broker
     from heddle.broker import Message as Msg
 
@@ -99,6 +102,39 @@ def worker_id() -> str:
 
 async def _bucket(broker: Broker) -> Any:
     return await broker.key_value(names.WORKERS_BUCKET, ttl_s=ALIVE_TTL_S * 2, description="heddle workers")
+
+
+_STREAM = f"KV_{names.WORKERS_BUCKET}"
+_SUBJECT_PREFIX = f"$KV.{names.WORKERS_BUCKET}."
+
+
+class Entry(NamedTuple):
+    """An entry in the workers bucket: a worker's :class:`WorkerInfo` or a router's :class:`RoutingRules`."""
+
+    key: str
+    value: bytes
+    stored: api.RawStreamMsg  # its time is the last heartbeat's
+
+
+async def entries(broker: Broker) -> list[Entry]:
+    """Every entry in the workers bucket now; deleted ones left out.
+
+    The keys come from the stream's subjects (one request), then each key's newest
+    message is read. nats-py's ``kv.keys()`` lists through an ordered consumer instead,
+    and while other entries are put meanwhile (heartbeats) it sometimes ends the listing
+    before the first key and answers "no keys" (tests/test_registry.py).
+    """
+    found = []
+    for subject in await broker.stream_subjects(_STREAM, _SUBJECT_PREFIX + ">"):
+        try:
+            msg = await broker.last_stream_msg(_STREAM, subject)
+        except HeddleError as exc:
+            if not isinstance(exc.__cause__, NotFoundError):  # not expired since the listing: worth a word
+                log.warning("left %s out of the live workers until its next heartbeat: %s", subject, exc)
+            continue
+        if msg.data and (msg.headers or {}).get("KV-Operation") not in ("DEL", "PURGE"):
+            found.append(Entry(subject[len(_SUBJECT_PREFIX):], msg.data, msg))
+    return found
 
 
 # How long a first announcement keeps trying: a replicated bucket just created on a
@@ -238,17 +274,11 @@ class Registry:
         prefix = f"$KV.{names.WORKERS_BUCKET}."
         self._prefix_len = len(prefix)
         self._sub = await self.broker.subscribe(prefix + ">", cb=self._on_update)
-        kv = await _bucket(self.broker)
-        try:
-            keys = await kv.keys()
-        except Exception:  # an empty bucket answers "no keys found"
-            keys = []
+        await _bucket(self.broker)  # created if missing
         now = time.monotonic()
-        for key in keys:
-            with contextlib.suppress(Exception):
-                entry = await kv.get(key)
-                if entry.value:
-                    self._take(key, entry.value, now)
+        for entry in await entries(self.broker):
+            with contextlib.suppress(DecodeError):
+                self._take(entry.key, entry.value, now)
         self._rebuild()
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
 

@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from heddle import events, names
+from heddle import events, names, registry
 from heddle.app import Heddle
 from heddle.audit import AuditReport, unfinished
 from heddle.broker import Broker
@@ -101,33 +101,20 @@ def _epoch(value: Any) -> float:
 async def list_workers(app: Heddle) -> list[WorkerRow]:
     """Workers whose last heartbeat is younger than the registry's TTL, by type."""
     conns = await app.connections()
-    broker = conns.broker
-    stream = f"KV_{names.WORKERS_BUCKET}"
     try:
-        info = await broker.stream_info(stream)
-    except HeddleError:
+        found = await registry.entries(conns.broker)
+    except HeddleError:  # no bucket yet: no worker has started
         return []
-    subjects = info.state.subjects or {}
-    if not subjects:
-        try:
-            info = await broker.stream_info(stream, subjects_filter=f"$KV.{names.WORKERS_BUCKET}.>")
-            subjects = info.state.subjects or {}
-        except HeddleError:
-            subjects = {}
     rows: list[WorkerRow] = []
     now = time.time()
-    for subject in subjects:
-        try:
-            m = await broker.last_stream_msg(stream, subject)
-        except HeddleError:
-            continue
-        if not m.data or (m.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
+    for entry in found:
+        if entry.key.startswith(names.ROUTING_RULES_PREFIX):
             continue
         try:
-            wi = bounded_decode(_info_decoder, m.data)
+            wi = bounded_decode(_info_decoder, entry.value)
         except DecodeError:
             continue
-        seen = _epoch(m.time) or wi.started_at
+        seen = _epoch(entry.stored.time) or wi.started_at
         if now - seen <= ALIVE_TTL_S:
             rows.append(WorkerRow(wi, seen))
     rows.sort(key=lambda r: (r.info.worker_type, r.info.id))
