@@ -277,4 +277,8 @@ async def test_the_anthropic_sdk_backend_streams_from_the_embedded_models_messag
                                            stream=sink))
     await backend.aclose()
     assert reply.text.strip() and "".join(sink.parts) == reply.text and len(sink.parts) > 1
-    assert reply.input_tokens > 0 and 0 < reply.output_tokens <= 8
+    assert 0 < reply.output_tokens <= 8
+    # The prompt's tokens come in message_start, which llama.cpp sends with the first token
+    # that completes a character: a reply that opens with an emoji (several byte tokens,
+    # sampled at random: the SDK sends no temperature) gets no message_start at all.
+    assert reply.input_tokens > 0 or not reply.text[0].isascii(), reply
