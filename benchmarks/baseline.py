@@ -14,6 +14,7 @@ import contextlib
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 import nats
 from nats.js import api
@@ -116,6 +117,45 @@ async def round_trips(nats_url: str, n: int, warmup: int = 50, replicas: int = 1
         return samples
     finally:
         await nc.close()
+
+
+async def one_way(nats_url: str, n: int, warmup: int = 50, replicas: int = 1) -> list[float]:
+    """``n`` sequential one-way hops: from a publish until a pull request already waiting has the message.
+
+    A Heddle task's first hop, from the sender to an idle worker's open pull request,
+    with no Heddle in it: the request goes out on a second connection and is known to
+    the server (a flush) before the clock starts; the message is acked as it comes.
+    """
+    sender = await nats.connect(servers(nats_url))
+    taker = await nats.connect(servers(nats_url))
+    try:
+        js = sender.jetstream()
+        await _fresh_stream(js, replicas)
+        arrived: asyncio.Queue[float] = asyncio.Queue()
+
+        async def on_msg(msg: Any) -> None:
+            if msg.headers and "Status" in msg.headers:  # the request ended without a message
+                return
+            arrived.put_nowait(time.perf_counter())
+            await msg.ack()
+
+        inbox = taker.new_inbox()
+        await taker.subscribe(inbox, cb=on_msg)
+        request = b'{"batch":1,"expires":5000000000}'
+        samples: list[float] = []
+        for i in range(warmup + n):
+            await taker.publish(f"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.baseline", request, reply=inbox)
+            await taker.flush()
+            t0 = time.perf_counter()
+            await js.publish(SUBJECT, PAYLOAD, headers={"Nats-Msg-Id": uuid.uuid4().hex})
+            took = await asyncio.wait_for(arrived.get(), 5) - t0
+            if i >= warmup:
+                samples.append(took)
+        await js.delete_stream(STREAM)
+        return samples
+    finally:
+        await taker.close()
+        await sender.close()
 
 
 if __name__ == "__main__":  # pragma: no cover - quick manual run

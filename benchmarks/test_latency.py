@@ -2,6 +2,9 @@
 
 * raw nats-py: publish and wait for the stream's ack, fetch(1) from a pull
   consumer, ack (``baseline.round_trips``);
+* raw nats-py, one way: from a publish until a pull request already waiting on
+  another connection has the message (``baseline.one_way``), the hop a task
+  takes from its sender to an idle worker;
 * heddle, sync caller: ``noop.delay().get()``, the Celery-style call (it goes
   through the client's background event loop thread);
 * heddle, async caller: ``await noop.apply_async().aget()`` on plain asyncio.
@@ -83,12 +86,14 @@ def test_round_trip_latency_against_a_raw_nats_baseline(
     cfg = bench_config
     n = cfg.latency_n
     raw: list[list[float]] = []
+    one_way: list[list[float]] = []
     sync: list[list[float]] = []
     aio: list[list[float]] = []
     phases: dict[str, list[list[float]]] = {}
     cpu: list[dict[str, float]] = []
     for i in range(cfg.rounds):
         raw.append(run_async(lambda: baseline.round_trips(servers.nats_url, n)))
+        one_way.append(run_async(lambda: baseline.one_way(servers.nats_url, n)))
         samples, round_phases = _sync_round_trips(bench_app.noop, n)
         sync.append(samples)
         for name, values in round_phases.items():
@@ -105,6 +110,7 @@ def test_round_trip_latency_against_a_raw_nats_baseline(
         "n": n,
         "rounds": cfg.rounds,
         "raw_nats_round_trip": _summary(raw),
+        "raw_nats_one_way": _summary(one_way),
         "heddle_sync_delay_get": _summary(sync),
         "heddle_async_apply_async_aget": _summary(aio),
     }
@@ -127,6 +133,7 @@ def test_round_trip_latency_against_a_raw_nats_baseline(
         t.add_column(col, justify="right")
     rows = [
         ("raw nats-py: publish+ack, fetch(1), ack", "raw_nats_round_trip"),
+        ("raw nats-py, one way: publish until a waiting pull has it", "raw_nats_one_way"),
         ("heddle: noop.delay().get()", "heddle_sync_delay_get"),
         ("heddle: await noop.apply_async().aget()", "heddle_async_apply_async_aget"),
     ]
@@ -151,7 +158,8 @@ def test_round_trip_latency_against_a_raw_nats_baseline(
     }
     for name, label in labels.items():
         p.add_row(name, f"{figures['sync_phases_p50_ms'][name]:.2f}", label)
-    report.show(p)
+    report.show(p, note=f"the raw one-way hop alone (publish until a waiting pull has it), p50: "
+                        f"{figures['raw_nats_one_way']['p50_ms']:.2f} ms")
 
     c = Table(title="CPU per lone task, aget() phase (us; median of rounds)")
     for name in figures["async_cpu_us_per_task"]:
