@@ -271,9 +271,7 @@ class Registry:
 
     async def start(self) -> None:
         """Subscribe first, then load the bucket, so no announcement falls in between."""
-        prefix = f"$KV.{names.WORKERS_BUCKET}."
-        self._prefix_len = len(prefix)
-        self._sub = await self.broker.subscribe(prefix + ">", cb=self._on_update)
+        self._sub = await self.broker.subscribe(_SUBJECT_PREFIX + ">", cb=self._on_update)
         await _bucket(self.broker)  # created if missing
         now = time.monotonic()
         for entry in await entries(self.broker):
@@ -297,7 +295,7 @@ class Registry:
             self._seen[key] = (now, bounded_decode(_info_decoder, value))
 
     async def _on_update(self, msg: Msg) -> None:
-        key = msg.subject[self._prefix_len :]
+        key = msg.subject[len(_SUBJECT_PREFIX) :]
         op = (msg.headers or {}).get("KV-Operation")
         if op in ("DEL", "PURGE") or not msg.data:
             self._rules.pop(key, None)
