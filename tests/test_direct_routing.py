@@ -12,8 +12,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import nats
+
 import heddle
-from heddle.registry import RoutingRules
+from heddle import names
+from heddle.connections import ROUTES_RETRY_S
+from heddle.registry import HEARTBEAT_S, RoutingRules
 from heddle.router import Router
 from heddle.rules import RateLimit, RouterRules
 from heddle.testing import start_actors
@@ -170,3 +174,35 @@ async def test_a_task_sent_again_through_the_router_after_a_direct_send_runs_onc
     assert runs[0] == tid and len(runs) == 2
     await app.aclose()
     await via_router.aclose()
+
+
+async def test_a_client_that_could_not_read_the_workers_bucket_routes_directly_once_it_can(fresh_servers):
+    """A bucket that cannot be read at the first send costs direct routing for a while, not for good."""
+    app = _app(fresh_servers)
+    client = heddle.Heddle(app.name, nats_url=fresh_servers.nats_url, valkey_url=fresh_servers.valkey_url)
+    nc = await nats.connect(fresh_servers.nats_url)
+    js = nc.jetstream()
+    bucket_stream = f"KV_{names.WORKERS_BUCKET}"
+    router = Router(app, rules=RouterRules())
+    try:
+        async with _running(Worker(app), router):
+            # A stream in the bucket's place that is no key-value bucket: the client cannot follow it.
+            await js.delete_stream(bucket_stream)
+            await js.add_stream(name=bucket_stream, subjects=["not.a.bucket"])
+            assert await client.send_task("where", worker_type=app.name).aget(timeout=T) == "standard"
+            assert router.stats["routed"] == 1
+            await js.delete_stream(bucket_stream)  # gone: the next look creates the bucket anew
+
+            async def sent_directly() -> bool:
+                before = router.stats["routed"]
+                assert await client.send_task("where", worker_type=app.name).aget(timeout=T) == "standard"
+                return router.stats["routed"] == before
+
+            deadline = asyncio.get_running_loop().time() + ROUTES_RETRY_S + 4 * HEARTBEAT_S + T
+            while not await sent_directly():
+                assert asyncio.get_running_loop().time() < deadline, "every task still goes through the router"
+                await asyncio.sleep(0.1)
+    finally:
+        await nc.close()
+        await client.aclose()
+        await app.aclose()

@@ -34,6 +34,9 @@ log = logging.getLogger("heddle.connections")
 # beyond this many per connection, oldest first, so a fire-and-forget producer
 # does not grow without bound (heddle.notices.Watches).
 MAX_WATCHES = 50_000
+# After the workers bucket could not be read, tasks go through the router for this long
+# before a send tries to follow the bucket again.
+ROUTES_RETRY_S = 5.0
 
 
 def client_name(app_name: str) -> str:
@@ -108,9 +111,17 @@ class Connections:
         try:
             await registry.start()
         except HeddleError as exc:
-            log.warning("cannot follow the live workers (%s); every task goes through the router", exc)
+            await registry.stop()
+            log.warning("cannot follow the live workers (%s); tasks go through the router, and a send "
+                        "tries again in %.0fs", exc, ROUTES_RETRY_S)
+            asyncio.get_running_loop().call_later(ROUTES_RETRY_S, self._forget_routes, self._routes)
             return None
         return Routes(registry, self.broker.settings.default_tier)
+
+    def _forget_routes(self, failed: asyncio.Future[Routes | None] | None) -> None:
+        """Let the next send follow the workers bucket again (``failed`` could not)."""
+        if self._routes is failed:
+            self._routes = None
 
     def send_now(self, task_id: str, subject: str, payload: bytes, headers: dict[str, str]) -> SendNow | None:
         """Send a task without awaiting, when nothing needs waiting for; else None, and nothing is sent.
