@@ -163,11 +163,10 @@ class Watches:
 
     async def watch(self, task_id: str) -> Watch:
         """The task's open watch, or a new one subscribed to its notice (whoever sent the task)."""
-        w = self._open.get(task_id)
-        if w is not None and not w.done.done():
+        w = self._waiting(task_id)
+        if w is not None:
             return w
-        w = Watch(task_id, asyncio.get_running_loop().create_future())
-        self._open[task_id] = w
+        w = self._add(task_id)
         await self._subscribe(w)
         await self._follow_feed()
         if self.on_valkey and self._feed is not None:
@@ -184,33 +183,44 @@ class Watches:
         the first time (before the task's publish on the same connection, so the
         server knows it before any worker can answer).
         """
-        w = self._open.get(task_id)
-        if w is not None and not w.done.done():
+        w = self._waiting(task_id)
+        if w is not None:
             return w
         if self._mux is None:
             # ">": a task id may hold dots (graph nodes: ``{goal}:0.3``), so it can be several tokens.
             self._mux = await self.broker.subscribe(self._mux_prefix + ">", inline=self._on_mux)
         await self._follow_feed()
-        w = Watch(task_id, asyncio.get_running_loop().create_future())
-        self._open[task_id] = w
+        w = self._add(task_id)
         if len(self._open) > self.max_watches:
             await self._evict()
         return w
 
     def expect_now(self, task_id: str) -> Watch | None:
         """:meth:`expect` without awaiting: None when it would have to wait (first sends, or over the bound)."""
-        w = self._open.get(task_id)
-        if w is not None and not w.done.done():
+        w = self._waiting(task_id)
+        if w is not None:
             return w
-        if self._mux is None or (self._feed_started is not None and not self._feed_started.done()):
+        if not self._listening() or len(self._open) >= self.max_watches:
             return None
-        if self._feed_started is None and self.backend.announces:
-            return None
-        if len(self._open) >= self.max_watches:
-            return None
+        return self._add(task_id)
+
+    def _waiting(self, task_id: str) -> Watch | None:
+        """The open watch on ``task_id`` whose notice has not come yet, if any."""
+        w = self._open.get(task_id)
+        return w if w is not None and not w.done.done() else None
+
+    def _add(self, task_id: str) -> Watch:
         w = Watch(task_id, asyncio.get_running_loop().create_future())
         self._open[task_id] = w
         return w
+
+    def _listening(self) -> bool:
+        """The notice subscription is made and the Valkey feed (if results are announced) confirmed."""
+        if self._mux is None:
+            return False
+        if self._feed_started is None:
+            return not self.backend.announces
+        return self._feed_started.done()
 
     async def _follow_feed(self) -> None:
         """Start following this connection's Valkey channel (once), and wait until it is confirmed."""
