@@ -64,12 +64,36 @@ def test_a_publish_queued_in_the_callers_step_is_the_bytes_nats_py_publishes(hed
         await nc.connect(heddle_servers.nats_url)
         try:
             await nc.flush()
+            # The first send of a turn of the loop is written at once; the next one waits
+            # for the flusher, in the same step, as nats-py's publish would queue it.
+            assert nc.publish_now("hdr.first", b"payload", "_INBOX.x.0", {})
+            assert nc._pending == []
             assert nc.publish_now("hdr.test", b"payload", "_INBOX.x.1", headers)
             return b"".join(nc._pending)  # in the same step: the flusher has not run
         finally:
             await nc.close()
 
     assert asyncio.run(queued()) == _sent(Client(), headers)
+
+
+def test_the_first_send_of_a_turn_reaches_a_subscriber_with_the_rest_of_the_turn_queued(heddle_servers):
+    async def sends() -> list[bytes]:
+        nc, reader = Connection(), Connection()
+        await nc.connect(heddle_servers.nats_url)
+        await reader.connect(heddle_servers.nats_url)
+        try:
+            sub = await reader.subscribe("turn.>")
+            await reader.flush()
+            await nc.flush()
+            for i in range(3):
+                assert nc.publish_now(f"turn.{i}", b"%d" % i, "", {"H": "v"})
+            assert len(nc._pending) == 2  # only the first left in the caller's step
+            return [(await sub.next_msg(timeout=5)).data for _ in range(3)]
+        finally:
+            await nc.close()
+            await reader.close()
+
+    assert asyncio.run(sends()) == [b"0", b"1", b"2"]
 
 
 def test_a_publish_queued_in_the_callers_step_leaves_a_bad_header_name_to_the_usual_publish(heddle_servers):

@@ -128,6 +128,8 @@ class Connection(Client):
 
     _parse_header_lines = staticmethod(parse_header_lines)
     _kick_future: asyncio.Future[None] | None = None
+    # Set when publish_now wrote to the socket itself, until the loop's next turn.
+    _wrote_this_turn = False
 
     async def _send_publish(
         self, subject: str, reply: str, payload: bytes, payload_size: int, headers: dict[str, str] | None
@@ -147,9 +149,11 @@ class Connection(Client):
     def publish_now(self, subject: str, payload: bytes, reply: str, headers: dict[str, str]) -> bool:
         """Queue a publish without awaiting: False (nothing queued) if it must wait its turn.
 
-        It is queued as ``publish`` queues it, for the flusher to write at the loop's next
-        turn; once :data:`SYNC_WRITE_BYTES` are waiting they are written at once, so that
-        sends made in a loop that does not yield reach the server meanwhile. False while
+        The first one of a turn of the event loop is written to the socket at once (when
+        the socket's buffer is empty); the others are queued as ``publish`` queues them, for
+        the flusher to write at the loop's next turn, and once :data:`SYNC_WRITE_BYTES` are
+        waiting they are written at once, so that sends made in a loop that does not yield
+        reach the server meanwhile. False while
         not connected, draining, or with nats-py's pending buffer full: the caller then
         publishes the usual way, which waits.
         """
@@ -165,17 +169,31 @@ class Connection(Client):
         self.stats["out_bytes"] += len(payload)
         self._pending.append(cmd)
         self._pending_data_size += len(cmd)
-        if self._pending_data_size >= SYNC_WRITE_BYTES and self._write_pending_now():
+        if self._pending_data_size >= SYNC_WRITE_BYTES and self._write_pending_now(_SYNC_WRITE_BUFFERED):
+            return True
+        if not self._wrote_this_turn and self._write_pending_now(0):
+            # The first send of this turn of the loop leaves now: a lone task's message is on
+            # its way before its caller even awaits it, a turn earlier than the flusher would
+            # write it. Later sends of the same turn (a burst) are queued and written together.
+            self._wrote_this_turn = True
+            asyncio.get_running_loop().call_soon(self._next_turn)
             return True
         if self._flush_queue.empty():
             self._flush_queue.put_nowait(self._kick())
         return True
 
-    def _write_pending_now(self) -> bool:
-        """Write the pending commands to the socket now, as the flusher would; False if it cannot."""
+    def _next_turn(self) -> None:
+        self._wrote_this_turn = False
+
+    def _write_pending_now(self, max_buffered: int) -> bool:
+        """Write the pending commands to the socket now, as the flusher would; False if it cannot.
+
+        It cannot while the socket's own buffer holds more than ``max_buffered`` bytes
+        (the server is slow to read: the flusher's turn is soon enough).
+        """
         writer = getattr(self._transport, "_io_writer", None)  # nats-py's TcpTransport (not websockets)
         transport = getattr(writer, "transport", None)
-        if transport is None or transport.is_closing() or transport.get_write_buffer_size() > _SYNC_WRITE_BUFFERED:
+        if transport is None or transport.is_closing() or transport.get_write_buffer_size() > max_buffered:
             return False
         transport.writelines(self._pending)
         self._pending = []

@@ -288,6 +288,15 @@ async def publish(app: Client, result: AsyncResult[Any], subject: str, payload: 
                   headers: dict[str, str]) -> None:
     """Watch the result, record the send for the audit, and publish; done once JetStream stored it."""
     conns = await app.connections()
+    if result.sync_caller:
+        # A sync caller waits for this send alone, so nothing it sent before is still
+        # waiting: once the connections are open, the message is queued in this step
+        # (and written at once, heddle.natsclient) as an async caller's would be.
+        now = conns.send_now(result.id, subject, payload, headers)
+        if now is not None:
+            result.watch_from(now.watch, asyncio.get_running_loop())
+            await now.sent
+            return
     await conns.ensure_streams()
     watch = await conns.expect(result.id)
     conns.ask_for_notice(headers)
