@@ -113,6 +113,34 @@ def test_wrong_arguments_fail_at_the_call_site():
         add.apply_async(1, 2)
 
 
+def _one(a, /): ...
+def _two_with_default(a, b=1): ...
+def _none(): ...
+def _star(a, *rest): ...
+def _keyword_only(a, *, b): ...
+def _kwargs(a, **more): ...
+
+
+@pytest.mark.parametrize("fn", [_one, _two_with_default, _none, _star, _keyword_only, _kwargs])
+def test_a_send_takes_exactly_the_positional_argument_counts_the_function_takes(fn):
+    """The call-site count check agrees with ``inspect.Signature.bind`` for every count."""
+    import inspect
+
+    app = heddle.Heddle("arity")
+    task = app.task(fn)
+    for n in range(5):
+        args = tuple(range(n))
+        try:
+            inspect.signature(fn).bind(*args)
+            fits = True
+        except TypeError:
+            fits = False
+        # An out-of-range priority fails after the argument check, before anything is sent.
+        with pytest.raises(TypeError) as raised:
+            task.apply_async(args, priority=99)
+        assert ("bad arguments for task" in str(raised.value)) is not fits, (fn.__name__, n, str(raised.value))
+
+
 def test_an_unencodable_argument_raises_encode_error_naming_it():
     app = heddle.Heddle("enc")
 
