@@ -21,7 +21,7 @@ import pytest
 import heddle
 from heddle import names
 from heddle.broker import Broker
-from heddle.pull import Feed, Puller
+from heddle.pull import Feed, Puller, ack_now
 from heddle.settings import Settings
 
 # Long, so that a fetch sitting on a message until its timeout cannot pass for noise.
@@ -291,3 +291,21 @@ async def test_the_nats_py_internals_puller_relies_on_are_there(heddle_servers) 
         await psub.unsubscribe()
     finally:
         await broker.close()
+
+
+async def test_an_ack_made_in_the_callers_step_removes_the_message_and_is_made_once(consumer):
+    puller = await consumer.puller()
+    try:
+        fetch = asyncio.ensure_future(puller.fetch(1, TIMEOUT_S))
+        await consumer.until_waiting()
+        await consumer.publish(b"one")
+        (msg,) = await fetch
+        assert ack_now(msg)
+        assert msg.is_acked
+        assert not ack_now(msg)  # acknowledged already: msg.ack() would raise, nothing is sent again
+        await consumer.broker.flush()
+        info = await consumer.broker.consumer_info(names.TASKS_STREAM, consumer.durable)
+        assert (info.num_ack_pending, info.num_pending) == (0, 0)
+        assert info.ack_floor.consumer_seq == info.delivered.consumer_seq == 1
+    finally:
+        await puller.close()

@@ -185,3 +185,51 @@ async def test_an_inline_subscription_gets_every_message_in_order_in_the_reader_
     finally:
         await plain.close()
         await nc.close()
+
+
+def test_core_publishes_queued_in_the_callers_step_reach_a_subscriber_in_order(heddle_servers):
+    async def sends() -> list[tuple[str, bytes]]:
+        nc, reader = Connection(), Connection()
+        await nc.connect(heddle_servers.nats_url)
+        await reader.connect(heddle_servers.nats_url)
+        try:
+            sub = await reader.subscribe("core.>")
+            await reader.flush()
+            await nc.flush()
+            assert nc.publish_core_now("core.a", b"one")
+            await nc.publish("core.b", b"two")  # nats-py's own publish keeps its place among them
+            assert nc.publish_core_now("core.c", b"")
+            assert nc.publish_core_now("core.d", b"with\r\nCRLF")
+            got = []
+            for _ in range(4):
+                m = await sub.next_msg(timeout=5)
+                got.append((m.subject, m.data))
+            return got
+        finally:
+            await nc.close()
+            await reader.close()
+
+    assert asyncio.run(sends()) == [
+        ("core.a", b"one"), ("core.b", b"two"), ("core.c", b""), ("core.d", b"with\r\nCRLF"),
+    ]
+
+
+def test_a_core_publish_that_would_fail_is_left_to_the_usual_publish(heddle_servers):
+    async def refused() -> list[bytes]:
+        nc = Connection()
+        await nc.connect(heddle_servers.nats_url)
+        try:
+            await nc.flush()
+            assert not nc.publish_core_now("bad subject", b"x")
+            assert not nc.publish_core_now("bad\r\nPUB x 1", b"x")
+            assert not nc.publish_core_now("", b"x")
+            assert not nc.publish_core_now("too.big", b"x" * (nc.max_payload + 1))
+            with pytest.raises(nats.errors.BadSubjectError):
+                await nc.publish("bad subject", b"x")
+            with pytest.raises(nats.errors.MaxPayloadError):
+                await nc.publish("too.big", b"x" * (nc.max_payload + 1))
+            return list(nc._pending)
+        finally:
+            await nc.close()
+
+    assert asyncio.run(refused()) == []

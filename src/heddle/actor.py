@@ -32,7 +32,7 @@ from heddle.messages import (
     task_decoder,
     usable_task_id,
 )
-from heddle.pull import Feed
+from heddle.pull import Feed, ack_now
 
 if TYPE_CHECKING:
     from heddle.broker import Message as Msg
@@ -323,7 +323,8 @@ async def acknowledge(
             logger.debug("not %sing the message of task %s: it was acknowledged already", action, task_id)
             return False
         elif action == "ack":
-            await msg.ack()
+            if not ack_now(msg):
+                await msg.ack()
         elif action == "nak":
             await msg.nak(delay=delay)
         elif action == "term":

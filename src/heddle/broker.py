@@ -607,6 +607,13 @@ class Broker:
         """Translate a nats-py exception raised outside this module's calls."""
         return translate(exc, self.url, doing)
 
+    def publish_core_now(self, subject: str, payload: bytes) -> bool:
+        """:meth:`publish_core` without awaiting; False (nothing sent) where it would wait (raises MessageTooLarge)."""
+        if self.nc is None:
+            return False
+        self.check_size(subject, payload)
+        return self.nc.publish_core_now(subject, payload)
+
     async def publish_core(self, subject: str, payload: bytes) -> None:
         """Fire-and-forget publish on core NATS (notices, control, events)."""
         if self.nc is None:

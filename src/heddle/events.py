@@ -187,9 +187,11 @@ class Held:
 
 async def publish(broker: Broker, event: TaskEvent | WorkerEvent) -> None:
     """Announce ``event``; best effort: events never fail the work they describe."""
-    subjects = TASK_SUBJECTS if isinstance(event, TaskEvent) else WORKER_SUBJECTS
+    subject = (TASK_SUBJECTS if isinstance(event, TaskEvent) else WORKER_SUBJECTS)[event.state]
     try:
-        await broker.publish_core(subjects[event.state], encoder.encode(event))
+        payload = encoder.encode(event)
+        if not broker.publish_core_now(subject, payload):  # queued in this step, as a rule
+            await broker.publish_core(subject, payload)
     except Exception as exc:
         log.debug("could not publish a %s event: %r", event.state, exc)
 

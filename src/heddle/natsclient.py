@@ -52,6 +52,8 @@ SYNC_WRITE_BYTES = 32 * 1024
 _SYNC_WRITE_BUFFERED = 1024 * 1024
 # What str.isspace() calls whitespace (re's \s in a str pattern is the same set).
 _WHITESPACE = re.compile(r"\s")
+# What nats-py refuses in a published subject (a CR or LF would inject protocol commands).
+_BAD_SUBJECT = re.compile(r"[ \t\r\n]")
 
 
 def parse_header_lines(raw: bytes) -> dict[str, str]:
@@ -178,6 +180,30 @@ class Connection(Client):
             self._wrote_this_turn = True
             asyncio.get_running_loop().call_soon(self._next_turn)
             return True
+        if self._flush_queue.empty():
+            self._flush_queue.put_nowait(self._kick())
+        return True
+
+    def publish_core_now(self, subject: str, payload: bytes) -> bool:
+        """Queue a core NATS publish (no reply, no headers) for the flusher, without awaiting.
+
+        The bytes ``publish`` would queue, with the same checks on the subject and the
+        payload's size; False (nothing queued) where ``publish`` would have to wait or
+        raise: not connected, draining, a bad subject, the pending buffer full. For
+        fire-and-forget messages that many tasks send (lifecycle events): one call
+        instead of nats-py's three coroutines.
+        """
+        if not self.is_connected or self.is_draining_pubs or self._flush_queue is None:
+            return False
+        if not subject or _BAD_SUBJECT.search(subject) or len(payload) > self._max_payload:
+            return False
+        cmd = b"".join((f"PUB {subject} {len(payload)}\r\n".encode(), payload, _CRLF))
+        if self._pending_data_size + len(cmd) > self._max_pending_size > 0:
+            return False
+        self.stats["out_msgs"] += 1
+        self.stats["out_bytes"] += len(payload)
+        self._pending.append(cmd)
+        self._pending_data_size += len(cmd)
         if self._flush_queue.empty():
             self._flush_queue.put_nowait(self._kick())
         return True

@@ -20,7 +20,7 @@ from nats.js import JetStreamContext, api
 
 from heddle.broker import Broker
 from heddle.errors import BrokerError
-from heddle.natsclient import translate
+from heddle.natsclient import Connection, translate
 from heddle.redact import redact
 
 log = logging.getLogger("heddle.broker")
@@ -253,6 +253,21 @@ class Feed:
 _REQUEST_GRACE_S = 0.5
 # After "408 Requests Pending", how long before asking again.
 _PENDING_RETRY_S = 0.02
+
+
+def ack_now(msg: Msg) -> bool:
+    """Ack a delivered message in the caller's step, as ``await msg.ack()`` would; False if it must be awaited.
+
+    The ack (an empty message on the delivery's reply subject) is queued for the
+    connection's flusher like any other publish, in order with them. False, with
+    nothing sent, for a message already acknowledged or without a reply subject
+    (``msg.ack()`` raises what is wrong), or while the connection cannot take it at once.
+    """
+    nc = msg._client
+    if msg._ackd or not msg.reply or not isinstance(nc, Connection) or not nc.publish_core_now(msg.reply, b""):
+        return False
+    msg._ackd = True
+    return True
 
 
 def _status(msg: Msg) -> str | None:
