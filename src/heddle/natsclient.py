@@ -159,18 +159,14 @@ class Connection(Client):
         not connected, draining, or with nats-py's pending buffer full: the caller then
         publishes the usual way, which waits.
         """
-        if not self.is_connected or self.is_draining_pubs or self._flush_queue is None or not subject:
+        if not self._taking() or not subject:
             return False
         try:
             cmd = _hpub(subject, reply, payload, headers)
         except nats.errors.BadHeaderError:
             return False  # publish raises it, where the send is awaited
-        if self._pending_data_size + len(cmd) > self._max_pending_size > 0:
+        if not self._queue(cmd, len(payload)):
             return False
-        self.stats["out_msgs"] += 1
-        self.stats["out_bytes"] += len(payload)
-        self._pending.append(cmd)
-        self._pending_data_size += len(cmd)
         if self._pending_data_size >= SYNC_WRITE_BYTES and self._write_pending_now(_SYNC_WRITE_BUFFERED):
             return True
         if not self._wrote_this_turn and self._write_pending_now(0):
@@ -180,33 +176,42 @@ class Connection(Client):
             self._wrote_this_turn = True
             asyncio.get_running_loop().call_soon(self._next_turn)
             return True
-        if self._flush_queue.empty():
-            self._flush_queue.put_nowait(self._kick())
+        self._kick_flusher()
         return True
 
     def publish_core_now(self, subject: str, payload: bytes) -> bool:
         """Queue a core NATS publish (no reply, no headers) for the flusher, without awaiting.
 
-        The bytes ``publish`` would queue, with the same checks on the subject and the
-        payload's size; False (nothing queued) where ``publish`` would have to wait or
-        raise: not connected, draining, a bad subject, the pending buffer full. For
-        fire-and-forget messages that many tasks send (lifecycle events): one call
-        instead of nats-py's three coroutines.
+        A ``PUB`` command as ``publish`` queues it (less its empty reply field), after
+        the same checks of the subject and the payload's size; False (nothing queued)
+        where ``publish`` would have to wait or raise: not connected, draining, a bad
+        subject, too large, the pending buffer full. For fire-and-forget messages every
+        task sends (lifecycle events, acks): one call instead of nats-py's three coroutines.
         """
-        if not self.is_connected or self.is_draining_pubs or self._flush_queue is None:
+        if not self._taking() or not subject or _BAD_SUBJECT.search(subject) or len(payload) > self._max_payload:
             return False
-        if not subject or _BAD_SUBJECT.search(subject) or len(payload) > self._max_payload:
+        if not self._queue(b"".join((f"PUB {subject} {len(payload)}\r\n".encode(), payload, _CRLF)), len(payload)):
             return False
-        cmd = b"".join((f"PUB {subject} {len(payload)}\r\n".encode(), payload, _CRLF))
+        self._kick_flusher()
+        return True
+
+    def _taking(self) -> bool:
+        """Whether a publish can be queued without awaiting: connected, not draining, the flusher running."""
+        return self.is_connected and not self.is_draining_pubs and self._flush_queue is not None
+
+    def _queue(self, cmd: bytes, payload_size: int) -> bool:
+        """Append ``cmd`` to nats-py's pending buffer, counted as its publish counts it; False if it is full."""
         if self._pending_data_size + len(cmd) > self._max_pending_size > 0:
             return False
         self.stats["out_msgs"] += 1
-        self.stats["out_bytes"] += len(payload)
+        self.stats["out_bytes"] += payload_size
         self._pending.append(cmd)
         self._pending_data_size += len(cmd)
-        if self._flush_queue.empty():
-            self._flush_queue.put_nowait(self._kick())
         return True
+
+    def _kick_flusher(self) -> None:
+        if self._flush_queue is not None and self._flush_queue.empty():
+            self._flush_queue.put_nowait(self._kick())
 
     def _next_turn(self) -> None:
         self._wrote_this_turn = False
