@@ -155,9 +155,8 @@ class Connection(Client):
         the socket's buffer is empty); the others are queued as ``publish`` queues them, for
         the flusher to write at the loop's next turn, and once :data:`SYNC_WRITE_BYTES` are
         waiting they are written at once, so that sends made in a loop that does not yield
-        reach the server meanwhile. False while
-        not connected, draining, or with nats-py's pending buffer full: the caller then
-        publishes the usual way, which waits.
+        reach the server meanwhile. False while not connected, draining, or with nats-py's
+        pending buffer full: the caller then publishes the usual way, which waits.
         """
         if not self._taking() or not subject:
             return False

@@ -2,8 +2,8 @@
 :class:`Feed` (the consumer an actor's loop pulls from, re-bound when stale).
 
 Part of the transport with :mod:`heddle.broker`: the only other module that
-touches nats-py. ``Puller`` relies on nats-py 2.16's subscription internals;
-``tests/test_fetch.py`` pins them.
+touches nats-py. ``Puller`` relies on nats-py 2.16's subscription internals and
+:func:`ack_now` on its message's; ``tests/test_fetch.py`` pins them.
 """
 
 from __future__ import annotations
