@@ -4,6 +4,8 @@ inline subscriptions in its reader (both pinned to nats-py's internals here)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 
 import nats
 import nats.errors
@@ -57,57 +59,52 @@ def test_headers_are_sent_as_the_bytes_nats_py_sends(headers):
     assert _sent(Connection(), headers) == _sent(Client(), headers)
 
 
+@contextlib.asynccontextmanager
+async def _connected(url: str) -> AsyncIterator[Connection]:
+    """A Connection to ``url`` that the server knows (flushed), closed when the block ends."""
+    nc = Connection()
+    await nc.connect(url)
+    try:
+        await nc.flush()
+        yield nc
+    finally:
+        await nc.close()
+
+
 @pytest.mark.parametrize("headers", HEADER_DICTS)
 def test_a_publish_queued_in_the_callers_step_is_the_bytes_nats_py_publishes(heddle_servers, headers):
     async def queued() -> bytes:
-        nc = Connection()
-        await nc.connect(heddle_servers.nats_url)
-        try:
-            await nc.flush()
+        async with _connected(heddle_servers.nats_url) as nc:
             # The first send of a turn of the loop is written at once; the next one waits
             # for the flusher, in the same step, as nats-py's publish would queue it.
             assert nc.publish_now("hdr.first", b"payload", "_INBOX.x.0", {})
             assert nc._pending == []
             assert nc.publish_now("hdr.test", b"payload", "_INBOX.x.1", headers)
             return b"".join(nc._pending)  # in the same step: the flusher has not run
-        finally:
-            await nc.close()
 
     assert asyncio.run(queued()) == _sent(Client(), headers)
 
 
 def test_the_first_send_of_a_turn_reaches_a_subscriber_with_the_rest_of_the_turn_queued(heddle_servers):
     async def sends() -> list[bytes]:
-        nc, reader = Connection(), Connection()
-        await nc.connect(heddle_servers.nats_url)
-        await reader.connect(heddle_servers.nats_url)
-        try:
+        async with _connected(heddle_servers.nats_url) as nc, _connected(heddle_servers.nats_url) as reader:
             sub = await reader.subscribe("turn.>")
             await reader.flush()
-            await nc.flush()
             for i in range(3):
                 assert nc.publish_now(f"turn.{i}", b"%d" % i, "", {"H": "v"})
             assert len(nc._pending) == 2  # only the first left in the caller's step
             return [(await sub.next_msg(timeout=5)).data for _ in range(3)]
-        finally:
-            await nc.close()
-            await reader.close()
 
     assert asyncio.run(sends()) == [b"0", b"1", b"2"]
 
 
 def test_a_publish_queued_in_the_callers_step_leaves_a_bad_header_name_to_the_usual_publish(heddle_servers):
     async def refused() -> list[bytes]:
-        nc = Connection()
-        await nc.connect(heddle_servers.nats_url)
-        try:
-            await nc.flush()
+        async with _connected(heddle_servers.nats_url) as nc:
             assert not nc.publish_now("hdr.test", b"payload", "_INBOX.x.1", {"Bad Name": "x"})
             with pytest.raises(nats.errors.BadHeaderError):
                 await nc.publish("hdr.test", b"payload", headers={"Bad Name": "x"})
             return list(nc._pending)
-        finally:
-            await nc.close()
 
     assert asyncio.run(refused()) == []
 
@@ -189,13 +186,9 @@ async def test_an_inline_subscription_gets_every_message_in_order_in_the_reader_
 
 def test_core_publishes_queued_in_the_callers_step_reach_a_subscriber_in_order(heddle_servers):
     async def sends() -> list[tuple[str, bytes]]:
-        nc, reader = Connection(), Connection()
-        await nc.connect(heddle_servers.nats_url)
-        await reader.connect(heddle_servers.nats_url)
-        try:
+        async with _connected(heddle_servers.nats_url) as nc, _connected(heddle_servers.nats_url) as reader:
             sub = await reader.subscribe("core.>")
             await reader.flush()
-            await nc.flush()
             assert nc.publish_core_now("core.a", b"one")
             await nc.publish("core.b", b"two")  # nats-py's own publish keeps its place among them
             assert nc.publish_core_now("core.c", b"")
@@ -205,9 +198,6 @@ def test_core_publishes_queued_in_the_callers_step_reach_a_subscriber_in_order(h
                 m = await sub.next_msg(timeout=5)
                 got.append((m.subject, m.data))
             return got
-        finally:
-            await nc.close()
-            await reader.close()
 
     assert asyncio.run(sends()) == [
         ("core.a", b"one"), ("core.b", b"two"), ("core.c", b""), ("core.d", b"with\r\nCRLF"),
@@ -216,10 +206,7 @@ def test_core_publishes_queued_in_the_callers_step_reach_a_subscriber_in_order(h
 
 def test_a_core_publish_that_would_fail_is_left_to_the_usual_publish(heddle_servers):
     async def refused() -> list[bytes]:
-        nc = Connection()
-        await nc.connect(heddle_servers.nats_url)
-        try:
-            await nc.flush()
+        async with _connected(heddle_servers.nats_url) as nc:
             assert not nc.publish_core_now("bad subject", b"x")
             assert not nc.publish_core_now("bad\r\nPUB x 1", b"x")
             assert not nc.publish_core_now("", b"x")
@@ -229,7 +216,5 @@ def test_a_core_publish_that_would_fail_is_left_to_the_usual_publish(heddle_serv
             with pytest.raises(nats.errors.MaxPayloadError):
                 await nc.publish("too.big", b"x" * (nc.max_payload + 1))
             return list(nc._pending)
-        finally:
-            await nc.close()
 
     assert asyncio.run(refused()) == []
