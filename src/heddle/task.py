@@ -201,10 +201,11 @@ class Task(Generic[P, R]):
         # keyword-only ones), the range of positional argument counts it takes: a send
         # with only positional arguments checks its count against it, which is what
         # Signature.bind would find, at a fraction of its cost. None: bind checks.
-        params = self.signature.parameters.values()
+        params = self.signature.parameters
         self._arity: tuple[int, int] | None = None
-        if len(self._positional) == len(self.signature.parameters):
-            self._arity = (sum(p.default is inspect.Parameter.empty for p in params), len(self._positional))
+        if len(self._positional) == len(params):
+            required = sum(p.default is inspect.Parameter.empty for p in params.values())
+            self._arity = (required, len(params))
         key = self.options.concurrency_key
         if key is not None and key not in self.signature.parameters:
             raise TaskOptionError(
