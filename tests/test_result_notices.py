@@ -176,26 +176,67 @@ def test_a_sync_get_whose_notice_is_lost_still_gets_the_stored_result(fresh_serv
 
 
 class _CountingApp(heddle.Heddle):
-    """Counts the coroutines a sync caller hands to the app's loop thread."""
+    """Counts what a sync caller hands to the app's loop thread: coroutines (each run as a task) and plain calls."""
 
-    portal_calls = 0
+    coroutines = 0
+    plain_calls = 0
 
     def run_sync(self, coro, timeout_s=None):
-        self.portal_calls += 1
+        self.coroutines += 1
         return super().run_sync(coro, timeout_s)
 
+    def count_plain_calls(self, monkeypatch) -> None:
+        call_soon = self._portal.call_soon
 
-def test_a_sync_delay_then_get_hands_one_call_to_the_loop_thread_not_two(heddle_app, heddle_worker):
+        def counted(start, timeout_s=None):
+            self.plain_calls += 1
+            return call_soon(start, timeout_s)
+
+        monkeypatch.setattr(self._portal, "call_soon", counted)
+
+
+def test_a_sync_delay_then_get_hands_one_plain_call_to_the_loop_thread_and_no_coroutine(
+    heddle_app, heddle_worker, monkeypatch
+):
     @heddle_app.task
     def add(x: int, y: int) -> int:
         return x + y
 
     app = _CountingApp(heddle_app.name, settings=heddle_app.settings)
+    app.count_plain_calls(monkeypatch)
     try:
         assert app.send_task(add.name, (2, 3)).get(timeout=T) == 5  # the first call connects
-        app.portal_calls = 0
+        app.coroutines = app.plain_calls = 0
         r = app.send_task(add.name, (4, 5))
         assert r.get(timeout=T) == 9
-        assert app.portal_calls == 1  # the send; the wait needed no hop to the loop and back
+        # The send is one plain call on the loop (no task made for it); the wait needed
+        # no hop to the loop and back.
+        assert (app.plain_calls, app.coroutines) == (1, 0)
+    finally:
+        app.close()
+
+
+async def _cap_task_messages(nats_url: str, max_bytes: int) -> None:
+    """Make the tasks stream refuse any message over ``max_bytes`` (as a stream its operator capped would)."""
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        config = (await js.stream_info(names.TASKS_STREAM)).config
+        config.max_msg_size = max_bytes
+        await js.update_stream(config)
+    finally:
+        await nc.close()
+
+
+def test_a_sync_send_the_stream_refuses_raises_in_the_callers_thread(fresh_servers):
+    # The send is handed to the loop thread once the connections are open; what the
+    # stream answered comes back to the caller as it would to an async caller.
+    app = _app(fresh_servers)
+    try:
+        app.send_task("nobody.runs_this", (1,), worker_type="nobody")  # connects, and is stored
+        asyncio.run(_cap_task_messages(fresh_servers.nats_url, 1024))
+        with pytest.raises(heddle.BrokerError, match="JetStream refused the message: message size exceeds maximum"):
+            app.send_task("nobody.runs_this", ("x" * 2048,), worker_type="nobody")
+        assert app.send_task("nobody.runs_this", (2,), worker_type="nobody").id  # small ones are still stored
     finally:
         app.close()

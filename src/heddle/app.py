@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import functools
 import importlib
 import threading
 from collections.abc import Callable, Coroutine, Mapping
@@ -65,6 +67,31 @@ class _Portal:
         fut = asyncio.run_coroutine_threadsafe(coro, loop)
         return fut.result(timeout_s)
 
+    def running_loop(self) -> asyncio.AbstractEventLoop | None:
+        """The portal's loop while its thread runs (None before the first sync call and after stop)."""
+        loop, thread = self._loop, self._thread
+        return loop if thread is not None and thread.is_alive() else None
+
+    def call_soon(self, start: Callable[[], asyncio.Future[T]], timeout_s: float | None = None) -> T:
+        """Call ``start`` on the portal loop (a plain call in its next step); block until its future is done.
+
+        Lighter than :meth:`call` for work that is one call and then a wait: no task is
+        made for it, and the caller is woken by the future's own callback.
+        """
+        loop = self._ensure()
+        done: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                started = start()
+            except BaseException as exc:
+                done.set_exception(exc)
+                return
+            started.add_done_callback(functools.partial(_pass_on, done))
+
+        loop.call_soon_threadsafe(run)
+        return done.result(timeout_s)
+
     def stop(self) -> None:
         with self._lock:
             loop, thread = self._loop, self._thread
@@ -74,6 +101,16 @@ class _Portal:
             thread.join(5)
             if not thread.is_alive():
                 loop.close()
+
+
+def _pass_on(done: concurrent.futures.Future[T], fut: asyncio.Future[T]) -> None:
+    """Give the waiting thread's ``done`` the outcome of ``fut`` (on the loop that settled it)."""
+    if fut.cancelled():
+        done.cancel()
+    elif (exc := fut.exception()) is not None:
+        done.set_exception(exc)
+    else:
+        done.set_result(fut.result())
 
 
 class Heddle:
@@ -344,20 +381,44 @@ class Heddle:
 
     # -- sending -------------------------------------------------------------------
 
-    def dispatch(self, result: TracksSend, send: Coroutine[Any, Any, None]) -> None:
-        """Run a send: on the caller's loop (not awaited) or, for sync callers, via the portal."""
+    def dispatch(
+        self,
+        result: TracksSend,
+        now: Callable[[Connections], asyncio.Future[Any] | None],
+        send: Callable[[], Coroutine[Any, Any, None]],
+    ) -> None:
+        """Run a send that could not be made in the caller's step: on its loop, or for a sync caller on the portal.
+
+        ``now`` queues the message on open connections without awaiting and returns the
+        future of its publish, or None when it has to wait (nothing sent); ``send`` makes
+        the coroutine that sends it the full way. A sync caller's send is handed to the
+        portal as ``now`` once the portal's connections are open (a plain call in the
+        loop's next step, no task), and as ``send`` before that or when ``now`` declines.
+        """
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
         if loop is not None and not self._portal.in_portal():
-            task = loop.create_task(send)
+            task = loop.create_task(send())
             self._pending_sends.add(task)
             task.add_done_callback(self._pending_sends.discard)
             result.track_send(task)
             return
         result.for_thread()
-        self.run_sync(send, self.settings.connect_timeout_s * 3 + 10)
+        timeout_s = self.settings.connect_timeout_s * 3 + 10
+        portal = self._portal.running_loop()
+        conns = self._opened(portal) if portal is not None and loop is None else None
+        if conns is None:
+            self.run_sync(send(), timeout_s)
+            return
+        ready = conns
+
+        def start() -> asyncio.Future[Any]:
+            sent = now(ready)
+            return sent if sent is not None else asyncio.ensure_future(send())
+
+        self._portal.call_soon(start, timeout_s)
 
     def AsyncResult(self, task_id: str, task_name: str = "") -> _AsyncResult[Any]:
         """A handle on an existing task by id."""

@@ -13,7 +13,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, NamedTuple, Protocol, TypeVar
 
 from heddle import names
@@ -305,8 +305,17 @@ class Client(Protocol):
         """Raise if a blocking call is made from a running event loop."""
         ...
 
-    def dispatch(self, result: TracksSend, send: Coroutine[Any, Any, None]) -> None:
-        """Run a send on the caller's loop (not awaited) or, for sync callers, to the end."""
+    def dispatch(
+        self,
+        result: TracksSend,
+        now: Callable[[Connections], asyncio.Future[Any] | None],
+        send: Callable[[], Coroutine[Any, Any, None]],
+    ) -> None:
+        """Run a send on the caller's loop (not awaited) or, for sync callers, to the end.
+
+        ``now`` queues it on open connections without awaiting (None: it must wait);
+        ``send`` makes the coroutine that sends it the full way.
+        """
         ...
 
 

@@ -73,11 +73,6 @@ class AsyncResult(Generic[R]):
         """The send runs for a sync caller, who waits in its own thread (set before the send runs)."""
         self._for_thread = True
 
-    @property
-    def sync_caller(self) -> bool:
-        """True when the task was sent for a sync caller, who waits for the send in its own thread."""
-        return self._for_thread
-
     def watch_from(self, watch: Watch, loop: Any) -> None:
         """Wait through ``watch``, made on ``loop`` (and running it) before the task was published."""
         self._watch, self._loop = watch, loop

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import difflib
+import functools
 import math
 import os
 import time
@@ -25,7 +26,7 @@ from heddle.results import AsyncResult
 from heddle.settings import Settings, check_name
 
 if TYPE_CHECKING:
-    from heddle.connections import Client
+    from heddle.connections import Client, Connections
 
 APPLY_OPTIONS = frozenset(
     {"countdown", "eta", "expires", "priority", "task_id", "headers", "tier", "worker_type", "budget_usd"}
@@ -269,34 +270,43 @@ def submit(
     """Publish an encoded message for ``result``: on the caller's loop, or to the end for sync callers.
 
     On an async caller's loop whose connections are open and have nothing waiting, the
-    message is queued in this call (:meth:`Connections.send_now`); otherwise a task on
-    the loop sends it. Sends that had to wait go first: while one is pending, every later
-    send waits too, so a connection publishes in the order of the calls.
+    message is queued in this call (:func:`send_now`); otherwise a task on the loop
+    sends it. Sends that had to wait go first: while one is pending, every later send
+    waits too, so a connection publishes in the order of the calls. A sync caller's send
+    is queued the same way on the portal's loop, in its next step (``app.dispatch``).
     """
     conns = app.connections_now()
     if conns is not None:
-        now = conns.send_now(result.id, subject, payload, headers)
-        if now is not None:
-            result.watch_from(now.watch, asyncio.get_running_loop())
-            result.track_send(now.sent)
+        sent = send_now(conns, result, subject, payload, headers)
+        if sent is not None:
+            result.track_send(sent)
             return result
-    app.dispatch(result, publish(app, result, subject, payload, headers))
+    app.dispatch(
+        result,
+        functools.partial(send_now, result=result, subject=subject, payload=payload, headers=headers),
+        functools.partial(publish, app, result, subject, payload, headers),
+    )
     return result
+
+
+def send_now(conns: Connections, result: AsyncResult[Any], subject: str, payload: bytes,
+             headers: dict[str, str]) -> asyncio.Future[Any] | None:
+    """Queue ``result``'s message on ``conns`` without awaiting: the future of its publish, or None (nothing sent).
+
+    None when something has to be waited for first (:meth:`Connections.send_now`); the
+    result is watched from the running loop, which must be the connections' own.
+    """
+    now = conns.send_now(result.id, subject, payload, headers)
+    if now is None:
+        return None
+    result.watch_from(now.watch, asyncio.get_running_loop())
+    return now.sent
 
 
 async def publish(app: Client, result: AsyncResult[Any], subject: str, payload: bytes,
                   headers: dict[str, str]) -> None:
     """Watch the result, record the send for the audit, and publish; done once JetStream stored it."""
     conns = await app.connections()
-    if result.sync_caller:
-        # A sync caller waits for this send alone, so nothing it sent before is still
-        # waiting: once the connections are open, the message is queued in this step
-        # (and written at once, heddle.natsclient) as an async caller's would be.
-        now = conns.send_now(result.id, subject, payload, headers)
-        if now is not None:
-            result.watch_from(now.watch, asyncio.get_running_loop())
-            await now.sent
-            return
     await conns.ensure_streams()
     watch = await conns.expect(result.id)
     conns.ask_for_notice(headers)
