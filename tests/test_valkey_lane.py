@@ -167,6 +167,42 @@ async def test_an_error_reply_on_the_lane_is_the_same_clear_error_as_through_the
         assert str(on_lane.value) == str(on_pool.value)
 
 
+async def test_the_audits_record_of_sends_goes_through_the_lane_and_the_pool_alike(valkey):
+    async with _backend(valkey_url=valkey.url) as backend:
+        lane = backend.lane
+        assert lane is not None
+        before = lane.answered
+        first, second = _ids(2), _ids(2)
+        await backend.record_submitted(first, 1000.5)
+        assert lane.answered == before + 1
+        lane.close()
+        await backend.record_submitted(second, 2000.25)  # through the pool
+        await backend.record_submitted(first, 3000.0)  # already there: each keeps the time it was first sent
+        assert lane.answered == before + 1
+        total, rows = await backend.submitted_before(5000.0, 10)
+        assert total == 4
+        assert sorted(rows) == sorted([(i, 1000.5) for i in first] + [(i, 2000.25) for i in second])
+
+
+async def test_an_error_reply_to_a_plain_command_is_the_same_clear_error_on_the_lane_and_the_pool(valkey):
+    async with _backend(valkey_url=valkey.url) as backend:
+        plain = valkey_async.Valkey.from_url(valkey.url)
+        try:
+            await plain.set(names.SUBMITTED_KEY, "not a sorted set")
+        finally:
+            await plain.aclose()
+        lane = backend.lane
+        assert lane is not None
+        with pytest.raises(BackendError) as on_lane:
+            await backend.record_submitted(_ids(1), time.time())
+        assert backend.lane is lane and lane.answered == 1  # an error reply leaves the connection usable
+        lane.close()
+        with pytest.raises(BackendError) as on_pool:
+            await backend.record_submitted(_ids(1), time.time())
+        assert "WRONGTYPE" in str(on_lane.value) and "recording sent tasks" in str(on_lane.value)
+        assert str(on_lane.value) == str(on_pool.value)
+
+
 async def test_a_lane_takes_over_valkey_pys_connection_which_then_owns_no_socket(valkey):
     """Pins valkey-py's internals the lane relies on (Connection._reader/_writer streams)."""
     pool = valkey_async.ConnectionPool.from_url(valkey.url)

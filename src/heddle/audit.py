@@ -1,19 +1,21 @@
 """The audit: every submitted task is either final or listed, so a loss cannot hide.
 
 Each send records the task id in one Valkey sorted set (``heddle:submitted``,
-scored by the time it was sent); storing a final state (SUCCESS, FAILURE,
-REVOKED) removes it, in the same pipelined round trip as the store. What is
-left there after a deadline has not reached a final state: still queued behind
-others, running long, waiting out a countdown, or lost. :func:`unfinished`
+scored by the time it was sent, to within the 50 ms of its group below);
+storing a final state (SUCCESS, FAILURE, REVOKED) removes it, in the same
+pipelined round trip as the store. What is left there after a deadline has
+not reached a final state: still queued behind others, running long, waiting
+out a countdown, or lost. :func:`unfinished`
 lists those with their stored state; ``heddle status --audit`` and the
 Workshop's Audit page show them.
 
 Sends are recorded in groups: one ``ZADD`` for the sends of up to 50 ms (or
 1,000 sends), written in the background, so the audit costs no round trip on
-the send path. The trade: a client that dies within those 50 ms of a send
-leaves it out of the audit (its message is safe in JetStream and runs as
-usual); ``app.aclose()`` writes what is left. If Valkey cannot be reached the send still succeeds and the gap is
-logged.
+the send path; the group's entries are scored by the time of its first send.
+The trade: a client that dies within those 50 ms of a send leaves it out of
+the audit (its message is safe in JetStream and runs as usual);
+``app.aclose()`` writes what is left. If Valkey cannot be reached the send
+still succeeds and the gap is logged.
 Entries older than the result TTL are dropped when the audit is read, as the
 records they would be compared with have expired too.
 """
@@ -68,13 +70,16 @@ class SubmissionLog:
 
     def __init__(self, backend: ResultBackend) -> None:
         self.backend = backend
-        self._batch: list[tuple[str, float]] = []
+        self._batch: list[str] = []
+        self._since = 0.0  # when the first send of the group was made
         self._timer: asyncio.TimerHandle | None = None
         self._writes: set[asyncio.Task[None]] = set()
 
     def record(self, task_id: str) -> None:
         """Add ``task_id`` to the next group (written within :data:`FLUSH_S`, never awaited)."""
-        self._batch.append((task_id, time.time()))
+        if not self._batch:
+            self._since = time.time()
+        self._batch.append(task_id)
         if len(self._batch) >= FLUSH_AT:
             self._flush()
         elif self._timer is None:
@@ -86,13 +91,13 @@ class SubmissionLog:
             self._timer = None
         batch, self._batch = self._batch, []
         if batch:
-            task = asyncio.ensure_future(self._write(batch))
+            task = asyncio.ensure_future(self._write(batch, self._since))
             self._writes.add(task)
             task.add_done_callback(self._writes.discard)
 
-    async def _write(self, batch: list[tuple[str, float]]) -> None:
+    async def _write(self, batch: list[str], sent_at: float) -> None:
         try:
-            await self.backend.record_submitted(batch)
+            await self.backend.record_submitted(batch, sent_at)
         except HeddleError as exc:
             log.warning("%d sent tasks are not in the audit (%s); their messages are safe in JetStream",
                         len(batch), exc)

@@ -420,7 +420,7 @@ class ResultBackend:
         replies follow the scripts' in the returned list. In a Cluster the keys of one
         call must share a hash slot (a ``{tag}``); calls on different slots are fine.
         """
-        lane = self._lanes.current() if self._lanes is not None and self.client is not None else None
+        lane = self._open_lane()
         if lane is not None:
             try:
                 return await self._run_on_lane(lane, name, calls, then)
@@ -430,6 +430,48 @@ class ResultBackend:
                 assert self._lanes is not None
                 self._lanes.lost(str(exc))
         return await self._call(f"running {name}", lambda client: self._run_scripts(client, name, calls, then))
+
+    def _open_lane(self) -> Lane | None:
+        return self._lanes.current() if self._lanes is not None and self.client is not None else None
+
+    async def _run_commands(self, doing: str, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        """Plain commands in one round trip: on the lane when it is open (packed in C), else through the pool.
+
+        For commands that may run twice (the lane fails over to the pool as scripts do).
+        """
+        lane = self._open_lane()
+        if lane is not None:
+            try:
+                out = await lane.execute(commands)
+                self._raise_reply_errors(out, doing)
+                return out
+            except LaneDown as exc:
+                assert self._lanes is not None
+                self._lanes.lost(str(exc))
+
+        async def op(client: Any) -> list[Any]:
+            pipe = client.pipeline(transaction=False)
+            for command in commands:
+                pipe.execute_command(*command)
+            out = await pipe.execute(raise_on_error=False)
+            for r in out:
+                if isinstance(r, Exception):
+                    raise r  # the server's own error, as on the lane (not the pipeline's, which quotes every argument)
+            return list(out)
+
+        return await self._call(doing, op)
+
+    def _raise_reply_errors(self, replies: Sequence[Any], doing: str) -> None:
+        """Raise the first error reply of the lane as the pool would; LaneDown for one the pool rides out.
+
+        The pool rides out a server that cannot take writes now (READONLY after a failover, LOADING).
+        """
+        for r in replies:
+            if isinstance(r, ReplyError):
+                exc = BaseParser.parse_error(str(r))  # type: ignore[no-untyped-call]
+                if isinstance(exc, _FAILOVER_ERRORS):  # READONLY, LOADING (a ConnectionError)...
+                    raise LaneDown(f"{type(exc).__name__}: {str(exc)[:200]}")
+                raise _translate(exc, self.url, doing, "" if self.mode == "single" else self.where)
 
     async def _run_on_lane(
         self,
@@ -456,12 +498,7 @@ class ResultBackend:
             if attempt == 0 and any(isinstance(r, ReplyError) and str(r).startswith("NOSCRIPT") for r in out):
                 self._scripts = {n: (lua, "") for n, (lua, _) in self._scripts.items()}
                 continue
-            for r in out:
-                if isinstance(r, ReplyError):
-                    exc = BaseParser.parse_error(str(r))  # type: ignore[no-untyped-call]
-                    if isinstance(exc, _FAILOVER_ERRORS):  # READONLY, LOADING (a ConnectionError)...
-                        raise LaneDown(f"{type(exc).__name__}: {str(exc)[:200]}")
-                    raise _translate(exc, self.url, f"running {name}", "" if self.mode == "single" else self.where)
+            self._raise_reply_errors(out, f"running {name}")
             return out
         raise LaneDown("the scripts are not loaded")
 
@@ -570,12 +607,13 @@ class ResultBackend:
             self._tokens.pop(r.task_id, None)
         return written
 
-    async def record_submitted(self, entries: Sequence[tuple[str, float]]) -> None:
-        """Add sent task ids to the audit (the earliest send time of an id is kept)."""
-        if not entries:
+    async def record_submitted(self, task_ids: Sequence[str], sent_at: float) -> None:
+        """Add task ids sent at ``sent_at`` (epoch seconds) to the audit; an id already there keeps its time."""
+        if not task_ids:
             return
-        mapping = {tid: at for tid, at in entries}
-        await self._call("recording sent tasks", lambda c: c.zadd(names.SUBMITTED_KEY, mapping, nx=True))
+        score = repr(sent_at)  # formatted once: a float per member costs more than the rest of the command
+        scored = [x for tid in task_ids for x in (score, tid)]
+        await self._run_commands("recording sent tasks", [("ZADD", names.SUBMITTED_KEY, "NX", *scored)])
 
     async def forget_submitted(self, task_ids: Sequence[str]) -> None:
         """Take tasks out of the audit."""
