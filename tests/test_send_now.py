@@ -129,6 +129,34 @@ async def test_closing_the_app_right_after_a_burst_of_sends_waits_for_every_ack(
         await nc.close()
 
 
+async def test_a_burst_of_sends_before_the_connection_opens_creates_the_streams_once(fresh_servers):
+    # The first sends of a process each wait for the connection; they used to create the
+    # streams one request each (5,000 sends: 20,000 stream requests, and nats-server's
+    # JetStream API timed out under them).
+    requests: list[str] = []
+    nc = await nats.connect(fresh_servers.nats_url)
+
+    async def heard(msg: Any) -> None:
+        requests.append(msg.subject)
+
+    await nc.subscribe("$JS.API.STREAM.CREATE.>", cb=heard)
+    await nc.flush()
+    app = _app(fresh_servers)
+    try:
+        handles = [app.send_task("nobody.runs_this", (i,), worker_type="nobody") for i in range(5_000)]
+        assert all(isinstance(r._sent, asyncio.Task) for r in handles)  # each waits for the connection
+        for r in handles:
+            await asyncio.wait_for(r.sent(), T)
+        await nc.flush()
+        # The four streams, and the workers bucket the direct routes follow (heddle.routes).
+        streams = [names.TASKS_STREAM, names.DLQ_STREAM, names.GOALS_STREAM, names.STREAMS_STREAM,
+                   f"KV_{names.WORKERS_BUCKET}"]
+        assert sorted(requests) == sorted(f"$JS.API.STREAM.CREATE.{s}" for s in streams)
+    finally:
+        await app.aclose()
+        await nc.close()
+
+
 async def test_a_handle_sent_in_the_callers_step_gets_its_result(heddle_app, heddle_worker):
     @heddle_app.task
     async def square(x: int) -> int:

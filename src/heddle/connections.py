@@ -54,6 +54,7 @@ class Connections:
         self.submissions = SubmissionLog(self.backend)
         self.broker.spill = self.backend.keep_payload
         self._streams_ready = False
+        self._creating_streams: asyncio.Future[None] | None = None
         self._routes: asyncio.Future[Routes | None] | None = None
 
     async def start(self) -> None:
@@ -66,10 +67,19 @@ class Connections:
             raise
 
     async def ensure_streams(self) -> None:
-        """Create the streams once per connection."""
-        if not self._streams_ready:
-            await self.broker.ensure_streams()
-            self._streams_ready = True
+        """Create the streams once per connection.
+
+        Callers that come while it is being done wait for that one creation (a burst of
+        sends before the connection opened makes one set of requests, not one per send);
+        after a failure the next call tries again.
+        """
+        if self._streams_ready:
+            return
+        creating = self._creating_streams
+        if creating is None or (creating.done() and (creating.cancelled() or creating.exception() is not None)):
+            creating = self._creating_streams = asyncio.ensure_future(self.broker.ensure_streams())
+        await asyncio.shield(creating)
+        self._streams_ready = True
 
     async def route(self, subject: str, headers: dict[str, str]) -> str:
         """Where to publish a task for ``heddle.tasks.incoming``: its worker's subject when it can go directly.
