@@ -113,6 +113,16 @@ def _pass_on(done: concurrent.futures.Future[T], fut: asyncio.Future[T]) -> None
         done.set_result(fut.result())
 
 
+def _now_or_as_task(
+    now: Callable[[Connections], asyncio.Future[Any] | None],
+    send: Callable[[], Coroutine[Any, Any, None]],
+    conns: Connections,
+) -> asyncio.Future[Any]:
+    """The future of a send queued by ``now`` on ``conns``, or of ``send()`` run as a task where ``now`` declines."""
+    sent = now(conns)
+    return sent if sent is not None else asyncio.ensure_future(send())
+
+
 class Heddle:
     """A Heddle application: a named set of tasks plus the settings to reach the servers.
 
@@ -412,13 +422,7 @@ class Heddle:
         if conns is None:
             self.run_sync(send(), timeout_s)
             return
-        ready = conns
-
-        def start() -> asyncio.Future[Any]:
-            sent = now(ready)
-            return sent if sent is not None else asyncio.ensure_future(send())
-
-        self._portal.call_soon(start, timeout_s)
+        self._portal.call_soon(functools.partial(_now_or_as_task, now, send, conns), timeout_s)
 
     def AsyncResult(self, task_id: str, task_name: str = "") -> _AsyncResult[Any]:
         """A handle on an existing task by id."""

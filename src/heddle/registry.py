@@ -91,6 +91,15 @@ _rules_decoder = msgspec.msgpack.Decoder(RoutingRules)
 _encoder = msgspec.msgpack.Encoder()
 
 
+def worker_info(value: bytes) -> WorkerInfo:
+    """A worker's entry in the workers bucket, decoded within the usual bounds.
+
+    Raises:
+        DecodeError: The value is not a :class:`WorkerInfo`.
+    """
+    return bounded_decode(_info_decoder, value)
+
+
 _worker_numbers = itertools.count(1)
 
 
@@ -292,7 +301,7 @@ class Registry:
         if key.startswith(names.ROUTING_RULES_PREFIX):
             self._rules[key] = (now, bounded_decode(_rules_decoder, value))
         else:
-            self._seen[key] = (now, bounded_decode(_info_decoder, value))
+            self._seen[key] = (now, worker_info(value))
 
     async def _on_update(self, msg: Msg) -> None:
         key = msg.subject[len(_SUBJECT_PREFIX) :]

@@ -40,7 +40,6 @@ from heddle.schedules import ScheduleState, read_states, schedule_of, when_text
 STREAMS = (names.TASKS_STREAM, names.DLQ_STREAM, names.GOALS_STREAM)
 # The audit's default deadline: a task sent this long ago should have finished.
 DEFAULT_AUDIT_AGE_S = 300.0
-_info_decoder = msgspec.msgpack.Decoder(WorkerInfo)
 
 
 class ConsumerRow(msgspec.Struct, frozen=True):
@@ -111,7 +110,7 @@ async def list_workers(app: Heddle) -> list[WorkerRow]:
         if entry.key.startswith(names.ROUTING_RULES_PREFIX):
             continue
         try:
-            wi = bounded_decode(_info_decoder, entry.value)
+            wi = registry.worker_info(entry.value)
         except DecodeError:
             continue
         seen = _epoch(entry.stored.time) or wi.started_at

@@ -131,6 +131,17 @@ def _translate(exc: BaseException, url: str, doing: str, where: str = "") -> Bac
     return BackendError(redact(f"valkey-server at {shown} failed while {doing}: {exc!r}", url))
 
 
+def _raising_first_error(replies: Sequence[Any]) -> list[Any]:
+    """A pipeline's replies; the first error among them raised as the server's own error.
+
+    Not the pipeline's own error, which quotes every argument of the command.
+    """
+    for r in replies:
+        if isinstance(r, Exception):
+            raise r
+    return list(replies)
+
+
 class ResultBackend:
     """Async Valkey access for task states and results.
 
@@ -453,11 +464,7 @@ class ResultBackend:
             pipe = client.pipeline(transaction=False)
             for command in commands:
                 pipe.execute_command(*command)
-            out = await pipe.execute(raise_on_error=False)
-            for r in out:
-                if isinstance(r, Exception):
-                    raise r  # the server's own error, as on the lane (not the pipeline's, which quotes every argument)
-            return list(out)
+            return _raising_first_error(await pipe.execute(raise_on_error=False))
 
         return await self._call(doing, op)
 
@@ -525,10 +532,7 @@ class ResultBackend:
                 # A restarted valkey-server (or a promoted replica, or a new cluster node) lacks our scripts.
                 self._scripts = {n: (lua, "") for n, (lua, _) in self._scripts.items()}
                 continue
-            for r in out:
-                if isinstance(r, Exception):
-                    raise r
-            return list(out)
+            return _raising_first_error(out)
         raise BackendError("unreachable")  # pragma: no cover
 
     async def claim_many(self, task_ids: Sequence[str], worker: str) -> list[Claim]:
