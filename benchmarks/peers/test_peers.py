@@ -28,7 +28,9 @@ another framework shares the two cores:
 Heddle runs once more per round with a tuned ``--concurrency 256``
 (throughput only). The tables show medians over the
 rounds; ratios are peer / Heddle of the same round's medians. Nothing about
-time is asserted.
+time is asserted. A peer that fails a round (its client or worker raising on
+the busy machine) is noted under the table and left out of that round's
+medians; a Heddle failure fails the benchmark.
 """
 
 from __future__ import annotations
@@ -138,12 +140,15 @@ def test_heddle_against_celery_taskiq_and_dramatiq_in_the_same_run(
             order = drivers[k:] + drivers[:k]
             peers_report.progress(f"round {i + 1}/{cfg.rounds}: {', '.join(d.name for d in order)}")
             per_round.append(
-                {d.name: _run_one(d, start_peer_worker, peer_servers, cfg, fanout_repeats, peers_report) for d in order}
+                {d.name: _run_or_note(d, start_peer_worker, peer_servers, cfg, fanout_repeats, peers_report)
+                 for d in order}
             )
     finally:
         for d in drivers:
             d.close()
 
+    failed = {d.name: [r[d.name]["failed"] for r in per_round if "failed" in r[d.name]] for d in drivers}
+    failed = {name: whys for name, whys in failed.items() if whys}
     figures = _medians(drivers, per_round)
     peers_report.add(
         "peers",
@@ -163,9 +168,26 @@ def test_heddle_against_celery_taskiq_and_dramatiq_in_the_same_run(
             },
             "medians": figures,
             "per_round": per_round,
+            "failed_rounds": failed,
         },
     )
-    _show(drivers, figures, cfg, fanout_repeats, peers_report)
+    _show(drivers, figures, cfg, fanout_repeats, peers_report, failed)
+
+
+def _run_or_note(driver: Driver, start_worker: Any, servers: Any, cfg: Any, repeats: int,
+                 report: Any) -> dict[str, Any]:
+    """:func:`_run_one`; a peer that fails a round is noted and left out of that round's medians.
+
+    Heddle's own failures are never set aside: they fail the benchmark.
+    """
+    try:
+        return _run_one(driver, start_worker, servers, cfg, repeats, report)
+    except Exception as exc:
+        if driver.package == "heddle":
+            raise
+        why = f"{type(exc).__name__}: {exc}"[:300]
+        report.progress(f"{driver.name:>13}: failed this round ({why}); left out of its medians")
+        return {"failed": why}
 
 
 def _short(arg: str) -> str:
@@ -177,7 +199,9 @@ def _medians(drivers: list[Driver], rounds: list[dict[str, Any]]) -> dict[str, A
     """Per variant: the median over rounds of throughput, round-trip figures and fan-out medians."""
     out: dict[str, Any] = {}
     for d in drivers:
-        per = [r[d.name] for r in rounds]
+        per = [r[d.name] for r in rounds if "failed" not in r[d.name]]
+        if not per:
+            continue
         for variant in d.variants:
             fig: dict[str, Any] = {}
             tput = [p.get("throughput_tasks_per_s", {}) for p in per]
@@ -220,7 +244,9 @@ def _fmt_ratio(fig: dict[str, Any], key: str) -> str:
     return f"{fig[key]:.2f}" if key in fig else ""
 
 
-def _show(drivers: list[Driver], figures: dict[str, Any], cfg: Any, repeats: int, report: Any) -> None:
+def _show(
+    drivers: list[Driver], figures: dict[str, Any], cfg: Any, repeats: int, report: Any, failed: dict[str, list[str]]
+) -> None:
     t = Table(title=f"Against the peers: medians of {cfg.rounds} rounds (ratio = peer / heddle)")
     for col in (
         "framework",
@@ -254,7 +280,9 @@ def _show(drivers: list[Driver], figures: dict[str, Any], cfg: Any, repeats: int
         note=f"throughput: {cfg.n:,} no-op tasks, each worker with its defaults; "
         f"round trips: {cfg.latency_n} sequential; "
         f"fan-out: {FANOUT_WIDTH} tasks then one, median of {repeats} per round (max: the slowest one). "
-        "Round-trip ratios are to the heddle row with the same kind of caller (blocking get, or await for taskiq).",
+        "Round-trip ratios are to the heddle row with the same kind of caller (blocking get, or await for taskiq)."
+        + "".join(f" {name} failed {len(whys)} of {cfg.rounds} rounds, left out of its medians (first: {whys[0]})."
+                  for name, whys in failed.items()),
     )
 
     c = Table(title=f"CPU per task during the {cfg.n:,}-task throughput run (median, us)")
