@@ -11,6 +11,7 @@ import threading
 from typing import Any
 
 import nats
+import pytest
 
 import heddle
 import heddle.broker
@@ -152,6 +153,27 @@ async def test_a_burst_of_sends_before_the_connection_opens_creates_the_streams_
         streams = [names.TASKS_STREAM, names.DLQ_STREAM, names.GOALS_STREAM, names.STREAMS_STREAM,
                    f"KV_{names.WORKERS_BUCKET}"]
         assert sorted(requests) == sorted(f"$JS.API.STREAM.CREATE.{s}" for s in streams)
+    finally:
+        await app.aclose()
+        await nc.close()
+
+
+async def test_streams_that_could_not_be_created_are_tried_again_by_the_next_send(fresh_servers):
+    # A stream of someone else's holds the incoming subject, so HEDDLE_TASKS cannot be made;
+    # once it is gone, the next send creates the streams (the failure is not kept).
+    nc = await nats.connect(fresh_servers.nats_url)
+    js = nc.jetstream()
+    await js.add_stream(name="BLOCKER", subjects=[names.INCOMING_SUBJECT])
+    app = _app(fresh_servers)
+    try:
+        refused = [app.send_task("nobody.runs_this", (i,), worker_type="nobody") for i in range(3)]
+        why = "refused creating stream HEDDLE_TASKS: subjects overlap with an existing stream"  # the server's reason
+        for r in refused:
+            with pytest.raises(heddle.BrokerError, match=why):
+                await asyncio.wait_for(r.sent(), T)
+        await js.delete_stream("BLOCKER")
+        await asyncio.wait_for(app.send_task("nobody.runs_this", (9,), worker_type="nobody").sent(), T)
+        assert (await js.stream_info(names.TASKS_STREAM)).state.messages == 1
     finally:
         await app.aclose()
         await nc.close()

@@ -383,6 +383,11 @@ def translate(exc: BaseException, url: str, doing: str, refused: BaseException |
         )
     if isinstance(exc, nats.errors.TimeoutError | asyncio.TimeoutError):
         return BrokerError(f"timed out talking to nats-server at {shown} while {doing}")
+    if isinstance(exc, nats.js.errors.APIError) and exc.description:
+        # JetStream says why in its answer; nats-py's repr of the error leaves it out.
+        return BrokerError(redact(
+            f"JetStream at {shown} refused {doing}: {exc.description} (code {exc.code}, err_code {exc.err_code})",
+            url))
     return BrokerError(redact(f"nats-server at {shown} failed while {doing}: {exc!r}", url))
 
 
