@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
 import pytest
 
 import heddle
@@ -257,4 +260,29 @@ async def test_a_publish_a_core_subscriber_takes_instead_of_a_stream_times_out_s
         assert "cannot reach" not in str(err.value)
     finally:
         await nc.close()
+        await broker.close()
+
+
+async def test_a_jetstream_read_left_unanswered_is_asked_once_more(fresh_servers, caplog):
+    # A cluster that lost a node answers again once it has elected new leaders; a reader
+    # (a router loading the live workers as it starts) asks again instead of failing.
+    caplog.set_level(logging.WARNING, logger="heddle.broker")
+    broker = Broker(Settings(nats_url=fresh_servers.nats_url, connect_timeout_s=1.0), "t")
+    await broker.connect()
+    try:
+        await broker.ensure_streams()
+        fresh_servers.nats.pause()
+        try:
+            reading = asyncio.ensure_future(broker.stream_info(names.TASKS_STREAM))
+
+            async def asked_again() -> None:
+                while "asking once more" not in caplog.text:
+                    await asyncio.sleep(0.01)
+
+            await asyncio.wait_for(asked_again(), 10)  # the first request went unanswered
+        finally:
+            fresh_servers.nats.resume()
+        info = await asyncio.wait_for(reading, 10)
+        assert info.config.name == names.TASKS_STREAM
+    finally:
         await broker.close()

@@ -26,6 +26,7 @@ from heddle.errors import BrokerError, HeddleError, MessageTooLarge
 from heddle.natsclient import (
     Connection,
     PlainTextServer,
+    asked_again_on_timeout,
     connect_failure,
     connect_options,
     refused_credentials,
@@ -724,7 +725,7 @@ class Broker:
     async def stream_info(self, stream: str, subjects_filter: str | None = None) -> api.StreamInfo:
         """A stream's state; BrokerError if it does not exist or the server does not answer."""
         try:
-            return await self._js().stream_info(stream, subjects_filter=subjects_filter)
+            return await asked_again_on_timeout(lambda: self._js().stream_info(stream, subjects_filter=subjects_filter))
         except Exception as exc:
             raise translate(exc, self.url, f"reading stream {stream}") from exc
 
@@ -744,7 +745,7 @@ class Broker:
     async def last_stream_msg(self, stream: str, subject: str) -> api.RawStreamMsg:
         """The newest stored message on ``subject`` (a KV key's current entry, say)."""
         try:
-            return await self._js().get_last_msg(stream, subject)
+            return await asked_again_on_timeout(lambda: self._js().get_last_msg(stream, subject))
         except Exception as exc:
             raise translate(exc, self.url, f"reading the last message on {subject}") from exc
 

@@ -22,8 +22,8 @@ import asyncio
 import logging
 import re
 import ssl
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import nats.errors
 import nats.js.errors
@@ -37,11 +37,12 @@ from heddle.redact import redact
 from heddle.settings import Settings, dev_session_note, nats_server_urls, readable_file, server_endpoint
 
 __all__ = [
-    "Connection", "PlainTextServer", "connect_failure", "connect_options", "encode_headers", "parse_header_lines",
-    "refused_credentials", "translate",
+    "Connection", "PlainTextServer", "asked_again_on_timeout", "connect_failure", "connect_options", "encode_headers",
+    "parse_header_lines", "refused_credentials", "translate",
 ]
 
 log = logging.getLogger("heddle.broker")
+T = TypeVar("T")
 
 _CRLF = b"\r\n"
 # A publish made without the event loop (Connection.publish_now) is written to the socket
@@ -342,6 +343,20 @@ def connect_failure(settings: Settings, exc: BaseException, said: BaseException 
         f"authentication failed{at}: authorization failed for {where} while connecting ({told}). "
         f"{settings.login_fix('nats')}."
     )
+
+
+async def asked_again_on_timeout(request: Callable[[], Awaitable[T]]) -> T:
+    """A read-only JetStream request, asked once more if it timed out.
+
+    A cluster that lost a node leaves requests unanswered until it has elected new
+    leaders, seconds later: a reader asks again instead of failing its caller (a
+    router starting up while a node was killed used to exit on such a read).
+    """
+    try:
+        return await request()
+    except nats.errors.TimeoutError:
+        log.warning("nats-server did not answer a JetStream request in time; asking once more")
+        return await request()
 
 
 def translate(exc: BaseException, url: str, doing: str, refused: BaseException | None = None) -> BrokerError:
