@@ -316,20 +316,6 @@ class Heddle:
             self._conns[loop] = fut
         return await asyncio.shield(fut)
 
-    def connections_now(self) -> Connections | None:
-        """The running loop's open connections, for a send made in the caller's own step.
-
-        None outside a loop, on the sync callers' loop, before they are open, and while a
-        send that had to wait is pending (it goes first).
-        """
-        if self._pending_sends:
-            return None
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return None
-        return None if self._portal.in_portal() else self._opened(loop)
-
     def _opened(self, loop: asyncio.AbstractEventLoop) -> Connections | None:
         """``loop``'s connections if they are open (not connecting, not failed)."""
         fut = self._conns.get(loop)
@@ -397,23 +383,29 @@ class Heddle:
         now: Callable[[Connections], asyncio.Future[Any] | None],
         send: Callable[[], Coroutine[Any, Any, None]],
     ) -> None:
-        """Run a send that could not be made in the caller's step: on its loop, or for a sync caller on the portal.
+        """Send a task: queued in the caller's step where it can be, else run to the end.
 
         ``now`` queues the message on open connections without awaiting and returns the
         future of its publish, or None when it has to wait (nothing sent); ``send`` makes
-        the coroutine that sends it the full way. A sync caller's send is handed to the
-        portal as ``now`` once the portal's connections are open (a plain call in the
-        loop's next step, no task), and as ``send`` before that or when ``now`` declines.
+        the coroutine that sends it the full way. An async caller's send is made with
+        ``now`` on its own loop's open connections while no earlier send is waiting (those
+        go first, so a connection publishes in the order of the calls), else as a task
+        of ``send``. A sync caller's is handed to the portal as ``now`` once the portal's
+        connections are open (a plain call in the loop's next step, no task), and as
+        ``send`` before that or when ``now`` declines.
         """
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
         if loop is not None and not self._portal.in_portal():
-            task = loop.create_task(send())
-            self._pending_sends.add(task)
-            task.add_done_callback(self._pending_sends.discard)
-            result.track_send(task)
+            conns = None if self._pending_sends else self._opened(loop)
+            sent = now(conns) if conns is not None else None
+            if sent is None:
+                sent = task = loop.create_task(send())
+                self._pending_sends.add(task)
+                task.add_done_callback(self._pending_sends.discard)
+            result.track_send(sent)
             return
         result.for_thread()
         timeout_s = self.settings.connect_timeout_s * 3 + 10

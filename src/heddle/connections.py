@@ -299,10 +299,6 @@ class Client(Protocol):
         """The connections bound to the running loop, connecting on first use."""
         ...
 
-    def connections_now(self) -> Connections | None:
-        """The running loop's open connections, for a send made in the caller's step (else None)."""
-        ...
-
     def run_sync(self, coro: Coroutine[Any, Any, T], timeout_s: float | None = None) -> T:
         """Run ``coro`` for a sync caller and block until it is done."""
         ...
@@ -321,7 +317,7 @@ class Client(Protocol):
         now: Callable[[Connections], asyncio.Future[Any] | None],
         send: Callable[[], Coroutine[Any, Any, None]],
     ) -> None:
-        """Run a send on the caller's loop (not awaited) or, for sync callers, to the end.
+        """Send a task: queued in the caller's step where it can be, else run to the end (sync callers wait).
 
         ``now`` queues it on open connections without awaiting (None: it must wait);
         ``send`` makes the coroutine that sends it the full way.

@@ -271,16 +271,11 @@ def submit(
 
     On an async caller's loop whose connections are open and have nothing waiting, the
     message is queued in this call (:func:`send_now`); otherwise a task on the loop
-    sends it. Sends that had to wait go first: while one is pending, every later send
-    waits too, so a connection publishes in the order of the calls. A sync caller's send
-    is queued the same way on the portal's loop, in its next step (``app.dispatch``).
+    sends it (:func:`publish`). Sends that had to wait go first: while one is pending,
+    every later send waits too, so a connection publishes in the order of the calls. A
+    sync caller's send is queued the same way on the portal's loop, in its next step.
+    ``app.dispatch`` chooses.
     """
-    conns = app.connections_now()
-    if conns is not None:
-        sent = send_now(conns, result, subject, payload, headers)
-        if sent is not None:
-            result.track_send(sent)
-            return result
     app.dispatch(
         result,
         functools.partial(send_now, result=result, subject=subject, payload=payload, headers=headers),
