@@ -286,3 +286,42 @@ async def test_a_jetstream_read_left_unanswered_is_asked_once_more(fresh_servers
         assert info.config.name == names.TASKS_STREAM
     finally:
         await broker.close()
+
+
+@pytest.mark.parametrize("request_made", ["streams", "consumer", "named consumer"])
+async def test_a_stream_or_consumer_creation_left_unanswered_is_asked_once_more(fresh_servers, caplog, request_made):
+    # A worker, router or orchestrator starting while a cluster elects new leaders
+    # (a node was killed) made these requests and exited when they went unanswered.
+    # Creating a stream or consumer with the same config again changes nothing.
+    caplog.set_level(logging.WARNING, logger="heddle.broker")
+    broker = Broker(Settings(nats_url=fresh_servers.nats_url, connect_timeout_s=1.0), "t")
+    await broker.connect()
+    try:
+        await broker.ensure_streams()
+        made = {
+            "streams": broker.ensure_streams,
+            "consumer": lambda: broker.ensure_consumer("summarizer"),
+            "named consumer": lambda: broker.ensure_named_consumer(
+                "heddle-test", names.INCOMING_SUBJECT, max_deliver=3
+            ),
+        }[request_made]
+        fresh_servers.nats.pause()
+        try:
+            making = asyncio.ensure_future(made())
+
+            async def asked_again() -> None:
+                while "asking once more" not in caplog.text:
+                    await asyncio.sleep(0.01)
+
+            await asyncio.wait_for(asked_again(), 10)  # the first request went unanswered
+        finally:
+            fresh_servers.nats.resume()
+        await asyncio.wait_for(making, 10)
+        info = await broker.stream_info(names.TASKS_STREAM)
+        assert info.config.name == names.TASKS_STREAM
+        if request_made != "streams":
+            durables = {c.name for c in await broker.consumers_info(names.TASKS_STREAM)}
+            made_durable = names.consumer_name("summarizer", None) if request_made == "consumer" else "heddle-test"
+            assert durables == {made_durable}
+    finally:
+        await broker.close()

@@ -378,7 +378,7 @@ class Broker:
         js = self._js()
         cfg.num_replicas = self.settings.stream_replicas
         try:
-            await js.add_stream(cfg)
+            await asked_again_on_timeout(lambda: js.add_stream(cfg))
         except nats.js.errors.BadRequestError as exc:
             # 10058: stream name already in use with a different configuration.
             if exc.err_code != 10058:
@@ -386,12 +386,12 @@ class Broker:
             try:
                 # A higher replica count is applied in place; a lower one never is, so that
                 # a process with the default (1) cannot shrink a cluster's R3 streams.
-                current = (await js.stream_info(cfg.name or "")).config
+                current = (await asked_again_on_timeout(lambda: js.stream_info(cfg.name or ""))).config
                 cfg.num_replicas = max(current.num_replicas or 1, cfg.num_replicas or 1)
                 have = current.as_dict()
                 # A duplicate window of 0 asks for the server's default (what ``have`` shows).
                 if any(have.get(k) != v for k, v in cfg.as_dict().items() if (k, v) != ("duplicate_window", 0)):
-                    await js.update_stream(cfg)
+                    await asked_again_on_timeout(lambda: js.update_stream(cfg))
                 # else: only the replicas differed, and the stream has more: nothing to change
             except Exception as exc2:
                 raise self._stream_error(exc2, f"updating stream {cfg.name}") from exc2
@@ -439,7 +439,7 @@ class Broker:
         )
         try:
             # CONSUMER.DURABLE.CREATE on an existing durable updates its editable fields.
-            await self._js().add_consumer(names.TASKS_STREAM, cfg)
+            await asked_again_on_timeout(lambda: self._js().add_consumer(names.TASKS_STREAM, cfg))
         except nats.js.errors.BadRequestError as exc:
             if exc.err_code == 10100:  # filtered consumer not unique on a work-queue stream
                 raise BrokerError(
@@ -468,14 +468,13 @@ class Broker:
             max_waiting=512,
         )
         try:
-            await self._js().add_consumer(stream, cfg)
+            await asked_again_on_timeout(lambda: self._js().add_consumer(stream, cfg))
         except Exception as exc:
             raise translate(exc, self.url, f"creating consumer {durable}") from exc
         return durable
 
     async def pull_subscribe(self, durable: str, stream: str = names.TASKS_STREAM) -> Any:
         """Bind a pull subscription (nats-py's) to an existing durable consumer; see :mod:`heddle.pull`."""
-        """Bind a pull subscription to an existing durable consumer."""
         try:
             psub = await self._js().pull_subscribe_bind(durable=durable, stream=stream)
         except Exception as exc:

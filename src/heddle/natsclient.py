@@ -346,11 +346,13 @@ def connect_failure(settings: Settings, exc: BaseException, said: BaseException 
 
 
 async def asked_again_on_timeout(request: Callable[[], Awaitable[T]]) -> T:
-    """A read-only JetStream request, asked once more if it timed out.
+    """A JetStream request that is safe to repeat, asked once more if it timed out.
 
     A cluster that lost a node leaves requests unanswered until it has elected new
-    leaders, seconds later: a reader asks again instead of failing its caller (a
-    router starting up while a node was killed used to exit on such a read).
+    leaders, seconds later: the caller asks again instead of failing (a router or
+    worker starting up while a node was killed used to exit on such a request).
+    Safe to repeat: reads, and creating a stream or consumer with a given config
+    (made again with the same config, it is left as it is).
     """
     try:
         return await request()
