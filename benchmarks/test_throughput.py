@@ -176,6 +176,9 @@ def test_no_op_task_throughput_against_a_raw_nats_baseline(
         return median(values)
 
     base_rate = med("baseline_msgs_per_s")
+    # Issue 16's goal is a share of the raw pull+ack rate alone: the consuming half of
+    # the baseline, which is faster than publish-then-consume timed together.
+    pull_ack_rate = med("baseline_consume_per_s")
     heddle_rate = med("async/tasks_per_s")
     tuned_rate = med("tuned/tasks_per_s")
     figures = {
@@ -186,7 +189,7 @@ def test_no_op_task_throughput_against_a_raw_nats_baseline(
         "baseline": {
             "msgs_per_s": base_rate,
             "publish_per_s": med("baseline_publish_per_s"),
-            "consume_per_s": med("baseline_consume_per_s"),
+            "consume_per_s": pull_ack_rate,
         },
         "heddle": {
             "tasks_per_s": heddle_rate,
@@ -200,6 +203,7 @@ def test_no_op_task_throughput_against_a_raw_nats_baseline(
                                 for name in ("client", "worker", "nats-server", "valkey-server")},
         },
         "ratio_heddle_to_baseline": heddle_rate / base_rate,
+        "ratio_heddle_to_pull_ack": heddle_rate / pull_ack_rate,
         "ratio_tuned_to_baseline": tuned_rate / base_rate,
         "per_round": rounds,
     }
@@ -209,34 +213,47 @@ def test_no_op_task_throughput_against_a_raw_nats_baseline(
     t.add_column("measure")
     t.add_column("rate", justify="right")
     t.add_column("x raw", justify="right")
+    t.add_column("x pull+ack", justify="right")
     t.add_column("note")
     t.add_row(
-        "raw nats-py JetStream: publish, fetch+ack",
+        "raw nats-py JetStream: publish N, then fetch+ack N",
         f"{base_rate:,.0f} msgs/s",
         "1.00",
-        f"publish {figures['baseline']['publish_per_s']:,.0f}/s, consume {figures['baseline']['consume_per_s']:,.0f}/s",
+        f"{base_rate / pull_ack_rate:.2f}",
+        f"publish alone {figures['baseline']['publish_per_s']:,.0f}/s",
+    )
+    t.add_row(
+        "raw nats-py JetStream: fetch(256)+ack alone",
+        f"{pull_ack_rate:,.0f} msgs/s",
+        "",
+        "1.00",
+        "issue 16's baseline",
     )
     t.add_row(
         "heddle, default flags, asyncio client (async no-op)",
         f"{heddle_rate:,.0f} tasks/s",
         f"{figures['ratio_heddle_to_baseline']:.2f}",
-        f"goal >= {TARGETS['end_to_end_tasks_per_s']:,.0f} and >= {TARGETS['end_to_end_ratio_to_raw']:.2f} x raw",
+        f"{figures['ratio_heddle_to_pull_ack']:.2f}",
+        f"goal >= {TARGETS['end_to_end_tasks_per_s']:,.0f} and >= {TARGETS['end_to_end_ratio_to_raw']:.2f} x pull+ack",
     )
     t.add_row(
         "heddle, default flags (sync no-op, thread pool)",
         f"{figures['heddle']['sync_task_tasks_per_s']:,.0f} tasks/s",
         f"{figures['heddle']['sync_task_tasks_per_s'] / base_rate:.2f}",
+        f"{figures['heddle']['sync_task_tasks_per_s'] / pull_ack_rate:.2f}",
         "",
     )
     t.add_row(
         f"heddle, --concurrency {cfg.tuned_concurrency}, uvloop client",
         f"{tuned_rate:,.0f} tasks/s",
         f"{figures['ratio_tuned_to_baseline']:.2f}",
+        f"{tuned_rate / pull_ack_rate:.2f}",
         "tuned",
     )
     t.add_row(
         "submission while the worker runs (defaults)",
         f"{figures['heddle']['submit_per_s_while_worker_runs']:,.0f} tasks/s",
+        "",
         "",
         "apply_async + publish acks",
     )
@@ -244,11 +261,13 @@ def test_no_op_task_throughput_against_a_raw_nats_baseline(
         "submission alone (worker paused)",
         f"{figures['heddle']['submit_only_per_s']:,.0f} tasks/s",
         "",
+        "",
         f"apply_async() call itself {figures['heddle']['apply_async_call_us']:.0f} us",
     )
     t.add_row(
         "worker drain alone (N queued, worker resumed)",
         f"{figures['heddle']['worker_drain_per_s']:,.0f} tasks/s",
+        "",
         "",
         "measured at the stream: all acked",
     )
