@@ -59,8 +59,12 @@ class ErrorInfo(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     traceback: str = ""
 
 
-class ResultRecord(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+class ResultRecord(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, gc=False):
     """A task's state and outcome as stored in Valkey and sent in result notices."""
+
+    # gc=False: not tracked by the garbage collector, which a client holding many results
+    # would otherwise walk again and again. Safe because a record is never part of a
+    # reference cycle: it is frozen, and built from decoded values or a task's return value.
 
     v: int = WIRE_VERSION
     id: str

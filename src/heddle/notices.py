@@ -82,7 +82,9 @@ class Watch:
         self.done = done
         # Called as soon as ``done`` is settled or cancelled, in the same turn of the loop
         # (a done-callback of the future would run a turn later): what waits wakes a turn sooner.
-        self.on_settled: list[Callable[[], None]] = []
+        # None until one is added: most watches never have any, and a list each would be one
+        # more object per task for the garbage collector to walk.
+        self.on_settled: list[Callable[[], None]] | None = None
         self.sub: Any = None
         # The task's Valkey channel, when a handle elsewhere follows it on the connection's feed.
         self.channel = ""
@@ -92,6 +94,13 @@ class Watch:
         # How many waits are on it (only awaited watches are re-read periodically).
         self.waiting = 0
         self.checked_at = time.monotonic()
+
+    def when_settled(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` as soon as ``done`` is settled or cancelled (see :attr:`on_settled`)."""
+        if self.on_settled is None:
+            self.on_settled = [callback]
+        else:
+            self.on_settled.append(callback)
 
     def stored(self, ack: Any) -> None:
         """JetStream stored the task's message (``ack`` is its :class:`heddle.pubacks.PublishAck`).
@@ -111,8 +120,8 @@ def _end(w: Watch, record: ResultRecord | None) -> None:
             w.done.cancel()
         else:
             w.done.set_result(record)
-    callbacks, w.on_settled = w.on_settled, []
-    for cb in callbacks:
+    callbacks, w.on_settled = w.on_settled, None
+    for cb in callbacks or ():
         cb()
 
 
@@ -486,14 +495,14 @@ async def _woken(w: Watch, timeout_s: float | None) -> None:
         if not woken.done():
             woken.set_result(None)
 
-    w.on_settled.append(wake)
+    w.when_settled(wake)
     timer = loop.call_later(timeout_s, wake) if timeout_s is not None else None
     try:
         await woken
     finally:
         if timer is not None:
             timer.cancel()
-        if wake in w.on_settled:
+        if w.on_settled is not None and wake in w.on_settled:
             w.on_settled.remove(wake)
 
 

@@ -40,6 +40,11 @@ class AsyncResult(Generic[R]):
         TaskIdError: ``task_id`` cannot be a subject token (``>``, ``*``, whitespace...).
     """
 
+    # A client holding many handles at once (a burst of sends, then their results) has
+    # the garbage collector walk every one of them, repeatedly: no __dict__ each.
+    __slots__ = ("_bridge", "_for_thread", "_loop", "_record", "_sent", "_watch", "app", "eta", "id",
+                 "task_name", "worker_type")
+
     def __init__(self, task_id: str, app: Client, task_name: str = "") -> None:
         # The id becomes a subject token: ">" would subscribe to every task's result.
         self.id = names.check_task_id(task_id)
@@ -85,7 +90,7 @@ class AsyncResult(Generic[R]):
                 else:
                     bridge.set_result(watch.done.result())
 
-            watch.on_settled.append(settled)
+            watch.when_settled(settled)
             self._bridge = bridge
 
     @property
