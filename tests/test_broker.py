@@ -263,6 +263,22 @@ async def test_a_publish_a_core_subscriber_takes_instead_of_a_stream_times_out_s
         await broker.close()
 
 
+async def _answered_after_asking_again(servers, caplog, request):
+    """Run ``request()`` with nats-server frozen until the first try went unanswered; its answer."""
+    servers.nats.pause()
+    try:
+        asking = asyncio.ensure_future(request())
+
+        async def asked_again() -> None:
+            while "asking once more" not in caplog.text:
+                await asyncio.sleep(0.01)
+
+        await asyncio.wait_for(asked_again(), 10)  # the first request went unanswered
+    finally:
+        servers.nats.resume()
+    return await asyncio.wait_for(asking, 10)
+
+
 async def test_a_jetstream_read_left_unanswered_is_asked_once_more(fresh_servers, caplog):
     # A cluster that lost a node answers again once it has elected new leaders; a reader
     # (a router loading the live workers as it starts) asks again instead of failing.
@@ -271,18 +287,9 @@ async def test_a_jetstream_read_left_unanswered_is_asked_once_more(fresh_servers
     await broker.connect()
     try:
         await broker.ensure_streams()
-        fresh_servers.nats.pause()
-        try:
-            reading = asyncio.ensure_future(broker.stream_info(names.TASKS_STREAM))
-
-            async def asked_again() -> None:
-                while "asking once more" not in caplog.text:
-                    await asyncio.sleep(0.01)
-
-            await asyncio.wait_for(asked_again(), 10)  # the first request went unanswered
-        finally:
-            fresh_servers.nats.resume()
-        info = await asyncio.wait_for(reading, 10)
+        info = await _answered_after_asking_again(
+            fresh_servers, caplog, lambda: broker.stream_info(names.TASKS_STREAM)
+        )
         assert info.config.name == names.TASKS_STREAM
     finally:
         await broker.close()
@@ -305,18 +312,7 @@ async def test_a_stream_or_consumer_creation_left_unanswered_is_asked_once_more(
                 "heddle-test", names.INCOMING_SUBJECT, max_deliver=3
             ),
         }[request_made]
-        fresh_servers.nats.pause()
-        try:
-            making = asyncio.ensure_future(made())
-
-            async def asked_again() -> None:
-                while "asking once more" not in caplog.text:
-                    await asyncio.sleep(0.01)
-
-            await asyncio.wait_for(asked_again(), 10)  # the first request went unanswered
-        finally:
-            fresh_servers.nats.resume()
-        await asyncio.wait_for(making, 10)
+        await _answered_after_asking_again(fresh_servers, caplog, made)
         info = await broker.stream_info(names.TASKS_STREAM)
         assert info.config.name == names.TASKS_STREAM
         if request_made != "streams":
