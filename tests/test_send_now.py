@@ -104,21 +104,48 @@ async def test_sends_leave_in_the_order_they_were_made_also_past_the_bound_on_pe
         await first[0].sent()  # acks come in, and sends that waited get their turns
         second = [app.send_task("nobody.runs_this", (i,), worker_type="nobody") for i in range(300)]
         handles = first + second
-        # Past the 64 publishes awaiting their ack, sends wait their turn in a task of their own.
-        waited = [isinstance(r._sent, asyncio.Task) for r in handles]
-        assert any(waited) and not all(waited)
+        # Past the 64 publishes awaiting their ack, sends are held in call order and queued by
+        # one task as answers make room: no task of their own each.
+        assert app._held[asyncio.get_running_loop()]
+        assert not any(isinstance(r._sent, asyncio.Task) for r in handles)
         await _heard_in_order(observer, handles)
     finally:
         observer.close()
         await app.aclose()
 
 
-async def test_closing_the_app_right_after_a_burst_of_sends_waits_for_every_ack(fresh_servers):
+async def test_held_sends_that_cannot_be_queued_for_another_reason_go_as_tasks_still_in_order(
+    fresh_servers, monkeypatch
+):
+    # A held send is queued when answers make room; one declined for another reason (here:
+    # more result watches open than the connection keeps without evicting) is sent the full
+    # way as a task, and so is every send behind it.
+    monkeypatch.setattr(heddle.broker, "_MAX_PENDING_PUBLISHES", 64)
+    app = _app(fresh_servers)
+    observer = _Observer(fresh_servers.nats_url)
+    try:
+        await _connected(app)
+        conns = await app.connections()
+        conns.watches.max_watches = 150
+        as_tasks: list[Any] = []
+        send_as_task = app.send_as_task
+        monkeypatch.setattr(app, "send_as_task", lambda send: as_tasks.append(send) or send_as_task(send))
+        handles = [app.send_task("nobody.runs_this", (i,), worker_type="nobody") for i in range(400)]
+        await _heard_in_order(observer, handles)
+        assert 0 < len(as_tasks) < 400  # some were queued when room came, then the rest went as tasks
+    finally:
+        observer.close()
+        await app.aclose()
+
+
+@pytest.mark.parametrize("bound", [8192, 64], ids=["within the bound", "past the bound: held"])
+async def test_closing_the_app_right_after_a_burst_of_sends_waits_for_every_ack(fresh_servers, monkeypatch, bound):
+    monkeypatch.setattr(heddle.broker, "_MAX_PENDING_PUBLISHES", bound)
     app = _app(fresh_servers)
     try:
         await _connected(app)
         handles = [app.send_task("nobody.runs_this", (i,), worker_type="nobody") for i in range(2_000)]
-        assert not any(isinstance(r._sent, asyncio.Task) for r in handles)  # all sent in the callers' step
+        assert not any(isinstance(r._sent, asyncio.Task) for r in handles)  # no task per send
     finally:
         await app.aclose()
     assert all(r._sent.done() and r._sent.exception() is None for r in handles)

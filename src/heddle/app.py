@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import functools
@@ -103,14 +104,83 @@ class _Portal:
                 loop.close()
 
 
-def _pass_on(done: concurrent.futures.Future[T], fut: asyncio.Future[T]) -> None:
-    """Give the waiting thread's ``done`` the outcome of ``fut`` (on the loop that settled it)."""
+def _pass_on(done: concurrent.futures.Future[T] | asyncio.Future[T], fut: asyncio.Future[T]) -> None:
+    """Give ``done`` (a waiting thread's, or another future of the loop) the outcome of ``fut``.
+
+    A done-callback of ``fut``, run on the loop that settled it.
+    """
+    if done.done():
+        return
     if fut.cancelled():
         done.cancel()
     elif (exc := fut.exception()) is not None:
         done.set_exception(exc)
     else:
         done.set_result(fut.result())
+
+
+class _Held:
+    """An async caller's sends held back while the connection's pending publishes are at their bound.
+
+    A burst larger than the bound (``[t.apply_async() for ...]``) used to become a task
+    per send past it, each waiting for its own turn: a task, a coroutine and their
+    futures per message, and a wake-up each. Held sends wait in call order instead, and
+    one task queues them with ``now`` whenever answers make room. One that ``now``
+    declines for another reason (a reconnect, a message too large) is sent the full way
+    as a task, and so is every send held behind it, in order, as all were before.
+    """
+
+    def __init__(self, app: Heddle, conns: Connections) -> None:
+        self._app = app
+        self.conns = conns
+        self._items: collections.deque[tuple[Callable[[Connections], asyncio.Future[Any] | None],
+                                             Callable[[], Coroutine[Any, Any, None]],
+                                             asyncio.Future[Any]]] = collections.deque()
+        self._task: asyncio.Task[None] | None = None
+
+    def __bool__(self) -> bool:
+        """Whether sends are held (a later send must wait behind them)."""
+        return bool(self._items)
+
+    def add(self, now: Callable[[Connections], asyncio.Future[Any] | None],
+            send: Callable[[], Coroutine[Any, Any, None]]) -> asyncio.Future[Any]:
+        """Hold a send; the future of its publish."""
+        loop = asyncio.get_running_loop()
+        out: asyncio.Future[Any] = loop.create_future()
+        self._items.append((now, send, out))
+        if self._task is None:
+            self._task = loop.create_task(self._release(), name="heddle-held-sends")
+        return out
+
+    async def drained(self) -> None:
+        """Wait until every held send is queued (or handed to a task of its own)."""
+        while self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _release(self) -> None:
+        items, conns = self._items, self.conns
+        try:
+            while items:
+                await conns.broker.pubacks.room()
+                while items:
+                    now, _, out = items[0]
+                    sent = now(conns)
+                    if sent is None:
+                        break
+                    items.popleft()
+                    sent.add_done_callback(functools.partial(_pass_on, out))
+                if items and not conns.broker.pubacks.full():
+                    self._as_tasks()
+        finally:
+            self._task = None
+            if items:  # cancelled (the loop is closing): what is left goes as it would have
+                self._as_tasks()
+
+    def _as_tasks(self) -> None:
+        while self._items:
+            _, send, out = self._items.popleft()
+            task = self._app.send_as_task(send)
+            task.add_done_callback(functools.partial(_pass_on, out))
 
 
 def _now_or_as_task(
@@ -171,6 +241,8 @@ class Heddle:
         self._conns: dict[asyncio.AbstractEventLoop, asyncio.Future[Connections]] = {}
         self._portal = _Portal()
         self._pending_sends: set[asyncio.Task[Any]] = set()
+        # Per loop: sends held back while the connection's pending publishes are at their bound.
+        self._held: dict[asyncio.AbstractEventLoop, _Held] = {}
 
     def __repr__(self) -> str:
         return f"<Heddle {self.name!r} nats={redact(self.settings.nats_url)} tasks={len(self.tasks)}>"
@@ -342,9 +414,12 @@ class Heddle:
 
     async def aclose(self) -> None:
         """Wait for pending sends and close this loop's connections."""
+        loop = asyncio.get_running_loop()
+        held = self._held.pop(loop, None)
+        if held is not None:
+            await held.drained()
         if self._pending_sends:
             await asyncio.gather(*list(self._pending_sends), return_exceptions=True)
-        loop = asyncio.get_running_loop()
         conns = self._opened(loop)
         if conns is not None:
             await conns.broker.publishes_settled()  # the sends made in their callers' step
@@ -389,8 +464,9 @@ class Heddle:
         future of its publish, or None when it has to wait (nothing sent); ``send`` makes
         the coroutine that sends it the full way. An async caller's send is made with
         ``now`` on its own loop's open connections while no earlier send is waiting (those
-        go first, so a connection publishes in the order of the calls), else as a task
-        of ``send``. A sync caller's is handed to the portal as ``now`` once the portal's
+        go first, so a connection publishes in the order of the calls); it is held (one
+        task queues the held ones as room comes, :class:`_Held`) while the pending
+        publishes are at their bound, else run as a task of ``send``. A sync caller's is handed to the portal as ``now`` once the portal's
         connections are open (a plain call in the loop's next step, no task), and as
         ``send`` before that or when ``now`` declines.
         """
@@ -399,12 +475,19 @@ class Heddle:
         except RuntimeError:
             loop = None
         if loop is not None and not self._portal.in_portal():
+            held = self._held.get(loop)
+            if held:  # sends are waiting for room: this one waits behind them
+                result.track_send(held.add(now, send))
+                return
             conns = None if self._pending_sends else self._opened(loop)
             sent = now(conns) if conns is not None else None
             if sent is None:
-                sent = task = loop.create_task(send())
-                self._pending_sends.add(task)
-                task.add_done_callback(self._pending_sends.discard)
+                if conns is not None and conns.broker.pubacks.full():
+                    if held is None or held.conns is not conns:
+                        held = self._held[loop] = _Held(self, conns)
+                    sent = held.add(now, send)
+                else:
+                    sent = self.send_as_task(send)
             result.track_send(sent)
             return
         result.for_thread()
@@ -415,6 +498,13 @@ class Heddle:
             self.run_sync(send(), timeout_s)
             return
         self._portal.call_soon(functools.partial(_now_or_as_task, now, send, conns), timeout_s)
+
+    def send_as_task(self, send: Callable[[], Coroutine[Any, Any, None]]) -> asyncio.Task[None]:
+        """Run ``send()`` as a task on the running loop; later sends wait for it (to keep their order)."""
+        task = asyncio.get_running_loop().create_task(send())
+        self._pending_sends.add(task)
+        task.add_done_callback(self._pending_sends.discard)
+        return task
 
     def AsyncResult(self, task_id: str, task_name: str = "") -> _AsyncResult[Any]:
         """A handle on an existing task by id."""

@@ -102,7 +102,8 @@ class Broker:
         self.lost: str | None = None
         self.lost_event = asyncio.Event()
         self._closing = False
-        self._pubacks = PubAcks(_MAX_PENDING_PUBLISHES)
+        #: The publishes awaiting JetStream's answer (a sender may wait for room among them).
+        self.pubacks = PubAcks(_MAX_PENDING_PUBLISHES)
         # publish_now's messages being sent again after no stream answered them.
         self._again: set[asyncio.Task[None]] = set()
         # Keeps a dead letter's payload elsewhere when it is too large to copy with its
@@ -276,13 +277,13 @@ class Broker:
         # leave a worker silently disconnected.
         self.nc.options["max_reconnect_attempts"] = -1
         self.js = self.nc.jetstream(timeout=self.settings.connect_timeout_s)
-        await self._pubacks.start(self.nc)
+        await self.pubacks.start(self.nc)
 
     async def close(self) -> None:
         """Flush pending publishes and close the connection."""
         nc, self.nc = self.nc, None
         self._closing = True
-        self._pubacks.close()
+        self.pubacks.close()
         if nc is None or nc.is_closed:
             return
         with contextlib.suppress(Exception):
@@ -540,7 +541,7 @@ class Broker:
         except MessageTooLarge:
             return None
         deadline = time.monotonic() + timeout_s
-        ack = self._pubacks.publish_now(nc, subject, payload, headers, timeout_s)
+        ack = self.pubacks.publish_now(nc, subject, payload, headers, timeout_s)
         if ack is None:
             return None
         out: asyncio.Future[PublishAck] = asyncio.get_running_loop().create_future()
@@ -587,7 +588,7 @@ class Broker:
 
     async def publishes_settled(self) -> None:
         """Wait until every publish made here is answered (or has failed)."""
-        await self._pubacks.settled()
+        await self.pubacks.settled()
         while self._again:
             await asyncio.gather(*list(self._again), return_exceptions=True)
 
@@ -599,7 +600,7 @@ class Broker:
             raise BrokerError("broker is not connected; call connect() first")
         self.check_size(subject, payload, headers)
         try:
-            return await self._pubacks.publish(self.nc, subject, payload, headers, timeout_s)
+            return await self.pubacks.publish(self.nc, subject, payload, headers, timeout_s)
         except Exception as exc:
             raise translate(exc, self.url, f"publishing to {subject}") from exc
 

@@ -86,6 +86,8 @@ class PubAcks:
         # Turns handed to waiting publishes that have not published yet.
         self._granted = 0
         self._sweeper: asyncio.Task[None] | None = None
+        # Set once a publish would not have to wait (see room()).
+        self._room: asyncio.Future[None] | None = None
 
     async def start(self, nc: Any) -> None:
         """Subscribe to this connection's reply subjects (nats-py re-subscribes after reconnects).
@@ -111,6 +113,7 @@ class PubAcks:
                 if turn.done() and not turn.cancelled():
                     self._granted -= 1
                     self._make_room()  # a turn handed over and not taken passes to the next
+                    self._wake_room()
                 turn.cancel()
                 raise
             self._granted -= 1
@@ -124,6 +127,7 @@ class PubAcks:
         except BaseException:
             del self._pending[token]
             self._make_room()
+            self._wake_room()
             raise
         # Deadlines are appended in order, so the expired ones are always at the left.
         self._deadlines.append((time.monotonic() + timeout_s, token))
@@ -153,6 +157,28 @@ class PubAcks:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep(), name="heddle-puback-sweep")
         return fut
 
+    def full(self) -> bool:
+        """Whether a publish made now would have to wait its turn (:meth:`publish_now` declines)."""
+        return bool(self._waiting) or self._granted > 0 or len(self._pending) >= self.max_pending
+
+    async def room(self) -> None:
+        """Wait until a publish made now would not have to wait its turn.
+
+        For a sender that holds messages back while the pending publishes are at the
+        bound (:class:`heddle.app.Heddle`'s held sends) and then queues them with
+        :meth:`publish_now`: one waiter woken by the answers, not a turn per message.
+        """
+        while self.full():
+            if self._room is None or self._room.done():
+                self._room = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._room)
+
+    def _wake_room(self) -> None:
+        if self._room is not None and not self.full():
+            if not self._room.done():
+                self._room.set_result(None)
+            self._room = None
+
     async def settled(self) -> None:
         """Wait until every pending publish is answered or has timed out."""
         while unanswered := [f for f in self._pending.values() if not f.done()]:
@@ -172,6 +198,8 @@ class PubAcks:
         fut = self._pending.pop(msg.subject[len(self._prefix):], None)
         if self._waiting:
             self._make_room()
+        if self._room is not None:
+            self._wake_room()
         if fut is None or fut.done():
             return
         if msg.headers and msg.headers.get("Status") == _NO_RESPONDERS:
@@ -205,6 +233,8 @@ class PubAcks:
                     fut.set_exception(TimeoutError())
             if self._waiting:
                 self._make_room()
+            if self._room is not None:
+                self._wake_room()
 
     def close(self) -> None:
         """Stop the sweeper; publishes still unanswered fail with TimeoutError."""
@@ -217,3 +247,4 @@ class PubAcks:
         self._pending.clear()
         self._deadlines.clear()
         self._make_room()
+        self._wake_room()
