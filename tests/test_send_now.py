@@ -157,6 +157,20 @@ async def test_closing_the_app_right_after_a_burst_of_sends_waits_for_every_ack(
         await nc.close()
 
 
+async def test_a_burst_right_after_connect_is_sent_in_the_callers_step(fresh_servers):
+    # connect() makes what a send in its caller's step needs (the streams, the routes, the
+    # notice subscription): a script's first burst after it used to go as a task per send.
+    app = _app(fresh_servers)
+    try:
+        await app.connect()
+        handles = [app.send_task("nobody.runs_this", (i,), worker_type="nobody") for i in range(500)]
+        assert not any(isinstance(r._sent, asyncio.Task) for r in handles)
+        for r in handles:
+            await asyncio.wait_for(r.sent(), T)
+    finally:
+        await app.aclose()
+
+
 async def test_a_burst_of_sends_before_the_connection_opens_creates_the_streams_once(fresh_servers):
     # The first sends of a process each wait for the connection; they used to create the
     # streams one request each (5,000 sends: 20,000 stream requests, and nats-server's

@@ -408,9 +408,13 @@ class Heddle:
         self._conns[loop] = fut
 
     async def connect(self) -> None:
-        """Open connections on the running loop now (otherwise done on first use)."""
+        """Open connections on the running loop now (otherwise done on first use).
+
+        They are made ready for sends too: a burst of ``apply_async()`` right after is
+        queued in its callers' steps, with no task per send.
+        """
         conns = await self.connections()
-        await conns.ensure_streams()
+        await conns.ready_to_send()
 
     async def aclose(self) -> None:
         """Wait for pending sends and close this loop's connections."""
@@ -466,9 +470,10 @@ class Heddle:
         ``now`` on its own loop's open connections while no earlier send is waiting (those
         go first, so a connection publishes in the order of the calls); it is held (one
         task queues the held ones as room comes, :class:`_Held`) while the pending
-        publishes are at their bound, else run as a task of ``send``. A sync caller's is handed to the portal as ``now`` once the portal's
-        connections are open (a plain call in the loop's next step, no task), and as
-        ``send`` before that or when ``now`` declines.
+        publishes are at their bound, else run as a task of ``send``. A sync caller's is
+        handed to the portal as ``now`` once the portal's connections are open (a plain
+        call in the loop's next step, no task), and as ``send`` before that or when
+        ``now`` declines.
         """
         try:
             loop = asyncio.get_running_loop()

@@ -81,6 +81,14 @@ class Connections:
         await asyncio.shield(creating)
         self._streams_ready = True
 
+    async def ready_to_send(self) -> None:
+        """Make what a send in its caller's step needs (:meth:`send_now`): the streams, the routes
+        when tasks go directly to their workers, and the result-notice subscription."""
+        await self.ensure_streams()
+        if self.broker.settings.direct_routing:
+            await asyncio.shield(self._following())
+        await self.watches.listen()
+
     async def route(self, subject: str, headers: dict[str, str]) -> str:
         """Where to publish a task for ``heddle.tasks.incoming``: its worker's subject when it can go directly.
 

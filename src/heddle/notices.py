@@ -195,14 +195,18 @@ class Watches:
         w = self._waiting(task_id)
         if w is not None:
             return w
-        if self._mux is None:
-            # ">": a task id may hold dots (graph nodes: ``{goal}:0.3``), so it can be several tokens.
-            self._mux = await self.broker.subscribe(self._mux_prefix + ">", inline=self._on_mux)
-        await self._follow_feed()
+        await self.listen()
         w = self._add(task_id)
         if len(self._open) > self.max_watches:
             await self._evict()
         return w
+
+    async def listen(self) -> None:
+        """Make the notice subscription and follow the Valkey feed (once each): then :meth:`expect_now` can watch."""
+        if self._mux is None:
+            # ">": a task id may hold dots (graph nodes: ``{goal}:0.3``), so it can be several tokens.
+            self._mux = await self.broker.subscribe(self._mux_prefix + ">", inline=self._on_mux)
+        await self._follow_feed()
 
     def expect_now(self, task_id: str) -> Watch | None:
         """:meth:`expect` without awaiting: None when it would have to wait (first sends, or over the bound)."""
