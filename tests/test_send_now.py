@@ -260,6 +260,7 @@ async def test_a_burst_of_handles_leaves_few_objects_for_the_garbage_collector(f
     # __dict__ and a watch without an empty callback list leave about four tracked objects
     # each (five before); a result record is not tracked at all.
     import gc
+    import weakref
 
     from heddle.messages import ResultRecord
 
@@ -275,5 +276,6 @@ async def test_a_burst_of_handles_leaves_few_objects_for_the_garbage_collector(f
         per_handle = (len(gc.get_objects()) - before) / len(handles)
         assert per_handle <= 4.2, f"{per_handle:.2f} tracked objects per pending handle"
         assert not gc.is_tracked(ResultRecord(id="t", state="SUCCESS"))
+        assert weakref.ref(handles[0])() is handles[0]  # still weakly referable, as before __slots__
     finally:
         await app.aclose()

@@ -42,8 +42,9 @@ class AsyncResult(Generic[R]):
 
     # A client holding many handles at once (a burst of sends, then their results) has
     # the garbage collector walk every one of them, repeatedly: no __dict__ each.
-    __slots__ = ("_bridge", "_for_thread", "_loop", "_record", "_sent", "_watch", "app", "eta", "id",
-                 "task_name", "worker_type")
+    # A handle can still be weakly referenced, as before it had slots.
+    __slots__ = ("__weakref__", "_bridge", "_for_thread", "_loop", "_record", "_sent", "_watch", "app", "eta",
+                 "id", "task_name", "worker_type")
 
     def __init__(self, task_id: str, app: Client, task_name: str = "") -> None:
         # The id becomes a subject token: ">" would subscribe to every task's result.
