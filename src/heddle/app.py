@@ -126,8 +126,9 @@ class _Held:
     per send past it, each waiting for its own turn: a task, a coroutine and their
     futures per message, and a wake-up each. Held sends wait in call order instead, and
     one task queues them with ``now`` whenever answers make room. One that ``now``
-    declines for another reason (a reconnect, a message too large) is sent the full way
-    as a task, and so is every send held behind it, in order, as all were before.
+    declines for another reason (a reconnect, more result watches open than the
+    connection keeps) is sent the full way as a task, and so is every send held behind
+    it, in order, as all were before.
     """
 
     def __init__(self, app: Heddle, conns: Connections) -> None:
